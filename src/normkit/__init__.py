@@ -1,0 +1,52 @@
+"""normkit: Batch Normalization and its family for PyTorch.
+
+Drop-in replacements for torch.nn's normalization layers, computed by hand-written forward and
+backward kernels behind ``torch.library`` custom ops, plus the tools around them.
+
+    >>> import normkit
+    >>> layer = normkit.BatchNorm2d(64)           # same arguments and state_dict as torch.nn
+    >>> with normkit.backend("reference"):        # or NORMKIT_BACKEND=reference
+    ...     y = layer(x)
+"""
+
+from . import functional, ops  # noqa: F401  (ops registers torch.ops.normkit.*)
+from ._checks import NormInputError
+from .backends import BackendUnavailableError, backend
+from .nn import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    RMSNorm,
+)
+from .tools import convert
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "GroupNorm",
+    "RMSNorm",
+    "functional",
+    "backend",
+    "convert",
+    "NormInputError",
+    "BackendUnavailableError",
+    "__version__",
+]

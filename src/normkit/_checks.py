@@ -1,0 +1,76 @@
+"""Input validation shared by the functional API and the modules.
+
+Every check runs before any state changes, and every failure raises :class:`NormInputError`,
+whose message names the argument, what was expected and what came. It subclasses both
+``ValueError`` and ``RuntimeError`` because torch.nn raises one or the other for the same
+mistakes (e.g. ``ValueError`` for a wrong number of dimensions, ``RuntimeError`` for a wrong
+channel count): code written against either keeps working.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+class NormInputError(ValueError, RuntimeError):
+    """Bad input to a normkit layer or function."""
+
+
+def fail(where: str, argument: str, expected: str, got: str) -> NormInputError:
+    return NormInputError(f"{where}: {argument}: expected {expected}, got {got}")
+
+
+def shape_str(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}"
+
+
+def check_tensor(where: str, name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise fail(where, name, "a torch.Tensor", type(t).__name__)
+    if not t.is_floating_point():
+        raise fail(where, name, "a floating-point tensor (float16, bfloat16, float32, float64)", str(t.dtype))
+
+
+def check_ndim(where: str, x: torch.Tensor, allowed: Sequence[int], layout: str) -> None:
+    if x.dim() not in allowed:
+        dims = " or ".join(f"{d}D" for d in allowed)
+        raise fail(where, "input", f"{dims} input {layout}", f"{x.dim()}D input of {shape_str(x)}")
+
+
+def check_channels(where: str, x: torch.Tensor, num_features: int, dim: int = 1) -> None:
+    if x.dim() <= dim or x.shape[dim] != num_features:
+        got = x.shape[dim] if x.dim() > dim else "none"
+        raise fail(where, "input", f"{num_features} channels in dim {dim} (num_features)",
+                   f"{got} in {shape_str(x)}")
+
+
+def check_vector(where: str, name: str, t: torch.Tensor | None, size: int) -> None:
+    if t is None:
+        return
+    check_tensor(where, name, t)
+    if t.dim() != 1 or t.numel() != size:
+        raise fail(where, name, f"a 1-D tensor of {size} elements", shape_str(t))
+
+
+def check_more_than_one_value(where: str, x: torch.Tensor) -> None:
+    """Batch statistics of a single value per channel are meaningless (variance 0/0)."""
+    per_channel = x.shape[0] * math.prod(x.shape[2:])
+    if per_channel == 1:
+        raise fail(
+            where,
+            "input",
+            "more than 1 value per channel when training (batch statistics of one value are "
+            "undefined; use eval(), GroupNorm, LayerNorm, or SyncBatchNorm across processes)",
+            f"input of {shape_str(x)}",
+        )
+
+
+def check_same_shape(where: str, name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
+    if t is None:
+        return
+    check_tensor(where, name, t)
+    if t.shape != x.shape:
+        raise fail(where, name, f"the input's shape {tuple(x.shape)}", shape_str(t))

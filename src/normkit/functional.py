@@ -1,0 +1,230 @@
+"""Stateless normalization functions with the signatures of ``torch.nn.functional``.
+
+Each validates its input (clear errors, see :mod:`normkit._checks`), runs one normkit custom op
+(:mod:`normkit.ops`), and — for batch and instance norm in training — updates the running
+statistics in place exactly as torch does::
+
+    running_mean ← (1 − momentum)·running_mean + momentum·μ_B
+    running_var  ← (1 − momentum)·running_var  + momentum·σ²_B·m/(m − 1)     (unbiased)
+
+``momentum`` may also be a 0-d tensor (the modules pass ``1/num_batches_tracked`` for the
+cumulative average without leaving the graph under ``torch.compile``).
+
+Besides torch's arguments, ``batch_norm`` and ``group_norm`` take keyword-only ``residual``
+and ``act`` (``"relu"``, ``"silu"``, ``"gelu"``) for the fused form
+``y = act(norm(x) + residual)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _checks as C
+from . import ops  # noqa: F401  (registers torch.ops.normkit)
+from .reference import ACTIVATIONS
+
+__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"]
+
+
+def _check_act(where: str, act: str | None) -> str:
+    act = act or ""
+    if act not in ACTIVATIONS:
+        raise C.fail(where, "act", f"one of {[a for a in ACTIVATIONS if a] + [None]}", repr(act))
+    return act
+
+
+# ----------------------------------------------------------------------------- batch norm
+def check_batch_norm(
+    where: str,
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    residual: Tensor | None = None,
+    act: str | None = None,
+) -> str:
+    """All of batch_norm's input checks; returns the normalised ``act``."""
+    C.check_tensor(where, "input", input)
+    if input.dim() < 2:
+        raise C.fail(where, "input", "at least 2D input (N, C, *)", f"{input.dim()}D input of {C.shape_str(input)}")
+    c = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        C.check_vector(where, name, t, c)
+    C.check_same_shape(where, "residual", residual, input)
+    if training:
+        C.check_more_than_one_value(where, input)
+    return _check_act(where, act)
+
+
+def _update_running(running: Tensor, batch: Tensor, momentum: float | Tensor) -> None:
+    running.mul_(1 - momentum).add_(batch.to(running.dtype) * momentum)
+
+
+def batch_norm_unchecked(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | Tensor,
+    eps: float,
+    residual: Tensor | None,
+    act: str,
+) -> Tensor:
+    """:func:`batch_norm` after :func:`check_batch_norm` has passed (modules call this)."""
+    if not training:
+        if running_mean is None or running_var is None:
+            raise C.fail("batch_norm", "running_mean/running_var", "tensors when training=False", "None")
+        return torch.ops.normkit.batch_norm_infer(input, running_mean, running_var, weight, bias, residual, eps, act)
+    y, mean, var = torch.ops.normkit.batch_norm_train(input, weight, bias, residual, eps, act)
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    if count > 0 and running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            _update_running(running_mean, mean, momentum)
+            _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
+    return y
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    residual: Tensor | None = None,
+    act: str | None = None,
+) -> Tensor:
+    """Batch Normalization (Ioffe & Szegedy, 2015) over ``input`` of shape ``(N, C, *)``.
+
+    ``y = act(γ·(x − μ)/sqrt(σ² + ε) + β + residual)`` with the batch statistics per channel
+    (biased variance) when ``training``, else ``running_mean``/``running_var``.
+    """
+    act = check_batch_norm("batch_norm", input, running_mean, running_var, weight, bias, training, residual, act)
+    return batch_norm_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                residual, act)
+
+
+# ----------------------------------------------------------------------------- instance norm
+def check_instance_norm(where, input, running_mean, running_var, weight, bias, use_input_stats) -> None:
+    C.check_tensor(where, "input", input)
+    if input.dim() < 3:
+        raise C.fail(where, "input", "at least 3D input (N, C, *spatial)", f"{input.dim()}D input of {C.shape_str(input)}")
+    c = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        C.check_vector(where, name, t, c)
+    if use_input_stats and math.prod(input.shape[2:]) == 1:
+        raise C.fail(where, "input", "more than 1 spatial element when training", f"input of {C.shape_str(input)}")
+
+
+def instance_norm_unchecked(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
+    if not use_input_stats:
+        return torch.ops.normkit.batch_norm_infer(input, running_mean, running_var, weight, bias, None, eps, "")
+    y, mean, var = torch.ops.normkit.group_norm(input, input.shape[1], weight, bias, None, eps, "")
+    spatial = math.prod(input.shape[2:])
+    if running_mean is not None and running_var is not None and input.shape[0] > 0:
+        # torch averages the per-instance statistics over the batch (unbiased variance).
+        with torch.no_grad():
+            _update_running(running_mean, mean.mean(dim=0), momentum)
+            _update_running(running_var, (var * (spatial / max(spatial - 1, 1))).mean(dim=0), momentum)
+    return y
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Instance Normalization (Ulyanov et al., 2016): statistics per (sample, channel) over space."""
+    check_instance_norm("instance_norm", input, running_mean, running_var, weight, bias, use_input_stats)
+    return instance_norm_unchecked(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+
+
+# ----------------------------------------------------------------------------- group norm
+def check_group_norm(where, input, num_groups, weight, bias, residual=None, act=None) -> str:
+    C.check_tensor(where, "input", input)
+    if input.dim() < 2:
+        raise C.fail(where, "input", "at least 2D input (N, C, *)", f"{input.dim()}D input of {C.shape_str(input)}")
+    c = input.shape[1]
+    if num_groups <= 0 or c % num_groups != 0:
+        raise C.fail(where, "num_groups", f"a positive divisor of the {c} input channels", str(num_groups))
+    C.check_vector(where, "weight", weight, c)
+    C.check_vector(where, "bias", bias, c)
+    C.check_same_shape(where, "residual", residual, input)
+    return _check_act(where, act)
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    residual: Tensor | None = None,
+    act: str | None = None,
+) -> Tensor:
+    """Group Normalization (Wu & He, 2018): statistics per (sample, group of C/G channels)."""
+    act = check_group_norm("group_norm", input, num_groups, weight, bias, residual, act)
+    return torch.ops.normkit.group_norm(input, num_groups, weight, bias, residual, eps, act)[0]
+
+
+# ----------------------------------------------------------------------------- layer / RMS norm
+def check_row_norm(where, input, normalized_shape, weight, bias) -> list[int]:
+    C.check_tensor(where, "input", input)
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    k = len(shape)
+    if k == 0 or input.dim() < k or list(input.shape[input.dim() - k:]) != shape:
+        raise C.fail(where, "input", f"trailing dimensions {tuple(shape)} (normalized_shape)",
+                     f"input of {C.shape_str(input)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            C.check_tensor(where, name, t)
+            if list(t.shape) != shape:
+                raise C.fail(where, name, f"shape {tuple(shape)} (normalized_shape)", C.shape_str(t))
+    return shape
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Layer Normalization (Ba et al., 2016): per sample over the trailing ``normalized_shape``."""
+    shape = check_row_norm("layer_norm", input, normalized_shape, weight, bias)
+    return torch.ops.normkit.layer_norm(input, shape, weight, bias, eps)[0]
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    """RMS Normalization (Zhang & Sennrich, 2019): ``y = γ·x/sqrt(mean(x²) + ε)``.
+
+    ``eps=None`` uses ``torch.finfo(input.dtype).eps``, as torch does.
+    """
+    shape = check_row_norm("rms_norm", input, normalized_shape, weight, None)
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    return torch.ops.normkit.rms_norm(input, shape, weight, eps)[0]

@@ -1,0 +1,115 @@
+"""BatchNorm1d/2d/3d and their lazy forms: torch.nn's layers, computed by normkit's ops.
+
+Each class subclasses its ``torch.nn`` namesake, so constructor arguments, defaults,
+parameters (``weight``, ``bias``), buffers (``running_mean``, ``running_var``,
+``num_batches_tracked``), ``state_dict`` keys and versioning are torch's own, and
+``isinstance(layer, torch.nn.BatchNorm2d)`` holds. Only ``forward`` differs:
+
+* input checks run first; a refused batch changes no buffer (torch.nn increments
+  ``num_batches_tracked`` before it refuses);
+* training: ``y = γ·(x − μ_B)/sqrt(σ²_B + ε) + β`` with the batch's per-channel mean and biased
+  variance; ``running_mean``/``running_var`` (unbiased) move by ``momentum``, or by
+  ``1/num_batches_tracked`` (a cumulative average) when ``momentum=None``;
+* eval: the running statistics, or the batch's when ``track_running_stats=False``.
+
+Shapes: BatchNorm1d ``(N, C)`` or ``(N, C, L)``; BatchNorm2d ``(N, C, H, W)``; BatchNorm3d
+``(N, C, D, H, W)``. channels_last input gives channels_last output.
+
+Reference: Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by
+Reducing Internal Covariate Shift", ICML 2015.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _LazyNormBase
+
+from .. import _checks as C
+from .. import functional as F
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
+
+_LAYOUTS = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+
+
+class _BatchNormForward:
+    """The forward shared by every normkit BatchNorm (mixed in before the torch.nn class)."""
+
+    _accepted_dims: tuple[int, ...] = ()
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        layout = " or ".join(_LAYOUTS[d] for d in self._accepted_dims)
+        C.check_ndim(type(self).__name__, input, self._accepted_dims, layout)
+
+    def _use_batch_stats(self) -> bool:
+        return self.training or self.running_mean is None
+
+    def _momentum(self) -> float | Tensor:
+        """The weight of this batch in the running statistics, after counting the batch."""
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                return 1.0 / self.num_batches_tracked
+        return 0.0 if self.momentum is None else self.momentum
+
+    def _normalize(self, input: Tensor, residual: Tensor | None = None, act: str = "") -> Tensor:
+        where = type(self).__name__
+        C.check_tensor(where, "input", input)
+        self._check_input_dim(input)
+        C.check_channels(where, input, self.num_features)
+        batch_stats = self._use_batch_stats()
+        act = F.check_batch_norm(where, input, self.running_mean, self.running_var, self.weight, self.bias,
+                                 batch_stats, residual, act)
+        momentum = self._momentum()  # every check has passed: now state may change
+        update = self.training and self.track_running_stats
+        return F.batch_norm_unchecked(
+            input,
+            self.running_mean if update or not batch_stats else None,
+            self.running_var if update or not batch_stats else None,
+            self.weight,
+            self.bias,
+            batch_stats,
+            momentum,
+            self.eps,
+            residual,
+            act,
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._normalize(input)
+
+
+class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
+    """Batch Normalization over ``(N, C)`` or ``(N, C, L)`` input; drop-in for ``torch.nn.BatchNorm1d``."""
+
+    _accepted_dims = (2, 3)
+
+
+class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
+    """Batch Normalization over ``(N, C, H, W)`` input; drop-in for ``torch.nn.BatchNorm2d``."""
+
+    _accepted_dims = (4,)
+
+
+class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
+    """Batch Normalization over ``(N, C, D, H, W)`` input; drop-in for ``torch.nn.BatchNorm3d``."""
+
+    _accepted_dims = (5,)
+
+
+class LazyBatchNorm1d(_LazyNormBase, BatchNorm1d):
+    """BatchNorm1d whose ``num_features`` is inferred from the first input's ``input.size(1)``."""
+
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_LazyNormBase, BatchNorm2d):
+    """BatchNorm2d whose ``num_features`` is inferred from the first input's ``input.size(1)``."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_LazyNormBase, BatchNorm3d):
+    """BatchNorm3d whose ``num_features`` is inferred from the first input's ``input.size(1)``."""
+
+    cls_to_become = BatchNorm3d

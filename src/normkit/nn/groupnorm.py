@@ -1,0 +1,36 @@
+"""GroupNorm: torch.nn's layer, computed by normkit's ops.
+
+Statistics per (sample, group) over the group's ``C/G`` channels and all spatial positions,
+then a per-channel affine: ``y = γ_c·(x − μ_{n,g})/sqrt(σ²_{n,g} + ε) + β_c``. Input
+``(N, C, *)``. One group is LayerNorm over ``(C, *)`` (with per-channel affine); ``C`` groups
+are InstanceNorm. Independent of the batch size, so it trains at batch 1.
+
+Reference: Wu & He, "Group Normalization", ECCV 2018.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import _checks as C
+from .. import functional as F
+
+__all__ = ["GroupNorm"]
+
+
+class GroupNorm(nn.GroupNorm):
+    """Group Normalization; drop-in for ``torch.nn.GroupNorm(num_groups, num_channels, eps, affine)``."""
+
+    def _normalize(self, input: Tensor, residual: Tensor | None = None, act: str = "") -> Tensor:
+        where = type(self).__name__
+        C.check_tensor(where, "input", input)
+        if input.dim() < 2:
+            raise C.fail(where, "input", "at least 2D input (N, C, *)", f"{input.dim()}D input of {C.shape_str(input)}")
+        C.check_channels(where, input, self.num_channels)
+        act = F.check_group_norm(where, input, self.num_groups, self.weight, self.bias, residual, act)
+        return torch.ops.normkit.group_norm(input, self.num_groups, self.weight, self.bias, residual, self.eps,
+                                            act)[0]
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._normalize(input)

@@ -1,0 +1,33 @@
+"""LayerNorm and RMSNorm: torch.nn's layers, computed by normkit's ops.
+
+Both normalize each sample over the trailing ``normalized_shape``:
+
+* LayerNorm: ``y = γ·(x − μ)/sqrt(σ² + ε) + β`` (Ba, Kiros & Hinton, "Layer Normalization", 2016);
+  ``elementwise_affine`` and ``bias`` as in torch.
+* RMSNorm: ``y = γ·x/sqrt(mean(x²) + ε)`` (Zhang & Sennrich, "Root Mean Square Layer
+  Normalization", NeurIPS 2019); ``eps=None`` means ``torch.finfo(x.dtype).eps``.
+
+Neither depends on the batch, so both work for recurrent networks and batch size 1.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .. import functional as F
+
+__all__ = ["LayerNorm", "RMSNorm"]
+
+
+class LayerNorm(nn.LayerNorm):
+    """Layer Normalization; drop-in for ``torch.nn.LayerNorm``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMS Normalization; drop-in for ``torch.nn.RMSNorm``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)

@@ -1,0 +1,208 @@
+"""The reference backend: the normalization math in plain, readable torch.
+
+It is the oracle every kernel is tested against, the baseline of the benchmark, and the
+backend of last resort. It runs on any device and any floating dtype; float16/bfloat16 input is
+computed in float32 and float64 input in float64 (the "stat dtype"). Statistics are two-pass
+(mean first, then the mean of squared deviations), so a large mean costs no precision.
+
+Formulas (DESIGN.md §1), for a reduction set of ``m`` values:
+
+    μ = 1/m Σ xᵢ,   σ² = 1/m Σ (xᵢ − μ)²,   rstd = 1/sqrt(σ² + ε),   x̂ = (x − μ)·rstd
+    y = act(γ·x̂ + β + residual)
+    dz = dy·act'(z)
+    dx = γ·rstd·(dz − mean(dz) − x̂·mean(dz·x̂)),   dγ = Σ dz·x̂,   dβ = Σ dz
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .backends import Backend
+
+ACTIVATIONS = ("", "relu", "silu", "gelu")
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is accumulated in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def activation(z: torch.Tensor, act: str) -> torch.Tensor:
+    """``act(z)`` for act in :data:`ACTIVATIONS` (GELU is the exact erf form)."""
+    if act == "":
+        return z
+    if act == "relu":
+        return torch.relu(z)
+    if act == "silu":
+        return z * torch.sigmoid(z)
+    if act == "gelu":
+        return 0.5 * z * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+    raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+
+
+def activation_grad(z: torch.Tensor, act: str) -> torch.Tensor:
+    """``act'(z)``, elementwise."""
+    if act == "relu":
+        return (z > 0).to(z.dtype)
+    if act == "silu":
+        s = torch.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    if act == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+        return cdf + z * pdf
+    raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+
+
+def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A (C,) vector shaped to broadcast over (N, C, *spatial)."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _channel_dims(x: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def unsupported(self, op: str, x: torch.Tensor) -> str | None:
+        if not x.is_floating_point():
+            return f"expected a floating-point tensor, got {x.dtype}"
+        return None
+
+    # ---------------------------------------------------------------- channel family (BN)
+    def channel_stats(self, x):
+        xs = x.to(stat_dtype(x.dtype))
+        dims = _channel_dims(x)
+        mean = xs.mean(dim=dims)
+        var = (xs - _per_channel(mean, x.dim())).square().mean(dim=dims)
+        return mean, var
+
+    def _pre_activation(self, x, scale, shift, residual):
+        sd = scale.dtype
+        z = x.to(sd) * _per_channel(scale, x.dim()) + _per_channel(shift, x.dim())
+        if residual is not None:
+            z = z + residual.to(sd)
+        return z
+
+    def channel_apply(self, x, scale, shift, residual, act):
+        z = self._pre_activation(x, scale, shift, residual)
+        return _like(activation(z, act), x)
+
+    def _dz(self, x, dy, scale, shift, residual, act):
+        dy = dy.to(scale.dtype)
+        if act == "":
+            return dy
+        return dy * activation_grad(self._pre_activation(x, scale, shift, residual), act)
+
+    def channel_backward_reduce(self, x, dy, mean, rstd, scale, shift, residual, act):
+        dz = self._dz(x, dy, scale, shift, residual, act)
+        xhat = (x.to(mean.dtype) - _per_channel(mean, x.dim())) * _per_channel(rstd, x.dim())
+        dims = _channel_dims(x)
+        return dz.sum(dim=dims), (dz * xhat).sum(dim=dims)
+
+    def channel_backward_dx(self, x, dy, mean, rstd, scale, shift, residual, act, mean_dz, mean_dz_xhat,
+                            need_dz):
+        dz = self._dz(x, dy, scale, shift, residual, act)
+        nd = x.dim()
+        xhat = (x.to(mean.dtype) - _per_channel(mean, nd)) * _per_channel(rstd, nd)
+        dx = _per_channel(scale, nd) * (dz - _per_channel(mean_dz, nd) - xhat * _per_channel(mean_dz_xhat, nd))
+        return _like(dx, x), (_like(dz, x) if need_dz else None)
+
+    # ---------------------------------------------------------------- row family (LN, RMS)
+    def row_forward(self, x2d, weight, bias, eps, rms):
+        sd = stat_dtype(x2d.dtype)
+        xs = x2d.to(sd)
+        if rms:
+            mean = None
+            rstd = torch.rsqrt(xs.square().mean(dim=1) + eps)
+            xhat = xs * rstd[:, None]
+        else:
+            mean = xs.mean(dim=1)
+            centred = xs - mean[:, None]
+            rstd = torch.rsqrt(centred.square().mean(dim=1) + eps)
+            xhat = centred * rstd[:, None]
+        y = xhat
+        if weight is not None:
+            y = y * weight.to(sd)
+        if bias is not None:
+            y = y + bias.to(sd)
+        return y.to(x2d.dtype), mean, rstd
+
+    def row_backward(self, x2d, dy2d, mean, rstd, weight, rms, need_dweight):
+        sd = rstd.dtype
+        xs, dy = x2d.to(sd), dy2d.to(sd)
+        xhat = (xs if rms else xs - mean[:, None]) * rstd[:, None]
+        g = dy * weight.to(sd) if weight is not None else dy
+        proj = (g * xhat).mean(dim=1, keepdim=True)
+        centred_g = g if rms else g - g.mean(dim=1, keepdim=True)
+        dx = rstd[:, None] * (centred_g - xhat * proj)
+        dweight = (dy * xhat).sum(dim=0) if need_dweight else None
+        dbias = dy.sum(dim=0) if need_dweight else None
+        return dx.to(x2d.dtype), dweight, dbias
+
+    # ---------------------------------------------------------------- row family (GN, IN)
+    def _grouped(self, x, num_groups):
+        """(N, C, *) viewed as (N, G, C/G, S) in stat dtype (a copy for channels_last input)."""
+        n, c = x.shape[:2]
+        return x.to(stat_dtype(x.dtype)).reshape(n, num_groups, c // num_groups, -1)
+
+    def _group_xhat(self, x, mean, rstd, num_groups):
+        xg = self._grouped(x, num_groups)
+        return (xg - mean[:, :, None, None]) * rstd[:, :, None, None]
+
+    def _group_affine(self, x, xhat_g, weight, bias, residual):
+        n, c = x.shape[:2]
+        z = xhat_g.reshape(n, c, -1)
+        if weight is not None:
+            z = z * weight.to(z.dtype)[None, :, None]
+        if bias is not None:
+            z = z + bias.to(z.dtype)[None, :, None]
+        z = z.reshape(x.shape)
+        if residual is not None:
+            z = z + residual.to(z.dtype)
+        return z
+
+    def group_forward(self, x, num_groups, weight, bias, eps, residual, act):
+        xg = self._grouped(x, num_groups)
+        mean = xg.mean(dim=(2, 3))
+        var = (xg - mean[:, :, None, None]).square().mean(dim=(2, 3))
+        rstd = torch.rsqrt(var + eps)
+        z = self._group_affine(x, self._group_xhat(x, mean, rstd, num_groups), weight, bias, residual)
+        return _like(activation(z, act), x), mean, var
+
+    def group_backward(self, x, dy, mean, rstd, num_groups, weight, bias, residual, act, need_dweight,
+                       need_dz):
+        n, c = x.shape[:2]
+        sd = rstd.dtype
+        xhat_g = self._group_xhat(x, mean, rstd, num_groups)
+        dz = dy.to(sd)
+        if act != "":
+            dz = dz * activation_grad(self._group_affine(x, xhat_g, weight, bias, residual), act)
+        dz_c = dz.reshape(n, c, -1)
+        xhat_c = xhat_g.reshape(n, c, -1)
+        g = dz_c * weight.to(sd)[None, :, None] if weight is not None else dz_c
+        g = g.reshape(xhat_g.shape)
+        dx = rstd[:, :, None, None] * (
+            g - g.mean(dim=(2, 3), keepdim=True) - xhat_g * (g * xhat_g).mean(dim=(2, 3), keepdim=True)
+        )
+        dweight = (dz_c * xhat_c).sum(dim=(0, 2)) if need_dweight else None
+        dbias = dz_c.sum(dim=(0, 2)) if need_dweight else None
+        return (_like(dx.reshape(x.shape), x), dweight, dbias, _like(dz.reshape(x.shape), x) if need_dz else None)
+
+
+def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``x``'s dtype and memory format (channels_last stays channels_last)."""
+    fmt = _memory_format(x)
+    return t.to(dtype=x.dtype, memory_format=fmt)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format

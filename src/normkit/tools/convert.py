@@ -1,0 +1,81 @@
+"""Swap the normalization layers of any model between torch.nn and normkit.
+
+``convert(model, to="normkit")`` replaces every torch.nn norm layer (found at any depth) by its
+normkit counterpart; ``to="torch"`` goes back. The replacement keeps the very same parameter and
+buffer tensors (an optimizer built before the conversion still updates them), hooks and the
+training flag. Subclasses of torch.nn norms that normkit does not know are left alone, with a
+warning: their forward may do something a swap would lose.
+
+Other issues extend the table with :func:`register_conversion` (e.g. fused layers).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from .. import nn as nk
+
+__all__ = ["convert", "register_conversion"]
+
+# torch.nn class -> normkit class with the same state (normkit classes subclass their torch twin).
+_TO_NORMKIT: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: nk.BatchNorm1d,
+    nn.BatchNorm2d: nk.BatchNorm2d,
+    nn.BatchNorm3d: nk.BatchNorm3d,
+    nn.InstanceNorm1d: nk.InstanceNorm1d,
+    nn.InstanceNorm2d: nk.InstanceNorm2d,
+    nn.InstanceNorm3d: nk.InstanceNorm3d,
+    nn.LayerNorm: nk.LayerNorm,
+    nn.GroupNorm: nk.GroupNorm,
+    nn.RMSNorm: nk.RMSNorm,
+}
+_TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in _TO_NORMKIT.items()}
+_NORM_BASES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+def register_conversion(torch_cls: type[nn.Module], normkit_cls: type[nn.Module]) -> None:
+    """Teach :func:`convert` a pair of classes whose instances share one state layout."""
+    _TO_NORMKIT[torch_cls] = normkit_cls
+    _TO_TORCH[normkit_cls] = torch_cls
+
+
+def retype(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A new ``cls`` instance holding ``module``'s parameters, buffers, hooks and flags."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
+    return new
+
+
+def _convert_one(module: nn.Module, table: dict, known: set) -> nn.Module:
+    cls = table.get(type(module))
+    if cls is not None:
+        return retype(module, cls)
+    if isinstance(module, _NORM_BASES) and type(module) not in known:
+        warnings.warn(
+            f"normkit.convert: left {type(module).__qualname__} alone (a subclass of a torch.nn norm that "
+            "normkit does not know)",
+            stacklevel=3,
+        )
+    return module
+
+
+def convert(model: nn.Module, to: str = "normkit") -> nn.Module:
+    """Replace every norm layer of ``model`` in place and return the model.
+
+    Args:
+        model: any ``nn.Module``; the model itself is converted when it is a norm layer.
+        to: ``"normkit"`` (torch.nn → normkit) or ``"torch"`` (normkit → torch.nn).
+    """
+    if to not in ("normkit", "torch"):
+        raise ValueError(f"convert: to: expected 'normkit' or 'torch', got {to!r}")
+    table = _TO_NORMKIT if to == "normkit" else _TO_TORCH
+    known = set(_TO_NORMKIT) | set(_TO_TORCH)
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None:
+                new = _convert_one(child, table, known)
+                if new is not child:
+                    parent._modules[name] = new
+    return _convert_one(model, table, known)
