@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/normkit lab
+	$(VENV)/bin/normkit demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
