@@ -1,0 +1,123 @@
+"""The lab's report: ``results.json`` and one self-contained ``report.html`` (figures embedded as base64)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from typing import Any
+
+VERDICT_COLORS = {"supported": "#2e7d32", "not supported": "#c62828", "mixed": "#ef6c00",
+                  "not evaluated": "#616161"}
+
+
+def write_json(results: dict[str, Any], out_dir: str) -> str:
+    path = os.path.join(out_dir, "results.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, allow_nan=False)
+    return path
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """The terminal's summary: one line per claim with its verdict."""
+    lines = [f"{'#':>3}  {'claim':<44} {'verdict':<14} {'checks':>7} {'time':>8}", "-" * 81]
+    for c in results["claims"]:
+        passed = sum(1 for ch in c["checks"] if ch["passed"])
+        evaluated = sum(1 for ch in c["checks"] if ch["passed"] is not None)
+        lines.append(f"{c['id']:>3}  {c['title']:<44} {c['verdict']:<14} {passed:>3}/{evaluated:<3} "
+                     f"{c['elapsed_s']:>7.1f}s")
+    lines.append("-" * 81)
+    lines.append(f"{len(results['claims'])} claims, seeds {results['seeds']}, "
+                 f"{'quick' if results['quick'] else 'full'} run, {results['elapsed_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        if len(v) > 12 or any(isinstance(x, list) for x in v):
+            inner = ", ".join(_fmt(x) for x in v[:6])
+            return f"[{inner}{', …' if len(v) > 6 else ''}] ({len(v)})"
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return html.escape(str(v))
+
+
+def _badge(verdict: str) -> str:
+    return (f'<span class="badge" style="background:{VERDICT_COLORS.get(verdict, "#616161")}">'
+            f"{html.escape(verdict)}</span>")
+
+
+def _image(out_dir: str, figure: str | None) -> str:
+    if not figure:
+        return "<p><em>no figure</em></p>"
+    path = os.path.join(out_dir, figure)
+    if not os.path.isfile(path):
+        return "<p><em>figure missing</em></p>"
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode("ascii")
+    return f'<img alt="{html.escape(figure)}" src="data:image/png;base64,{data}">'
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+h1{margin-bottom:.2em} .meta{color:#666}
+table{border-collapse:collapse;margin:1em 0} td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left;
+vertical-align:top} th{background:#f5f5f5}
+.badge{color:#fff;border-radius:4px;padding:.1em .5em;font-size:.9em;white-space:nowrap}
+section{border-top:2px solid #eee;margin-top:2em;padding-top:.5em}
+img{max-width:100%;border:1px solid #eee} .anchor{color:#444;font-style:italic}
+.metrics td:first-child{font-family:monospace} .pass{color:#2e7d32} .fail{color:#c62828} .skip{color:#616161}
+.notes{color:#8a4b00}
+"""
+
+
+def write_html(results: dict[str, Any], out_dir: str) -> str:
+    rows = "".join(
+        f"<tr><td>{c['id']}</td><td><a href='#claim{c['id']}'>{html.escape(c['title'])}</a></td>"
+        f"<td>{html.escape(c['claim'])}</td><td>{_badge(c['verdict'])}</td></tr>" for c in results["claims"])
+    sections = []
+    for c in results["claims"]:
+        checks = "".join(
+            f"<li class='{'skip' if ch['passed'] is None else 'pass' if ch['passed'] else 'fail'}'>"
+            f"{'not evaluated' if ch['passed'] is None else 'pass' if ch['passed'] else 'fail'}: "
+            f"{html.escape(ch['check'])}</li>" for ch in c["checks"])
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in c.get("notes", []))
+        metrics = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in c["metrics"].items())
+        sections.append(f"""
+<section id="claim{c['id']}">
+<h2>{c['id']}. {html.escape(c['title'])} {_badge(c['verdict'])}</h2>
+<p><strong>Claim.</strong> {html.escape(c['claim'])}</p>
+<p class="anchor"><strong>Paper.</strong> {html.escape(c['anchor'])}</p>
+<p><strong>Setup.</strong> {html.escape(c.get('setup', ''))}</p>
+<p><strong>Criterion (declared before the run).</strong> {html.escape(c['criterion'])}</p>
+<ul>{checks}</ul>
+{f'<ul class="notes">{notes}</ul>' if notes else ''}
+{_image(out_dir, c.get('figure'))}
+<details><summary>All measured numbers ({len(c['metrics'])}) — lists are per seed unless named otherwise;
+time {c['elapsed_s']:.1f} s</summary><table class="metrics">{metrics}</table></details>
+</section>""")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>normkit lab: what Batch Normalization really does</title>
+<style>{CSS}</style></head><body>
+<h1>normkit lab: what Batch Normalization really does</h1>
+<p class="meta">normkit {html.escape(str(results['normkit_version']))} · {'quick' if results['quick'] else 'full'}
+run · seeds {html.escape(str(results['seeds']))} · {results['elapsed_s']:.0f} s ·
+data: {html.escape(str(results.get('data', 'embedded')))} · device {html.escape(str(results.get('device', 'cpu')))}</p>
+<p>Each claim was given a criterion in code before it ran; the verdict is computed from the measurements:
+<em>supported</em> (every check passed), <em>not supported</em> (every check failed), <em>mixed</em>, or
+<em>not evaluated</em> (no check could run, e.g. a layer missing from this build). Numbers are means over
+seeds; bands and error bars are one standard deviation over seeds, dots single seeds.</p>
+<table><tr><th>#</th><th>claim</th><th>statement</th><th>verdict</th></tr>{rows}</table>
+{''.join(sections)}
+</body></html>"""
+    path = os.path.join(out_dir, "report.html")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return path

@@ -1,0 +1,106 @@
+"""Training and evaluation loops shared by the experiments (plain torch; the models hold normkit layers)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .data import ImageData
+
+DIVERGED_LOSS = 1e4  # a training loss above this (or NaN/Inf) counts as divergence
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    """``steps`` index batches of ``batch_size``, epoch after epoch of a seeded permutation (last partial batch dropped)."""
+    batch_size = min(batch_size, n)
+    done = 0
+    while done < steps:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield perm[start:start + batch_size]
+            done += 1
+            if done == steps:
+                return
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1000) -> float:
+    """Accuracy in eval mode (BN uses its running statistics), in percent."""
+    was = model.training
+    model.eval()
+    correct = sum((model(x[i:i + chunk]).argmax(1) == y[i:i + chunk]).sum().item() for i in range(0, len(x), chunk))
+    model.train(was)
+    return 100.0 * correct / max(1, len(x))
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr)
+    if name == "momentum":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    raise ValueError(f"optimizer: expected sgd, momentum or adam, got {name!r}")
+
+
+@dataclass
+class History:
+    steps: list[int] = field(default_factory=list)  # steps at which the test accuracy was measured
+    test_acc: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # training loss per step
+    diverged: bool = False
+
+    @property
+    def final_acc(self) -> float:
+        return self.test_acc[-1] if self.test_acc else math.nan
+
+    def steps_to(self, target: float) -> int | None:
+        """The first measured step with test accuracy >= target, or None."""
+        return next((s for s, a in zip(self.steps, self.test_acc) if a >= target), None)
+
+
+def train_classifier(model: nn.Module, data: ImageData, *, steps: int, batch_size: int, lr: float,
+                     optimizer: str = "momentum", generator: torch.Generator, eval_every: int = 0,
+                     on_step: Callable[[int, nn.Module, torch.Tensor, torch.Tensor], None] | None = None) -> History:
+    """Cross-entropy training on ``data.xtr``; test accuracy every ``eval_every`` steps and at the end.
+
+    Stops early, marking ``diverged``, when the loss is not finite or above :data:`DIVERGED_LOSS`;
+    the test accuracy is still measured then (non-finite parameters count as chance level).
+    """
+    opt = make_optimizer(model, optimizer, lr)
+    hist = History()
+    model.train()
+    step = 0
+    for step, idx in enumerate(batches(len(data.xtr), batch_size, steps, generator), start=1):
+        xb, yb = data.xtr[idx], data.ytr[idx]
+        if on_step is not None:
+            on_step(step, model, xb, yb)
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        value = loss.item()
+        hist.losses.append(value)
+        if not math.isfinite(value) or value > DIVERGED_LOSS:
+            hist.diverged = True
+            break
+        loss.backward()
+        opt.step()
+        if eval_every and step % eval_every == 0 and step != steps:
+            hist.steps.append(step)
+            hist.test_acc.append(accuracy(model, data.xte, data.yte))
+    if hist.diverged:
+        hist.steps.append(step)
+        hist.test_acc.append(accuracy(model, data.xte, data.yte) if all(
+            torch.isfinite(p).all() for p in model.parameters()) else 100.0 / data.n_classes)
+    elif step:
+        hist.steps.append(step)
+        hist.test_acc.append(accuracy(model, data.xte, data.yte))
+    return hist
