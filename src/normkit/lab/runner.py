@@ -47,7 +47,7 @@ def draw(outcome, path: str) -> None:
 
 def run_claim(claim: Claim, ctx: Context, out_dir: str) -> dict[str, Any]:
     """Run one claim; an experiment that crashes is reported (verdict 'not evaluated', the error in notes)."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         outcome = claim.run(ctx)
         entry = evaluate(claim, outcome)
@@ -61,6 +61,7 @@ def run_claim(claim: Claim, ctx: Context, out_dir: str) -> dict[str, Any]:
                  "notes": [f"the experiment failed: {type(err).__name__}: {err}"],
                  "traceback": traceback.format_exc()}
     entry["elapsed_s"] = round(time.perf_counter() - start, 2)
+    entry["cpu_s"] = round(time.process_time() - cpu, 2)  # all threads of this process
     return entry
 
 
@@ -70,5 +71,5 @@ def run_all(claims: Sequence[Claim], ctx: Context, out_dir: str, log=print) -> l
     for claim in claims:
         entry = run_claim(claim, ctx, out_dir)
         entries.append(entry)
-        log(f"  claim {claim.id:2d}  {claim.title:<42} {entry['verdict']:<14} {entry['elapsed_s']:6.1f} s")
+        log(f"  claim {claim.id:2d}  {claim.title:<42} {entry['verdict']:<14} {entry['elapsed_s']:6.1f} s  (cpu {entry['cpu_s']:.1f} s)")
     return entries

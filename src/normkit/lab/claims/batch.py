@@ -30,7 +30,7 @@ def _arm_name(norm: str, batch: int) -> str:
 def _run_regularization(ctx: Context) -> Outcome:
     data = ctx.images("mnist")
     data = data.subset(min(1000, len(data.xtr)))
-    epochs = ctx.pick(20, 8)
+    epochs = ctx.pick(15, 5)
     notes, arms = [], []
     for norm, batch in ARMS_3:
         if available(norm):
@@ -101,31 +101,33 @@ REGULARIZATION = Claim(
     ),
     run=_run_regularization,
     setup="1,000 MNIST-5000 training images (to make overfitting visible), 1,000 test images; MLP 784-256-256-10 "
-          "with ReLU, Adam at 1e-3 for 20 epochs (8 with --quick) at the arm's batch size; train accuracy in eval "
+          "with ReLU, Adam at 1e-3 for 15 epochs (5 with --quick) at the arm's batch size; train accuracy in eval "
           "mode on the 1,000 training images.",
 )
 
 # ------------------------------------------------------------------------------------------ 7, 11
-STEPS_CNN = (120, 60)  # full, quick
+IMAGES_CNN = (640, 320)  # training images each run sees (full, quick): the same at every batch size
+LR_PER_32 = 0.1  # linear scaling rule (Goyal et al. 2017, as Wu & He train): lr = 0.1 · batch / 32
 
 
 def cnn_error(ctx: Context, data: ImageData, norm: str, batch: int, seed: int) -> float:
     """Test error (%) of the digits CNN with ``norm`` trained at ``batch`` (shared between claims 7 and 11)."""
-    steps = ctx.pick(*STEPS_CNN)
+    images = ctx.pick(*IMAGES_CNN)
+    steps = max(1, images // batch)
 
     def compute() -> float:
         g = seed_everything(seed)
         model = cnn(data.shape[0], data.n_classes, width=16, norm=norm, steps=steps).to(ctx.device)
-        h = train_classifier(model, data, steps=steps, batch_size=batch, lr=0.02, optimizer="momentum",
-                             generator=g)
+        h = train_classifier(model, data, steps=steps, batch_size=batch, lr=LR_PER_32 * batch / 32,
+                             optimizer="momentum", generator=g)
         return 100.0 - (0.0 if h.diverged else h.final_acc)
 
-    return ctx.memo(("cnn", data.name, norm, batch, seed, steps), compute)
+    return ctx.memo(("cnn", data.name, norm, batch, seed, images), compute)
 
 
 def _run_batch_size(ctx: Context) -> Outcome:
     data = ctx.images("digits")
-    sizes = ctx.pick([2, 4, 8, 16, 32], [2, 8, 32])
+    sizes = ctx.pick([2, 4, 8, 16, 32], [2, 32])
     notes, norms = [], []
     for norm in ("bn", "gn", "ln", "brn"):
         (norms.append(norm) if available(norm) else notes.append(missing_note(norm)))
@@ -136,7 +138,7 @@ def _run_batch_size(ctx: Context) -> Outcome:
                 for i, b in enumerate(sizes):
                     err[norm][i].append(cnn_error(ctx, data, norm, b, seed))
                     bar.update()
-    m: dict = {"batch_sizes": sizes, "steps": ctx.pick(*STEPS_CNN)}
+    m: dict = {"batch_sizes": sizes, "images_per_run": ctx.pick(*IMAGES_CNN)}
     for norm in ("bn", "gn", "ln", "brn"):
         if norm in err:
             m[f"err_{norm}"] = [list(v) for v in err[norm]]  # batch sizes × seeds
@@ -155,7 +157,7 @@ def _run_batch_size(ctx: Context) -> Outcome:
         ax.set_xscale("log", base=2)
         ax.set_xticks(m["batch_sizes"])
         ax.set_xticklabels([str(b) for b in m["batch_sizes"]])
-        plots.finish(ax, f"CNN on digits, {m['steps']} steps at each batch size (Wu & He Fig. 1 shape)",
+        plots.finish(ax, f"CNN on digits, {m['images_per_run']} training images at every batch size",
                      "batch size", "test error (%)")
 
     return Outcome(m, plot, notes)
@@ -178,11 +180,10 @@ BATCH_SIZE = Claim(
          Check("batch 2: batch renorm error <= BN error − 2", lambda m: better_by(m, "err_bn_b2", "err_brn_b2", 2.0))),
     ),
     run=_run_batch_size,
-    setup="digits, CNN conv(16)-norm-ReLU-conv(32, stride 2)-norm-ReLU-pool-linear, SGD with momentum 0.9 at "
-          "0.02, a fixed 120 steps (60 with --quick) at each batch size 2 ... 32 — a fixed number of steps, not "
-          "epochs, so every method sees fewer images at small batches; what the claim is about is BN's error "
-          "relative to GN's at each batch size. GN: 4 groups; LN: over (C, H, W); batch renorm: r_max 3, "
-          "d_max 5 after a warm-up of a quarter of the steps.",
+    setup="digits, CNN conv(16)-norm-ReLU-conv(32, stride 2)-norm-ReLU-pool-linear, SGD with momentum 0.9 and "
+          "the linear scaling rule lr = 0.1·batch/32, every run seeing the same 640 training images (320 with "
+          "--quick) at batch sizes 2 ... 32 (2 and 32 with --quick), as Wu & He keep the epochs fixed. GN: 4 "
+          "groups; LN: over (C, H, W); batch renorm: r_max 3, d_max 5 after a warm-up of a quarter of the steps.",
 )
 
 NORMS_11 = ("none", "bn", "gn", "ln", "in")
@@ -210,7 +211,7 @@ def _run_variants(ctx: Context) -> Outcome:
                 for b in sizes:
                     err[norm][b].append(cnn_error(ctx, data, norm, b, seed))
                     bar.update()
-    m: dict = {"steps": ctx.pick(*STEPS_CNN), "tolerance": 1e-5, **_equivalence()}
+    m: dict = {"images_per_run": ctx.pick(*IMAGES_CNN), "tolerance": 1e-5, **_equivalence()}
     for norm in NORMS_11:
         for b in sizes:
             record(m, f"err_{norm}_b{b}", err[norm][b])

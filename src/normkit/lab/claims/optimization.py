@@ -11,19 +11,19 @@ from torch import nn
 
 from .. import plots
 from ..context import Context, record
-from ..framework import Check, Claim, Criterion, Outcome, mean, need
-from ..models import mlp, cnn, scale_init
+from ..framework import Check, Claim, Criterion, Outcome, need
+from ..models import cnn, mlp, scale_init
 from ..train import batches, seed_everything, train_classifier
 from .common import better_by, mean_of, pad
 
 # ------------------------------------------------------------------------------------------ 1
-TARGET_1 = 85.0  # test accuracy (%) the sigmoid MLP must reach on MNIST-5000
+TARGET_1 = 80.0  # test accuracy (%) the sigmoid MLP must reach on MNIST-5000
 LR_1 = 2.0  # plain SGD; a rate at which the sigmoid network without BN does train
 
 
 def _run_faster(ctx: Context) -> Outcome:
     data = ctx.images("mnist")
-    steps, every = ctx.pick(500, 250), 20
+    steps, every = ctx.pick(400, 150), 10
     arms = ("none", "bn")
     curves: dict[str, list] = {a: [] for a in arms}
     reached: dict[str, list] = {a: [] for a in arms}
@@ -84,7 +84,7 @@ FASTER = Claim(
     ),
     run=_run_faster,
     setup="MNIST-5000 (4,000 train / 1,000 test), MLP 784-100-100-100-10 with sigmoid, batch 60, plain SGD, "
-          "test accuracy every 20 steps; 500 steps (250 with --quick).",
+          "test accuracy every 10 steps; 400 steps (150 with --quick).",
 )
 
 # ------------------------------------------------------------------------------------------ 2
@@ -321,7 +321,7 @@ MARGIN_10 = 0.5
 
 def _run_placement(ctx: Context) -> Outcome:
     data = ctx.images("digits")
-    steps = ctx.pick(150, 80)
+    steps = ctx.pick(150, 60)
     models = {"mlp": lambda p: mlp(data.n_features, data.n_classes, width=128, depth=3, norm="bn", placement=p),
               "cnn": lambda p: cnn(data.shape[0], data.n_classes, width=16, norm="bn", placement=p)}
     acc = {(k, p): [] for k in models for p in ("before", "after")}
@@ -364,7 +364,7 @@ PLACEMENT = Claim(
     ),
     run=_run_placement,
     setup="digits; MLP 64-128-128-128-10 and a 2-conv CNN (16, 32 channels), BN before or after each ReLU, "
-          "SGD with momentum 0.9 at 0.05, batch 64, 150 steps (80 with --quick).",
+          "SGD with momentum 0.9 at 0.05, batch 64, 150 steps (60 with --quick).",
 )
 
 CLAIMS = (FASTER, LEARNING_RATES, INIT, DEPTH, PLACEMENT)
