@@ -233,3 +233,26 @@ def test_user_data_npz(tmp_path):
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["data"] == "mine.npz" and [c["id"] for c in results["claims"]] == [10]
     assert results["claims"][0]["verdict"] in VERDICTS and os.path.isfile(tmp_path / "r" / "claim10.png")
+
+
+def test_per_step_input_norm_equals_one_bn_per_step():
+    """The (step, feature) BatchNorm of W_x·x is exactly one BatchNorm1d per step, in training and eval."""
+    import normkit
+    from normkit.lab.models import NormLSTM
+
+    torch.manual_seed(0)
+    cell = NormLSTM(3, 2, 1, norm="bn_step", max_steps=4)
+    x = 3 + 0.5 * torch.randn(9, 4, 3)
+    per_step = [normkit.BatchNorm1d(8) for _ in range(4)]
+    for bn in per_step:
+        torch.nn.init.constant_(bn.weight, 0.1)
+    z = cell.wx(x)
+    expected = torch.stack([bn(z[:, t]) for t, bn in enumerate(per_step)], dim=1)
+    torch.testing.assert_close(cell._input_projection(x), expected)
+    for t, bn in enumerate(per_step):  # the running statistics moved the same way
+        torch.testing.assert_close(cell.norm_x.running_mean[8 * t:8 * t + 8], bn.running_mean)
+    cell.eval()
+    longer = torch.randn(5, 6, 3)  # steps 4 and 5 reuse step 3's statistics
+    z = cell.wx(longer)
+    bn3 = per_step[3].eval()
+    torch.testing.assert_close(cell._input_projection(longer)[:, 5], bn3(z[:, 5]))

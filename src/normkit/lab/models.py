@@ -154,12 +154,14 @@ class NormLSTM(nn.Module):
         c_t = σ(f)⊙c_{t-1} + σ(i)⊙tanh(g)
         h_t = σ(o)⊙tanh(BN(c_t))
 
-    ``bn_step`` keeps separate BatchNorm1d modules (statistics and running averages) for each
-    time step up to ``max_steps`` and reuses the last one beyond it, as Cooijmans et al. do for
-    longer test sequences; ``bn_shared`` uses one module for every step. BN's γ starts at 0.1
-    (their recommendation, to keep tanh/sigmoid unsaturated). ``ln`` is Layer Normalization in
-    the same places (Ba et al. 2016); ``none`` is a plain LSTM. Input ``(N, T, D)``, output
-    ``(N, out_features)`` from the last hidden state.
+    ``bn_step`` keeps separate statistics (and running averages) for each time step up to
+    ``max_steps`` and reuses the last step's beyond it, as Cooijmans et al. do for longer test
+    sequences: one BatchNorm1d module per step for ``W_h·h`` and ``c``; for ``W_x·x``, which is
+    known for all steps at once, one BatchNorm1d over the (step, feature) pairs — per-step
+    statistics in one call. ``bn_shared`` uses one module for every step (``W_x·x`` pooled over
+    batch and time). BN's γ starts at 0.1 (their recommendation, to keep tanh/sigmoid
+    unsaturated). ``ln`` is Layer Normalization in the same places (Ba et al. 2016); ``none`` a
+    plain LSTM. Input ``(N, T, D)``, output ``(N, out_features)`` from the last hidden state.
     """
 
     NORMS = ("none", "bn_step", "bn_shared", "ln")
@@ -169,14 +171,14 @@ class NormLSTM(nn.Module):
         super().__init__()
         if norm not in self.NORMS:
             raise ValueError(f"norm: expected one of {self.NORMS}, got {norm!r}")
-        self.norm, self.hidden = norm, hidden
+        self.norm, self.hidden, self.max_steps = norm, hidden, max_steps
         self.wx = nn.Linear(in_features, 4 * hidden, bias=False)
         self.wh = nn.Linear(hidden, 4 * hidden, bias=False)
         self.bias = nn.Parameter(torch.zeros(4 * hidden))
         with torch.no_grad():
             self.bias[:hidden].fill_(1.0)  # forget-gate bias 1: the usual LSTM start
         copies = max_steps if norm == "bn_step" else 1
-        self.norm_x = nn.ModuleList(self._make(4 * hidden) for _ in range(copies))
+        self.norm_x = self._make(4 * hidden * copies)
         self.norm_h = nn.ModuleList(self._make(4 * hidden) for _ in range(copies))
         self.norm_c = nn.ModuleList(self._make(hidden) for _ in range(copies))
         self.head = nn.Linear(hidden, out_features)
@@ -191,14 +193,37 @@ class NormLSTM(nn.Module):
             bn.weight.fill_(0.1)
         return bn
 
+    def _input_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized W_x·x_t for every step, ``(N, T, 4H)``."""
+        z = self.wx(x)
+        n, steps, f = z.shape
+        if self.norm in ("none", "ln"):
+            return self.norm_x(z)
+        if self.norm == "bn_shared":
+            return self.norm_x(z.reshape(n * steps, f)).reshape(n, steps, f)
+        bn, k = self.norm_x, min(steps, self.max_steps)
+        parts = [self._bn_slice(bn, z[:, :k].reshape(n, k * f), 0, k * f).reshape(n, k, f)]
+        if steps > k:  # beyond the trained length: the last step's statistics
+            tail = z[:, k:].transpose(1, 2)  # (N, F, T - k)
+            lo = (self.max_steps - 1) * f
+            parts.append(self._bn_slice(bn, tail, lo, lo + f).transpose(1, 2))
+        return torch.cat(parts, dim=1)
+
+    def _bn_slice(self, bn: nn.Module, z: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """``bn`` restricted to features lo:hi (views of its parameters and running buffers)."""
+        return normkit.functional.batch_norm(
+            z, bn.running_mean[lo:hi], bn.running_var[lo:hi], bn.weight[lo:hi], bn.bias[lo:hi],
+            training=self.training, momentum=bn.momentum, eps=bn.eps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, steps, _ = x.shape
+        zx = self._input_projection(x)
         h = x.new_zeros(n, self.hidden)
         c = x.new_zeros(n, self.hidden)
-        last = len(self.norm_x) - 1
+        last = len(self.norm_h) - 1
         for t in range(steps):
             k = min(t, last)
-            z = self.norm_h[k](self.wh(h)) + self.norm_x[k](self.wx(x[:, t])) + self.bias
+            z = self.norm_h[k](self.wh(h)) + zx[:, t] + self.bias
             f, i, o, g = z.chunk(4, dim=1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(self.norm_c[k](c))

@@ -30,7 +30,7 @@ def _arm_name(norm: str, batch: int) -> str:
 def _run_regularization(ctx: Context) -> Outcome:
     data = ctx.images("mnist")
     data = data.subset(min(1000, len(data.xtr)))
-    epochs = ctx.pick(15, 5)
+    epochs = ctx.pick(15, 3)
     notes, arms = [], []
     for norm, batch in ARMS_3:
         if available(norm):
@@ -101,12 +101,12 @@ REGULARIZATION = Claim(
     ),
     run=_run_regularization,
     setup="1,000 MNIST-5000 training images (to make overfitting visible), 1,000 test images; MLP 784-256-256-10 "
-          "with ReLU, Adam at 1e-3 for 15 epochs (5 with --quick) at the arm's batch size; train accuracy in eval "
+          "with ReLU, Adam at 1e-3 for 15 epochs (3 with --quick) at the arm's batch size; train accuracy in eval "
           "mode on the 1,000 training images.",
 )
 
 # ------------------------------------------------------------------------------------------ 7, 11
-IMAGES_CNN = (640, 320)  # training images each run sees (full, quick): the same at every batch size
+IMAGES_CNN = (640, 192)  # training images each run sees (full, quick): the same at every batch size
 LR_PER_32 = 0.1  # linear scaling rule (Goyal et al. 2017, as Wu & He train): lr = 0.1 · batch / 32
 
 
@@ -181,7 +181,7 @@ BATCH_SIZE = Claim(
     ),
     run=_run_batch_size,
     setup="digits, CNN conv(16)-norm-ReLU-conv(32, stride 2)-norm-ReLU-pool-linear, SGD with momentum 0.9 and "
-          "the linear scaling rule lr = 0.1·batch/32, every run seeing the same 640 training images (320 with "
+          "the linear scaling rule lr = 0.1·batch/32, every run seeing the same 640 training images (192 with "
           "--quick) at batch sizes 2 ... 32 (2 and 32 with --quick), as Wu & He keep the epochs fixed. GN: 4 "
           "groups; LN: over (C, H, W); batch renorm: r_max 3, d_max 5 after a warm-up of a quarter of the steps.",
 )
@@ -275,7 +275,7 @@ def accuracy_batch_stats(model, x: torch.Tensor, y: torch.Tensor, batch: int, se
 
 def _run_inference(ctx: Context) -> Outcome:
     data = ctx.images("digits")
-    plans = {"b64": (64, ctx.pick(150, 80)), "b4": (4, ctx.pick(300, 150))}
+    plans = {"b64": (64, ctx.pick(150, 50)), "b4": (4, ctx.pick(300, 100))}
     can_recal = hasattr(normkit, "recalibrate")
     notes = [] if can_recal else ["arm 'recalibrated' skipped: normkit.recalibrate is not available in this "
                                   "build of normkit"]
@@ -344,7 +344,7 @@ INFERENCE = Claim(
     ),
     run=_run_inference,
     setup="digits, BN MLP 64-128-128-128-10 with ReLU, SGD with momentum 0.9: at batch 64 for 150 steps (lr "
-          "0.05) and at batch 4 for 300 steps (lr 0.01) (half with --quick); BN momentum 0.1. Evaluated with the "
+          "0.05) and at batch 4 for 300 steps (lr 0.01) (50 and 100 with --quick); BN momentum 0.1. Evaluated with the "
           "running statistics, with each test batch's own statistics (batches of 64 and of 2), and after "
           "normkit.recalibrate over the training set in batches of 64.",
 )

@@ -55,7 +55,7 @@ def landscape_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: floa
 
 def _run(ctx: Context) -> Outcome:
     data = ctx.images("digits")
-    steps, every = ctx.pick(200, 100), 20
+    steps, every = ctx.pick(200, 60), 20
     arms = ("none", "bn", "noisy_bn")
     acc = {a: [] for a in arms}
     curves = {a: [] for a in arms}
@@ -129,7 +129,7 @@ ICS = Claim(
                lambda m: mean_of(m, "beta_smoothness_bn") < mean_of(m, "beta_smoothness_none"))),
     ),
     run=_run,
-    setup="digits, MLP 64-128-128-128-10 with ReLU, plain SGD at 0.2 (a rate at which the plain network trains), batch 64, 200 steps (100 with --quick). Noisy "
+    setup="digits, MLP 64-128-128-128-10 with ReLU, plain SGD at 0.2 (a rate at which the plain network trains), batch 64, 200 steps (60 with --quick). Noisy "
           "BN: after each BN, per channel and per step, s ~ U(0.5, 2), m ~ U(−1, 1), output s·BN(x) + m. "
           "Landscape probed every 20 steps on the current batch.",
 )

@@ -23,7 +23,7 @@ LR_1 = 2.0  # plain SGD; a rate at which the sigmoid network without BN does tra
 
 def _run_faster(ctx: Context) -> Outcome:
     data = ctx.images("mnist")
-    steps, every = ctx.pick(400, 150), 10
+    steps, every = ctx.pick(300, 100), 10
     arms = ("none", "bn")
     curves: dict[str, list] = {a: [] for a in arms}
     reached: dict[str, list] = {a: [] for a in arms}
@@ -84,7 +84,7 @@ FASTER = Claim(
     ),
     run=_run_faster,
     setup="MNIST-5000 (4,000 train / 1,000 test), MLP 784-100-100-100-10 with sigmoid, batch 60, plain SGD, "
-          "test accuracy every 10 steps; 400 steps (150 with --quick).",
+          "test accuracy every 10 steps; 300 steps (100 with --quick).",
 )
 
 # ------------------------------------------------------------------------------------------ 2
@@ -93,7 +93,7 @@ TRAINS_2 = 80.0  # a run "trains" at a rate if it does not diverge and ends abov
 
 def _run_lr(ctx: Context) -> Outcome:
     data = ctx.images("digits")
-    steps = ctx.pick(100, 60)
+    steps = ctx.pick(100, 40)
     lrs = ctx.pick([0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0], [0.03, 0.3, 3.0, 30.0])
     arms = ("none", "bn")
     acc = {a: [] for a in arms}
@@ -163,7 +163,7 @@ LEARNING_RATES = Claim(
                lambda m: abs(mean_of(m, "acc_at_plain_max_lr_bn") - mean_of(m, "acc_at_plain_max_lr_none")) <= 2.0)),
     ),
     run=_run_lr,
-    setup="digits, MLP 64-128-128-128-10 with ReLU, batch 64, plain SGD for 100 steps (60 with --quick) at rates "
+    setup="digits, MLP 64-128-128-128-10 with ReLU, batch 64, plain SGD for 100 steps (40 with --quick) at rates "
           "0.01 ... 30 (4 rates with --quick).",
 )
 
@@ -173,7 +173,7 @@ GOOD_4 = 85.0
 
 def _run_init(ctx: Context) -> Outcome:
     data = ctx.images("digits")
-    steps = ctx.pick(150, 80)
+    steps = ctx.pick(150, 50)
     scales = ctx.pick([0.01, 0.1, 1.0, 10.0], [0.01, 1.0, 10.0])
     arms = ("none", "bn")
     acc = {a: [] for a in arms}
@@ -223,7 +223,7 @@ INIT = Claim(
     ),
     run=_run_init,
     setup="digits, MLP 64-128-128-128-10 with ReLU, every Linear weight multiplied by the scale after PyTorch's "
-          "default init, SGD with momentum 0.9 at 0.05, batch 64, 150 steps (80 with --quick).",
+          "default init, SGD with momentum 0.9 at 0.05, batch 64, 150 steps (50 with --quick).",
 )
 
 # ------------------------------------------------------------------------------------------ 5
@@ -245,7 +245,7 @@ def _grad_growth(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[fl
 
 def _run_depth(ctx: Context) -> Outcome:
     data = ctx.images("digits")
-    steps = ctx.pick(150, 80)
+    steps = ctx.pick(150, 50)
     depths = ctx.pick([2, 4, 8, 16], [2, 8])
     init_depth = ctx.pick(32, 16)
     arms = ("none", "bn")
@@ -311,7 +311,7 @@ DEPTH = Claim(
     ),
     run=_run_depth,
     setup="digits, ReLU MLPs of width 64 and 2, 4, 8, 16 hidden layers (2, 8 with --quick), no skip "
-          "connections, SGD with momentum 0.9 at 0.02, batch 64, 150 steps (80). Gradient growth: one batch "
+          "connections, SGD with momentum 0.9 at 0.02, batch 64, 150 steps (50). Gradient growth: one batch "
           "of 64 through an untrained 32-layer network (16 with --quick), log-linear fit of ‖∂L/∂W_l‖² over l.",
 )
 
@@ -321,7 +321,7 @@ MARGIN_10 = 0.5
 
 def _run_placement(ctx: Context) -> Outcome:
     data = ctx.images("digits")
-    steps = ctx.pick(150, 60)
+    steps = ctx.pick(150, 40)
     models = {"mlp": lambda p: mlp(data.n_features, data.n_classes, width=128, depth=3, norm="bn", placement=p),
               "cnn": lambda p: cnn(data.shape[0], data.n_classes, width=16, norm="bn", placement=p)}
     acc = {(k, p): [] for k in models for p in ("before", "after")}
@@ -364,7 +364,7 @@ PLACEMENT = Claim(
     ),
     run=_run_placement,
     setup="digits; MLP 64-128-128-128-10 and a 2-conv CNN (16, 32 channels), BN before or after each ReLU, "
-          "SGD with momentum 0.9 at 0.05, batch 64, 150 steps (60 with --quick).",
+          "SGD with momentum 0.9 at 0.05, batch 64, 150 steps (40 with --quick).",
 )
 
 CLAIMS = (FASTER, LEARNING_RATES, INIT, DEPTH, PLACEMENT)
