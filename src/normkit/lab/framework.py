@@ -31,7 +31,7 @@ Metrics = dict[str, Any]  # name -> number | list of numbers (None = not measure
 
 @dataclass(frozen=True)
 class Check:
-    """One part of a criterion: ``test(metrics)`` is True (passes), False (fails) or None (cannot be evaluated)."""
+    """One part of a criterion: ``test(metrics)`` is True (passes), False (fails) or None (not evaluable)."""
 
     description: str
     test: Callable[[Metrics], bool | None]

@@ -65,9 +65,10 @@ class ChannelLayerNorm(nn.Module):
         return self.gn(x)
 
 
-def norm_layer(norm: str, channels: int, dim: int, *, steps: int = 1000, virtual_batch: int = 16,
-               groups: int = 4) -> nn.Module:
-    """A normalization layer of kind ``norm`` for ``channels`` features; ``dim`` 1 (N, C) or 2 (N, C, H, W)."""
+def norm_layer(
+    norm: str, channels: int, dim: int, *, steps: int = 1000, virtual_batch: int = 16, groups: int = 4
+) -> nn.Module:
+    """A ``norm`` layer for ``channels`` features; ``dim`` 1: input (N, C), 2: input (N, C, H, W)."""
     two = dim == 2
     if norm == "none":
         return nn.Identity()
@@ -96,9 +97,19 @@ def norm_layer(norm: str, channels: int, dim: int, *, steps: int = 1000, virtual
 _ACTS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
 
-def mlp(in_features: int, n_classes: int, *, width: int = 128, depth: int = 3, norm: str = "none",
-        act: str = "relu", placement: str = "before", **norm_kw) -> nn.Sequential:
-    """``depth`` hidden layers: Linear → norm → act (``placement='before'``, as Ioffe & Szegedy) or Linear → act → norm.
+def mlp(
+    in_features: int,
+    n_classes: int,
+    *,
+    width: int = 128,
+    depth: int = 3,
+    norm: str = "none",
+    act: str = "relu",
+    placement: str = "before",
+    **norm_kw,
+) -> nn.Sequential:
+    """``depth`` hidden layers: Linear → norm → act (``placement='before'``, as Ioffe & Szegedy)
+    or Linear → act → norm.
 
     Linear layers keep their bias (a no-op before BN, kept so every arm has the same parameters).
     """
@@ -115,18 +126,33 @@ def mlp(in_features: int, n_classes: int, *, width: int = 128, depth: int = 3, n
     return nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
 
 
-def cnn(in_channels: int, n_classes: int, *, width: int = 16, norm: str = "none", placement: str = "before",
-        **norm_kw) -> nn.Sequential:
+def cnn(
+    in_channels: int,
+    n_classes: int,
+    *,
+    width: int = 16,
+    norm: str = "none",
+    placement: str = "before",
+    **norm_kw,
+) -> nn.Sequential:
     """conv3x3(width) → norm → ReLU → conv3x3 stride 2 (2·width) → norm → ReLU → 2x2 average pool → linear.
 
     The adaptive pool makes it fit any image size (8x8 digits, 28x28 MNIST, the user's data).
     """
+
     def block(cin, cout, stride):
         pair = [norm_layer(norm, cout, 2, **norm_kw), nn.ReLU()]
-        return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1)] + (pair if placement == "before" else pair[::-1])
+        return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1)] + (
+            pair if placement == "before" else pair[::-1]
+        )
 
-    layers = [*block(in_channels, width, 1), *block(width, 2 * width, 2), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-              nn.Linear(8 * width, n_classes)]
+    layers = [
+        *block(in_channels, width, 1),
+        *block(width, 2 * width, 2),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * width, n_classes),
+    ]
     return nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
 
 
@@ -141,8 +167,11 @@ def scale_init(model: nn.Module, factor: float) -> nn.Module:
 
 def norm_modules(model: nn.Module) -> list[nn.Module]:
     """The BatchNorm-like modules of ``model`` (those with running statistics)."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-            and getattr(m, "running_mean", None) is not None]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and getattr(m, "running_mean", None) is not None
+    ]
 
 
 class NormLSTM(nn.Module):
@@ -166,8 +195,9 @@ class NormLSTM(nn.Module):
 
     NORMS = ("none", "bn_step", "bn_shared", "ln")
 
-    def __init__(self, in_features: int, hidden: int, out_features: int, *, norm: str = "none",
-                 max_steps: int = 1):
+    def __init__(
+        self, in_features: int, hidden: int, out_features: int, *, norm: str = "none", max_steps: int = 1
+    ):
         super().__init__()
         if norm not in self.NORMS:
             raise ValueError(f"norm: expected one of {self.NORMS}, got {norm!r}")
@@ -212,8 +242,15 @@ class NormLSTM(nn.Module):
     def _bn_slice(self, bn: nn.Module, z: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """``bn`` restricted to features lo:hi (views of its parameters and running buffers)."""
         return normkit.functional.batch_norm(
-            z, bn.running_mean[lo:hi], bn.running_var[lo:hi], bn.weight[lo:hi], bn.bias[lo:hi],
-            training=self.training, momentum=bn.momentum, eps=bn.eps)
+            z,
+            bn.running_mean[lo:hi],
+            bn.running_var[lo:hi],
+            bn.weight[lo:hi],
+            bn.bias[lo:hi],
+            training=self.training,
+            momentum=bn.momentum,
+            eps=bn.eps,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, steps, _ = x.shape

@@ -4,12 +4,32 @@ from __future__ import annotations
 
 import numpy as np
 
-COLORS = {"none": "#7f7f7f", "bn": "#1f77b4", "noisy_bn": "#9467bd", "ln": "#2ca02c", "gn": "#ff7f0e",
-          "in": "#8c564b", "brn": "#d62728", "gbn": "#17becf", "bn_step": "#1f77b4", "bn_shared": "#aec7e8",
-          "before": "#1f77b4", "after": "#ff7f0e"}
-LABELS = {"none": "no norm", "bn": "BatchNorm", "noisy_bn": "noisy BN", "ln": "LayerNorm", "gn": "GroupNorm",
-          "in": "InstanceNorm", "brn": "Batch Renorm", "gbn": "Ghost BN", "bn_step": "BN, per-step stats",
-          "bn_shared": "BN, shared stats"}
+COLORS = {
+    "none": "#7f7f7f",
+    "bn": "#1f77b4",
+    "noisy_bn": "#9467bd",
+    "ln": "#2ca02c",
+    "gn": "#ff7f0e",
+    "in": "#8c564b",
+    "brn": "#d62728",
+    "gbn": "#17becf",
+    "bn_step": "#1f77b4",
+    "bn_shared": "#aec7e8",
+    "before": "#1f77b4",
+    "after": "#ff7f0e",
+}
+LABELS = {
+    "none": "no norm",
+    "bn": "BatchNorm",
+    "noisy_bn": "noisy BN",
+    "ln": "LayerNorm",
+    "gn": "GroupNorm",
+    "in": "InstanceNorm",
+    "brn": "Batch Renorm",
+    "gbn": "Ghost BN",
+    "bn_step": "BN, per-step stats",
+    "bn_shared": "BN, shared stats",
+}
 
 
 def color(arm: str) -> str:
@@ -41,7 +61,7 @@ def bars(ax, groups: list[str], arms: list[str], values: dict[str, list[list[flo
         m = [np.mean(v) if v else np.nan for v in per_group]
         s = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per_group]
         ax.bar(xs, m, width, yerr=s, color=color(arm), label=label(arm), capsize=2)
-        for x, v in zip(xs, per_group):
+        for x, v in zip(xs, per_group, strict=False):
             ax.plot([x] * len(v), v, ".", color="black", ms=3)
     ax.set_xticks(np.arange(len(groups)))
     ax.set_xticklabels(groups)

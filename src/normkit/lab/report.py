@@ -8,8 +8,12 @@ import json
 import os
 from typing import Any
 
-VERDICT_COLORS = {"supported": "#2e7d32", "not supported": "#c62828", "mixed": "#ef6c00",
-                  "not evaluated": "#616161"}
+VERDICT_COLORS = {
+    "supported": "#2e7d32",
+    "not supported": "#c62828",
+    "mixed": "#ef6c00",
+    "not evaluated": "#616161",
+}
 
 
 def write_json(results: dict[str, Any], out_dir: str) -> str:
@@ -25,11 +29,15 @@ def summary_table(results: dict[str, Any]) -> str:
     for c in results["claims"]:
         passed = sum(1 for ch in c["checks"] if ch["passed"])
         evaluated = sum(1 for ch in c["checks"] if ch["passed"] is not None)
-        lines.append(f"{c['id']:>3}  {c['title']:<44} {c['verdict']:<14} {passed:>3}/{evaluated:<3} "
-                     f"{c['elapsed_s']:>7.1f}s")
+        lines.append(
+            f"{c['id']:>3}  {c['title']:<44} {c['verdict']:<14} {passed:>3}/{evaluated:<3} "
+            f"{c['elapsed_s']:>7.1f}s"
+        )
     lines.append("-" * 81)
-    lines.append(f"{len(results['claims'])} claims, seeds {results['seeds']}, "
-                 f"{'quick' if results['quick'] else 'full'} run, {results['elapsed_s']:.0f} s")
+    lines.append(
+        f"{len(results['claims'])} claims, seeds {results['seeds']}, "
+        f"{'quick' if results['quick'] else 'full'} run, {results['elapsed_s']:.0f} s"
+    )
     return "\n".join(lines)
 
 
@@ -49,8 +57,10 @@ def _fmt(v: Any) -> str:
 
 
 def _badge(verdict: str) -> str:
-    return (f'<span class="badge" style="background:{VERDICT_COLORS.get(verdict, "#616161")}">'
-            f"{html.escape(verdict)}</span>")
+    return (
+        f'<span class="badge" style="background:{VERDICT_COLORS.get(verdict, "#616161")}">'
+        f"{html.escape(verdict)}</span>"
+    )
 
 
 def _image(out_dir: str, figure: str | None) -> str:
@@ -81,41 +91,56 @@ img{max-width:100%;border:1px solid #eee} .anchor{color:#444;font-style:italic}
 def write_html(results: dict[str, Any], out_dir: str) -> str:
     rows = "".join(
         f"<tr><td>{c['id']}</td><td><a href='#claim{c['id']}'>{html.escape(c['title'])}</a></td>"
-        f"<td>{html.escape(c['claim'])}</td><td>{_badge(c['verdict'])}</td></tr>" for c in results["claims"])
+        f"<td>{html.escape(c['claim'])}</td><td>{_badge(c['verdict'])}</td></tr>"
+        for c in results["claims"]
+    )
     sections = []
     for c in results["claims"]:
         checks = "".join(
             f"<li class='{'skip' if ch['passed'] is None else 'pass' if ch['passed'] else 'fail'}'>"
             f"{'not evaluated' if ch['passed'] is None else 'pass' if ch['passed'] else 'fail'}: "
-            f"{html.escape(ch['check'])}</li>" for ch in c["checks"])
+            f"{html.escape(ch['check'])}</li>"
+            for ch in c["checks"]
+        )
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in c.get("notes", []))
-        metrics = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in c["metrics"].items())
+        metrics = "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in c["metrics"].items()
+        )
         sections.append(f"""
-<section id="claim{c['id']}">
-<h2>{c['id']}. {html.escape(c['title'])} {_badge(c['verdict'])}</h2>
-<p><strong>Claim.</strong> {html.escape(c['claim'])}</p>
-<p class="anchor"><strong>Paper.</strong> {html.escape(c['anchor'])}</p>
-<p><strong>Setup.</strong> {html.escape(c.get('setup', ''))}</p>
-<p><strong>Criterion (declared before the run).</strong> {html.escape(c['criterion'])}</p>
+<section id="claim{c["id"]}">
+<h2>{c["id"]}. {html.escape(c["title"])} {_badge(c["verdict"])}</h2>
+<p><strong>Claim.</strong> {html.escape(c["claim"])}</p>
+<p class="anchor"><strong>Paper.</strong> {html.escape(c["anchor"])}</p>
+<p><strong>Setup.</strong> {html.escape(c.get("setup", ""))}</p>
+<p><strong>Criterion (declared before the run).</strong> {html.escape(c["criterion"])}</p>
 <ul>{checks}</ul>
-{f'<ul class="notes">{notes}</ul>' if notes else ''}
-{_image(out_dir, c.get('figure'))}
-<details><summary>All measured numbers ({len(c['metrics'])}) — lists are per seed unless named otherwise;
-time {c['elapsed_s']:.1f} s</summary><table class="metrics">{metrics}</table></details>
+{f'<ul class="notes">{notes}</ul>' if notes else ""}
+{_image(out_dir, c.get("figure"))}
+<details><summary>All measured numbers ({len(c["metrics"])}) — lists are per seed unless named otherwise;
+time {c["elapsed_s"]:.1f} s</summary><table class="metrics">{metrics}</table></details>
 </section>""")
+    meta = " · ".join(
+        html.escape(str(part))
+        for part in (
+            f"normkit {results['normkit_version']}",
+            "quick run" if results["quick"] else "full run",
+            f"seeds {results['seeds']}",
+            f"{results['elapsed_s']:.0f} s",
+            f"data: {results.get('data', 'embedded')}",
+            f"device {results.get('device', 'cpu')}",
+        )
+    )
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>normkit lab: what Batch Normalization really does</title>
 <style>{CSS}</style></head><body>
 <h1>normkit lab: what Batch Normalization really does</h1>
-<p class="meta">normkit {html.escape(str(results['normkit_version']))} · {'quick' if results['quick'] else 'full'}
-run · seeds {html.escape(str(results['seeds']))} · {results['elapsed_s']:.0f} s ·
-data: {html.escape(str(results.get('data', 'embedded')))} · device {html.escape(str(results.get('device', 'cpu')))}</p>
+<p class="meta">{meta}</p>
 <p>Each claim was given a criterion in code before it ran; the verdict is computed from the measurements:
 <em>supported</em> (every check passed), <em>not supported</em> (every check failed), <em>mixed</em>, or
 <em>not evaluated</em> (no check could run, e.g. a layer missing from this build). Numbers are means over
 seeds; bands and error bars are one standard deviation over seeds, dots single seeds.</p>
 <table><tr><th>#</th><th>claim</th><th>statement</th><th>verdict</th></tr>{rows}</table>
-{''.join(sections)}
+{"".join(sections)}
 </body></html>"""
     path = os.path.join(out_dir, "report.html")
     with open(path, "w", encoding="utf-8") as f:

@@ -55,11 +55,20 @@ def run_claim(claim: Claim, ctx: Context, out_dir: str) -> dict[str, Any]:
         entry["figure"] = figure_name(claim)
         draw(outcome, os.path.join(out_dir, entry["figure"]))
     except Exception as err:  # one broken experiment must not lose the other ten
-        entry = {"id": claim.id, "title": claim.title, "claim": claim.claim, "anchor": claim.anchor,
-                 "criterion": claim.criterion.description, "checks": [], "verdict": NOT_EVALUATED,
-                 "metrics": {}, "figure": None, "setup": claim.setup,
-                 "notes": [f"the experiment failed: {type(err).__name__}: {err}"],
-                 "traceback": traceback.format_exc()}
+        entry = {
+            "id": claim.id,
+            "title": claim.title,
+            "claim": claim.claim,
+            "anchor": claim.anchor,
+            "criterion": claim.criterion.description,
+            "checks": [],
+            "verdict": NOT_EVALUATED,
+            "metrics": {},
+            "figure": None,
+            "setup": claim.setup,
+            "notes": [f"the experiment failed: {type(err).__name__}: {err}"],
+            "traceback": traceback.format_exc(),
+        }
     entry["elapsed_s"] = round(time.perf_counter() - start, 2)
     entry["cpu_s"] = round(time.process_time() - cpu, 2)  # all threads of this process
     return entry
@@ -71,5 +80,8 @@ def run_all(claims: Sequence[Claim], ctx: Context, out_dir: str, log=print) -> l
     for claim in claims:
         entry = run_claim(claim, ctx, out_dir)
         entries.append(entry)
-        log(f"  claim {claim.id:2d}  {claim.title:<42} {entry['verdict']:<14} {entry['elapsed_s']:6.1f} s  (cpu {entry['cpu_s']:.1f} s)")
+        log(
+            f"  claim {claim.id:2d}  {claim.title:<42} {entry['verdict']:<14} {entry['elapsed_s']:6.1f} s  "
+            f"(cpu {entry['cpu_s']:.1f} s)"
+        )
     return entries

@@ -20,13 +20,16 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
-    """``steps`` index batches of ``batch_size``, epoch after epoch of a seeded permutation (last partial batch dropped)."""
+    """``steps`` index batches of ``batch_size``, epoch after epoch of a seeded permutation.
+
+    The last partial batch of an epoch is dropped.
+    """
     batch_size = min(batch_size, n)
     done = 0
     while done < steps:
         perm = torch.randperm(n, generator=generator)
         for start in range(0, n - batch_size + 1, batch_size):
-            yield perm[start:start + batch_size]
+            yield perm[start : start + batch_size]
             done += 1
             if done == steps:
                 return
@@ -37,7 +40,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 10
     """Accuracy in eval mode (BN uses its running statistics), in percent."""
     was = model.training
     model.eval()
-    correct = sum((model(x[i:i + chunk]).argmax(1) == y[i:i + chunk]).sum().item() for i in range(0, len(x), chunk))
+    correct = sum(
+        (model(x[i : i + chunk]).argmax(1) == y[i : i + chunk]).sum().item() for i in range(0, len(x), chunk)
+    )
     model.train(was)
     return 100.0 * correct / max(1, len(x))
 
@@ -65,12 +70,21 @@ class History:
 
     def steps_to(self, target: float) -> int | None:
         """The first measured step with test accuracy >= target, or None."""
-        return next((s for s, a in zip(self.steps, self.test_acc) if a >= target), None)
+        return next((s for s, a in zip(self.steps, self.test_acc, strict=False) if a >= target), None)
 
 
-def train_classifier(model: nn.Module, data: ImageData, *, steps: int, batch_size: int, lr: float,
-                     optimizer: str = "momentum", generator: torch.Generator, eval_every: int = 0,
-                     on_step: Callable[[int, nn.Module, torch.Tensor, torch.Tensor], None] | None = None) -> History:
+def train_classifier(
+    model: nn.Module,
+    data: ImageData,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str = "momentum",
+    generator: torch.Generator,
+    eval_every: int = 0,
+    on_step: Callable[[int, nn.Module, torch.Tensor, torch.Tensor], None] | None = None,
+) -> History:
     """Cross-entropy training on ``data.xtr``; test accuracy every ``eval_every`` steps and at the end.
 
     Stops early, marking ``diverged``, when the loss is not finite or above :data:`DIVERGED_LOSS`;
@@ -98,8 +112,11 @@ def train_classifier(model: nn.Module, data: ImageData, *, steps: int, batch_siz
             hist.test_acc.append(accuracy(model, data.xte, data.yte))
     if hist.diverged:
         hist.steps.append(step)
-        hist.test_acc.append(accuracy(model, data.xte, data.yte) if all(
-            torch.isfinite(p).all() for p in model.parameters()) else 100.0 / data.n_classes)
+        hist.test_acc.append(
+            accuracy(model, data.xte, data.yte)
+            if all(torch.isfinite(p).all() for p in model.parameters())
+            else 100.0 / data.n_classes
+        )
     elif step:
         hist.steps.append(step)
         hist.test_acc.append(accuracy(model, data.xte, data.yte))

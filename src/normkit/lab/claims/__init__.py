@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..framework import Claim
 from . import batch, ics, optimization, recurrent
 
-ALL: tuple[Claim, ...] = tuple(sorted(
-    optimization.CLAIMS + batch.CLAIMS + ics.CLAIMS + recurrent.CLAIMS, key=lambda c: c.id))
+ALL: tuple[Claim, ...] = tuple(
+    sorted(optimization.CLAIMS + batch.CLAIMS + ics.CLAIMS + recurrent.CLAIMS, key=lambda c: c.id)
+)
 BY_ID: dict[int, Claim] = {c.id: c for c in ALL}

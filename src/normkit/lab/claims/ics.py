@@ -19,8 +19,9 @@ LR_6 = 0.2
 FACTORS_6 = (0.5, 1.0, 2.0, 4.0)  # step sizes along the gradient, in units of the learning rate
 
 
-def landscape_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float,
-                    factors=FACTORS_6) -> tuple[float, float, float]:
+def landscape_probe(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, factors=FACTORS_6
+) -> tuple[float, float, float]:
     """Santurkar et al. §3.1 at the current weights w, on batch (x, y), moving along the gradient g:
 
     * loss variation = max − min of L(w − η·g) over η ∈ factors·lr;
@@ -38,13 +39,15 @@ def landscape_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: floa
     losses, changes, betas = [], [], []
     for f in factors:
         with torch.no_grad():
-            for p, g in zip(params, g0):
+            for p, g in zip(params, g0, strict=False):
                 p.sub_(f * lr * g)
         model.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         losses.append(loss.item())
-        changes.append(math.sqrt(sum(float((p.grad - g).pow(2).sum()) for p, g in zip(params, g0))))
+        changes.append(
+            math.sqrt(sum(float((p.grad - g).pow(2).sum()) for p, g in zip(params, g0, strict=False)))
+        )
         betas.append(changes[-1] / max(f * lr * gnorm, 1e-12))
         model.load_state_dict(state)
     model.zero_grad(set_to_none=True)
@@ -73,8 +76,17 @@ def _run(ctx: Context) -> Outcome:
                     if arm in variation and step % every == 0:
                         probes.append(landscape_probe(model, xb, yb, LR_6))
 
-                h = train_classifier(model, data, steps=steps, batch_size=64, lr=LR_6, optimizer="sgd",
-                                     generator=g, eval_every=every, on_step=on_step)
+                h = train_classifier(
+                    model,
+                    data,
+                    steps=steps,
+                    batch_size=64,
+                    lr=LR_6,
+                    optimizer="sgd",
+                    generator=g,
+                    eval_every=every,
+                    on_step=on_step,
+                )
                 acc[arm].append(0.0 if h.diverged else h.final_acc)
                 curves[arm].append(h.test_acc)
                 x_steps = h.steps
@@ -98,10 +110,16 @@ def _run(ctx: Context) -> Outcome:
             plots.band(ax1, m["eval_steps"], m[f"curve_{arm}"], arm)
         plots.finish(ax1, "Noisy BN: random shift/scale after every BN", "training step", "test accuracy (%)")
         ax1.set_ylim(max(0, min(min(c) for a in arms for c in m[f"curve_{a}"]) - 5), 100)
-        plots.bars(ax2, ["loss variation", "gradient change", "β-smoothness"], ["none", "bn"],
-                   {a: [m[f"loss_variation_{a}"], m[f"grad_change_{a}"], m[f"beta_smoothness_{a}"]]
-                    for a in ("none", "bn")},
-                   "mean over training (log scale)")
+        plots.bars(
+            ax2,
+            ["loss variation", "gradient change", "β-smoothness"],
+            ["none", "bn"],
+            {
+                a: [m[f"loss_variation_{a}"], m[f"grad_change_{a}"], m[f"beta_smoothness_{a}"]]
+                for a in ("none", "bn")
+            },
+            "mean over training (log scale)",
+        )
         ax2.set_yscale("log")
         plots.finish(ax2, "Along the gradient, steps 0.5x ... 4x the rate")
 
@@ -112,26 +130,40 @@ ICS = Claim(
     id=6,
     title="Internal covariate shift is not the reason",
     claim="BN does not work by reducing internal covariate shift: BN with injected distribution shift trains "
-          "about as well as BN, and what BN changes is the smoothness of the loss landscape.",
-    anchor="Santurkar et al. 2018, Fig. 2: 'noisy' BN (random non-zero mean, non-unit variance injected after BN "
-           "every step) matches standard BN; Fig. 4: with BN the loss varies less, the gradient is more "
-           "predictive and the effective β-smoothness is lower along the gradient direction.",
+    "about as well as BN, and what BN changes is the smoothness of the loss landscape.",
+    anchor="Santurkar et al. 2018, Fig. 2: 'noisy' BN (random non-zero mean, non-unit variance injected "
+    "after BN "
+    "every step) matches standard BN; Fig. 4: with BN the loss varies less, the gradient is more "
+    "predictive and the effective β-smoothness is lower along the gradient direction.",
     criterion=Criterion(
         "Noisy BN's mean final test accuracy is within 2 points of BN's and at least 0.5 above no norm's; "
         "averaged over training, BN's loss variation, gradient change and effective β-smoothness along the "
         "gradient (steps 0.5x ... 4x the rate) are smaller than without BN.",
-        (Check("noisy BN within 2 points of BN",
-               lambda m: abs(mean_of(m, "acc_noisy_bn") - mean_of(m, "acc_bn")) <= 2.0),
-         Check("noisy BN >= no norm + 0.5", lambda m: better_by(m, "acc_noisy_bn", "acc_none", 0.5)),
-         Check("BN loss variation < no norm", lambda m: mean_of(m, "loss_variation_bn") < mean_of(m, "loss_variation_none")),
-         Check("BN gradient change < no norm", lambda m: mean_of(m, "grad_change_bn") < mean_of(m, "grad_change_none")),
-         Check("BN β-smoothness < no norm",
-               lambda m: mean_of(m, "beta_smoothness_bn") < mean_of(m, "beta_smoothness_none"))),
+        (
+            Check(
+                "noisy BN within 2 points of BN",
+                lambda m: abs(mean_of(m, "acc_noisy_bn") - mean_of(m, "acc_bn")) <= 2.0,
+            ),
+            Check("noisy BN >= no norm + 0.5", lambda m: better_by(m, "acc_noisy_bn", "acc_none", 0.5)),
+            Check(
+                "BN loss variation < no norm",
+                lambda m: mean_of(m, "loss_variation_bn") < mean_of(m, "loss_variation_none"),
+            ),
+            Check(
+                "BN gradient change < no norm",
+                lambda m: mean_of(m, "grad_change_bn") < mean_of(m, "grad_change_none"),
+            ),
+            Check(
+                "BN β-smoothness < no norm",
+                lambda m: mean_of(m, "beta_smoothness_bn") < mean_of(m, "beta_smoothness_none"),
+            ),
+        ),
     ),
     run=_run,
-    setup="digits, MLP 64-128-128-128-10 with ReLU, plain SGD at 0.2 (a rate at which the plain network trains), batch 64, 200 steps (60 with --quick). Noisy "
-          "BN: after each BN, per channel and per step, s ~ U(0.5, 2), m ~ U(−1, 1), output s·BN(x) + m. "
-          "Landscape probed every 20 steps on the current batch.",
+    setup="digits, MLP 64-128-128-128-10 with ReLU, plain SGD at 0.2 (a rate at which the plain network "
+    "trains), batch 64, 200 steps (60 with --quick). Noisy "
+    "BN: after each BN, per channel and per step, s ~ U(0.5, 2), m ~ U(−1, 1), output s·BN(x) + m. "
+    "Landscape probed every 20 steps on the current batch.",
 )
 
 CLAIMS = (ICS,)

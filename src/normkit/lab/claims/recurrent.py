@@ -47,7 +47,14 @@ def _adding_mse(ctx: Context, norm: str, seed: int, steps: int, train_len: int, 
     g = seed_everything(seed)
     x, y = adding_task(64 * steps, train_len, g)
     model = NormLSTM(2, HIDDEN_9, 1, norm=norm, max_steps=train_len).to(ctx.device)
-    _fit(model, x.to(ctx.device), y.to(ctx.device), lambda out, t: nn.functional.mse_loss(out[:, 0], t), steps, g)
+    _fit(
+        model,
+        x.to(ctx.device),
+        y.to(ctx.device),
+        lambda out, t: nn.functional.mse_loss(out[:, 0], t),
+        steps,
+        g,
+    )
     model.eval()
     out = []
     test_g = torch.Generator().manual_seed(10_000 + seed)
@@ -72,8 +79,12 @@ def _run(ctx: Context) -> Outcome:
                 bar.update()
                 mse[arm].append(_adding_mse(ctx, arm, seed, add_steps, train_len, test_lens))
                 bar.update()
-    m: dict = {"digit_rows": rows(data.xtr[:1]).shape[1], "adding_train_length": train_len,
-               "adding_test_lengths": test_lens, "adding_baseline_mse": 1 / 6}
+    m: dict = {
+        "digit_rows": rows(data.xtr[:1]).shape[1],
+        "adding_train_length": train_len,
+        "adding_test_lengths": test_lens,
+        "adding_baseline_mse": 1 / 6,
+    }
     for arm in ARMS_9:
         record(m, f"acc_rows_{arm}", acc[arm])
         m[f"adding_mse_{arm}"] = mse[arm]  # seeds × test lengths
@@ -81,8 +92,13 @@ def _run(ctx: Context) -> Outcome:
 
     def plot(fig, m):
         ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-        plots.bars(ax1, ["images read row by row"], list(ARMS_9), {a: [m[f"acc_rows_{a}"]] for a in ARMS_9},
-                   "test accuracy (%)")
+        plots.bars(
+            ax1,
+            ["images read row by row"],
+            list(ARMS_9),
+            {a: [m[f"acc_rows_{a}"]] for a in ARMS_9},
+            "test accuracy (%)",
+        )
         lo = min(min(m[f"acc_rows_{a}"]) for a in ARMS_9)
         ax1.set_ylim(max(0, lo - 5), 100)
         plots.finish(ax1, "LSTM on digits, one row per step")
@@ -90,8 +106,12 @@ def _run(ctx: Context) -> Outcome:
             plots.band(ax2, m["adding_test_lengths"], m[f"adding_mse_{a}"], a)
         ax2.axhline(m["adding_baseline_mse"], color="black", ls="--", lw=0.8, label="predict the mean")
         ax2.set_yscale("log")
-        plots.finish(ax2, f"Adding task, trained at length {m['adding_train_length']}", "test sequence length",
-                     "test MSE")
+        plots.finish(
+            ax2,
+            f"Adding task, trained at length {m['adding_train_length']}",
+            "test sequence length",
+            "test MSE",
+        )
 
     return Outcome(m, plot)
 
@@ -100,26 +120,37 @@ RECURRENT = Claim(
     id=9,
     title="BN and recurrent networks",
     claim="Batch Normalization helps recurrent networks when it keeps separate statistics per time step "
-          "(not shared ones); Layer Normalization, which needs no batch statistics, extends better to "
-          "sequences longer than those trained on.",
+    "(not shared ones); Layer Normalization, which needs no batch statistics, extends better to "
+    "sequences longer than those trained on.",
     anchor="Cooijmans et al. 2016, Table 1 and §4: BN-LSTM with per-time-step statistics and γ = 0.1, "
-           "sequential MNIST 99.0% vs LSTM 98.9%, permuted 95.4% vs 90.2%; Ba et al. 2016, §3.1: LayerNorm "
-           "in RNNs needs no per-step statistics.",
+    "sequential MNIST 99.0% vs LSTM 98.9%, permuted 95.4% vs 90.2%; Ba et al. 2016, §3.1: LayerNorm "
+    "in RNNs needs no per-step statistics.",
     criterion=Criterion(
         "On digits read row by row, per-step BN's mean test accuracy is at least 0.5 points above the plain "
-        "LSTM's and 0.5 above shared-statistics BN's; on the adding task at 4x the training length, LayerNorm's "
+        "LSTM's and 0.5 above shared-statistics BN's; on the adding task at 4x the training length, "
+        "LayerNorm's "
         "mean test MSE is below per-step BN's.",
-        (Check("rows: per-step BN >= plain LSTM + 0.5", lambda m: better_by(m, "acc_rows_bn_step", "acc_rows_none", 0.5)),
-         Check("rows: per-step BN >= shared BN + 0.5",
-               lambda m: better_by(m, "acc_rows_bn_step", "acc_rows_bn_shared", 0.5)),
-         Check("adding, 4x length: LN MSE < per-step BN MSE",
-               lambda m: mean_of(m, "adding_mse_4x_ln") < mean_of(m, "adding_mse_4x_bn_step"))),
+        (
+            Check(
+                "rows: per-step BN >= plain LSTM + 0.5",
+                lambda m: better_by(m, "acc_rows_bn_step", "acc_rows_none", 0.5),
+            ),
+            Check(
+                "rows: per-step BN >= shared BN + 0.5",
+                lambda m: better_by(m, "acc_rows_bn_step", "acc_rows_bn_shared", 0.5),
+            ),
+            Check(
+                "adding, 4x length: LN MSE < per-step BN MSE",
+                lambda m: mean_of(m, "adding_mse_4x_ln") < mean_of(m, "adding_mse_4x_bn_step"),
+            ),
+        ),
     ),
     run=_run,
-    setup="LSTM with 32 hidden units, normalization of W_h·h, W_x·x and the cell (Cooijmans eq. 6-8), Adam at "
-          "1e-2, batch 64, gradient norm clipped at 1. Digits as 8 rows of 8 pixels, 60 steps (30 with --quick). "
-          "Adding task (two marked values in a sequence of uniform numbers), trained at length 8 for 60 steps "
-          "(30), tested at lengths 8, 16, 32; per-step BN reuses the last step's statistics beyond length 8.",
+    setup="LSTM with 32 hidden units, normalization of W_h·h, W_x·x and the cell (Cooijmans eq. 6-8), Adam "
+    "at "
+    "1e-2, batch 64, gradient norm clipped at 1. Digits as 8 rows of 8 pixels, 60 steps (30 with --quick). "
+    "Adding task (two marked values in a sequence of uniform numbers), trained at length 8 for 60 steps "
+    "(30), tested at lengths 8, 16, 32; per-step BN reuses the last step's statistics beyond length 8.",
 )
 
 CLAIMS = (RECURRENT,)
