@@ -50,8 +50,13 @@ def band(ax, x, runs, arm: str, *, marker: str = "o", name: str | None = None) -
     ax.fill_between(x, m - s, m + s, color=color(arm), alpha=0.2, linewidth=0)
 
 
-def bars(ax, groups: list[str], arms: list[str], values: dict[str, list[list[float]]], ylabel: str) -> None:
-    """Grouped bars: ``values[arm][g]`` is the per-seed list for group ``g``; error bars = std over seeds."""
+def bars(ax, groups: list[str], arms: list[str], values: dict[str, list[list[float]]], ylabel: str,
+         names: dict[str, tuple[str, str]] | None = None) -> None:
+    """Grouped bars: ``values[arm][g]`` is the per-seed list for group ``g``; error bars = std over seeds.
+
+    ``names`` maps an arm to (label, color) when it is not one of the norms known here.
+    """
+    names = names or {}
     width = 0.8 / max(1, len(arms))
     for i, arm in enumerate(arms):
         per_group = values.get(arm)
@@ -60,7 +65,8 @@ def bars(ax, groups: list[str], arms: list[str], values: dict[str, list[list[flo
         xs = np.arange(len(groups)) + (i - (len(arms) - 1) / 2) * width
         m = [np.mean(v) if v else np.nan for v in per_group]
         s = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per_group]
-        ax.bar(xs, m, width, yerr=s, color=color(arm), label=label(arm), capsize=2)
+        name, col = names.get(arm, (label(arm), color(arm)))
+        ax.bar(xs, m, width, yerr=s, color=col, label=name, capsize=2)
         for x, v in zip(xs, per_group, strict=False):
             ax.plot([x] * len(v), v, ".", color="black", ms=3)
     ax.set_xticks(np.arange(len(groups)))

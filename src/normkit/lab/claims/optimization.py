@@ -345,6 +345,7 @@ def _run_depth(ctx: Context) -> Outcome:
             plots.band(ax1, m["depths"], m[f"acc_{arm}"], arm)
             plots.band(ax2, list(range(1, m["init_depth"] + 1)), np.log10(m[f"grad_sq_by_layer_{arm}"]), arm)
         ax1.set_xscale("log", base=2)
+        ax1.set_xticks(m["depths"], [str(d) for d in m["depths"]])
         plots.finish(ax1, "Plain ReLU MLPs (width 64) on digits", "hidden layers", "test accuracy (%)")
         plots.finish(
             ax2,
