@@ -148,7 +148,7 @@ class ReferenceBackend(Backend):
     def _grouped(self, x, num_groups):
         """(N, C, *) viewed as (N, G, C/G, S) in stat dtype (a copy for channels_last input)."""
         n, c = x.shape[:2]
-        return x.to(stat_dtype(x.dtype)).reshape(n, num_groups, c // num_groups, -1)
+        return x.to(stat_dtype(x.dtype)).reshape(n, num_groups, c // num_groups, _spatial(x))
 
     def _group_xhat(self, x, mean, rstd, num_groups):
         xg = self._grouped(x, num_groups)
@@ -156,7 +156,7 @@ class ReferenceBackend(Backend):
 
     def _group_affine(self, x, xhat_g, weight, bias, residual):
         n, c = x.shape[:2]
-        z = xhat_g.reshape(n, c, -1)
+        z = xhat_g.reshape(n, c, _spatial(x))
         if weight is not None:
             z = z * weight.to(z.dtype)[None, :, None]
         if bias is not None:
@@ -182,8 +182,8 @@ class ReferenceBackend(Backend):
         dz = dy.to(sd)
         if act != "":
             dz = dz * activation_grad(self._group_affine(x, xhat_g, weight, bias, residual), act)
-        dz_c = dz.reshape(n, c, -1)
-        xhat_c = xhat_g.reshape(n, c, -1)
+        dz_c = dz.reshape(n, c, _spatial(x))
+        xhat_c = xhat_g.reshape(n, c, _spatial(x))
         g = dz_c * weight.to(sd)[None, :, None] if weight is not None else dz_c
         g = g.reshape(xhat_g.shape)
         dx = rstd[:, :, None, None] * (
@@ -192,6 +192,10 @@ class ReferenceBackend(Backend):
         dweight = (dz_c * xhat_c).sum(dim=(0, 2)) if need_dweight else None
         dbias = dz_c.sum(dim=(0, 2)) if need_dweight else None
         return (_like(dx.reshape(x.shape), x), dweight, dbias, _like(dz.reshape(x.shape), x) if need_dz else None)
+
+
+def _spatial(x: torch.Tensor) -> int:
+    return math.prod(x.shape[2:])
 
 
 def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
