@@ -156,8 +156,9 @@ def test_torch_compile_inductor_fullgraph():
     """The default backend too: inductor compiles around the opaque normkit ops."""
     torch.manual_seed(0)
     eager = _model().eval()
-    compiled = torch.compile(_model().eval(), fullgraph=True)
-    compiled.load_state_dict(eager.state_dict())
+    twin = _model().eval()
+    twin.load_state_dict(eager.state_dict())
+    compiled = torch.compile(twin, fullgraph=True)
     x = 3 + torch.randn(4, 3, 6, 6, requires_grad=True)
     y = compiled(x)
     torch.testing.assert_close(y, eager(x), rtol=1e-4, atol=1e-4)
