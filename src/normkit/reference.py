@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ._layout import memory_format_of
 from .backends import Backend
 
 ACTIVATIONS = ("", "relu", "silu", "gelu")
@@ -200,13 +201,4 @@ def _spatial(x: torch.Tensor) -> int:
 
 def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``t`` in ``x``'s dtype and memory format (channels_last stays channels_last)."""
-    fmt = _memory_format(x)
-    return t.to(dtype=x.dtype, memory_format=fmt)
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
+    return t.to(dtype=x.dtype, memory_format=memory_format_of(x))
