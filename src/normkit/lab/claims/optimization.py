@@ -109,7 +109,7 @@ TRAINS_2 = 80.0  # a run "trains" at a rate if it does not diverge and ends abov
 
 def _run_lr(ctx: Context) -> Outcome:
     data = ctx.images("digits")
-    steps = ctx.pick(100, 40)
+    steps = ctx.pick(80, 40)
     lrs = ctx.pick([0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0], [0.03, 0.3, 3.0, 30.0])
     arms = ("none", "bn")
     acc = {a: [] for a in arms}
@@ -197,7 +197,7 @@ LEARNING_RATES = Claim(
         ),
     ),
     run=_run_lr,
-    setup="digits, MLP 64-128-128-128-10 with ReLU, batch 64, plain SGD for 100 steps (40 with --quick) at "
+    setup="digits, MLP 64-128-128-128-10 with ReLU, batch 64, plain SGD for 80 steps (40 with --quick) at "
     "rates "
     "0.01 ... 30 (4 rates with --quick).",
 )
