@@ -58,7 +58,7 @@ def landscape_probe(
 
 def _run(ctx: Context) -> Outcome:
     data = ctx.images("digits")
-    steps, every = ctx.pick(200, 60), 20
+    steps, every = ctx.pick(150, 60), 15
     arms = ("none", "bn", "noisy_bn")
     acc = {a: [] for a in arms}
     curves = {a: [] for a in arms}
@@ -161,9 +161,9 @@ ICS = Claim(
     ),
     run=_run,
     setup="digits, MLP 64-128-128-128-10 with ReLU, plain SGD at 0.2 (a rate at which the plain network "
-    "trains), batch 64, 200 steps (60 with --quick). Noisy "
+    "trains), batch 64, 150 steps (60 with --quick). Noisy "
     "BN: after each BN, per channel and per step, s ~ U(0.5, 2), m ~ U(−1, 1), output s·BN(x) + m. "
-    "Landscape probed every 20 steps on the current batch.",
+    "Landscape probed every 15 steps on the current batch.",
 )
 
 CLAIMS = (ICS,)

@@ -208,7 +208,7 @@ GOOD_4 = 85.0
 
 def _run_init(ctx: Context) -> Outcome:
     data = ctx.images("digits")
-    steps = ctx.pick(150, 50)
+    steps = ctx.pick(100, 50)
     scales = ctx.pick([0.01, 0.1, 1.0, 10.0], [0.01, 1.0, 10.0])
     arms = ("none", "bn")
     acc = {a: [] for a in arms}
@@ -278,7 +278,7 @@ INIT = Claim(
     run=_run_init,
     setup="digits, MLP 64-128-128-128-10 with ReLU, every Linear weight multiplied by the scale after "
     "PyTorch's "
-    "default init, SGD with momentum 0.9 at 0.05, batch 64, 150 steps (50 with --quick).",
+    "default init, SGD with momentum 0.9 at 0.05, batch 64, 100 steps (50 with --quick).",
 )
 
 # ------------------------------------------------------------------------------------------ 5
@@ -300,7 +300,7 @@ def _grad_growth(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[fl
 
 def _run_depth(ctx: Context) -> Outcome:
     data = ctx.images("digits")
-    steps = ctx.pick(150, 50)
+    steps = ctx.pick(100, 50)
     depths = ctx.pick([2, 4, 8, 16], [2, 8])
     init_depth = ctx.pick(32, 16)
     arms = ("none", "bn")
@@ -384,7 +384,7 @@ DEPTH = Claim(
     ),
     run=_run_depth,
     setup="digits, ReLU MLPs of width 64 and 2, 4, 8, 16 hidden layers (2, 8 with --quick), no skip "
-    "connections, SGD with momentum 0.9 at 0.02, batch 64, 150 steps (50). Gradient growth: one batch "
+    "connections, SGD with momentum 0.9 at 0.02, batch 64, 100 steps (50). Gradient growth: one batch "
     "of 64 through an untrained 32-layer network (16 with --quick), log-linear fit of ‖∂L/∂W_l‖² over l.",
 )
 
@@ -394,7 +394,7 @@ MARGIN_10 = 0.5
 
 def _run_placement(ctx: Context) -> Outcome:
     data = ctx.images("digits")
-    steps = ctx.pick(150, 40)
+    steps = ctx.pick(100, 40)
     models = {
         "mlp": lambda p: mlp(data.n_features, data.n_classes, width=128, depth=3, norm="bn", placement=p),
         "cnn": lambda p: cnn(data.shape[0], data.n_classes, width=16, norm="bn", placement=p),
@@ -457,7 +457,7 @@ PLACEMENT = Claim(
     ),
     run=_run_placement,
     setup="digits; MLP 64-128-128-128-10 and a 2-conv CNN (16, 32 channels), BN before or after each ReLU, "
-    "SGD with momentum 0.9 at 0.05, batch 64, 150 steps (40 with --quick).",
+    "SGD with momentum 0.9 at 0.05, batch 64, 100 steps (40 with --quick).",
 )
 
 CLAIMS = (FASTER, LEARNING_RATES, INIT, DEPTH, PLACEMENT)
