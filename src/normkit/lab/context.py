@@ -22,6 +22,7 @@ class Context:
     device: str = "cpu"
     user_data: D.ImageData | None = None
     show_progress: bool = True
+    position: str = ""  # "[3/11] ": where the running claim is in the run, shown on its progress bar
     _cache: dict[str, D.ImageData] = field(default_factory=dict)
     _memo: dict[tuple, Any] = field(default_factory=dict)
 
@@ -53,7 +54,7 @@ class Context:
     def bar(self, total: int, desc: str) -> Any:
         return tqdm(
             total=total,
-            desc=desc,
+            desc=self.position + desc,
             unit="run",
             leave=False,
             file=sys.stderr,

@@ -77,7 +77,8 @@ def run_claim(claim: Claim, ctx: Context, out_dir: str) -> dict[str, Any]:
 def run_all(claims: Sequence[Claim], ctx: Context, out_dir: str, log=print) -> list[dict[str, Any]]:
     os.makedirs(out_dir, exist_ok=True)
     entries = []
-    for claim in claims:
+    for i, claim in enumerate(claims, start=1):
+        ctx.position = f"[{i}/{len(claims)}] "
         entry = run_claim(claim, ctx, out_dir)
         entries.append(entry)
         log(
