@@ -80,9 +80,21 @@ class _BatchNormForward:
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
-    """Batch Normalization over ``(N, C)`` or ``(N, C, L)`` input; drop-in for ``torch.nn.BatchNorm1d``."""
+    """Batch Normalization over ``(N, C)`` or ``(N, C, L)`` input; drop-in for ``torch.nn.BatchNorm1d``.
+
+    ``forward(input, mask=None)``: with ``mask`` ``(N, L)`` bool (True = real position) for
+    ``(N, C, L)`` input, padded positions are left out of the statistics and get output 0 and
+    gradient 0 (:mod:`normkit.masked`).
+    """
 
     _accepted_dims = (2, 3)
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is None:
+            return self._normalize(input)
+        from ..masked import masked_batch_norm1d
+
+        return masked_batch_norm1d(self, input, mask)
 
 
 class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
