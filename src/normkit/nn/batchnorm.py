@@ -49,7 +49,8 @@ class _BatchNormForward:
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                return 1.0 / self.num_batches_tracked
+                # a 0-d tensor in the statistics' dtype: exact, and no graph break under compile
+                return self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
         return 0.0 if self.momentum is None else self.momentum
 
     def _normalize(self, input: Tensor, residual: Tensor | None = None, act: str = "") -> Tensor:
