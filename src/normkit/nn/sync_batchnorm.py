@@ -15,8 +15,8 @@ statistics (the same on every rank) move with the global ``μ`` and unbiased ``�
 Outside that case — not distributed, a world of one, or ``eval()`` — it is exactly
 :class:`normkit.BatchNorm2d`'s computation (any input with at least 2 dims).
 
-Parameters, buffers and ``state_dict`` are torch.nn.SyncBatchNorm's (= BatchNorm's); the class
-subclasses ``torch.nn.SyncBatchNorm``. Input ``(N, C, *)``; channels_last stays channels_last.
+Parameters, buffers and ``state_dict`` are torch.nn.SyncBatchNorm's (= BatchNorm's).
+Input ``(N, C, *)``; channels_last stays channels_last.
 Works with gloo (CPU tensors) and NCCL (CUDA tensors): the collectives run on the input's device.
 
 Reference: the cross-GPU BN of Peng et al., "MegDet: A Large Mini-Batch Object Detector",
@@ -61,16 +61,33 @@ def _fused_act_name(act) -> str | None:
     return None
 
 
-class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNormForward, _BatchNorm):
     """Batch Normalization over the batches of all ranks; drop-in for ``torch.nn.SyncBatchNorm``.
 
     Args: as ``torch.nn.SyncBatchNorm(num_features, eps=1e-5, momentum=0.1, affine=True,
     track_running_stats=True, process_group=None, device=None, dtype=None)``.
 
     ``forward(input, residual=None)``: ``y = γ·x̂ + β (+ residual)``; input ``(N, C, *)``.
+
+    Not a subclass of ``torch.nn.SyncBatchNorm`` (unlike normkit's other layers and their twins):
+    DistributedDataParallel refuses any ``torch.nn.SyncBatchNorm`` in a CPU module, and this
+    layer is meant to run on CPU with gloo too. The state is the same, so checkpoints move both
+    ways and :func:`normkit.convert` swaps the two.
     """
 
-    act: str | nn.Module | None = ""  # identity; SyncBatchNormAct sets it
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -86,9 +103,11 @@ class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
 
     def _act_split(self) -> tuple[str, nn.Module | None]:
         """(activation fused into the kernel, module applied after it)."""
-        name = _fused_act_name(self.act)
+        # an instance attribute or a submodule (no class attribute: it would shadow the submodule)
+        act = self.__dict__.get("act", self._modules.get("act"))
+        name = _fused_act_name(act)
         if name is None:
-            return "", self.act
+            return "", act
         return name, None
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
