@@ -35,14 +35,16 @@ _ORIGIN = "_normkit_unfrozen"  # attribute of a FrozenBatchNorm: how to rebuild 
 
 
 def _frozen_class(module: _BatchNorm) -> type[FrozenBatchNorm]:
-    dims = getattr(module, "_accepted_dims", None)
-    if dims is None:
-        name = type(module).__name__
-        dims = {"1d": (2, 3), "2d": (4,), "3d": (5,)}.get(name[-2:].lower(), (2, 3, 4, 5))
-    for cls in (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d):
-        if tuple(dims) == cls._accepted_dims:
-            return cls
-    return FrozenBatchNorm
+    """The FrozenBatchNorm accepting the same input dimensions as ``module``."""
+    for torch_cls, frozen_cls in ((nn.BatchNorm1d, FrozenBatchNorm1d), (nn.BatchNorm2d, FrozenBatchNorm2d),
+                                  (nn.BatchNorm3d, FrozenBatchNorm3d)):
+        if isinstance(module, torch_cls):
+            return frozen_cls
+    dims = tuple(getattr(module, "_accepted_dims", ()))  # normkit's BatchRenorm, GhostBatchNorm
+    for frozen_cls in (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d):
+        if dims == frozen_cls._accepted_dims:
+            return frozen_cls
+    return FrozenBatchNorm  # SyncBatchNorm and others: any (N, C, *) input
 
 
 def _freeze_one(module: nn.Module) -> nn.Module:
