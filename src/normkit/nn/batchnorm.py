@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _LazyNormBase
 
 from .. import _checks as C
 from .. import functional as F
+from ..masked import masked_batch_norm1d
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
 
@@ -93,8 +94,6 @@ class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is None:
             return self._normalize(input)
-        from ..masked import masked_batch_norm1d
-
         return masked_batch_norm1d(self, input, mask)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import functional as F
+from ..masked import masked_layer_norm
 
 __all__ = ["LayerNorm", "RMSNorm"]
 
@@ -27,7 +28,6 @@ class LayerNorm(nn.LayerNorm):
         padded positions get output 0 and gradient 0 (:mod:`normkit.masked`)."""
         if mask is None:
             return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
-        from ..masked import masked_layer_norm
 
         def rows_norm(rows: Tensor) -> Tensor:
             return F.layer_norm(rows, self.normalized_shape, self.weight, self.bias, self.eps)
