@@ -43,6 +43,7 @@ class Case:
     steps: int = 3
     expect_error: bool = False
     large_mean: bool = False
+    float32: bool = False  # float32: at most 2× single-process normkit.BatchNorm's error vs the float64 truth
 
 
 CASES = {
@@ -56,6 +57,8 @@ CASES = {
     "w3_empty_rank": Case(3, (4, 0, 3), (3, 5)),
     "w3_uneven_5d": Case(3, (1, 3, 2), (3, 2, 3, 4)),
     "w3_no_running_stats": Case(3, (2, 2, 1), (7, 4), {"track_running_stats": False}),
+    "w2_float32_large_mean": Case(2, (5, 3), (7, 4, 3), large_mean=True, float32=True),
+    "w3_float32_empty_rank": Case(3, (3, 0, 4), (5, 6), float32=True),
 }
 
 
@@ -77,8 +80,51 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() if a.numel() else 0.0
 
 
+def run_case_float32(case: Case, rank: int) -> dict:
+    """float32: per compared tensor, how far our error (vs the float64 truth) exceeds 2× the error of
+    single-process normkit BatchNorm (same kernels, whole batch) — distributing must cost no accuracy.
+    (torch.nn's CPU BatchNorm accumulates float32 statistics in float64; that comparison is the core's.)"""
+    gen = torch.Generator().manual_seed(sum(case.sizes) * 7 + len(case.tail))
+    truth = torch_bn(case)
+    randomize(truth, gen)
+    theirs = getattr(normkit, type(truth).__name__)(case.tail[0], **case.kwargs)
+    theirs.load_state_dict(truth.state_dict())
+    ours = SyncBatchNorm(case.tail[0], **case.kwargs)
+    ours.load_state_dict(truth.state_dict())
+    lo, hi = sum(case.sizes[:rank]), sum(case.sizes[: rank + 1])
+    excess: dict[str, float] = {}
+
+    def compare(what: str, mine: torch.Tensor, torch32: torch.Tensor, exact: torch.Tensor) -> None:
+        err_ours, err_torch = _max_err(mine.double(), exact), _max_err(torch32.double(), exact)
+        floor = 1e-6 * max(exact.abs().max().item() if exact.numel() else 0.0, 1.0)
+        excess[what] = max(excess.get(what, 0.0), err_ours - 2 * err_torch - floor, 0.0)
+
+    for _ in range(case.steps):
+        x = torch.randn((sum(case.sizes), *case.tail), generator=gen, dtype=torch.float64)
+        x = ((1e4 + x) if case.large_mean else (3.0 + 0.5 * x)).float()
+        dy = torch.randn(x.shape, generator=gen)
+        inputs = [x[lo:hi].clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()]
+        outs = [layer(inp) for layer, inp in zip((ours, theirs, truth), inputs, strict=True)]
+        for out in outs:
+            out.backward(dy[lo:hi] if out is outs[0] else dy.to(out.dtype))
+        compare("y", outs[0].detach(), outs[1].detach()[lo:hi], outs[2].detach()[lo:hi])
+        compare("dx", inputs[0].grad, inputs[1].grad[lo:hi], inputs[2].grad[lo:hi])
+        for name, p in ours.named_parameters():
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+            compare("d" + name, grad, theirs.get_parameter(name).grad, truth.get_parameter(name).grad)
+            for layer in (ours, theirs, truth):
+                layer.get_parameter(name).grad = None
+        for key, value in truth.state_dict().items():
+            if "num_batches" not in key:
+                compare(key, ours.state_dict()[key], theirs.state_dict()[key], value)
+    return {"errors": excess}
+
+
 def run_case(case: Case, rank: int, group_of_one) -> dict:
     """One case on this rank: the largest error over every compared tensor (or the error raised)."""
+    if case.float32:
+        return run_case_float32(case, rank)
     gen = torch.Generator().manual_seed(len(case.sizes) * 1000 + sum(case.sizes) * 10 + len(case.tail))
     ref = torch_bn(case)
     randomize(ref, gen)

@@ -3,10 +3,10 @@ whose statistics are not simply "this batch on this process" (SyncBatchNorm, Bat
 
 Two pieces, both on the backend's channel entry points (:mod:`normkit.backends`, DESIGN.md §1):
 
-``local_stats(x) -> (count, mean, var)``
+``local_stats(x, for_merge) -> (count, mean, var)``
     the mergeable per-channel triple of ``x`` (``m2 = var·count``), through ``channel_stats``;
     an empty ``x`` gives ``(0, 0, 0)`` without calling a kernel (a rank with no samples still
-    takes part in a cross-rank merge).
+    takes part in a cross-rank merge). For a merge, a large float32 mean is refined to float64.
 
 ``normalize_with_stats(x, weight, bias, residual, mean, rstd, count, act, group)``
     ``y = act(weight·(x − mean)·rstd + bias + residual)`` through ``channel_apply``, where
@@ -38,8 +38,17 @@ from .reference import stat_dtype
 __all__ = ["local_stats", "normalize_with_stats"]
 
 
-def local_stats(x: Tensor) -> tuple[int, Tensor, Tensor]:
-    """``(count, mean, var)`` per channel of ``x`` ``(N, C, *)``: biased variance, stat dtype."""
+def local_stats(x: Tensor, for_merge: bool = False) -> tuple[int, Tensor, Tensor]:
+    """``(count, mean, var)`` per channel of ``x`` ``(N, C, *)``: biased variance, stat dtype.
+
+    ``for_merge=True`` (statistics that will be merged across ranks): for float16/bfloat16/float32
+    input whose mean is large against its spread (``|μ| > 16σ`` in some channel), the mean is
+    refined to float64 by a second ``channel_stats`` pass over ``x − μ``: ``μ = μ₃₂ + mean(x − μ₃₂)``,
+    ``σ² = var(x − μ₃₂)``. Why: a float32 mean is rounded by up to ``|μ|·2⁻²⁴``, and the merge's
+    ``n_r·(μ_r − μ)²`` term turns that rounding into a variance error of order
+    ``|μ|·2⁻²⁴·|μ_r − μ|/σ²`` (1e-5 relative at ``1e4 + randn``) that a single process never has.
+    The returned mean is then float64; otherwise it is in stat dtype.
+    """
     c = x.shape[1]
     count = x.numel() // c if c else 0
     if count == 0:
@@ -47,6 +56,10 @@ def local_stats(x: Tensor) -> tuple[int, Tensor, Tensor]:
         return 0, zeros, zeros.clone()
     x = _dense(x.detach())
     mean, var = backends.resolve("channel_stats", x).channel_stats(x)
+    if for_merge and mean.dtype != torch.float64 and bool((mean.abs() > 16 * var.sqrt()).any()):
+        shifted = x.to(mean.dtype) - mean.reshape((1, c) + (1,) * (x.dim() - 2))  # keeps x's layout
+        residual_mean, var = backends.resolve("channel_stats", shifted).channel_stats(shifted)
+        mean = mean.to(torch.float64) + residual_mean.to(torch.float64)
     return count, mean, var
 
 

@@ -20,6 +20,9 @@ Why all_gather and not all_reduce
     same decision (e.g. "global count is 1: refuse") and normalizes with the same numbers. The
     backward sums are gathered and added the same way (:func:`all_reduce_sums`).
 
+The merge is only as exact as each rank's mean: a float32 mean far from zero is rounded, so
+SyncBatchNorm sends a float64-refined mean for such channels (:func:`normkit.channel.local_stats`).
+
 An empty rank contributes ``n_r = 0`` (and zeros, never NaN); it issues the same collectives
 as the others, so nothing hangs. Every rank of ``group`` must call these functions in the same
 order (as every rank runs the same model).

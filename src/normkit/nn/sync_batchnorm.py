@@ -130,8 +130,9 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
         )
         group = self.process_group
         x = _dense(input)
-        count, mean, var = local_stats(x)
+        count, mean, var = local_stats(x, for_merge=True)
         count, mean, var = D.merge_stats(count, mean, var, group)  # collective: same result on every rank
+        mean = mean.to(var.dtype)  # stat dtype (local_stats may have refined a large mean to float64)
         if count == 1:
             raise C.fail(
                 where,
