@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from ._layout import memory_format_of
 from .reference import ReferenceBackend, stat_dtype
 
 backends.register_backend("reference", ReferenceBackend)
@@ -45,17 +46,6 @@ _LIB = "normkit"
 
 
 # ----------------------------------------------------------------------------- helpers
-def memory_format_of(x: Tensor) -> torch.memory_format:
-    """channels_last(_3d) when ``x`` is laid out that way and not also plainly contiguous."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 def _dense(x: Tensor) -> Tensor:
     """``x`` itself if contiguous or channels_last, else a contiguous copy."""
     fmt = memory_format_of(x)
