@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .ops import _as_layout, _dense, _scale_shift, memory_format_of
+from ._layout import memory_format_of
+from .ops import _as_layout, _dense, _scale_shift
 from .reference import stat_dtype
 
 __all__ = ["local_stats", "normalize_with_stats"]
