@@ -65,3 +65,14 @@ def test_unknown_subclass_is_left_alone_with_a_warning():
         normkit.convert(model)
     assert type(model[0]) is MyNorm
     assert type(model[1]) is normkit.BatchNorm2d
+
+
+def test_normkit_only_layers_pass_silently():
+    import warnings
+
+    model = torch.nn.Sequential(normkit.BatchRenorm2d(3), normkit.GhostBatchNorm2d(3, virtual_batch_size=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normkit.convert(model)
+        normkit.convert(model, to="torch")
+    assert type(model[0]) is normkit.BatchRenorm2d

@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _LazyNormBase
 
 from .. import _checks as C
 from .. import functional as F
+from ..masked import masked_batch_norm1d
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
 
@@ -81,9 +82,19 @@ class _BatchNormForward:
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
-    """Batch Normalization over ``(N, C)`` or ``(N, C, L)`` input; drop-in for ``torch.nn.BatchNorm1d``."""
+    """Batch Normalization over ``(N, C)`` or ``(N, C, L)`` input; drop-in for ``torch.nn.BatchNorm1d``.
+
+    ``forward(input, mask=None)``: with ``mask`` ``(N, L)`` bool (True = real position) for
+    ``(N, C, L)`` input, padded positions are left out of the statistics and get output 0 and
+    gradient 0 (:mod:`normkit.masked`).
+    """
 
     _accepted_dims = (2, 3)
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is None:
+            return self._normalize(input)
+        return masked_batch_norm1d(self, input, mask)
 
 
 class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):

@@ -1,5 +1,12 @@
 """Operations on whole models."""
 
-from .convert import convert, register_conversion
+from torch import nn as _torch_nn
 
-__all__ = ["convert", "register_conversion"]
+from .. import nn as _nk
+from .convert import convert, register_conversion
+from .freeze import freeze, unfreeze
+
+# normkit's SyncBatchNorm has torch.nn.SyncBatchNorm's state: convert() swaps them both ways.
+register_conversion(_torch_nn.SyncBatchNorm, _nk.SyncBatchNorm)
+
+__all__ = ["convert", "register_conversion", "freeze", "unfreeze"]

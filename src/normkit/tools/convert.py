@@ -52,7 +52,8 @@ def _convert_one(module: nn.Module, table: dict, known: set) -> nn.Module:
     cls = table.get(type(module))
     if cls is not None:
         return retype(module, cls)
-    if isinstance(module, _NORM_BASES) and type(module) not in known:
+    own = type(module).__module__.startswith("normkit.")  # normkit's other layers need no swap
+    if isinstance(module, _NORM_BASES) and type(module) not in known and not own:
         warnings.warn(
             f"normkit.convert: left {type(module).__qualname__} alone (a subclass of a torch.nn norm that "
             "normkit does not know)",
