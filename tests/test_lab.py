@@ -288,3 +288,13 @@ def test_per_step_input_norm_equals_one_bn_per_step():
     z = cell.wx(longer)
     bn3 = per_step[3].eval()
     torch.testing.assert_close(cell._input_projection(longer)[:, 5], bn3(z[:, 5]))
+
+
+def test_an_arm_whose_layer_is_missing_is_skipped(monkeypatch):
+    import normkit
+    from normkit.lab.models import available, missing_note
+
+    assert available("bn") and available("none")
+    monkeypatch.delattr(normkit, "GhostBatchNorm1d", raising=False)
+    assert not available("gbn")
+    assert "GhostBatchNorm1d" in missing_note("gbn") and "not available" in missing_note("gbn")

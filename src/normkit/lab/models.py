@@ -86,8 +86,10 @@ def norm_layer(
         return normkit.InstanceNorm2d(channels, affine=True)
     if norm == "brn":
         cls = normkit.BatchRenorm2d if two else normkit.BatchRenorm1d
-        # Ioffe 2017 relaxes r_max 1 -> 3 and d_max 0 -> 5 after a BN warm-up
-        return cls(channels, r_max=3.0, d_max=5.0, warmup_steps=max(1, steps // 4))
+        # Ioffe 2017 relaxes r_max 1 -> 3 and d_max 0 -> 5 after a BN warm-up. momentum 0.1 as every BN
+        # here: the lab trains for a few hundred steps, where the layer's default 0.01 (meant for long
+        # training) would leave the running statistics it corrects towards near their initial values.
+        return cls(channels, momentum=0.1, r_max=3.0, d_max=5.0, warmup_steps=max(1, steps // 4))
     if norm == "gbn":
         cls = normkit.GhostBatchNorm2d if two else normkit.GhostBatchNorm1d
         return cls(channels, virtual_batch_size=virtual_batch)
