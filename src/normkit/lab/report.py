@@ -56,6 +56,21 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _means(metrics: dict[str, Any]) -> str:
+    """The headline numbers: every ``name_mean`` with its ``name_std`` (spread over seeds)."""
+    cells = []
+    for key, value in metrics.items():
+        if not key.endswith("_mean") or not isinstance(value, (int, float)):
+            continue
+        name = key[: -len("_mean")]
+        spread = metrics.get(f"{name}_std")
+        text = f"{value:.4g}" + (f" ± {spread:.2g}" if isinstance(spread, (int, float)) else "")
+        cells.append(f"<tr><td>{html.escape(name)}</td><td>{text}</td></tr>")
+    if not cells:
+        return ""
+    return f'<table class="metrics"><tr><th>mean over seeds</th><th>value ± std</th></tr>{"".join(cells)}</table>'
+
+
 def _badge(verdict: str) -> str:
     return (
         f'<span class="badge" style="background:{VERDICT_COLORS.get(verdict, "#616161")}">'
@@ -115,6 +130,7 @@ def write_html(results: dict[str, Any], out_dir: str) -> str:
 <p><strong>Criterion (declared before the run).</strong> {html.escape(c["criterion"])}</p>
 <ul>{checks}</ul>
 {f'<ul class="notes">{notes}</ul>' if notes else ""}
+{_means(c["metrics"])}
 {_image(out_dir, c.get("figure"))}
 <details><summary>All measured numbers ({len(c["metrics"])}) — lists are per seed unless named otherwise;
 time {c["elapsed_s"]:.1f} s</summary><table class="metrics">{metrics}</table></details>
