@@ -26,7 +26,7 @@ from .nn import (
     LazyBatchNorm3d,
     RMSNorm,
 )
-from .tools import convert
+from .tools import convert, export_onnx, fold, inspect, recalibrate
 
 __version__ = "0.1.0"
 
@@ -46,6 +46,10 @@ __all__ = [
     "functional",
     "backend",
     "convert",
+    "fold",
+    "recalibrate",
+    "export_onnx",
+    "inspect",
     "NormInputError",
     "BackendUnavailableError",
     "__version__",

@@ -1,5 +1,20 @@
-"""Operations on whole models."""
+"""Operations on whole models: convert, fold, recalibrate, export, inspect."""
 
 from .convert import convert, register_conversion
+from .export import decompositions, export_onnx, export_program
+from .fold import FoldReport, fold
+from .inspect import LayerRecord, inspect
+from .recalibrate import recalibrate
 
-__all__ = ["convert", "register_conversion"]
+__all__ = [
+    "convert",
+    "register_conversion",
+    "fold",
+    "FoldReport",
+    "recalibrate",
+    "export_onnx",
+    "export_program",
+    "decompositions",
+    "inspect",
+    "LayerRecord",
+]
