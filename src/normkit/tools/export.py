@@ -31,6 +31,7 @@ graph keeps only the model's outputs.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 
@@ -114,22 +115,37 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
     return ep.run_decompositions(decompositions())
 
 
-def export_onnx(model: nn.Module, args: tuple, path: str | os.PathLike | None = None, *,
-                kwargs: dict | None = None, dynamic_shapes=None, opset_version: int = 18, **onnx_kwargs):
+def export_onnx(model: nn.Module | torch.export.ExportedProgram, args: tuple,
+                path: str | os.PathLike | None = None, *, kwargs: dict | None = None, dynamic_shapes=None,
+                opset_version: int = 18, convert_torch_norms: bool = True, **onnx_kwargs):
     """Export ``model`` to ONNX (opset ``opset_version`` ≥ 17) through torch's dynamo exporter.
 
     Args:
-        model: any model with normkit (and torch.nn) layers, in train or eval mode.
+        model: any model with normkit (and torch.nn) layers, in train or eval mode; or an
+            ExportedProgram of one (its normkit ops are decomposed here).
         args: tuple of example inputs.
         path: where to write the ``.onnx`` file (optional: the returned program has ``.save``).
         kwargs, dynamic_shapes: as for ``torch.export.export``.
+        convert_torch_norms: export a copy in which torch.nn's norm layers are replaced by normkit's
+            (:func:`normkit.convert`; the model itself is not changed). Needed for training
+            mode: torch 2.13 exports a training-mode ``torch.nn.BatchNorm`` to an ONNX
+            ``BatchNormalization`` whose onnxruntime output is not the batch-statistics output
+            (measured: errors of order 1 — see tests/test_export.py); normkit's decomposition
+            computes the batch statistics explicitly. Harmless in eval mode.
         **onnx_kwargs: passed to ``torch.onnx.export`` (e.g. ``input_names``, ``optimize``).
 
     Returns the ``torch.onnx.ONNXProgram``. Needs the ``onnx`` and ``onnxscript`` packages.
     """
     if opset_version < 17:
         raise ValueError(f"export_onnx: opset_version: expected >= 17, got {opset_version}")
-    ep = export_program(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+    if isinstance(model, torch.export.ExportedProgram):
+        ep = model.run_decompositions(decompositions())
+    else:
+        if convert_torch_norms:
+            from .convert import convert
+
+            model = convert(copy.deepcopy(model), to="normkit")
+        ep = export_program(model, args, kwargs, dynamic_shapes=dynamic_shapes)
     onnx_kwargs.setdefault("verbose", False)
     return torch.onnx.export(ep, args, path, kwargs=kwargs, dynamo=True, opset_version=opset_version,
                              **onnx_kwargs)
