@@ -101,7 +101,7 @@ def test_export_round_trips(case, tmp_path):
         _assert_close(_flat(copy.deepcopy(ep).module()(x)), want)
         _assert_close(_flat(decomposed.module()(x)), want)
     path = tmp_path / "model.onnx"
-    # normkit models go through the ExportedProgram already made; torch.nn ones through convert (see export_onnx)
+    # normkit models: the ExportedProgram made above; torch.nn ones: through convert (see export_onnx)
     # (optimize=False: onnxscript's graph optimizer doubles the test's time and is not what is tested)
     program = normkit.export_onnx(ep if is_normkit else model, (x,), path, opset_version=18, optimize=False)
     assert path.exists() and program.model_proto.opset_import[0].version >= 17

@@ -99,7 +99,8 @@ CASES = {
     "conv3d_nobias_torch": (lambda: seq(nn.Conv3d(3, 7, 3, bias=False), nn.BatchNorm3d(7)), X3, 1, []),
     "convT1d": (lambda: seq(nn.ConvTranspose1d(3, 7, 3, stride=2), normkit.BatchNorm1d(7)), X1, 1, []),
     "convT2d_nobias": (lambda: seq(nn.ConvTranspose2d(3, 7, 3, bias=False), nn.BatchNorm2d(7)), X2, 1, []),
-    "convT2d_grouped": (lambda: seq(nn.ConvTranspose2d(3, 9, 3, groups=3), normkit.BatchNorm2d(9)), X2, 1, []),
+    "convT2d_grouped": (lambda: seq(nn.ConvTranspose2d(3, 9, 3, groups=3), normkit.BatchNorm2d(9)), X2, 1,
+                        []),
     "convT3d": (lambda: seq(nn.ConvTranspose3d(3, 7, 2, groups=1), nn.BatchNorm3d(7)), X3, 1, []),
     "linear": (lambda: seq(nn.Linear(5, 7), normkit.BatchNorm1d(7)), (6, 5), 1, []),
     "linear_nobias_torch": (lambda: seq(nn.Linear(5, 7, bias=False), nn.BatchNorm1d(7)), (6, 5), 1, []),
@@ -119,7 +120,8 @@ CASES = {
     "bn_without_running_stats": (
         lambda: seq(nn.Conv2d(3, 7, 3), normkit.BatchNorm2d(7, track_running_stats=False)), X2, 0, ["1"]),
     "groupnorm_layernorm_untouched": (
-        lambda: seq(nn.Conv2d(3, 8, 3), normkit.GroupNorm(2, 8), nn.GroupNorm(4, 8), normkit.InstanceNorm2d(8),
+        lambda: seq(nn.Conv2d(3, 8, 3), normkit.GroupNorm(2, 8), nn.GroupNorm(4, 8),
+                    normkit.InstanceNorm2d(8),
                     nn.Flatten(), normkit.LayerNorm(8 * 7 * 5), nn.RMSNorm(8 * 7 * 5)), X2, 0, []),
 }
 

@@ -130,7 +130,8 @@ def test_exact_where_update_bn_is_wrong():
 def test_large_mean_and_max_batches():
     gen = torch.Generator().manual_seed(2)
     batches = [1e4 + torch.randn(7, 33, generator=gen, dtype=torch.float64) for _ in range(5)]
-    model = normkit.recalibrate(seq(normkit.BatchNorm1d(33, dtype=torch.float64)), iter(batches), max_batches=3)
+    model = seq(normkit.BatchNorm1d(33, dtype=torch.float64))
+    normkit.recalibrate(model, iter(batches), max_batches=3)
     var, mean = torch.var_mean(torch.cat(batches[:3]), dim=0, correction=1)
     torch.testing.assert_close(model[0].running_mean, mean, rtol=1e-13, atol=0)
     torch.testing.assert_close(model[0].running_var, var, rtol=1e-9, atol=0)
@@ -208,7 +209,8 @@ def test_sync_batch_norm_merges_ranks(tmp_path):
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
     queue = ctx.Queue()
     init_file = os.path.join(tmp_path, "store")
-    procs = [ctx.Process(target=_worker, args=(r, world, init_file, queue), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, init_file, queue), daemon=True)
+             for r in range(world)]
     start = time.monotonic()
     for p in procs:
         p.start()

@@ -206,7 +206,8 @@ def _fold_fx(model: nn.Module, rep: FoldReport, reasons: dict[str, str], candida
             continue
         if not isinstance(src, fx.Node) or src.op != "call_module":
             what = src.target if isinstance(src, fx.Node) else type(src).__name__
-            reasons[node.target] = f"input comes from {getattr(what, '__name__', what)}, not a conv/linear layer"
+            what = getattr(what, "__name__", what)
+            reasons[node.target] = f"input comes from {what}, not a conv/linear layer"
             continue
         layer = gm.get_submodule(src.target)
         why = _why_not_bn(bn) or _why_not_pair(layer, bn)

@@ -17,7 +17,8 @@ layer's input; μ_r, σ²_r: running statistics; ε: the layer's eps):
   — the mean shift in running standard deviations plus the variance ratio in log units. 0 when
   the running statistics are this batch's; for a healthy layer it is of the order of the
   sampling noise, about ``0.8/sqrt(m) + 1.1/sqrt(m)`` for m values per channel. ``None`` for
-  layers without running statistics (LayerNorm, GroupNorm, RMSNorm, InstanceNorm by default).
+  layers other than BatchNorm (LayerNorm, GroupNorm, RMSNorm; InstanceNorm, whose running
+  statistics average per-instance statistics and are not comparable to pooled batch ones).
 * ``dead_batch``: share of channels that are near-dead with batch statistics — a channel is
   near-dead when at least 99 % of its normalized outputs are ≤ 0, so a following ReLU outputs 0
   there and passes no gradient (SiLU and GELU are ≈ 0 too; for fused norm+activation layers the
@@ -143,7 +144,8 @@ def inspect(model: nn.Module, batch, loss_fn=None, target=None, *, threshold: fl
         mean = xc.mean(dim=1)
         var = (xc - mean[:, None]).square().sum(dim=1) / n
         rec = LayerRecord(names[id(module)] or "(model)", type(module).__name__, xc.shape[0], mean, var)
-        if _has_running(module):
+        # (InstanceNorm's running statistics average per-instance ones: not comparable, no score)
+        if _has_running(module) and is_batch_norm_like(module):
             rec.running_mean = module.running_mean.detach().to(torch.float64).cpu()
             rec.running_var = module.running_var.detach().to(torch.float64).cpu()
             rec.score, rec.mean_shift, rec.log_var_ratio = discrepancy_score(
@@ -155,7 +157,8 @@ def inspect(model: nn.Module, batch, loss_fn=None, target=None, *, threshold: fl
         if isinstance(output, Tensor) and id(module) in records:
             records[id(module)].dead_batch = _dead_share(_channels_first(module, output))
 
-    handles = [h for _, m in layers for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    handles = [m.register_forward_pre_hook(pre) for _, m in layers]
+    handles += [m.register_forward_hook(post) for _, m in layers]
     try:
         for _, m in layers:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -209,10 +212,12 @@ def _fmt(v, spec=".3f") -> str:
 def format_table(records: list[LayerRecord], threshold: float = 1.0) -> str:
     head = ["layer", "type", "C", "score", "|dmu|/sd", "|log var|", "dead(batch)", "dead(run)", "|dgamma|",
             "|dbeta|"]
-    rows = [[r.name, r.kind, str(r.channels), _fmt(r.score) + (" !" if r.score is not None and r.score > threshold
-                                                                else ""),
-             _fmt(r.mean_shift), _fmt(r.log_var_ratio), _fmt(r.dead_batch, ".1%"), _fmt(r.dead_running, ".1%"),
-             _fmt(r.grad_weight, ".3g"), _fmt(r.grad_bias, ".3g")] for r in records]
+    rows = []
+    for r in records:
+        flag = " !" if r.score is not None and r.score > threshold else ""
+        rows.append([r.name, r.kind, str(r.channels), _fmt(r.score) + flag, _fmt(r.mean_shift),
+                     _fmt(r.log_var_ratio), _fmt(r.dead_batch, ".1%"), _fmt(r.dead_running, ".1%"),
+                     _fmt(r.grad_weight, ".3g"), _fmt(r.grad_bias, ".3g")])
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))

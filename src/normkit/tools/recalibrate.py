@@ -168,7 +168,8 @@ def recalibrate(model: nn.Module, batches: Iterable, max_batches: int | None = N
     moments = {id(m): ChannelMoments() for _, m in layers}
     flags = {m: m.training for m in model.modules()}
     saved = {id(m): (m.running_mean.clone(), m.running_var.clone(),
-                     None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for _, m in layers}
+                     None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for _, m in layers}
 
     def capture(module, args):
         moments[id(module)].add_batch(args[0])
