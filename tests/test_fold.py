@@ -39,6 +39,13 @@ class BNAct2d(normkit.BatchNorm2d):
         return self._normalize(x, residual, self.act)
 
 
+class ScaledBN(nn.BatchNorm2d):
+    """A BN subclass whose forward does more than BN (an activation under another name): never folded."""
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x))
+
+
 def frozen_bn(c):
     cls = getattr(normkit, "FrozenBatchNorm2d", FrozenBN2d)
     return cls(c)
@@ -117,6 +124,7 @@ CASES = {
     "fx_residual_torch_bn": (lambda: Residual(nn.BatchNorm2d), X2, 2, ["bn3", "bn4"]),
     "fx_fused_residual": (TwoInputs, X2, 0, ["bn"]),
     "untraceable": (Untraceable, X2, 0, ["bn"]),
+    "custom_forward_subclass": (lambda: seq(nn.Conv2d(3, 7, 3), ScaledBN(7)), X2, 0, ["1"]),
     "bn_without_running_stats": (
         lambda: seq(nn.Conv2d(3, 7, 3), normkit.BatchNorm2d(7, track_running_stats=False)), X2, 0, ["1"]),
     "groupnorm_layernorm_untouched": (

@@ -105,8 +105,38 @@ def _why_not_bn(bn: nn.Module) -> str | None:
             return "track_running_stats=False (uses batch statistics in eval mode too)"
     if bn._forward_hooks or bn._forward_pre_hooks:
         return "has forward hooks, which folding would drop"
-    _, why = _activation_of(bn)
+    act, why = _activation_of(bn)
+    if why is None and not _computes_eval_formula(bn, act):
+        why = (f"{type(bn).__name__}.forward does not compute the eval BatchNorm formula on a probe input "
+               "(a subclass with its own forward?)")
     return why
+
+
+@torch.no_grad()
+def _computes_eval_formula(bn: nn.Module, act: nn.Module | None) -> bool:
+    """Whether ``bn(x) == act(γ·(x − μ)/sqrt(σ² + ε) + β)`` on a random probe.
+
+    Guards against folding a BN subclass whose forward does something more (an activation under
+    another attribute name, a mask, a renormalization) — folding would silently drop it.
+    """
+    c = bn.running_mean.numel()
+    p = next(iter(bn.buffers()))
+    gen = torch.Generator(device=p.device).manual_seed(0)
+    for spatial in ((3, 2), (), (3,), (2, 2, 2)):  # BN2d, BN1d (N, C) and (N, C, L), BN3d
+        x = torch.randn((2, c, *spatial), generator=gen, device=p.device, dtype=p.dtype)
+        try:
+            y = bn(x)
+        except Exception:  # this rank is not accepted: try the next
+            continue
+        shape = (1, c) + (1,) * len(spatial)
+        rstd = torch.rsqrt(bn.running_var.double() + float(getattr(bn, "eps", 1e-5)))
+        w = bn.weight.double() if bn.weight is not None else torch.ones_like(rstd)
+        b = bn.bias.double() if bn.bias is not None else torch.zeros_like(rstd)
+        z = (x.double() - bn.running_mean.double().reshape(shape)) * (w * rstd).reshape(shape) + b.reshape(shape)
+        want = act.double()(z) if act is not None else z
+        tol = 1e-3 if p.dtype in (torch.float16, torch.bfloat16) else 1e-5
+        return isinstance(y, torch.Tensor) and torch.allclose(y.double(), want, rtol=tol, atol=tol)
+    return False
 
 
 def _why_not_pair(layer: nn.Module, bn: nn.Module) -> str | None:
