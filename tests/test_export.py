@@ -128,3 +128,19 @@ def test_plain_onnx_export_needs_the_decomposition():
 def test_opset_below_17_is_refused():
     with pytest.raises(ValueError, match="opset_version: expected >= 17, got 16"):
         normkit.export_onnx(nn.Sequential(normkit.BatchNorm1d(3)), (torch.randn(4, 3),), opset_version=16)
+
+
+def test_onnx_dynamic_batch(tmp_path):
+    """A batch dimension left dynamic: the decomposed statistics follow the batch size at run time."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), normkit.BatchNorm2d(6), normkit.GroupNorm(2, 6),
+                          normkit.LayerNorm(5), nn.Flatten(2), normkit.BatchNorm1d(6)).train()
+    gen = torch.Generator().manual_seed(3)
+    x = 3 + 0.5 * torch.randn(4, 3, 7, 7, generator=gen)
+    path = tmp_path / "dynamic.onnx"
+    batch = torch.export.Dim("batch", min=2)
+    normkit.export_onnx(model, (x,), path, dynamic_shapes=({0: batch},), optimize=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x9 = 3 + 0.5 * torch.randn(9, 3, 7, 7, generator=gen)
+    with torch.no_grad():
+        want = copy.deepcopy(model)(x9)
+    _assert_close(session.run(None, {session.get_inputs()[0].name: x9.numpy()}), [want])
