@@ -120,7 +120,7 @@ def _computes_eval_formula(bn: nn.Module, act: nn.Module | None) -> bool:
     another attribute name, a mask, a renormalization) — folding would silently drop it.
     """
     c = bn.running_mean.numel()
-    p = next(iter(bn.buffers()))
+    p = bn.running_mean  # device and dtype of the probe
     gen = torch.Generator(device=p.device).manual_seed(0)
     for spatial in ((3, 2), (), (3,), (2, 2, 2)):  # BN2d, BN1d (N, C) and (N, C, L), BN3d
         x = torch.randn((2, c, *spatial), generator=gen, device=p.device, dtype=p.dtype)
@@ -132,7 +132,7 @@ def _computes_eval_formula(bn: nn.Module, act: nn.Module | None) -> bool:
         rstd = torch.rsqrt(bn.running_var.double() + float(getattr(bn, "eps", 1e-5)))
         w = bn.weight.double() if bn.weight is not None else torch.ones_like(rstd)
         b = bn.bias.double() if bn.bias is not None else torch.zeros_like(rstd)
-        z = (x.double() - bn.running_mean.double().reshape(shape)) * (w * rstd).reshape(shape) + b.reshape(shape)
+        z = (x.double() - p.double().reshape(shape)) * (w * rstd).reshape(shape) + b.reshape(shape)
         want = act.double()(z) if act is not None else z
         tol = 1e-3 if p.dtype in (torch.float16, torch.bfloat16) else 1e-5
         return isinstance(y, torch.Tensor) and torch.allclose(y.double(), want, rtol=tol, atol=tol)
