@@ -58,8 +58,9 @@ def perturb(model, gen):
                     t.copy_(0.5 + torch.rand(t.shape, generator=gen))
 
 
-# torch.nn layers in eval mode take the same path as normkit's (export_onnx converts them first).
-CASES = {"normkit_eval": (normkit, False), "normkit_train": (normkit, True), "torch_train": (nn, True)}
+# torch.nn layers: exported by torch in eval mode, converted to normkit's by export_onnx in train mode
+CASES = {"normkit_eval": (normkit, False), "normkit_train": (normkit, True), "torch_eval": (nn, False),
+         "torch_train": (nn, True)}
 
 
 def _flat(out):
@@ -101,7 +102,7 @@ def test_export_round_trips(case, tmp_path):
         _assert_close(_flat(copy.deepcopy(ep).module()(x)), want)
         _assert_close(_flat(decomposed.module()(x)), want)
     path = tmp_path / "model.onnx"
-    # normkit models: the ExportedProgram made above; torch.nn ones: through convert (see export_onnx)
+    # normkit models: the ExportedProgram made above; torch.nn ones: the model (see export_onnx)
     # (optimize=False: onnxscript's graph optimizer doubles the test's time and is not what is tested)
     program = normkit.export_onnx(ep if is_normkit else model, (x,), path, opset_version=18, optimize=False)
     assert path.exists() and program.model_proto.opset_import[0].version >= 17
