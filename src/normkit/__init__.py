@@ -33,7 +33,7 @@ from .nn import (
     RMSNorm,
     SyncBatchNorm,
 )
-from .tools import convert, freeze, unfreeze
+from .tools import convert, export_onnx, fold, freeze, inspect, recalibrate, unfreeze
 
 __version__ = "0.1.0"
 
@@ -62,6 +62,10 @@ __all__ = [
     "functional",
     "backend",
     "convert",
+    "fold",
+    "recalibrate",
+    "export_onnx",
+    "inspect",
     "NormInputError",
     "BackendUnavailableError",
     "__version__",

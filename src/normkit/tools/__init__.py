@@ -1,12 +1,23 @@
-"""Operations on whole models."""
+"""Operations on whole models: convert, fold, recalibrate, export, inspect."""
 
-from torch import nn as _torch_nn
-
-from .. import nn as _nk
 from .convert import convert, register_conversion
+from .export import decompositions, export_onnx, export_program
+from .fold import FoldReport, fold
 from .freeze import freeze, unfreeze
+from .inspect import LayerRecord, inspect
+from .recalibrate import recalibrate
 
-# normkit's SyncBatchNorm has torch.nn.SyncBatchNorm's state: convert() swaps them both ways.
-register_conversion(_torch_nn.SyncBatchNorm, _nk.SyncBatchNorm)
-
-__all__ = ["convert", "register_conversion", "freeze", "unfreeze"]
+__all__ = [
+    "convert",
+    "register_conversion",
+    "freeze",
+    "unfreeze",
+    "fold",
+    "FoldReport",
+    "recalibrate",
+    "export_onnx",
+    "export_program",
+    "decompositions",
+    "inspect",
+    "LayerRecord",
+]

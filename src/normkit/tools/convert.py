@@ -30,6 +30,7 @@ _TO_NORMKIT: dict[type[nn.Module], type[nn.Module]] = {
     nn.LayerNorm: nk.LayerNorm,
     nn.GroupNorm: nk.GroupNorm,
     nn.RMSNorm: nk.RMSNorm,
+    nn.SyncBatchNorm: nk.SyncBatchNorm,  # same state; normkit's works on CPU/gloo too
 }
 _TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in _TO_NORMKIT.items()}
 _NORM_BASES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
