@@ -21,8 +21,10 @@ one channel and BLOCK_M consecutive values (coalesced along s).
 Split reduction. One channel's m values are cut into P chunks of ``rows_per_prog`` rows and the
 grid is (channel tiles, P), so a channel does not serialize the GPU (BatchNorm at ResNet shapes
 has C = 64 channels of 3.2 M values each). Each program writes a partial (mean, M2) — merged in
-a second kernel with Chan's formula shifted by the first partial's mean — or partial sums for
-the backward, summed in a fixed order. No atomics: same input, same bits, on every run.
+a second kernel with Chan's formula — or partial sums for the backward, summed in a fixed order.
+No atomics: same input, same bits, on every run. The statistics are computed on x − pivot_c
+(pivot_c = the channel's first value), so a large common offset (1e4 + randn) neither cancels
+in M2 nor blurs the partial means; the mean is rounded once, at the end.
 
 Limits: float16/bfloat16/float32 input (fp32 accumulation, fp32 statistics); fewer than 2³¹
 elements (32-bit offsets); x, dy, residual share one dense layout (the ops layer guarantees it).
@@ -62,9 +64,14 @@ def _dz(x, dy, res_ptr, off, ok, scale, shift, HAS_RES: tl.constexpr, ACT: tl.co
 @triton.jit
 def channel_stats_partial_kernel(x_ptr, mean_part_ptr, m2_part_ptr, C, S, R, rows_per_prog,
                                  CHANNELS_LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (t, p): (mean, M2) of rows [p·rows_per_prog, …) for the channels of tile t."""
+    """Program (t, p): (mean − pivot, M2) of rows [p·rows_per_prog, …) for the channels of tile t.
+
+    pivot_c = x[row 0, c], the same for every program: sums of x − pivot stay small, so the
+    partial means keep their precision when every x is ≈ 1e4 (the "shifted data" algorithm).
+    """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
+    pivot = tl.load(x_ptr + _offsets(0, c, C, S, CHANNELS_LAST), mask=c_ok, other=0.0).to(tl.float32)[None, :]
     start = tl.program_id(1) * rows_per_prog
     end = tl.minimum(start + rows_per_prog, R)
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -74,7 +81,7 @@ def channel_stats_partial_kernel(x_ptr, mean_part_ptr, m2_part_ptr, C, S, R, row
         r = r0 + tl.arange(0, BLOCK_M)
         ok = (r < end)[:, None] & c_ok[None, :]
         off = _offsets(r[:, None], c[None, :], C, S, CHANNELS_LAST)
-        x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        x = tl.where(ok, tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32) - pivot, 0.0)
         # this block's own two-pass statistics, from registers ...
         n_b = tl.minimum(end - r0, BLOCK_M).to(tl.float32)
         mean_b = tl.sum(x, axis=0) / n_b
@@ -87,21 +94,22 @@ def channel_stats_partial_kernel(x_ptr, mean_part_ptr, m2_part_ptr, C, S, R, row
 
 
 @triton.jit
-def channel_stats_merge_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C, R, rows_per_prog, P,
-                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Merge P partials per channel: μ = μ₀ + Σ n_p(μ_p − μ₀)/m,  M2 = Σ M2_p + n_p(μ_p − μ)²."""
+def channel_stats_merge_kernel(x_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C, S, R, rows_per_prog, P,
+                               CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge P partials per channel (means relative to the pivot):
+
+        μ − pivot = Σ n_p·μ'_p / m,   M2 = Σ M2_p + n_p·(μ'_p − (μ − pivot))²
+    """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    # Shifting by partial 0's mean keeps the weighted sum small when all means are ≈ 1e4.
-    pivot = tl.load(mean_part_ptr + c, mask=c_ok, other=0.0)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         ok = (p < P)[:, None] & c_ok[None, :]
         n_p = tl.where(p < P, tl.minimum(R - p * rows_per_prog, rows_per_prog), 0).to(tl.float32)
         mean_p = tl.load(mean_part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0)
-        acc += tl.where(ok, n_p[:, None] * (mean_p - pivot[None, :]), 0.0)
-    mean = pivot + tl.sum(acc, axis=0) / R
+        acc += n_p[:, None] * mean_p
+    shifted = tl.sum(acc, axis=0) / R
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
@@ -109,9 +117,10 @@ def channel_stats_merge_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C,
         n_p = tl.where(p < P, tl.minimum(R - p * rows_per_prog, rows_per_prog), 0).to(tl.float32)
         mean_p = tl.load(mean_part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0)
         m2_p = tl.load(m2_part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0)
-        d = mean_p - mean[None, :]
+        d = mean_p - shifted[None, :]
         acc += tl.where(ok, m2_p + n_p[:, None] * d * d, 0.0)
-    tl.store(mean_ptr + c, mean, mask=c_ok)
+    pivot = tl.load(x_ptr + _offsets(0, c, C, S, CHANNELS_LAST), mask=c_ok, other=0.0).to(tl.float32)
+    tl.store(mean_ptr + c, pivot + shifted, mask=c_ok)
     tl.store(var_ptr + c, tl.maximum(tl.sum(acc, axis=0) / R, 0.0), mask=c_ok)
 
 
@@ -223,8 +232,8 @@ def channel_stats(x, *, programs, tile=2048, rows_per_prog=None):
     var = torch.empty_like(mean)
     block_c = min(triton.next_power_of_2(c), 128)
     channel_stats_merge_kernel[(triton.cdiv(c, block_c),)](
-        mean_part, m2_part, mean, var, c, g["rows"], g["rows_per_prog"], chunks,
-        BLOCK_P=min(triton.next_power_of_2(chunks), 32), BLOCK_C=block_c,
+        x, mean_part, m2_part, mean, var, c, g["s"], g["rows"], g["rows_per_prog"], chunks,
+        CHANNELS_LAST=g["channels_last"], BLOCK_P=min(triton.next_power_of_2(chunks), 32), BLOCK_C=block_c,
     )
     return mean, var
 

@@ -16,7 +16,8 @@ Layout. Element (n, c, s) sits at n·sN + c·sC + s·sS:
 One program per (sample, group) walks the group in (BLOCK_CG channels × BLOCK_S positions)
 tiles, channel blocks outside, positions inside. The tile shape follows the layout: long
 along s for NCHW (coalesced runs of one channel), across the group's channels for NHWC.
-Forward: pass 1 merges per-tile (mean, M2) with Chan's formula; pass 2 normalizes and stores.
+Forward: pass 1 merges per-tile (mean, M2) of x − x_first with Chan's formula (the shift keeps a
+large common offset from blurring the sums); pass 2 normalizes and stores.
 Backward: pass 1 forms Σg and Σg·x̂ for the group and, per channel, the sample's share of dγ/dβ,
 stored in a (N, 2, C) fp32 buffer (each program writes only its own entries); pass 2 forms dx.
 A second kernel sums the N shares in a fixed order: deterministic, no atomics.
@@ -61,18 +62,20 @@ def group_forward_kernel(x_ptr, res_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr,
     n = pid // G
     g = pid - n * G
     base = n * sN + g * CG * sC
-    # pass 1: statistics
+    # pass 1: statistics of x − pivot (the group's first value: keeps sums small for large means)
+    pivot = tl.load(x_ptr + base).to(tl.float32)
     count = 0.0
     mean = 0.0
     m2 = 0.0
     for c0 in range(0, CG, BLOCK_CG):
         for s0 in range(0, S, BLOCK_S):
             off, ok, _ = _tile(base, c0, s0, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
-            x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
+            x = tl.where(ok, tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32) - pivot, 0.0)
             n_b = (tl.minimum(CG - c0, BLOCK_CG) * tl.minimum(S - s0, BLOCK_S)).to(tl.float32)
             mean_b = tl.sum(x) / n_b
             d = tl.where(ok, x - mean_b, 0.0)
             count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, tl.sum(d * d))
+    mean += pivot
     var = tl.maximum(m2 / count, 0.0)
     rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(mean_ptr + pid, mean)

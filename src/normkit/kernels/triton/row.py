@@ -10,8 +10,9 @@ Math (DESIGN.md §1), per row of K values, with g = dy·γ:
 
 Forward: one program per row. While K fits in one block (``K <= BLOCK_K``, the single-block
 path) the row is loaded once and stays in registers. Beyond that (the split path) the program
-walks the row twice — pass 1 merges per-block (mean, M2) with Chan's formula, pass 2 normalizes
-and stores — so x is read twice but no row length is too long.
+walks the row twice — pass 1 merges per-block (mean, M2) of x − x[0] with Chan's formula (the
+shift keeps a large common offset out of the sums), pass 2 normalizes and stores — so x is read
+twice but no row length is too long.
 
 Backward: P programs (about the device's program capacity), each owning a contiguous range of
 rows. dx is formed row by row; dγ/dβ are accumulated per program — in registers on the
@@ -49,7 +50,8 @@ def row_forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, K, eps, H
             d = tl.where(ok, x - mean, 0.0)
             var = tl.sum(d * d, axis=0) / K
     else:
-        # pass 1: Chan-merged block statistics (RMS: a plain sum of squares)
+        # pass 1: Chan-merged block statistics of x − x[0] (RMS: a plain sum of squares)
+        pivot = tl.load(x_ptr).to(tl.float32)
         count = 0.0
         mean = 0.0
         m2 = 0.0
@@ -60,6 +62,7 @@ def row_forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, K, eps, H
             if RMS:
                 acc += xb * xb
             else:
+                xb = tl.where(ok, xb - pivot, 0.0)
                 n_b = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
                 mean_b = tl.sum(xb, axis=0) / n_b
                 d = tl.where(ok, xb - mean_b, 0.0)
@@ -68,6 +71,7 @@ def row_forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, K, eps, H
             mean = 0.0
             var = tl.sum(acc, axis=0) / K
         else:
+            mean += pivot
             var = m2 / K
     rstd = 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps)
     if not RMS:
