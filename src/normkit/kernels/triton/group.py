@@ -35,12 +35,18 @@ from ._common import ACT_CODES, activation, activation_grad, chan_merge, sum_par
 
 
 @triton.jit
+def _channels(c0, BLOCK_CG: tl.constexpr):
+    """Group-local channel indices of the channel block starting at c0."""
+    return c0 + tl.arange(0, BLOCK_CG)
+
+
+@triton.jit
 def _tile(base, c0, s0, CG, S, sC, sS, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Offsets, mask and group-local channel indices of the tile at (c0, s0)."""
-    cj = c0 + tl.arange(0, BLOCK_CG)
+    """Offsets and mask of the (BLOCK_CG × BLOCK_S) tile at (c0, s0)."""
+    cj = _channels(c0, BLOCK_CG)
     ss = s0 + tl.arange(0, BLOCK_S)
     ok = (cj < CG)[:, None] & (ss < S)[None, :]
-    return base + cj[:, None] * sC + ss[None, :] * sS, ok, cj
+    return base + cj[:, None] * sC + ss[None, :] * sS, ok
 
 
 @triton.jit
@@ -69,7 +75,7 @@ def group_forward_kernel(x_ptr, res_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr,
     m2 = 0.0
     for c0 in range(0, CG, BLOCK_CG):
         for s0 in range(0, S, BLOCK_S):
-            off, ok, _ = _tile(base, c0, s0, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
+            off, ok = _tile(base, c0, s0, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
             x = tl.where(ok, tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32) - pivot, 0.0)
             n_b = (tl.minimum(CG - c0, BLOCK_CG) * tl.minimum(S - s0, BLOCK_S)).to(tl.float32)
             mean_b = tl.sum(x) / n_b
@@ -82,11 +88,11 @@ def group_forward_kernel(x_ptr, res_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr,
     tl.store(var_ptr + pid, var)
     # pass 2: normalize, affine, residual, activation
     for c0 in range(0, CG, BLOCK_CG):
-        _, _, cj = _tile(base, c0, 0, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
+        cj = _channels(c0, BLOCK_CG)
         w = _affine(w_ptr, g * CG + cj, cj < CG, HAS_W, 1.0, BLOCK_CG)
         b = _affine(b_ptr, g * CG + cj, cj < CG, HAS_B, 0.0, BLOCK_CG)
         for s0 in range(0, S, BLOCK_S):
-            off, ok, _ = _tile(base, c0, s0, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
+            off, ok = _tile(base, c0, s0, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
             x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
             z = (x - mean) * rstd * w + b
             if HAS_RES:
@@ -124,14 +130,14 @@ def group_backward_kernel(x_ptr, dy_ptr, res_ptr, w_ptr, b_ptr, mean_ptr, rstd_p
     sum_g = 0.0
     sum_gx = 0.0
     for c0 in range(0, CG, BLOCK_CG):
-        _, _, cj = _tile(base, c0, 0, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
+        cj = _channels(c0, BLOCK_CG)
         chans = g * CG + cj
         w = _affine(w_ptr, chans, cj < CG, HAS_W, 1.0, BLOCK_CG)
         b = _affine(b_ptr, chans, cj < CG, HAS_B, 0.0, BLOCK_CG)
         acc_dw = tl.zeros([BLOCK_CG, BLOCK_S], dtype=tl.float32)
         acc_db = tl.zeros([BLOCK_CG, BLOCK_S], dtype=tl.float32)
         for s0 in range(0, S, BLOCK_S):
-            off, ok, _ = _tile(base, c0, s0, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
+            off, ok = _tile(base, c0, s0, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
             xhat, dz = _group_terms(x_ptr, dy_ptr, res_ptr, off, ok, mean, rstd, w, b, HAS_RES, ACT)
             gg = dz * w
             sum_g += tl.sum(gg)
@@ -148,11 +154,11 @@ def group_backward_kernel(x_ptr, dy_ptr, res_ptr, w_ptr, b_ptr, mean_ptr, rstd_p
     mean_gx = sum_gx / size
     # pass 2: dx
     for c0 in range(0, CG, BLOCK_CG):
-        _, _, cj = _tile(base, c0, 0, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
+        cj = _channels(c0, BLOCK_CG)
         w = _affine(w_ptr, g * CG + cj, cj < CG, HAS_W, 1.0, BLOCK_CG)
         b = _affine(b_ptr, g * CG + cj, cj < CG, HAS_B, 0.0, BLOCK_CG)
         for s0 in range(0, S, BLOCK_S):
-            off, ok, _ = _tile(base, c0, s0, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
+            off, ok = _tile(base, c0, s0, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
             xhat, dz = _group_terms(x_ptr, dy_ptr, res_ptr, off, ok, mean, rstd, w, b, HAS_RES, ACT)
             dx = rstd * (dz * w - mean_g - xhat * mean_gx)
             tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
