@@ -70,7 +70,7 @@ class Case:
 
 # Shapes are tiny (the interpreter runs each program in Python) but cover every code path:
 # NCHW / NHWC, split reductions (tune), rows longer than a block, odd sizes, 1×1 spatial.
-SPLIT_BN = {"channel_tile": 16, "channel_rows_per_prog": 24}
+SPLIT_BN = {"channel_tile": 16, "programs": 8}  # several programs per channel, several tiles each
 CASES = [
     # BatchNorm: train / eval, both layouts, fp32 / fp16 / bf16, odd C, 2-D / 3-D / 5-D input
     Case("bn_nchw_train", "batch_norm", (4, 3, 5, 7)),
@@ -108,8 +108,8 @@ CASES = [
     Case("gn_2d_input", "group_norm", (3, 6), groups=2),
     Case("gn_not_affine", "group_norm", (2, 6, 5, 7), groups=3, affine=False),
     Case("gn_large_mean", "group_norm", (2, 4, 4, 4), groups=2, offset=1e4, spread=1.0),
-    Case("gn_split_tiles_nchw", "group_norm", (2, 6, 5, 7), groups=2, tune={"group_tile": 8}),
-    Case("gn_split_tiles_nhwc", "group_norm", (2, 6, 5, 7), layout="channels_last", groups=2,
+    Case("gn_split_tiles_nchw", "group_norm", (2, 6, 3, 5), groups=2, tune={"group_tile": 8}),
+    Case("gn_split_tiles_nhwc", "group_norm", (2, 6, 3, 3), layout="channels_last", groups=2,
          tune={"group_tile": 2}),
     Case("gn_res_silu_nchw", "group_norm", (2, 6, 5, 7), groups=3, residual=True, act="silu"),
     Case("gn_res_gelu_nhwc", "group_norm", (2, 6, 5, 7), layout="channels_last", groups=3, residual=True,
@@ -264,9 +264,12 @@ def test_tuned_cases_reach_the_split_paths():
 
     bn = next(c for c in CASES if c.name == "bn_split_nchw")
     x = torch.empty(bn.shape, device=DEVICE)
-    grid = channel._reduction_grid(x, programs=4, tile=SPLIT_BN["channel_tile"],
-                                   rows_per_prog=SPLIT_BN["channel_rows_per_prog"])
-    assert grid["grid"][1] > 1 and grid["rows_per_prog"] > grid["block_m"]
+    for layout in (torch.contiguous_format, torch.channels_last):
+        plan = channel.reduction_plan(x.contiguous(memory_format=layout), SPLIT_BN["programs"],
+                                      SPLIT_BN["channel_tile"])
+        blocks = plan["blocks"]
+        assert plan["grid"][1] > 1, "several programs per channel"
+        assert plan["n_per_prog"] > blocks["BLOCK_N"] or blocks["BLOCK_S"] < plan["view"]["S"], "several tiles each"
     assert row._block(33, 16) == (16, False)
 
 

@@ -43,7 +43,6 @@ _MAX_NUMEL = 2**31 - 1
 _TUNING: dict[str, int | None] = {
     "row_max_block": 8192,        # longest row kept in registers (LayerNorm/RMSNorm)
     "channel_tile": 2048,         # elements per reduction tile (BatchNorm statistics / backward)
-    "channel_rows_per_prog": None,  # rows (of N·S) per program; None = enough programs to fill the device
     "group_tile": 2048,           # elements per GroupNorm tile
     "elementwise_block": 1024,    # elements per program of the elementwise kernels
     "programs": None,             # programs to aim for; None = 4 per SM (CUDA) or 4 (interpreter)
@@ -139,8 +138,7 @@ class TritonBackend(Backend):
     def channel_stats(self, x):
         if x.numel() == 0:
             return _REFERENCE.channel_stats(x)
-        return self._k.channel_stats(x, programs=self._target_programs(x), tile=_TUNING["channel_tile"],
-                                     rows_per_prog=_TUNING["channel_rows_per_prog"])
+        return self._k.channel_stats(x, programs=self._target_programs(x), tile=_TUNING["channel_tile"])
 
     def channel_apply(self, x, scale, shift, residual, act):
         if x.numel() == 0:
@@ -154,7 +152,6 @@ class TritonBackend(Backend):
         return self._k.channel_backward_reduce(
             x, _dense_like(dy, x), _dense_like(residual, x), _stat(mean), _stat(rstd), _stat(scale),
             _stat(shift), act, programs=self._target_programs(x), tile=_TUNING["channel_tile"],
-            rows_per_prog=_TUNING["channel_rows_per_prog"],
         )
 
     def channel_backward_dx(self, x, dy, mean, rstd, scale, shift, residual, act, mean_dz, mean_dz_xhat,

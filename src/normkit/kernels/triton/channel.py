@@ -8,27 +8,25 @@ Math (DESIGN.md §1). For channel c and its m = N·S values x_i (S = product of 
     Σdz, Σdz·x̂ per channel                                             (backward reduce)
     dx  = scale_c·(dz − mean_dz_c − x̂·mean_dzx̂_c)                      (backward dx)
 
-Layout. ``x`` is viewed as (n, c, s) with s the flattened spatial index, and the m = N·S rows
-of a channel as one flat index r = n·S + s:
+Layout. Every kernel sees ``x`` as a 3-D strided view (n, c, s) with offset n·sN + c·sC + s·sS
+and walks it in (BLOCK_N × BLOCK_C × BLOCK_S) tiles — no integer division per element:
 
-    NCHW (contiguous)       offset = n·C·S + c·S + s     -> a channel is N runs of S contiguous values
-    NHWC (channels_last)    offset = r·C + c             -> a channel is a column of an (N·S, C) matrix
+    NCHW (contiguous)      view (N, C, S),    strides (C·S, S, 1)  tiles (·, 1, long): runs along s
+    NHWC (channels_last)   view (N·S, C, 1),  strides (C, 1, 0)    tiles (·, ≤64, 1): runs along c
 
-A (N, C) input is the NHWC case with S = 1. The reductions use a (BLOCK_M rows × BLOCK_C
-channels) tile: NHWC tiles span up to 64 adjacent channels (coalesced along C), NCHW tiles hold
-one channel and BLOCK_M consecutive values (coalesced along s).
+A (N, C) input is the NHWC case with S = 1.
 
-Split reduction. One channel's m values are cut into P chunks of ``rows_per_prog`` rows and the
-grid is (channel tiles, P), so a channel does not serialize the GPU (BatchNorm at ResNet shapes
-has C = 64 channels of 3.2 M values each). Each program writes a partial (mean, M2) — merged in
-a second kernel with Chan's formula — or partial sums for the backward, summed in a fixed order.
-No atomics: same input, same bits, on every run. The statistics are computed on x − pivot_c
-(pivot_c = the channel's first value), so a large common offset (1e4 + randn) neither cancels
-in M2 nor blurs the partial means; the mean is rounded once, at the end.
+Split reduction. The view's first axis (samples for NCHW, pixels for NHWC) is cut into P chunks
+and the grid is (channel tiles, P), so a channel does not serialize the GPU (BatchNorm at ResNet
+shapes has C = 64 channels of 3.2 M values each). Each program writes a partial (mean, M2) —
+merged in a second kernel with Chan's formula — or partial sums for the backward, summed in a
+fixed order. No atomics: same input, same bits, on every run. The statistics are computed on
+x − pivot_c (pivot_c = the channel's first value), so a large common offset (1e4 + randn)
+neither cancels in M2 nor blurs the partial means; the mean is rounded once, at the end.
 
 Limits: float16/bfloat16/float32 input (fp32 accumulation, fp32 statistics); fewer than 2³¹
 elements (32-bit offsets); x, dy, residual share one dense layout (the ops layer guarantees it).
-The NCHW offsets cost an integer division per element.
+NCHW splits over samples only: with N = 1 and a large image each channel is one program.
 """
 
 import torch
@@ -38,15 +36,33 @@ import triton.language as tl
 from ._common import ACT_CODES, activation, activation_grad, chan_merge, sum_partials
 
 
+
 @triton.jit
-def _offsets(r, c, C, S, CHANNELS_LAST: tl.constexpr):
-    """Element offsets of flat rows ``r`` = n·S + s (BLOCK_M, 1) and channels ``c`` (1, BLOCK_C)."""
-    if CHANNELS_LAST:
-        off = r * C + c
-    else:
-        n = r // S
-        off = n * (C * S) + c * S + (r - n * S)
-    return off
+def _tile(n0, c0, s0, n_end, C, S, sN, sC, sS,
+          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets, mask and channel indices (1, BLOCK_C, 1) of the tile at (n0, c0, s0)."""
+    n = (n0 + tl.arange(0, BLOCK_N))[:, None, None]
+    c = (c0 + tl.arange(0, BLOCK_C))[None, :, None]
+    s = (s0 + tl.arange(0, BLOCK_S))[None, None, :]
+    return n * sN + c * sC + s * sS, (n < n_end) & (c < C) & (s < S), c
+
+
+@triton.jit
+def _channel_index(c0, BLOCK_C: tl.constexpr):
+    """Channel indices c0 … c0 + BLOCK_C − 1 shaped (1, BLOCK_C, 1) to broadcast over a tile."""
+    return (c0 + tl.arange(0, BLOCK_C))[None, :, None]
+
+
+@triton.jit
+def _sum_nc(t):
+    """Sum a (BLOCK_N, BLOCK_C, BLOCK_S) tile over n and s: one value per channel, (BLOCK_C,)."""
+    return tl.sum(tl.sum(t, axis=2), axis=0)
+
+
+@triton.jit
+def _per_channel(ptr, c, C):
+    """A (C,) fp32 vector gathered at the tile's channels c (1, BLOCK_C, 1)."""
+    return tl.load(ptr + c, mask=c < C, other=0.0)
 
 
 @triton.jit
@@ -62,220 +78,232 @@ def _dz(x, dy, res_ptr, off, ok, scale, shift, HAS_RES: tl.constexpr, ACT: tl.co
 
 # ----------------------------------------------------------------------------- statistics
 @triton.jit
-def channel_stats_partial_kernel(x_ptr, mean_part_ptr, m2_part_ptr, C, S, R, rows_per_prog,
-                                 CHANNELS_LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (t, p): (mean − pivot, M2) of rows [p·rows_per_prog, …) for the channels of tile t.
+def channel_stats_partial_kernel(x_ptr, mean_part_ptr, m2_part_ptr, N, C, S, sN, sC, sS, n_per_prog,
+                                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program (t, p): (mean − pivot, M2) over n in [p·n_per_prog, …) and all s, per channel of tile t.
 
-    pivot_c = x[row 0, c], the same for every program: sums of x − pivot stay small, so the
+    pivot_c = x[0, c, 0], the same for every program: sums of x − pivot stay small, so the
     partial means keep their precision when every x is ≈ 1e4 (the "shifted data" algorithm).
     """
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    pivot = tl.load(x_ptr + _offsets(0, c, C, S, CHANNELS_LAST), mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    start = tl.program_id(1) * rows_per_prog
-    end = tl.minimum(start + rows_per_prog, R)
+    c0 = tl.program_id(0) * BLOCK_C
+    n_start = tl.program_id(1) * n_per_prog
+    n_end = tl.minimum(n_start + n_per_prog, N)
+    c = _channel_index(c0, BLOCK_C)
+    pivot = tl.load(x_ptr + c * sC, mask=c < C, other=0.0).to(tl.float32)
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_M):
-        r = r0 + tl.arange(0, BLOCK_M)
-        ok = (r < end)[:, None] & c_ok[None, :]
-        off = _offsets(r[:, None], c[None, :], C, S, CHANNELS_LAST)
-        x = tl.where(ok, tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32) - pivot, 0.0)
-        # this block's own two-pass statistics, from registers ...
-        n_b = tl.minimum(end - r0, BLOCK_M).to(tl.float32)
-        mean_b = tl.sum(x, axis=0) / n_b
-        d = tl.where(ok, x - mean_b[None, :], 0.0)
-        # ... merged into the running ones (Chan)
-        count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, tl.sum(d * d, axis=0))
-    out = tl.program_id(1) * C + c
-    tl.store(mean_part_ptr + out, mean, mask=c_ok)
-    tl.store(m2_part_ptr + out, m2, mask=c_ok)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        for s0 in range(0, S, BLOCK_S):
+            off, ok, _ = _tile(n0, c0, s0, n_end, C, S, sN, sC, sS, BLOCK_N, BLOCK_C, BLOCK_S)
+            x = tl.where(ok, tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32) - pivot, 0.0)
+            # this tile's own two-pass statistics, from registers ...
+            n_b = (tl.minimum(n_end - n0, BLOCK_N) * tl.minimum(S - s0, BLOCK_S)).to(tl.float32)
+            mean_b = _sum_nc(x) / n_b
+            d = tl.where(ok, x - mean_b[None, :, None], 0.0)
+            # ... merged into the running ones (Chan)
+            count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, _sum_nc(d * d))
+    out = tl.program_id(1) * C + c0 + tl.arange(0, BLOCK_C)
+    tl.store(mean_part_ptr + out, mean, mask=c0 + tl.arange(0, BLOCK_C) < C)
+    tl.store(m2_part_ptr + out, m2, mask=c0 + tl.arange(0, BLOCK_C) < C)
 
 
 @triton.jit
-def channel_stats_merge_kernel(x_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C, S, R, rows_per_prog, P,
-                               CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Merge P partials per channel (means relative to the pivot):
+def channel_stats_merge_kernel(x_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, N, C, S, sC, n_per_prog, P,
+                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge P partials per channel, partial p holding n_p = (its share of N)·S values:
 
-        μ − pivot = Σ n_p·μ'_p / m,   M2 = Σ M2_p + n_p·(μ'_p − (μ − pivot))²
+        μ − pivot = Σ n_p·μ'_p / m,   M2 = Σ M2_p + n_p·(μ'_p − (μ − pivot))²,   σ² = M2 / m
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
+    total = N * S
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         ok = (p < P)[:, None] & c_ok[None, :]
-        n_p = tl.where(p < P, tl.minimum(R - p * rows_per_prog, rows_per_prog), 0).to(tl.float32)
+        n_p = tl.where(p < P, tl.minimum(N - p * n_per_prog, n_per_prog) * S, 0).to(tl.float32)
         mean_p = tl.load(mean_part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0)
         acc += n_p[:, None] * mean_p
-    shifted = tl.sum(acc, axis=0) / R
+    shifted = tl.sum(acc, axis=0) / total
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         ok = (p < P)[:, None] & c_ok[None, :]
-        n_p = tl.where(p < P, tl.minimum(R - p * rows_per_prog, rows_per_prog), 0).to(tl.float32)
+        n_p = tl.where(p < P, tl.minimum(N - p * n_per_prog, n_per_prog) * S, 0).to(tl.float32)
         mean_p = tl.load(mean_part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0)
         m2_p = tl.load(m2_part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0)
         d = mean_p - shifted[None, :]
         acc += tl.where(ok, m2_p + n_p[:, None] * d * d, 0.0)
-    pivot = tl.load(x_ptr + _offsets(0, c, C, S, CHANNELS_LAST), mask=c_ok, other=0.0).to(tl.float32)
+    pivot = tl.load(x_ptr + c * sC, mask=c_ok, other=0.0).to(tl.float32)
     tl.store(mean_ptr + c, pivot + shifted, mask=c_ok)
-    tl.store(var_ptr + c, tl.maximum(tl.sum(acc, axis=0) / R, 0.0), mask=c_ok)
+    tl.store(var_ptr + c, tl.maximum(tl.sum(acc, axis=0) / total, 0.0), mask=c_ok)
 
 
 # ----------------------------------------------------------------------------- backward reduce
 @triton.jit
 def channel_backward_reduce_partial_kernel(x_ptr, dy_ptr, res_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
-                                           part_ptr, C, S, R, rows_per_prog, HAS_RES: tl.constexpr,
-                                           ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (t, p): Σdz and Σdz·x̂ over its rows, stored as part[p, 0, c] and part[p, 1, c]."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)[None, :]
-    rstd = tl.load(rstd_ptr + c, mask=c_ok, other=0.0)[None, :]
-    scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)[None, :]
-    shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)[None, :]
-    start = tl.program_id(1) * rows_per_prog
-    end = tl.minimum(start + rows_per_prog, R)
-    acc_dz = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    acc_dzx = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_M):
-        r = r0 + tl.arange(0, BLOCK_M)
-        ok = (r < end)[:, None] & c_ok[None, :]
-        off = _offsets(r[:, None], c[None, :], C, S, CHANNELS_LAST)
-        x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        dz = _dz(x, dy, res_ptr, off, ok, scale, shift, HAS_RES, ACT)  # 0 where masked (dy = 0)
-        acc_dz += dz
-        acc_dzx += dz * ((x - mean) * rstd)
-    out = tl.program_id(1) * 2 * C + c
-    tl.store(part_ptr + out, tl.sum(acc_dz, axis=0), mask=c_ok)
-    tl.store(part_ptr + out + C, tl.sum(acc_dzx, axis=0), mask=c_ok)
+                                           part_ptr, N, C, S, sN, sC, sS, n_per_prog, HAS_RES: tl.constexpr,
+                                           ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                                           BLOCK_S: tl.constexpr):
+    """Program (t, p): Σdz and Σdz·x̂ over its share of N, stored as part[p, 0, c] and part[p, 1, c]."""
+    c0 = tl.program_id(0) * BLOCK_C
+    n_start = tl.program_id(1) * n_per_prog
+    n_end = tl.minimum(n_start + n_per_prog, N)
+    c = _channel_index(c0, BLOCK_C)
+    mean = _per_channel(mean_ptr, c, C)
+    rstd = _per_channel(rstd_ptr, c, C)
+    scale = _per_channel(scale_ptr, c, C)
+    shift = _per_channel(shift_ptr, c, C)
+    acc_dz = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
+    acc_dzx = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        for s0 in range(0, S, BLOCK_S):
+            off, ok, _ = _tile(n0, c0, s0, n_end, C, S, sN, sC, sS, BLOCK_N, BLOCK_C, BLOCK_S)
+            x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
+            dz = _dz(x, dy, res_ptr, off, ok, scale, shift, HAS_RES, ACT)  # 0 where masked (dy = 0)
+            acc_dz += dz
+            acc_dzx += dz * ((x - mean) * rstd)
+    out = tl.program_id(1) * 2 * C + c0 + tl.arange(0, BLOCK_C)
+    c_ok = c0 + tl.arange(0, BLOCK_C) < C
+    tl.store(part_ptr + out, _sum_nc(acc_dz), mask=c_ok)
+    tl.store(part_ptr + out + C, _sum_nc(acc_dzx), mask=c_ok)
 
 
 # ----------------------------------------------------------------------------- elementwise
 @triton.jit
-def channel_apply_kernel(x_ptr, res_ptr, y_ptr, scale_ptr, shift_ptr, numel, C, inner,
-                         HAS_RES: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    """y = act(x·scale_c + shift_c + residual) over the flat memory order; c = (i // inner) mod C."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < numel
-    c = (i // inner) % C  # inner = S for NCHW, 1 for NHWC (Triton specializes the 1 away)
-    z = tl.load(x_ptr + i, mask=ok, other=0.0).to(tl.float32) * tl.load(scale_ptr + c, mask=ok, other=0.0)
-    z += tl.load(shift_ptr + c, mask=ok, other=0.0)
+def channel_apply_kernel(x_ptr, res_ptr, y_ptr, scale_ptr, shift_ptr, N, C, S, sN, sC, sS,
+                         HAS_RES: tl.constexpr, ACT: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """y = act(x·scale_c + shift_c + residual) on the tile of program (i, j, k)."""
+    off, ok, c = _tile(tl.program_id(0) * BLOCK_N, tl.program_id(1) * BLOCK_C, tl.program_id(2) * BLOCK_S,
+                       N, C, S, sN, sC, sS, BLOCK_N, BLOCK_C, BLOCK_S)
+    z = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32) * _per_channel(scale_ptr, c, C)
+    z += _per_channel(shift_ptr, c, C)
     if HAS_RES:
-        z += tl.load(res_ptr + i, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + i, activation(z, ACT).to(y_ptr.dtype.element_ty), mask=ok)
+        z += tl.load(res_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + off, activation(z, ACT).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def channel_backward_dx_kernel(x_ptr, dy_ptr, res_ptr, dx_ptr, dz_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
-                               mean_dz_ptr, mean_dzx_ptr, numel, C, inner, HAS_RES: tl.constexpr,
-                               ACT: tl.constexpr, STORE_DZ: tl.constexpr, BLOCK: tl.constexpr):
+                               mean_dz_ptr, mean_dzx_ptr, N, C, S, sN, sC, sS, HAS_RES: tl.constexpr,
+                               ACT: tl.constexpr, STORE_DZ: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """dx = scale_c·(dz − mean_dz_c − x̂·mean_dzx̂_c); also stores dz (the residual's gradient)."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < numel
-    c = (i // inner) % C
-    x = tl.load(x_ptr + i, mask=ok, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + i, mask=ok, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + c, mask=ok, other=0.0)
-    shift = tl.load(shift_ptr + c, mask=ok, other=0.0)
-    dz = _dz(x, dy, res_ptr, i, ok, scale, shift, HAS_RES, ACT)
-    xhat = (x - tl.load(mean_ptr + c, mask=ok, other=0.0)) * tl.load(rstd_ptr + c, mask=ok, other=0.0)
-    dx = scale * (dz - tl.load(mean_dz_ptr + c, mask=ok, other=0.0) - xhat * tl.load(mean_dzx_ptr + c, mask=ok,
-                                                                                         other=0.0))
-    tl.store(dx_ptr + i, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    off, ok, c = _tile(tl.program_id(0) * BLOCK_N, tl.program_id(1) * BLOCK_C, tl.program_id(2) * BLOCK_S,
+                       N, C, S, sN, sC, sS, BLOCK_N, BLOCK_C, BLOCK_S)
+    x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    scale = _per_channel(scale_ptr, c, C)
+    dz = _dz(x, dy, res_ptr, off, ok, scale, _per_channel(shift_ptr, c, C), HAS_RES, ACT)
+    xhat = (x - _per_channel(mean_ptr, c, C)) * _per_channel(rstd_ptr, c, C)
+    dx = scale * (dz - _per_channel(mean_dz_ptr, c, C) - xhat * _per_channel(mean_dzx_ptr, c, C))
+    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
     if STORE_DZ:
-        tl.store(dz_ptr + i, dz.to(dz_ptr.dtype.element_ty), mask=ok)
+        tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------- launchers
-def geometry(x):
-    """(N, C, S, channels_last) of a dense (N, C, *spatial) tensor; (N, C) counts as channels_last."""
+def view3(x):
+    """The (n, c, s) view of a dense (N, C, *spatial) tensor: sizes, strides, and whether it is NHWC."""
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(n * c, 1)
-    return n, c, s, (s == 1 or not x.is_contiguous())
+    if s == 1 or not x.is_contiguous():  # channels_last (or no spatial dims): rows of C channels
+        return dict(N=n * s, C=c, S=1, sN=c, sC=1, sS=0, channels_last=True)
+    return dict(N=n, C=c, S=s, sN=c * s, sC=s, sS=1, channels_last=False)
 
 
-def _reduction_grid(x, programs, tile, rows_per_prog):
-    """Tile shape and split of the (N·S rows × C channels) reduction: enough programs to fill the device."""
-    n, c, s, channels_last = geometry(x)
-    rows = n * s
-    if channels_last:
-        block_c = min(triton.next_power_of_2(c), 64)
-        block_m = max(1, min(triton.next_power_of_2(rows), tile // block_c))
+def _args(v):
+    return v["N"], v["C"], v["S"], v["sN"], v["sC"], v["sS"]
+
+
+def _np2(k):
+    return triton.next_power_of_2(max(int(k), 1))
+
+
+def reduction_plan(x, programs, tile, n_per_prog=None):
+    """Tile and split of the per-channel reduction: about ``programs`` programs (at least one per tile)."""
+    v = view3(x)
+    if v["channels_last"]:
+        bc = min(_np2(v["C"]), 64)
+        bn, bs = max(1, min(_np2(v["N"]), tile // bc)), 1
     else:
-        block_c = 1
-        block_m = min(triton.next_power_of_2(rows), tile)
-    c_tiles = triton.cdiv(c, block_c)
-    if rows_per_prog is None:
-        chunks = max(1, min(triton.cdiv(programs, c_tiles), triton.cdiv(rows, block_m)))
-        rows_per_prog = triton.cdiv(triton.cdiv(rows, chunks), block_m) * block_m
-    chunks = triton.cdiv(rows, rows_per_prog)
-    return dict(c=c, s=s, rows=rows, channels_last=channels_last, block_m=block_m, block_c=block_c,
-                grid=(c_tiles, chunks), rows_per_prog=rows_per_prog)
+        bc, bs = 1, min(_np2(v["S"]), tile)
+        bn = max(1, min(_np2(v["N"]), tile // bs))
+    c_tiles = triton.cdiv(v["C"], bc)
+    if n_per_prog is None:
+        chunks = max(1, min(triton.cdiv(programs, c_tiles), triton.cdiv(v["N"], bn)))
+        n_per_prog = triton.cdiv(triton.cdiv(v["N"], chunks), bn) * bn
+    return dict(view=v, blocks=dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_S=bs), n_per_prog=n_per_prog,
+                grid=(c_tiles, triton.cdiv(v["N"], n_per_prog)))
 
 
-def channel_stats(x, *, programs, tile=2048, rows_per_prog=None):
+def channel_stats(x, *, programs, tile=2048, n_per_prog=None):
     """Per-channel (mean, biased var) in fp32, shape (C,). ``programs``: how many to aim for."""
-    g = _reduction_grid(x, programs, tile, rows_per_prog)
-    c, chunks = g["c"], g["grid"][1]
-    mean_part = torch.empty(chunks, c, device=x.device, dtype=torch.float32)
+    plan = reduction_plan(x, programs, tile, n_per_prog)
+    v, chunks = plan["view"], plan["grid"][1]
+    mean_part = torch.empty(chunks, v["C"], device=x.device, dtype=torch.float32)
     m2_part = torch.empty_like(mean_part)
-    channel_stats_partial_kernel[g["grid"]](
-        x, mean_part, m2_part, c, g["s"], g["rows"], g["rows_per_prog"],
-        CHANNELS_LAST=g["channels_last"], BLOCK_M=g["block_m"], BLOCK_C=g["block_c"],
-    )
-    mean = torch.empty(c, device=x.device, dtype=torch.float32)
+    channel_stats_partial_kernel[plan["grid"]](x, mean_part, m2_part, *_args(v), plan["n_per_prog"],
+                                               **plan["blocks"])
+    mean = torch.empty(v["C"], device=x.device, dtype=torch.float32)
     var = torch.empty_like(mean)
-    block_c = min(triton.next_power_of_2(c), 128)
-    channel_stats_merge_kernel[(triton.cdiv(c, block_c),)](
-        x, mean_part, m2_part, mean, var, c, g["s"], g["rows"], g["rows_per_prog"], chunks,
-        CHANNELS_LAST=g["channels_last"], BLOCK_P=min(triton.next_power_of_2(chunks), 32), BLOCK_C=block_c,
+    block_c = min(_np2(v["C"]), 128)
+    channel_stats_merge_kernel[(triton.cdiv(v["C"], block_c),)](
+        x, mean_part, m2_part, mean, var, v["N"], v["C"], v["S"], v["sC"], plan["n_per_prog"], chunks,
+        BLOCK_P=min(_np2(chunks), 32), BLOCK_C=block_c,
     )
     return mean, var
 
 
 def channel_backward_reduce(x, dy, residual, mean, rstd, scale, shift, act, *, programs, tile=2048,
-                            rows_per_prog=None):
+                            n_per_prog=None):
     """(Σdz, Σdz·x̂) per channel in fp32, each (C,)."""
-    g = _reduction_grid(x, programs, tile, rows_per_prog)
-    c, chunks = g["c"], g["grid"][1]
+    plan = reduction_plan(x, programs, tile, n_per_prog)
+    v, chunks = plan["view"], plan["grid"][1]
+    c = v["C"]
     part = torch.empty(chunks, 2 * c, device=x.device, dtype=torch.float32)
-    channel_backward_reduce_partial_kernel[g["grid"]](
-        x, dy, residual if residual is not None else x, mean, rstd, scale, shift, part,
-        c, g["s"], g["rows"], g["rows_per_prog"], HAS_RES=residual is not None, ACT=ACT_CODES[act],
-        CHANNELS_LAST=g["channels_last"], BLOCK_M=g["block_m"], BLOCK_C=g["block_c"],
+    channel_backward_reduce_partial_kernel[plan["grid"]](
+        x, dy, residual if residual is not None else x, mean, rstd, scale, shift, part, *_args(v),
+        plan["n_per_prog"], HAS_RES=residual is not None, ACT=ACT_CODES[act], **plan["blocks"],
     )
     sums = sum_partials(part, torch.empty(2 * c, device=x.device, dtype=torch.float32))
     return sums[:c].clone(), sums[c:].clone()  # separate tensors: op outputs must not alias
 
 
-def _elementwise(x, block):
-    n, c, s, channels_last = geometry(x)
-    return x.numel(), c, (1 if channels_last else s), (triton.cdiv(x.numel(), block),)
+def elementwise_plan(x, block):
+    """Tiles of about ``block`` elements covering the view, and the 3-D grid over them."""
+    v = view3(x)
+    if v["channels_last"]:
+        bc = min(_np2(v["C"]), 128)
+        bn, bs = max(1, min(_np2(v["N"]), block // bc)), 1
+    else:
+        bs = min(_np2(v["S"]), block)
+        bc, bn = max(1, min(_np2(v["C"]), block // bs)), 1
+    grid = (triton.cdiv(v["N"], bn), triton.cdiv(v["C"], bc), triton.cdiv(v["S"], bs))
+    return v, dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_S=bs), grid
 
 
 def channel_apply(x, scale, shift, residual, act, *, block=1024):
     """y = act(x·scale + shift + residual) in x's dtype and memory format."""
-    numel, c, inner, grid = _elementwise(x, block)
+    v, blocks, grid = elementwise_plan(x, block)
     y = torch.empty_like(x)
-    channel_apply_kernel[grid](x, residual if residual is not None else x, y, scale, shift, numel, c, inner,
-                               HAS_RES=residual is not None, ACT=ACT_CODES[act], BLOCK=block)
+    channel_apply_kernel[grid](x, residual if residual is not None else x, y, scale, shift, *_args(v),
+                               HAS_RES=residual is not None, ACT=ACT_CODES[act], **blocks)
     return y
 
 
 def channel_backward_dx(x, dy, residual, mean, rstd, scale, shift, act, mean_dz, mean_dzx, need_dz, *,
                         block=1024):
     """(dx, dz or None) in x's dtype and memory format."""
-    numel, c, inner, grid = _elementwise(x, block)
+    v, blocks, grid = elementwise_plan(x, block)
     dx = torch.empty_like(x)
     dz = torch.empty_like(x) if need_dz else None
     channel_backward_dx_kernel[grid](
         x, dy, residual if residual is not None else x, dx, dz if need_dz else dx, mean, rstd, scale, shift,
-        mean_dz, mean_dzx, numel, c, inner, HAS_RES=residual is not None, ACT=ACT_CODES[act],
-        STORE_DZ=need_dz, BLOCK=block,
+        mean_dz, mean_dzx, *_args(v), HAS_RES=residual is not None, ACT=ACT_CODES[act], STORE_DZ=need_dz,
+        **blocks,
     )
     return dx, dz

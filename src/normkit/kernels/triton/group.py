@@ -178,7 +178,7 @@ def _geometry(x, num_groups, tile):
         block_cg = min(triton.next_power_of_2(cg), max(1, tile // block_s))
     else:  # channels_last: across the group's adjacent channels
         strides = (s * c, 1, c)
-        block_cg = min(triton.next_power_of_2(cg), 64)
+        block_cg = min(triton.next_power_of_2(cg), 64, tile)
         block_s = min(triton.next_power_of_2(s), max(1, tile // block_cg))
     return dict(n=n, c=c, s=s, cg=cg, strides=strides, BLOCK_CG=block_cg, BLOCK_S=block_s)
 
