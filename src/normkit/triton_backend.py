@@ -54,7 +54,8 @@ def tuning(**overrides: int | None) -> Iterator[None]:
     """Temporarily change launch parameters (a test hook), e.g. ``tuning(row_max_block=16)``."""
     unknown = set(overrides) - set(_TUNING)
     if unknown:
-        raise ValueError(f"tuning: unknown parameter(s) {sorted(unknown)}; expected some of {sorted(_TUNING)}")
+        raise ValueError(f"tuning: unknown parameter(s) {sorted(unknown)}; expected some of "
+                         f"{sorted(_TUNING)}")
     saved = dict(_TUNING)
     _TUNING.update(overrides)
     try:
@@ -187,7 +188,8 @@ class TritonBackend(Backend):
         return self._k.group_forward(x, int(num_groups), _vec(weight), _vec(bias), float(eps),
                                      _dense_like(residual, x), act, tile=_TUNING["group_tile"])
 
-    def group_backward(self, x, dy, mean, rstd, num_groups, weight, bias, residual, act, need_dweight, need_dz):
+    def group_backward(self, x, dy, mean, rstd, num_groups, weight, bias, residual, act, need_dweight,
+                       need_dz):
         if x.numel() == 0:
             return _REFERENCE.group_backward(x, dy, mean, rstd, num_groups, weight, bias, residual, act,
                                              need_dweight, need_dz)

@@ -12,10 +12,9 @@ tensors) or for the GPU is fixed when this package is imported: ``INTERPRETED`` 
 """
 
 from .channel import channel_apply, channel_backward_dx, channel_backward_reduce, channel_stats
+from .channel import channel_apply_kernel as _probe
 from .group import group_backward, group_forward
 from .row import row_backward, row_forward
-
-from .channel import channel_apply_kernel as _probe
 
 # triton.jit returns an InterpretedFunction instead of a JITFunction when TRITON_INTERPRET was set.
 INTERPRETED = type(_probe).__name__ == "InterpretedFunction"

@@ -36,7 +36,6 @@ import triton.language as tl
 from ._common import ACT_CODES, activation, activation_grad, chan_merge, sum_partials
 
 
-
 @triton.jit
 def _tile(n0, c0, s0, n_end, C, S, sN, sC, sS,
           BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -109,8 +108,8 @@ def channel_stats_partial_kernel(x_ptr, mean_part_ptr, m2_part_ptr, N, C, S, sN,
 
 
 @triton.jit
-def channel_stats_merge_kernel(x_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, N, C, S, sC, n_per_prog, P,
-                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def channel_stats_merge_kernel(x_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, N, C, S, sC, n_per_prog,
+                               P, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merge P partials per channel, partial p holding n_p = (its share of N)·S values:
 
         μ − pivot = Σ n_p·μ'_p / m,   M2 = Σ M2_p + n_p·(μ'_p − (μ − pivot))²,   σ² = M2 / m
@@ -187,9 +186,9 @@ def channel_apply_kernel(x_ptr, res_ptr, y_ptr, scale_ptr, shift_ptr, N, C, S, s
 
 
 @triton.jit
-def channel_backward_dx_kernel(x_ptr, dy_ptr, res_ptr, dx_ptr, dz_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
-                               mean_dz_ptr, mean_dzx_ptr, N, C, S, sN, sC, sS, HAS_RES: tl.constexpr,
-                               ACT: tl.constexpr, STORE_DZ: tl.constexpr,
+def channel_backward_dx_kernel(x_ptr, dy_ptr, res_ptr, dx_ptr, dz_ptr, mean_ptr, rstd_ptr, scale_ptr,
+                               shift_ptr, mean_dz_ptr, mean_dzx_ptr, N, C, S, sN, sC, sS,
+                               HAS_RES: tl.constexpr, ACT: tl.constexpr, STORE_DZ: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """dx = scale_c·(dz − mean_dz_c − x̂·mean_dzx̂_c); also stores dz (the residual's gradient)."""
     off, ok, c = _tile(tl.program_id(0) * BLOCK_N, tl.program_id(1) * BLOCK_C, tl.program_id(2) * BLOCK_S,

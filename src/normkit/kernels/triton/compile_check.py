@@ -41,7 +41,7 @@ def _signature(kernel, args, kwargs):
     """(signature, constexprs, options) of one recorded launch, as ``triton.compile`` takes them."""
     import torch
 
-    values = dict(zip(kernel.arg_names, args))
+    values = dict(zip(kernel.arg_names, args, strict=False))
     options = {}
     for k, v in kwargs.items():
         (values if k in kernel.arg_names else options)[k] = v
@@ -91,7 +91,8 @@ def _scenarios(full: bool):
         w = v[:6] if act != "silu" else None  # affine and not
         group.group_forward(x, 2, w, w, 1e-5, res, act)
         for need_dw in (False, True):
-            group.group_backward(x, x, v[:8].view(4, 2), v[:8].view(4, 2), 2, w, w, res, act, need_dw, has_res)
+            stat = v[:8].view(4, 2)
+            group.group_backward(x, x, stat, stat, 2, w, w, res, act, need_dw, has_res)
     rows = ([(d, k, b, rms, aff) for d in dtypes for k, b in ((33, 8192), (70, 16)) for rms in (False, True)
              for aff in (False, True)] if full else
             [(torch.float32, 33, 8192, False, True), (torch.bfloat16, 70, 16, False, False),
@@ -107,7 +108,7 @@ def _scenarios(full: bool):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability ×10 (90 = Hopper)")
-    parser.add_argument("--full", action="store_true", help="every dtype × layout × act × residual combination")
+    parser.add_argument("--full", action="store_true", help="every dtype × layout × act × residual")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on"):
         print("compile_check: unset TRITON_INTERPRET (the kernels were built for the interpreter)")
@@ -136,13 +137,14 @@ def main(argv=None) -> int:
     seen, failures, t0 = set(), 0, time.time()
     for kernel, a, kw in log:
         sig, consts, opts = _signature(kernel, a, kw)
-        key = (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in consts.items())),
-               tuple(sorted(opts.items())))
+        key = (kernel.__name__, tuple(sorted(sig.items())),
+               tuple(sorted((k, str(v)) for k, v in consts.items())), tuple(sorted(opts.items())))
         if key in seen:
             continue
         seen.add(key)
         try:
-            triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", args.arch, 32), options=opts)
+            target = GPUTarget("cuda", args.arch, 32)
+            triton.compile(ASTSource(kernel, sig, consts), target=target, options=opts)
         except Exception:  # noqa: BLE001 - report every failing variant, then fail
             failures += 1
             print(f"FAILED {kernel.__name__} {consts} {opts}")
