@@ -223,7 +223,7 @@ def test_matches_reference(case):
 
 
 # ----------------------------------------------------------------------------- determinism
-DETERMINISM = ["bn_split_nhwc_fp16", "bn_res_gelu_nhwc_fp16", "gn_split_tiles_nhwc", "ln_split_rows",
+DETERMINISM = ["bn_split_nhwc_fp16", "bn_res_gelu_nhwc_fp16", "gn_res_gelu_nhwc", "ln_split_rows",
                "rms_split_rows"]
 
 

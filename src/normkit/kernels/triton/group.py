@@ -13,18 +13,19 @@ Layout. Element (n, c, s) sits at n·sN + c·sC + s·sS:
     NCHW (contiguous)     sN = C·S, sC = S, sS = 1   -> a group is one contiguous run of L values
     NHWC (channels_last)  sN = S·C, sC = 1, sS = C   -> a group is S runs of CG values, C apart
 
-One program per (sample, group) walks the group in (BLOCK_CG channels × BLOCK_S positions)
-tiles, channel blocks outside, positions inside. The tile shape follows the layout: long
-along s for NCHW (coalesced runs of one channel), across the group's channels for NHWC.
+One program per (sample, BLOCK_G adjacent groups) walks its groups in (BLOCK_G groups ×
+BLOCK_CG channels × BLOCK_S positions) tiles, channel blocks outside, positions inside; the
+statistics are vectors of BLOCK_G. The tile shape follows the layout: NCHW takes one group
+(BLOCK_G = 1) and long runs along s; NHWC takes several groups so that a tile row spans up to
+64 adjacent channels (GroupNorm(32) on 64 channels: 32 groups of 2 channels in one 128-byte row).
 Forward: pass 1 merges per-tile (mean, M2) of x − x_first with Chan's formula (the shift keeps a
 large common offset from blurring the sums); pass 2 normalizes and stores.
 Backward: pass 1 forms Σg and Σg·x̂ for the group and, per channel, the sample's share of dγ/dβ,
 stored in a (N, 2, C) fp32 buffer (each program writes only its own entries); pass 2 forms dx.
 A second kernel sums the N shares in a fixed order: deterministic, no atomics.
 
-Limits: float16/bfloat16/float32 (fp32 statistics); fewer than 2³¹ elements; N·G programs
-(with few, huge groups the GPU is under-used); on NHWC a group with few channels (CG = 2 for
-GroupNorm(32) on 64 channels) reads short runs, relying on the cache for the neighbouring groups.
+Limits: float16/bfloat16/float32 (fp32 statistics); fewer than 2³¹ elements; a group is never
+split across programs, so with few, huge groups (small N·G) the GPU is under-used.
 """
 
 import torch
@@ -35,64 +36,82 @@ from ._common import ACT_CODES, activation, activation_grad, chan_merge, sum_par
 
 
 @triton.jit
-def _channels(c0, BLOCK_CG: tl.constexpr):
-    """Group-local channel indices of the channel block starting at c0."""
-    return c0 + tl.arange(0, BLOCK_CG)
+def _groups(g0, BLOCK_G: tl.constexpr):
+    """Group indices g0 … g0 + BLOCK_G − 1 shaped (BLOCK_G, 1, 1)."""
+    return (g0 + tl.arange(0, BLOCK_G))[:, None, None]
 
 
 @triton.jit
-def _tile(base, c0, s0, CG, S, sC, sS, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Offsets and mask of the (BLOCK_CG × BLOCK_S) tile at (c0, s0)."""
-    cj = _channels(c0, BLOCK_CG)
-    ss = s0 + tl.arange(0, BLOCK_S)
-    ok = (cj < CG)[:, None] & (ss < S)[None, :]
-    return base + cj[:, None] * sC + ss[None, :] * sS, ok
+def _channels(g, c0, CG, BLOCK_CG: tl.constexpr):
+    """(channel index, in-group mask) of the channel block at c0 of groups g: (BLOCK_G, BLOCK_CG, 1)."""
+    cj = (c0 + tl.arange(0, BLOCK_CG))[None, :, None]
+    return g * CG + cj, cj < CG
 
 
 @triton.jit
-def _affine(ptr, chans, ok_c, HAS: tl.constexpr, default: tl.constexpr, BLOCK_CG: tl.constexpr):
-    """Per-channel γ or β as a (BLOCK_CG, 1) column; ``default`` when absent."""
+def _tile(base, g, c0, s0, G, CG, S, sC, sS, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets and mask of the (BLOCK_G × BLOCK_CG × BLOCK_S) tile at channel block c0, positions s0."""
+    chans, c_ok = _channels(g, c0, CG, BLOCK_CG)
+    ss = (s0 + tl.arange(0, BLOCK_S))[None, None, :]
+    return base + chans * sC + ss * sS, (g < G) & c_ok & (ss < S)
+
+
+@triton.jit
+def _per_group(t):
+    """Sum a tile over channels and positions: one value per group, (BLOCK_G,)."""
+    return tl.sum(tl.sum(t, axis=2), axis=1)
+
+
+@triton.jit
+def _col(v):
+    """A (BLOCK_G,) per-group vector shaped to broadcast over a tile."""
+    return v[:, None, None]
+
+
+@triton.jit
+def _affine(ptr, chans, ok, HAS: tl.constexpr, default: tl.constexpr):
+    """Per-channel γ or β at the tile's channels (BLOCK_G, BLOCK_CG, 1); ``default`` when absent."""
     if HAS:
-        v = tl.load(ptr + chans, mask=ok_c, other=0.0).to(tl.float32)[:, None]
+        v = tl.load(ptr + chans, mask=ok, other=0.0).to(tl.float32)
     else:
-        v = tl.full([BLOCK_CG, 1], default, tl.float32)
+        v = tl.full(chans.shape, default, tl.float32)
     return v
 
 
 @triton.jit
 def group_forward_kernel(x_ptr, res_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, S, G, CG, eps, sN, sC, sS,
                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
-                         BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program n·G + g: the group's (mean, var), then y = act(x̂·γ + β + residual)."""
-    pid = tl.program_id(0)
-    n = pid // G
-    g = pid - n * G
-    base = n * sN + g * CG * sC
+                         BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program (n, group block): each group's (mean, var), then y = act(x̂·γ + β + residual)."""
+    n = tl.program_id(0)
+    g = _groups(tl.program_id(1) * BLOCK_G, BLOCK_G)
+    base = n * sN
     # pass 1: statistics of x − pivot (the group's first value: keeps sums small for large means)
-    pivot = tl.load(x_ptr + base).to(tl.float32)
-    count = 0.0
-    mean = 0.0
-    m2 = 0.0
+    pivot = tl.load(x_ptr + base + g * CG * sC, mask=g < G, other=0.0).to(tl.float32)
+    count = tl.zeros([BLOCK_G], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_G], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_G], dtype=tl.float32)
     for c0 in range(0, CG, BLOCK_CG):
         for s0 in range(0, S, BLOCK_S):
-            off, ok = _tile(base, c0, s0, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
+            off, ok = _tile(base, g, c0, s0, G, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
             x = tl.where(ok, tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32) - pivot, 0.0)
             n_b = (tl.minimum(CG - c0, BLOCK_CG) * tl.minimum(S - s0, BLOCK_S)).to(tl.float32)
-            mean_b = tl.sum(x) / n_b
-            d = tl.where(ok, x - mean_b, 0.0)
-            count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, tl.sum(d * d))
-    mean += pivot
-    var = tl.maximum(m2 / count, 0.0)
+            mean_b = _per_group(x) / n_b
+            d = tl.where(ok, x - _col(mean_b), 0.0)
+            count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, _per_group(d * d))
+    mean = _col(mean) + pivot
+    var = tl.maximum(_col(m2) / _col(count), 0.0)
     rstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(mean_ptr + pid, mean)
-    tl.store(var_ptr + pid, var)
+    stat = n * G + g
+    tl.store(mean_ptr + stat, mean, mask=g < G)
+    tl.store(var_ptr + stat, var, mask=g < G)
     # pass 2: normalize, affine, residual, activation
     for c0 in range(0, CG, BLOCK_CG):
-        cj = _channels(c0, BLOCK_CG)
-        w = _affine(w_ptr, g * CG + cj, cj < CG, HAS_W, 1.0, BLOCK_CG)
-        b = _affine(b_ptr, g * CG + cj, cj < CG, HAS_B, 0.0, BLOCK_CG)
+        chans, c_ok = _channels(g, c0, CG, BLOCK_CG)
+        w = _affine(w_ptr, chans, c_ok & (g < G), HAS_W, 1.0)
+        b = _affine(b_ptr, chans, c_ok & (g < G), HAS_B, 0.0)
         for s0 in range(0, S, BLOCK_S):
-            off, ok = _tile(base, c0, s0, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
+            off, ok = _tile(base, g, c0, s0, G, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
             x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
             z = (x - mean) * rstd * w + b
             if HAS_RES:
@@ -118,47 +137,46 @@ def _group_terms(x_ptr, dy_ptr, res_ptr, off, ok, mean, rstd, w, b, HAS_RES: tl.
 def group_backward_kernel(x_ptr, dy_ptr, res_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, dz_ptr, part_ptr,
                           C, S, G, CG, sN, sC, sS, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                           HAS_RES: tl.constexpr, ACT: tl.constexpr, NEED_DW: tl.constexpr,
-                          STORE_DZ: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program n·G + g: dx (and dz) of the group; the sample's dγ/dβ shares in part[n, 0/1, c]."""
-    pid = tl.program_id(0)
-    n = pid // G
-    g = pid - n * G
-    base = n * sN + g * CG * sC
-    mean = tl.load(mean_ptr + pid)
-    rstd = tl.load(rstd_ptr + pid)
-    # pass 1: Σg, Σg·x̂ over the group; per channel Σ_s dz·x̂ and Σ_s dz
-    sum_g = 0.0
-    sum_gx = 0.0
+                          STORE_DZ: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
+                          BLOCK_S: tl.constexpr):
+    """Program (n, group block): dx (and dz) of its groups; the sample's dγ/dβ shares in part[n, 0/1, c]."""
+    n = tl.program_id(0)
+    g = _groups(tl.program_id(1) * BLOCK_G, BLOCK_G)
+    base = n * sN
+    mean = tl.load(mean_ptr + n * G + g, mask=g < G, other=0.0)
+    rstd = tl.load(rstd_ptr + n * G + g, mask=g < G, other=0.0)
+    # pass 1: Σg, Σg·x̂ per group; per channel Σ_s dz·x̂ and Σ_s dz
+    sum_g = tl.zeros([BLOCK_G], dtype=tl.float32)
+    sum_gx = tl.zeros([BLOCK_G], dtype=tl.float32)
     for c0 in range(0, CG, BLOCK_CG):
-        cj = _channels(c0, BLOCK_CG)
-        chans = g * CG + cj
-        w = _affine(w_ptr, chans, cj < CG, HAS_W, 1.0, BLOCK_CG)
-        b = _affine(b_ptr, chans, cj < CG, HAS_B, 0.0, BLOCK_CG)
-        acc_dw = tl.zeros([BLOCK_CG, BLOCK_S], dtype=tl.float32)
-        acc_db = tl.zeros([BLOCK_CG, BLOCK_S], dtype=tl.float32)
+        chans, c_ok = _channels(g, c0, CG, BLOCK_CG)
+        w = _affine(w_ptr, chans, c_ok & (g < G), HAS_W, 1.0)
+        b = _affine(b_ptr, chans, c_ok & (g < G), HAS_B, 0.0)
+        acc_dw = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
+        acc_db = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
         for s0 in range(0, S, BLOCK_S):
-            off, ok = _tile(base, c0, s0, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
+            off, ok = _tile(base, g, c0, s0, G, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
             xhat, dz = _group_terms(x_ptr, dy_ptr, res_ptr, off, ok, mean, rstd, w, b, HAS_RES, ACT)
             gg = dz * w
-            sum_g += tl.sum(gg)
-            sum_gx += tl.sum(gg * xhat)
+            sum_g += _per_group(gg)
+            sum_gx += _per_group(gg * xhat)
             if NEED_DW:
                 acc_dw += dz * xhat
                 acc_db += dz
         if NEED_DW:
             out = part_ptr + n * 2 * C + chans
-            tl.store(out, tl.sum(acc_dw, axis=1), mask=cj < CG)
-            tl.store(out + C, tl.sum(acc_db, axis=1), mask=cj < CG)
+            tl.store(out, tl.sum(acc_dw, axis=2)[:, :, None], mask=c_ok & (g < G))
+            tl.store(out + C, tl.sum(acc_db, axis=2)[:, :, None], mask=c_ok & (g < G))
     size = CG * S
-    mean_g = sum_g / size
-    mean_gx = sum_gx / size
+    mean_g = _col(sum_g) / size
+    mean_gx = _col(sum_gx) / size
     # pass 2: dx
     for c0 in range(0, CG, BLOCK_CG):
-        cj = _channels(c0, BLOCK_CG)
-        w = _affine(w_ptr, g * CG + cj, cj < CG, HAS_W, 1.0, BLOCK_CG)
-        b = _affine(b_ptr, g * CG + cj, cj < CG, HAS_B, 0.0, BLOCK_CG)
+        chans, c_ok = _channels(g, c0, CG, BLOCK_CG)
+        w = _affine(w_ptr, chans, c_ok & (g < G), HAS_W, 1.0)
+        b = _affine(b_ptr, chans, c_ok & (g < G), HAS_B, 0.0)
         for s0 in range(0, S, BLOCK_S):
-            off, ok = _tile(base, c0, s0, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
+            off, ok = _tile(base, g, c0, s0, G, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
             xhat, dz = _group_terms(x_ptr, dy_ptr, res_ptr, off, ok, mean, rstd, w, b, HAS_RES, ACT)
             dx = rstd * (dz * w - mean_g - xhat * mean_gx)
             tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
@@ -167,33 +185,39 @@ def group_backward_kernel(x_ptr, dy_ptr, res_ptr, w_ptr, b_ptr, mean_ptr, rstd_p
 
 
 # ----------------------------------------------------------------------------- launchers
-def _geometry(x, num_groups, tile):
-    """Strides of the (n, c, s) view and a layout-suited tile for a dense (N, C, *spatial) ``x``."""
+def _np2(k):
+    return triton.next_power_of_2(max(int(k), 1))
+
+
+def plan(x, num_groups, tile):
+    """Strides of the (n, c, s) view, a layout-suited tile and the grid, for a dense (N, C, *) ``x``."""
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(n * c, 1)
     cg = c // num_groups
-    if x.is_contiguous():  # NCHW: long runs along s
+    if x.is_contiguous():  # NCHW: one group per program, long runs along s
         strides = (c * s, s, 1)
-        block_s = min(triton.next_power_of_2(s), tile)
-        block_cg = min(triton.next_power_of_2(cg), max(1, tile // block_s))
-    else:  # channels_last: across the group's adjacent channels
+        bg, bs = 1, min(_np2(s), tile)
+        bcg = min(_np2(cg), max(1, tile // bs))
+    else:  # channels_last: several groups per program, a tile row spans up to 64 adjacent channels
         strides = (s * c, 1, c)
-        block_cg = min(triton.next_power_of_2(cg), 64, tile)
-        block_s = min(triton.next_power_of_2(s), max(1, tile // block_cg))
-    return dict(n=n, c=c, s=s, cg=cg, strides=strides, BLOCK_CG=block_cg, BLOCK_S=block_s)
+        bcg = min(_np2(cg), 64, tile)
+        bg = max(1, min(_np2(num_groups), 64 // bcg, tile // bcg))
+        bs = min(_np2(s), max(1, tile // (bg * bcg)))
+    return dict(n=n, c=c, s=s, cg=cg, strides=strides, grid=(n, triton.cdiv(num_groups, bg)),
+                blocks=dict(BLOCK_G=bg, BLOCK_CG=bcg, BLOCK_S=bs))
 
 
 def group_forward(x, num_groups, weight, bias, eps, residual, act, *, tile=2048):
     """(y, mean (N, G), var (N, G)); statistics fp32, y in x's dtype and memory format."""
-    geo = _geometry(x, num_groups, tile)
+    p = plan(x, num_groups, tile)
     y = torch.empty_like(x)
-    mean = torch.empty(geo["n"], num_groups, device=x.device, dtype=torch.float32)
+    mean = torch.empty(p["n"], num_groups, device=x.device, dtype=torch.float32)
     var = torch.empty_like(mean)
-    group_forward_kernel[(geo["n"] * num_groups,)](
+    group_forward_kernel[p["grid"]](
         x, residual if residual is not None else x, y, weight if weight is not None else x,
-        bias if bias is not None else x, mean, var, geo["s"], num_groups, geo["cg"], eps, *geo["strides"],
+        bias if bias is not None else x, mean, var, p["s"], num_groups, p["cg"], eps, *p["strides"],
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None, ACT=ACT_CODES[act],
-        BLOCK_CG=geo["BLOCK_CG"], BLOCK_S=geo["BLOCK_S"],
+        **p["blocks"],
     )
     return y, mean, var
 
@@ -201,17 +225,17 @@ def group_forward(x, num_groups, weight, bias, eps, residual, act, *, tile=2048)
 def group_backward(x, dy, mean, rstd, num_groups, weight, bias, residual, act, need_dweight, need_dz, *,
                    tile=2048):
     """(dx, dγ or None, dβ or None, dz or None); dγ/dβ fp32 (C,) summed from N per-sample shares."""
-    geo = _geometry(x, num_groups, tile)
-    n, c = geo["n"], geo["c"]
+    p = plan(x, num_groups, tile)
+    n, c = p["n"], p["c"]
     dx = torch.empty_like(x)
     dz = torch.empty_like(x) if need_dz else None
     part = torch.empty(n, 2 * c, device=x.device, dtype=torch.float32) if need_dweight else mean
-    group_backward_kernel[(n * num_groups,)](
+    group_backward_kernel[p["grid"]](
         x, dy, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, mean, rstd, dx, dz if need_dz else dx, part,
-        c, geo["s"], num_groups, geo["cg"], *geo["strides"],
+        c, p["s"], num_groups, p["cg"], *p["strides"],
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None, ACT=ACT_CODES[act],
-        NEED_DW=need_dweight, STORE_DZ=need_dz, BLOCK_CG=geo["BLOCK_CG"], BLOCK_S=geo["BLOCK_S"],
+        NEED_DW=need_dweight, STORE_DZ=need_dz, **p["blocks"],
     )
     if not need_dweight:
         return dx, None, None, dz
