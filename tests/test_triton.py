@@ -254,6 +254,14 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
     assert reason is not None and "TRITON_INTERPRET=1" in reason
 
 
+def test_missing_triton_is_a_reason(monkeypatch):
+    for name in [m for m in sys.modules if m.startswith("normkit.kernels.triton")]:
+        monkeypatch.delitem(sys.modules, name)  # restored after the test
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    reason = TritonBackend().unsupported("channel_stats", torch.randn(2, 3, device=DEVICE))
+    assert reason is not None and reason.startswith("triton is not importable")
+
+
 def test_unknown_tuning_parameter():
     with pytest.raises(ValueError, match="row_block"), tuning(row_block=4):
         pass

@@ -178,7 +178,7 @@ def row_forward(x2d, weight, bias, eps, rms, *, max_block=8192):
         x2d, y, weight if weight is not None else x2d, bias if bias is not None else x2d,
         mean if mean is not None else rstd, rstd, k, eps,
         HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms, SINGLE=single, BLOCK_K=block,
-        num_warps=min(max(block // 256, 1), 16),
+        num_warps=min(max(block // 256, 1), 8),
     )
     return y, mean, rstd
 
@@ -197,7 +197,7 @@ def row_backward(x2d, dy2d, mean, rstd, weight, rms, need_dweight, *, programs, 
     row_backward_kernel[(p,)](
         x2d, dy2d, weight if weight is not None else x2d, mean if mean is not None else rstd, rstd, dx, part,
         m, k, rows_per_prog, HAS_W=weight is not None, RMS=rms, NEED_DW=need_dweight, SINGLE=single,
-        BLOCK_K=block, num_warps=min(max(block // 256, 1), 16),
+        BLOCK_K=block, num_warps=min(max(block // 256, 1), 8),
     )
     if not need_dweight:
         return dx, None, None
