@@ -91,6 +91,11 @@ def _stat(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
 
 
+def _on(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it x's (x may live on cuda:1)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -139,61 +144,69 @@ class TritonBackend(Backend):
     def channel_stats(self, x):
         if x.numel() == 0:
             return _REFERENCE.channel_stats(x)
-        return self._k.channel_stats(x, programs=self._target_programs(x), tile=_TUNING["channel_tile"])
+        with _on(x):
+            return self._k.channel_stats(x, programs=self._target_programs(x), tile=_TUNING["channel_tile"])
 
     def channel_apply(self, x, scale, shift, residual, act):
         if x.numel() == 0:
             return _REFERENCE.channel_apply(x, scale, shift, residual, act)
-        return self._k.channel_apply(x, _stat(scale), _stat(shift), _dense_like(residual, x), act,
-                                     block=_TUNING["elementwise_block"])
+        with _on(x):
+            return self._k.channel_apply(x, _stat(scale), _stat(shift), _dense_like(residual, x), act,
+                                         block=_TUNING["elementwise_block"])
 
     def channel_backward_reduce(self, x, dy, mean, rstd, scale, shift, residual, act):
         if x.numel() == 0:
             return _REFERENCE.channel_backward_reduce(x, dy, mean, rstd, scale, shift, residual, act)
-        return self._k.channel_backward_reduce(
-            x, _dense_like(dy, x), _dense_like(residual, x), _stat(mean), _stat(rstd), _stat(scale),
-            _stat(shift), act, programs=self._target_programs(x), tile=_TUNING["channel_tile"],
-        )
+        with _on(x):
+            return self._k.channel_backward_reduce(
+                x, _dense_like(dy, x), _dense_like(residual, x), _stat(mean), _stat(rstd), _stat(scale),
+                _stat(shift), act, programs=self._target_programs(x), tile=_TUNING["channel_tile"],
+            )
 
     def channel_backward_dx(self, x, dy, mean, rstd, scale, shift, residual, act, mean_dz, mean_dz_xhat,
                             need_dz):
         if x.numel() == 0:
             return _REFERENCE.channel_backward_dx(x, dy, mean, rstd, scale, shift, residual, act, mean_dz,
                                                   mean_dz_xhat, need_dz)
-        return self._k.channel_backward_dx(
-            x, _dense_like(dy, x), _dense_like(residual, x), _stat(mean), _stat(rstd), _stat(scale),
-            _stat(shift), act, _stat(mean_dz), _stat(mean_dz_xhat), bool(need_dz),
-            block=_TUNING["elementwise_block"],
-        )
+        with _on(x):
+            return self._k.channel_backward_dx(
+                x, _dense_like(dy, x), _dense_like(residual, x), _stat(mean), _stat(rstd), _stat(scale),
+                _stat(shift), act, _stat(mean_dz), _stat(mean_dz_xhat), bool(need_dz),
+                block=_TUNING["elementwise_block"],
+            )
 
     # ------------------------------------------------------------------ row family (LN, RMS)
     def row_forward(self, x2d, weight, bias, eps, rms):
         if x2d.numel() == 0:
             return _REFERENCE.row_forward(x2d, weight, bias, eps, rms)
-        return self._k.row_forward(x2d.contiguous(), _vec(weight), _vec(bias), float(eps), bool(rms),
-                                   max_block=_TUNING["row_max_block"])
+        with _on(x2d):
+            return self._k.row_forward(x2d.contiguous(), _vec(weight), _vec(bias), float(eps), bool(rms),
+                                       max_block=_TUNING["row_max_block"])
 
     def row_backward(self, x2d, dy2d, mean, rstd, weight, rms, need_dweight):
         if x2d.numel() == 0:
             return _REFERENCE.row_backward(x2d, dy2d, mean, rstd, weight, rms, need_dweight)
-        return self._k.row_backward(
-            x2d.contiguous(), dy2d.contiguous(), _stat(mean), _stat(rstd), _vec(weight), bool(rms),
-            bool(need_dweight), programs=self._target_programs(x2d), max_block=_TUNING["row_max_block"],
-        )
+        with _on(x2d):
+            return self._k.row_backward(
+                x2d.contiguous(), dy2d.contiguous(), _stat(mean), _stat(rstd), _vec(weight), bool(rms),
+                bool(need_dweight), programs=self._target_programs(x2d), max_block=_TUNING["row_max_block"],
+            )
 
     # ------------------------------------------------------------------ row family (GN, IN)
     def group_forward(self, x, num_groups, weight, bias, eps, residual, act):
         if x.numel() == 0:
             return _REFERENCE.group_forward(x, num_groups, weight, bias, eps, residual, act)
-        return self._k.group_forward(x, int(num_groups), _vec(weight), _vec(bias), float(eps),
-                                     _dense_like(residual, x), act, tile=_TUNING["group_tile"])
+        with _on(x):
+            return self._k.group_forward(x, int(num_groups), _vec(weight), _vec(bias), float(eps),
+                                         _dense_like(residual, x), act, tile=_TUNING["group_tile"])
 
     def group_backward(self, x, dy, mean, rstd, num_groups, weight, bias, residual, act, need_dweight,
                        need_dz):
         if x.numel() == 0:
             return _REFERENCE.group_backward(x, dy, mean, rstd, num_groups, weight, bias, residual, act,
                                              need_dweight, need_dz)
-        return self._k.group_backward(
-            x, _dense_like(dy, x), _stat(mean), _stat(rstd), int(num_groups), _vec(weight), _vec(bias),
-            _dense_like(residual, x), act, bool(need_dweight), bool(need_dz), tile=_TUNING["group_tile"],
-        )
+        with _on(x):
+            return self._k.group_backward(
+                x, _dense_like(dy, x), _stat(mean), _stat(rstd), int(num_groups), _vec(weight), _vec(bias),
+                _dense_like(residual, x), act, bool(need_dweight), bool(need_dz), tile=_TUNING["group_tile"],
+            )

@@ -266,7 +266,7 @@ def channel_backward_reduce(x, dy, residual, mean, rstd, scale, shift, act, *, p
     part = torch.empty(chunks, 2 * c, device=x.device, dtype=torch.float32)
     channel_backward_reduce_partial_kernel[plan["grid"]](
         x, dy, residual if residual is not None else x, mean, rstd, scale, shift, part, *_args(v),
-        plan["n_per_prog"], HAS_RES=residual is not None, ACT=ACT_CODES[act], **plan["blocks"],
+        plan["n_per_prog"], HAS_RES=residual is not None and act != "", ACT=ACT_CODES[act], **plan["blocks"],
     )
     sums = sum_partials(part, torch.empty(2 * c, device=x.device, dtype=torch.float32))
     return sums[:c].clone(), sums[c:].clone()  # separate tensors: op outputs must not alias
@@ -302,7 +302,8 @@ def channel_backward_dx(x, dy, residual, mean, rstd, scale, shift, act, mean_dz,
     dz = torch.empty_like(x) if need_dz else None
     channel_backward_dx_kernel[grid](
         x, dy, residual if residual is not None else x, dx, dz if need_dz else dx, mean, rstd, scale, shift,
-        mean_dz, mean_dzx, *_args(v), HAS_RES=residual is not None, ACT=ACT_CODES[act], STORE_DZ=need_dz,
+        mean_dz, mean_dzx, *_args(v), HAS_RES=residual is not None and act != "", ACT=ACT_CODES[act],
+        STORE_DZ=need_dz,
         **blocks,
     )
     return dx, dz

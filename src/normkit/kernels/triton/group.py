@@ -234,7 +234,8 @@ def group_backward(x, dy, mean, rstd, num_groups, weight, bias, residual, act, n
         x, dy, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, mean, rstd, dx, dz if need_dz else dx, part,
         c, p["s"], num_groups, p["cg"], *p["strides"],
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None, ACT=ACT_CODES[act],
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None and act != "",
+        ACT=ACT_CODES[act],
         NEED_DW=need_dweight, STORE_DZ=need_dz, **p["blocks"],
     )
     if not need_dweight:
