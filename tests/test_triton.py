@@ -238,6 +238,39 @@ def test_bitwise_deterministic(name):
         assert torch.equal(first[k], second[k]), f"{name}: {k} differs between two identical runs"
 
 
+# ----------------------------------------------------------------------------- custom-op contract
+def _opcheck_cases():
+    """(op name, args) for every normkit custom op, channels_last where it applies, tiny shapes."""
+    g = torch.Generator().manual_seed(7)
+
+    def rnd(*shape, cl=False):
+        t = 3 + torch.randn(*shape, generator=g)
+        t = t.contiguous(memory_format=torch.channels_last) if cl else t
+        return t.to(DEVICE)
+
+    x, dy, res = rnd(2, 3, 4, 5, cl=True), rnd(2, 3, 4, 5, cl=True), rnd(2, 3, 4, 5, cl=True)
+    w, b, stat = rnd(3), rnd(3), rnd(3).abs()
+    gstat = rnd(2, 3).abs()
+    x2, dy2, w2, b2, m2 = rnd(3, 7), rnd(3, 7), rnd(7), rnd(7), rnd(3).abs()
+    return [
+        ("batch_norm_train", (x, w, b, res, 1e-5, "silu")),
+        ("batch_norm_infer", (x, stat, stat, w, b, None, 1e-5, "relu")),
+        ("batch_norm_backward", (dy, x, stat, stat, w, b, res, "gelu", True, True)),
+        ("group_norm", (x, 3, w, b, res, 1e-5, "gelu")),
+        ("group_norm_backward", (dy, x, gstat, gstat, 3, w, b, res, "silu", True, True)),
+        ("layer_norm", (x2, [7], w2, b2, 1e-5)),
+        ("rms_norm", (x2, [7], w2, 1e-5)),
+        ("row_norm_backward", (dy2, x2, m2, m2, [7], w2, True)),
+    ]
+
+
+@pytest.mark.parametrize("name,args", _opcheck_cases(), ids=[c[0] for c in _opcheck_cases()])
+def test_custom_op_contract_on_triton(name, args):
+    """torch.library.opcheck: schema, fake kernel (shapes, strides), no aliasing, autograd registration."""
+    with normkit.backend("triton"):
+        torch.library.opcheck(getattr(torch.ops.normkit, name), args)
+
+
 # ----------------------------------------------------------------------------- selection
 def test_float64_is_refused_with_a_reason():
     x = torch.randn(2, 3, 4, dtype=torch.float64, device=DEVICE)
