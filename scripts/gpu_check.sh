@@ -5,9 +5,12 @@
 #
 # 1. prints the device, torch and triton versions;
 # 2. runs tests/test_triton.py on the GPU (CUDA present => the tests pick device "cuda");
-# 3. runs `normkit bench --device cuda` and writes docs/benchmarks/gpu-<device>.json and .png
+# 3. times the issue's targets (scripts/triton_targets.py: BatchNorm2d bf16 channels_last at
+#    ResNet-50 shapes, LayerNorm/RMSNorm 16384x4096 vs copy bandwidth, GroupNorm(32), each against
+#    torch) into docs/benchmarks/gpu-<device>-targets.json;
+# 4. runs `normkit bench --device cuda` and writes docs/benchmarks/gpu-<device>.json and .png
 #    (skipped with a message when normkit.bench is not part of this checkout);
-# 4. prints a summary. Logs, JSON and plot are also copied to $OUT when it is set.
+# 5. prints a summary. Logs, JSON and plot are also copied to $OUT when it is set.
 #
 # Nothing is installed: the repository's src/ goes on PYTHONPATH. Each step has a time limit so
 # the whole run stays under 8 minutes; a failed or timed-out step is reported, later steps still run,
@@ -19,8 +22,9 @@ ROOT=$(pwd)
 PY=${PYTHON:-python}
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET  # compile for the GPU, never the interpreter
-TEST_LIMIT=${TEST_LIMIT:-180}    # seconds
-BENCH_LIMIT=${BENCH_LIMIT:-270}  # seconds
+TEST_LIMIT=${TEST_LIMIT:-170}        # seconds
+TARGETS_LIMIT=${TARGETS_LIMIT:-90}   # seconds
+BENCH_LIMIT=${BENCH_LIMIT:-200}      # seconds
 LOGDIR=${OUT:-$ROOT/docs/benchmarks}/gpu_check_logs
 mkdir -p "$LOGDIR" "$ROOT/docs/benchmarks"
 START=$(date +%s)
@@ -44,6 +48,7 @@ fi
 DEVICE_TAG=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name(0).lower()).strip('-'))")
 JSON="docs/benchmarks/gpu-$DEVICE_TAG.json"
 PLOT="docs/benchmarks/gpu-$DEVICE_TAG.png"
+TARGETS="docs/benchmarks/gpu-$DEVICE_TAG-targets.json"
 
 say "triton kernel tests on the GPU (limit ${TEST_LIMIT}s)"
 set +e
@@ -53,6 +58,14 @@ TEST_RC=${PIPESTATUS[0]}
 set -e
 if [ "$TEST_RC" -ne 0 ]; then STATUS=1; fi
 if [ "$TEST_RC" -eq 124 ]; then echo "gpu_check: tests timed out after ${TEST_LIMIT}s"; fi
+
+say "issue targets: triton vs torch (limit ${TARGETS_LIMIT}s)"
+set +e
+timeout --kill-after=10 "$TARGETS_LIMIT" "$PY" scripts/triton_targets.py --json "$TARGETS" \
+    2>&1 | tee "$LOGDIR/targets.log"
+TARGETS_RC=${PIPESTATUS[0]}
+set -e
+if [ "$TARGETS_RC" -ne 0 ]; then STATUS=1; fi
 
 say "normkit bench --device cuda (limit ${BENCH_LIMIT}s)"
 BENCH_RC=skipped
@@ -80,6 +93,7 @@ fi
 
 say "summary"
 echo "tests: exit $TEST_RC   ($(grep -E '[0-9]+ (passed|failed)' "$LOGDIR/tests.log" | tail -1 || true))"
+echo "targets: exit $TARGETS_RC   (records in $TARGETS)"
 echo "bench: exit $BENCH_RC"
 if [ -f "$JSON" ]; then
     "$PY" - "$JSON" <<'EOF' || true
@@ -95,7 +109,7 @@ EOF
     ls -l "$JSON" "$PLOT" 2>/dev/null || true
 fi
 if [ -n "${OUT:-}" ]; then
-    for f in "$JSON" "$PLOT"; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+    for f in "$JSON" "$PLOT" "$TARGETS"; do if [ -f "$f" ]; then cp "$f" "$OUT/"; fi; done
     echo "copied logs and results to $OUT"
 fi
 echo "total $(( $(date +%s) - START ))s, status $STATUS"
