@@ -1,9 +1,10 @@
 """The Triton backend against the reference backend, op by op, through ``normkit.backend("triton")``.
 
-Without CUDA the kernels run on CPU tensors under the Triton interpreter: ``TRITON_INTERPRET=1``
-is set here, before anything imports the kernels (pytest imports every test module before it
-runs any test, and only this module's tests use the triton backend; the variable changes nothing
-for code that does not use ``triton.jit``). With CUDA the same tests run on the GPU.
+Without CUDA the kernels run on CPU tensors under the Triton interpreter. ``triton.jit`` decides
+at import time whether it builds interpreter objects, so this module imports triton and the
+kernels with ``TRITON_INTERPRET=1`` and then puts the environment back as it was; a module
+fixture sets the variable again only while this module's tests run (the backend checks it per
+call). Other test files never see it. With CUDA the same tests run on the GPU.
 
 Accuracy rule (DESIGN.md §4): every result is compared with the float64 reference ("truth"); the
 Triton error may be at most twice the reference backend's own error in the same dtype, plus a
@@ -22,9 +23,30 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
+
+
+def _set_interpret(value: str | None) -> str | None:
+    """Set (or, for None, remove) TRITON_INTERPRET; returns the previous value."""
+    old = os.environ.get("TRITON_INTERPRET")
+    if value is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = value
+    return old
+
+
 if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+    _before = _set_interpret("1")
+    try:
+        triton = pytest.importorskip("triton")
+        importlib.import_module("normkit.kernels.triton")
+    finally:
+        _set_interpret(_before)
+    if any(isinstance(f, triton.runtime.jit.JITFunction) for f in vars(triton.language.standard).values()):
+        raise RuntimeError("triton was imported before tests/test_triton.py could set TRITON_INTERPRET=1, "
+                           "so triton.language is built for the GPU; run with TRITON_INTERPRET=1 set")
+else:
+    pytest.importorskip("triton")
 
 import normkit  # noqa: E402
 import normkit.functional as F  # noqa: E402
@@ -35,18 +57,27 @@ DEVICE = "cuda" if CUDA else "cpu"
 FLOOR = {torch.float32: 4e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # ≈ 2 ulp at 1.0, relative
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _kernels_for_this_device():
-    """Make sure the kernels were built for the interpreter on CPU, even if loaded earlier."""
+def load_kernels(interpreted: bool):
+    """The kernel package, (re)built for the interpreter or the GPU as asked (TRITON_INTERPRET must match)."""
     kernels = importlib.import_module("normkit.kernels.triton")
-    if not CUDA and not kernels.INTERPRETED:
+    if kernels.INTERPRETED != interpreted:
         for name in ("_common", "channel", "row", "group"):
             importlib.reload(importlib.import_module(f"normkit.kernels.triton.{name}"))
         importlib.reload(kernels)
         # re-registering drops the cached backend instance, so the next use sees the new kernels
         backends.register_backend("triton", TritonBackend)
-    assert importlib.import_module("normkit.kernels.triton").INTERPRETED == (not CUDA)
+    assert kernels.INTERPRETED == interpreted
+    return kernels
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernels_for_this_device():
+    env = pytest.MonkeyPatch()
+    if not CUDA:
+        env.setenv("TRITON_INTERPRET", "1")  # the backend runs CPU tensors only while it is set
+    load_kernels(interpreted=not CUDA)
     yield
+    env.undo()
 
 
 # ----------------------------------------------------------------------------- cases
@@ -284,7 +315,20 @@ def test_float64_is_refused_with_a_reason():
 def test_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     reason = TritonBackend().unsupported("row_forward", torch.randn(2, 3))
-    assert reason is not None and "TRITON_INTERPRET=1" in reason
+    assert reason is not None and "set TRITON_INTERPRET=1" in reason
+
+
+@pytest.mark.skipif(CUDA, reason="CPU tensors only matter without CUDA")
+def test_kernels_built_for_the_gpu_refuse_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    load_kernels(interpreted=False)
+    try:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        reason = TritonBackend().unsupported("row_forward", torch.randn(2, 3))
+        assert reason is not None and "loaded before TRITON_INTERPRET=1 was set" in reason
+    finally:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        load_kernels(interpreted=True)
 
 
 def test_missing_triton_is_a_reason(monkeypatch):
