@@ -119,6 +119,8 @@ CASES = [
     Case("bn_large_mean", "batch_norm", (8, 3, 4, 4), offset=1e4, spread=1.0),
     Case("bn_split_nchw", "batch_norm", (4, 3, 5, 7), tune=SPLIT_BN),
     Case("bn_split_nhwc_fp16", "batch_norm", (4, 3, 5, 7), torch.float16, "channels_last", tune=SPLIT_BN),
+    Case("bn_split_small_batch", "batch_norm", (2, 3, 9, 7), residual=True, act="relu",
+         tune={"channel_tile": 16, "programs": 30}),
     Case("bn_split_large_mean", "batch_norm", (8, 3, 4, 4), layout="channels_last", offset=1e4, spread=1.0,
          tune=SPLIT_BN),
     # BatchNorm fused residual + activation (train and eval, both layouts)
@@ -355,8 +357,12 @@ def test_tuned_cases_reach_the_split_paths():
                                       SPLIT_BN["channel_tile"])
         blocks = plan["blocks"]
         assert plan["grid"][1] > 1, "several programs per channel"
-        several_tiles = plan["n_per_prog"] > blocks["BLOCK_N"] or blocks["BLOCK_S"] < plan["view"]["S"]
+        several_tiles = plan["n_per_prog"] > blocks["BLOCK_N"] or plan["s_per_prog"] > blocks["BLOCK_S"]
         assert several_tiles, "each program walks several tiles"
+    small_batch = next(c for c in CASES if c.name == "bn_split_small_batch")
+    plan = channel.reduction_plan(torch.empty(small_batch.shape, device=DEVICE), SPLIT_BN["programs"],
+                                  SPLIT_BN["channel_tile"])
+    assert plan["s_chunks"] > 1 and plan["grid"][1] > plan["s_chunks"], "chunks along n and s"
     assert row._block(33, 16) == (16, False)
 
 

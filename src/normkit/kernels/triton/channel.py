@@ -16,8 +16,9 @@ and walks it in (BLOCK_N × BLOCK_C × BLOCK_S) tiles — no integer division pe
 
 A (N, C) input is the NHWC case with S = 1.
 
-Split reduction. The view's first axis (samples for NCHW, pixels for NHWC) is cut into P chunks
-and the grid is (channel tiles, P), so a channel does not serialize the GPU (BatchNorm at ResNet
+Split reduction. Each channel's (n, s) plane is cut into P chunks — along n (samples for NCHW,
+pixels for NHWC) and, when a small batch gives too few, along s too — and the grid is
+(channel tiles, P), so a channel does not serialize the GPU (BatchNorm at ResNet
 shapes has C = 64 channels of 3.2 M values each). Each program writes a partial (mean, M2) —
 merged in a second kernel with Chan's formula — or partial sums for the backward, summed in a
 fixed order. No atomics: same input, same bits, on every run. The statistics are computed on
@@ -26,7 +27,6 @@ neither cancels in M2 nor blurs the partial means; the mean is rounded once, at 
 
 Limits: float16/bfloat16/float32 input (fp32 accumulation, fp32 statistics); fewer than 2³¹
 elements (32-bit offsets); x, dy, residual share one dense layout (the ops layer guarantees it).
-NCHW splits over samples only: with N = 1 and a large image each channel is one program.
 """
 
 import torch
@@ -50,6 +50,24 @@ def _tile(n0, c0, s0, n_end, C, S, sN, sC, sS,
 def _channel_index(c0, BLOCK_C: tl.constexpr):
     """Channel indices c0 … c0 + BLOCK_C − 1 shaped (1, BLOCK_C, 1) to broadcast over a tile."""
     return (c0 + tl.arange(0, BLOCK_C))[None, :, None]
+
+
+@triton.jit
+def _chunk(p, N, S, n_per_prog, s_per_prog, S_CHUNKS):
+    """The (n, s) ranges of chunk p: n in [n_start, n_end), s in [s_start, s_end)."""
+    pn = p // S_CHUNKS
+    ps = p - pn * S_CHUNKS
+    n_start = pn * n_per_prog
+    s_start = ps * s_per_prog
+    return n_start, tl.minimum(n_start + n_per_prog, N), s_start, tl.minimum(s_start + s_per_prog, S)
+
+
+@triton.jit
+def _chunk_count(p, N, S, n_per_prog, s_per_prog, S_CHUNKS):
+    """How many values chunk(s) p hold (p may be a vector)."""
+    pn = p // S_CHUNKS
+    ps = p - pn * S_CHUNKS
+    return tl.minimum(N - pn * n_per_prog, n_per_prog) * tl.minimum(S - ps * s_per_prog, s_per_prog)
 
 
 @triton.jit
@@ -78,26 +96,26 @@ def _dz(x, dy, res_ptr, off, ok, scale, shift, HAS_RES: tl.constexpr, ACT: tl.co
 # ----------------------------------------------------------------------------- statistics
 @triton.jit
 def channel_stats_partial_kernel(x_ptr, mean_part_ptr, m2_part_ptr, N, C, S, sN, sC, sS, n_per_prog,
+                                 s_per_prog, S_CHUNKS,
                                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program (t, p): (mean − pivot, M2) over n in [p·n_per_prog, …) and all s, per channel of tile t.
+    """Program (t, p): (mean − pivot, M2) over chunk p of the (n, s) plane, per channel of tile t.
 
     pivot_c = x[0, c, 0], the same for every program: sums of x − pivot stay small, so the
     partial means keep their precision when every x is ≈ 1e4 (the "shifted data" algorithm).
     """
     c0 = tl.program_id(0) * BLOCK_C
-    n_start = tl.program_id(1) * n_per_prog
-    n_end = tl.minimum(n_start + n_per_prog, N)
+    n_start, n_end, s_start, s_end = _chunk(tl.program_id(1), N, S, n_per_prog, s_per_prog, S_CHUNKS)
     c = _channel_index(c0, BLOCK_C)
     pivot = tl.load(x_ptr + c * sC, mask=c < C, other=0.0).to(tl.float32)
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
-        for s0 in range(0, S, BLOCK_S):
-            off, ok, _ = _tile(n0, c0, s0, n_end, C, S, sN, sC, sS, BLOCK_N, BLOCK_C, BLOCK_S)
+        for s0 in range(s_start, s_end, BLOCK_S):
+            off, ok, _ = _tile(n0, c0, s0, n_end, C, s_end, sN, sC, sS, BLOCK_N, BLOCK_C, BLOCK_S)
             x = tl.where(ok, tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32) - pivot, 0.0)
             # this tile's own two-pass statistics, from registers ...
-            n_b = (tl.minimum(n_end - n0, BLOCK_N) * tl.minimum(S - s0, BLOCK_S)).to(tl.float32)
+            n_b = (tl.minimum(n_end - n0, BLOCK_N) * tl.minimum(s_end - s0, BLOCK_S)).to(tl.float32)
             mean_b = _sum_nc(x) / n_b
             d = tl.where(ok, x - mean_b[None, :, None], 0.0)
             # ... merged into the running ones (Chan)
@@ -109,8 +127,8 @@ def channel_stats_partial_kernel(x_ptr, mean_part_ptr, m2_part_ptr, N, C, S, sN,
 
 @triton.jit
 def channel_stats_merge_kernel(x_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, N, C, S, sC, n_per_prog,
-                               P, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Merge P partials per channel, partial p holding n_p = (its share of N)·S values:
+                               s_per_prog, S_CHUNKS, P, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge P partials per channel, partial p holding n_p values (its chunk of the (n, s) plane):
 
         μ − pivot = Σ n_p·μ'_p / m,   M2 = Σ M2_p + n_p·(μ'_p − (μ − pivot))²,   σ² = M2 / m
     """
@@ -121,7 +139,7 @@ def channel_stats_merge_kernel(x_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         ok = (p < P)[:, None] & c_ok[None, :]
-        n_p = tl.where(p < P, tl.minimum(N - p * n_per_prog, n_per_prog) * S, 0).to(tl.float32)
+        n_p = tl.where(p < P, _chunk_count(p, N, S, n_per_prog, s_per_prog, S_CHUNKS), 0).to(tl.float32)
         mean_p = tl.load(mean_part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0)
         acc += n_p[:, None] * mean_p
     shifted = tl.sum(acc, axis=0) / total
@@ -129,7 +147,7 @@ def channel_stats_merge_kernel(x_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         ok = (p < P)[:, None] & c_ok[None, :]
-        n_p = tl.where(p < P, tl.minimum(N - p * n_per_prog, n_per_prog) * S, 0).to(tl.float32)
+        n_p = tl.where(p < P, _chunk_count(p, N, S, n_per_prog, s_per_prog, S_CHUNKS), 0).to(tl.float32)
         mean_p = tl.load(mean_part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0)
         m2_p = tl.load(m2_part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0)
         d = mean_p - shifted[None, :]
@@ -142,13 +160,13 @@ def channel_stats_merge_kernel(x_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_
 # ----------------------------------------------------------------------------- backward reduce
 @triton.jit
 def channel_backward_reduce_partial_kernel(x_ptr, dy_ptr, res_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
-                                           part_ptr, N, C, S, sN, sC, sS, n_per_prog, HAS_RES: tl.constexpr,
+                                           part_ptr, N, C, S, sN, sC, sS, n_per_prog, s_per_prog, S_CHUNKS,
+                                           HAS_RES: tl.constexpr,
                                            ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                                            BLOCK_S: tl.constexpr):
-    """Program (t, p): Σdz and Σdz·x̂ over its share of N, stored as part[p, 0, c] and part[p, 1, c]."""
+    """Program (t, p): Σdz and Σdz·x̂ over chunk p, stored as part[p, 0, c] and part[p, 1, c]."""
     c0 = tl.program_id(0) * BLOCK_C
-    n_start = tl.program_id(1) * n_per_prog
-    n_end = tl.minimum(n_start + n_per_prog, N)
+    n_start, n_end, s_start, s_end = _chunk(tl.program_id(1), N, S, n_per_prog, s_per_prog, S_CHUNKS)
     c = _channel_index(c0, BLOCK_C)
     mean = _per_channel(mean_ptr, c, C)
     rstd = _per_channel(rstd_ptr, c, C)
@@ -157,8 +175,8 @@ def channel_backward_reduce_partial_kernel(x_ptr, dy_ptr, res_ptr, mean_ptr, rst
     acc_dz = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
     acc_dzx = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
-        for s0 in range(0, S, BLOCK_S):
-            off, ok, _ = _tile(n0, c0, s0, n_end, C, S, sN, sC, sS, BLOCK_N, BLOCK_C, BLOCK_S)
+        for s0 in range(s_start, s_end, BLOCK_S):
+            off, ok, _ = _tile(n0, c0, s0, n_end, C, s_end, sN, sC, sS, BLOCK_N, BLOCK_C, BLOCK_S)
             x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
             dz = _dz(x, dy, res_ptr, off, ok, scale, shift, HAS_RES, ACT)  # 0 where masked (dy = 0)
@@ -222,8 +240,12 @@ def _np2(k):
     return triton.next_power_of_2(max(int(k), 1))
 
 
-def reduction_plan(x, programs, tile, n_per_prog=None):
-    """Tile and split of the per-channel reduction: about ``programs`` programs (at least one per tile)."""
+def reduction_plan(x, programs, tile):
+    """Tile and split of the per-channel reduction: about ``programs`` programs (at least one per tile).
+
+    The (n, s) plane of each channel is cut into n-chunks, and — when N alone gives too few (NCHW
+    with a small batch) — each n-chunk into s-chunks as well.
+    """
     v = view3(x)
     if v["channels_last"]:
         bc = min(_np2(v["C"]), 64)
@@ -232,41 +254,47 @@ def reduction_plan(x, programs, tile, n_per_prog=None):
         bc, bs = 1, min(_np2(v["S"]), tile)
         bn = max(1, min(_np2(v["N"]), tile // bs))
     c_tiles = triton.cdiv(v["C"], bc)
-    if n_per_prog is None:
-        chunks = max(1, min(triton.cdiv(programs, c_tiles), triton.cdiv(v["N"], bn)))
-        n_per_prog = triton.cdiv(triton.cdiv(v["N"], chunks), bn) * bn
+    want = max(1, triton.cdiv(programs, c_tiles))
+    n_chunks = min(want, triton.cdiv(v["N"], bn))
+    s_chunks = max(1, min(triton.cdiv(want, n_chunks), triton.cdiv(v["S"], bs)))
+    n_per_prog = triton.cdiv(triton.cdiv(v["N"], n_chunks), bn) * bn
+    s_per_prog = triton.cdiv(triton.cdiv(v["S"], s_chunks), bs) * bs
+    n_chunks, s_chunks = triton.cdiv(v["N"], n_per_prog), triton.cdiv(v["S"], s_per_prog)
     return dict(view=v, blocks=dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_S=bs), n_per_prog=n_per_prog,
-                grid=(c_tiles, triton.cdiv(v["N"], n_per_prog)))
+                s_per_prog=s_per_prog, s_chunks=s_chunks, grid=(c_tiles, n_chunks * s_chunks))
 
 
-def channel_stats(x, *, programs, tile=2048, n_per_prog=None):
+def _split(plan):
+    return plan["n_per_prog"], plan["s_per_prog"], plan["s_chunks"]
+
+
+def channel_stats(x, *, programs, tile=2048):
     """Per-channel (mean, biased var) in fp32, shape (C,). ``programs``: how many to aim for."""
-    plan = reduction_plan(x, programs, tile, n_per_prog)
+    plan = reduction_plan(x, programs, tile)
     v, chunks = plan["view"], plan["grid"][1]
     mean_part = torch.empty(chunks, v["C"], device=x.device, dtype=torch.float32)
     m2_part = torch.empty_like(mean_part)
-    channel_stats_partial_kernel[plan["grid"]](x, mean_part, m2_part, *_args(v), plan["n_per_prog"],
+    channel_stats_partial_kernel[plan["grid"]](x, mean_part, m2_part, *_args(v), *_split(plan),
                                                **plan["blocks"])
     mean = torch.empty(v["C"], device=x.device, dtype=torch.float32)
     var = torch.empty_like(mean)
     block_c = min(_np2(v["C"]), 128)
     channel_stats_merge_kernel[(triton.cdiv(v["C"], block_c),)](
-        x, mean_part, m2_part, mean, var, v["N"], v["C"], v["S"], v["sC"], plan["n_per_prog"], chunks,
+        x, mean_part, m2_part, mean, var, v["N"], v["C"], v["S"], v["sC"], *_split(plan), chunks,
         BLOCK_P=min(_np2(chunks), 32), BLOCK_C=block_c,
     )
     return mean, var
 
 
-def channel_backward_reduce(x, dy, residual, mean, rstd, scale, shift, act, *, programs, tile=2048,
-                            n_per_prog=None):
+def channel_backward_reduce(x, dy, residual, mean, rstd, scale, shift, act, *, programs, tile=2048):
     """(Σdz, Σdz·x̂) per channel in fp32, each (C,)."""
-    plan = reduction_plan(x, programs, tile, n_per_prog)
+    plan = reduction_plan(x, programs, tile)
     v, chunks = plan["view"], plan["grid"][1]
     c = v["C"]
     part = torch.empty(chunks, 2 * c, device=x.device, dtype=torch.float32)
     channel_backward_reduce_partial_kernel[plan["grid"]](
         x, dy, residual if residual is not None else x, mean, rstd, scale, shift, part, *_args(v),
-        plan["n_per_prog"], HAS_RES=residual is not None and act != "", ACT=ACT_CODES[act], **plan["blocks"],
+        *_split(plan), HAS_RES=residual is not None and act != "", ACT=ACT_CODES[act], **plan["blocks"],
     )
     sums = sum_partials(part, torch.empty(2 * c, device=x.device, dtype=torch.float32))
     return sums[:c].clone(), sums[c:].clone()  # separate tensors: op outputs must not alias
