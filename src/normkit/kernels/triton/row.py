@@ -16,9 +16,10 @@ twice but no row length is too long.
 
 Backward: P programs (about the device's program capacity), each owning a contiguous range of
 rows. dx is formed row by row; dγ/dβ are accumulated per program — in registers on the
-single-block path, in the program's own row of a (P, K) fp32 buffer on the split path — and a
-second kernel sums the P partial rows in a fixed order. So the buffer is P × K, never M × K, and
-no atomics are used (deterministic).
+single-block path, in the program's own row of a (P, K) fp32 buffer on the split path (read,
+add, write; a barrier between rows orders the threads' accesses) — and a second kernel sums
+the P partial rows in a fixed order. So the buffer is P × K, never M × K, and no atomics are
+used (deterministic).
 
 Limits: float16/bfloat16/float32 (fp32 statistics); fewer than 2³¹ elements; one row per program
 in the forward (short rows with huge M launch M small programs; long rows with tiny M use few).
@@ -156,6 +157,10 @@ def row_backward_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, part_p
                     tl.store(dw_ptr + k0 + k, dw + dy * xhat, mask=ok)
                     db = tl.load(db_ptr + k0 + k, mask=ok, other=0.0)
                     tl.store(db_ptr + k0 + k, db + dy, mask=ok)
+            if NEED_DW:
+                # the next row reads these partial sums back: make this row's stores visible to
+                # every thread of the program, whatever layout the compiler picks for the loads
+                tl.debug_barrier()
     if SINGLE and NEED_DW:
         tl.store(dw_ptr + k, dw_acc, mask=k < K)
         tl.store(db_ptr + k, db_acc, mask=k < K)
