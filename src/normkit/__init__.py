@@ -16,6 +16,12 @@ from .nn import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    FrozenBatchNorm2d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
     GroupNorm,
     InstanceNorm1d,
     InstanceNorm2d,
@@ -25,8 +31,9 @@ from .nn import (
     LazyBatchNorm2d,
     LazyBatchNorm3d,
     RMSNorm,
+    SyncBatchNorm,
 )
-from .tools import convert
+from .tools import convert, export_onnx, fold, freeze, inspect, recalibrate, unfreeze
 
 __version__ = "0.1.0"
 
@@ -43,9 +50,22 @@ __all__ = [
     "LayerNorm",
     "GroupNorm",
     "RMSNorm",
+    "SyncBatchNorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "FrozenBatchNorm2d",
+    "freeze",
+    "unfreeze",
     "functional",
     "backend",
     "convert",
+    "fold",
+    "recalibrate",
+    "export_onnx",
+    "inspect",
     "NormInputError",
     "BackendUnavailableError",
     "__version__",

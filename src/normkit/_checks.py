@@ -40,6 +40,11 @@ def check_ndim(where: str, x: torch.Tensor, allowed: Sequence[int], layout: str)
         raise fail(where, "input", f"{dims} input {layout}", f"{x.dim()}D input of {shape_str(x)}")
 
 
+def check_min_ndim(where: str, x: torch.Tensor, min_dim: int, layout: str) -> None:
+    if x.dim() < min_dim:
+        raise fail(where, "input", f"at least {min_dim}D input {layout}", f"{x.dim()}D input of {shape_str(x)}")
+
+
 def check_channels(where: str, x: torch.Tensor, num_features: int, dim: int = 1) -> None:
     if x.dim() <= dim or x.shape[dim] != num_features:
         got = x.shape[dim] if x.dim() > dim else "none"

@@ -51,8 +51,7 @@ def check_batch_norm(
 ) -> str:
     """All of batch_norm's input checks; returns the normalised ``act``."""
     C.check_tensor(where, "input", input)
-    if input.dim() < 2:
-        raise C.fail(where, "input", "at least 2D input (N, C, *)", f"{input.dim()}D input of {C.shape_str(input)}")
+    C.check_min_ndim(where, input, 2, "(N, C, *)")
     c = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                     ("bias", bias)):
@@ -119,8 +118,7 @@ def batch_norm(
 # ----------------------------------------------------------------------------- instance norm
 def check_instance_norm(where, input, running_mean, running_var, weight, bias, use_input_stats) -> None:
     C.check_tensor(where, "input", input)
-    if input.dim() < 3:
-        raise C.fail(where, "input", "at least 3D input (N, C, *spatial)", f"{input.dim()}D input of {C.shape_str(input)}")
+    C.check_min_ndim(where, input, 3, "(N, C, *spatial)")
     c = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                     ("bias", bias)):
@@ -160,8 +158,7 @@ def instance_norm(
 # ----------------------------------------------------------------------------- group norm
 def check_group_norm(where, input, num_groups, weight, bias, residual=None, act=None) -> str:
     C.check_tensor(where, "input", input)
-    if input.dim() < 2:
-        raise C.fail(where, "input", "at least 2D input (N, C, *)", f"{input.dim()}D input of {C.shape_str(input)}")
+    C.check_min_ndim(where, input, 2, "(N, C, *)")
     c = input.shape[1]
     if num_groups <= 0 or c % num_groups != 0:
         raise C.fail(where, "num_groups", f"a positive divisor of the {c} input channels", str(num_groups))

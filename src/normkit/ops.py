@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from ._layout import memory_format_of
 from .reference import ReferenceBackend, stat_dtype
 
 backends.register_backend("reference", ReferenceBackend)
@@ -45,17 +46,6 @@ _LIB = "normkit"
 
 
 # ----------------------------------------------------------------------------- helpers
-def memory_format_of(x: Tensor) -> torch.memory_format:
-    """channels_last(_3d) when ``x`` is laid out that way and not also plainly contiguous."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 def _dense(x: Tensor) -> Tensor:
     """``x`` itself if contiguous or channels_last, else a contiguous copy."""
     fmt = memory_format_of(x)
@@ -77,16 +67,21 @@ def _fresh(t: Tensor, *inputs: Tensor | None) -> Tensor:
     return t
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; never a no-op ``Tensor.to`` (schema checks reject ops returning an input)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _empty(x: Tensor) -> Tensor:
     return x.new_empty(0, dtype=stat_dtype(x.dtype))
 
 
 def _scale_shift(weight, bias, mean, rstd):
     """Per-channel ``scale = γ·rstd`` and ``shift = β − mean·scale`` in the statistics' dtype."""
-    scale = rstd if weight is None else weight.to(rstd.dtype) * rstd
+    scale = rstd if weight is None else _cast(weight, rstd.dtype) * rstd
     shift = -mean * scale
     if bias is not None:
-        shift = shift + bias.to(rstd.dtype)
+        shift = shift + _cast(bias, rstd.dtype)
     return scale, shift
 
 
@@ -131,8 +126,8 @@ def batch_norm_infer(
     x = _dense(x)
     residual = _as_layout(residual, x)
     sd = stat_dtype(x.dtype)
-    rstd = torch.rsqrt(var.to(sd) + eps)
-    scale, shift = _scale_shift(weight, bias, mean.to(sd), rstd)
+    rstd = torch.rsqrt(_cast(var, sd) + eps)
+    scale, shift = _scale_shift(weight, bias, _cast(mean, sd), rstd)
     y = backends.resolve("channel_apply", x).channel_apply(x, scale, shift, residual, act)
     return _fresh(y, x, residual)
 
@@ -165,7 +160,7 @@ def batch_norm_backward(
     dy = _as_layout(dy, x)
     residual = _as_layout(residual, x)
     sd = stat_dtype(x.dtype)
-    mean, rstd = mean.to(sd), rstd.to(sd)
+    mean, rstd = _cast(mean, sd), _cast(rstd, sd)
     scale, shift = _scale_shift(weight, bias, mean, rstd)
     sum_dz, sum_dz_xhat = backends.resolve("channel_backward_reduce", x).channel_backward_reduce(
         x, dy, mean, rstd, scale, shift, residual, act
@@ -193,7 +188,7 @@ def _(dy, x, mean, rstd, weight, bias, residual, act, batch_stats, need_dresidua
 def _param_grad(g: Tensor, param: Tensor | None, needed: bool) -> Tensor | None:
     if param is None or not needed:
         return None
-    return g.to(param.dtype)
+    return _cast(g, param.dtype)
 
 
 def _setup_bn_train(ctx, inputs, output):
@@ -208,7 +203,7 @@ def _setup_bn_infer(ctx, inputs, output):
     x, mean, var, weight, bias, residual, eps, act = inputs
     ctx.act, ctx.batch_stats, ctx.has_residual = act, False, residual is not None
     sd = stat_dtype(x.dtype)
-    ctx.save_for_backward(x, weight, bias, residual, mean.to(sd), torch.rsqrt(var.to(sd) + eps))
+    ctx.save_for_backward(x, weight, bias, residual, _cast(mean, sd), torch.rsqrt(_cast(var, sd) + eps))
 
 
 def _bn_grads(ctx, dy):

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ._layout import memory_format_of
 from .backends import Backend
 
 ACTIVATIONS = ("", "relu", "silu", "gelu")
@@ -148,7 +149,7 @@ class ReferenceBackend(Backend):
     def _grouped(self, x, num_groups):
         """(N, C, *) viewed as (N, G, C/G, S) in stat dtype (a copy for channels_last input)."""
         n, c = x.shape[:2]
-        return x.to(stat_dtype(x.dtype)).reshape(n, num_groups, c // num_groups, -1)
+        return x.to(stat_dtype(x.dtype)).reshape(n, num_groups, c // num_groups, _spatial(x))
 
     def _group_xhat(self, x, mean, rstd, num_groups):
         xg = self._grouped(x, num_groups)
@@ -156,7 +157,7 @@ class ReferenceBackend(Backend):
 
     def _group_affine(self, x, xhat_g, weight, bias, residual):
         n, c = x.shape[:2]
-        z = xhat_g.reshape(n, c, -1)
+        z = xhat_g.reshape(n, c, _spatial(x))
         if weight is not None:
             z = z * weight.to(z.dtype)[None, :, None]
         if bias is not None:
@@ -182,8 +183,8 @@ class ReferenceBackend(Backend):
         dz = dy.to(sd)
         if act != "":
             dz = dz * activation_grad(self._group_affine(x, xhat_g, weight, bias, residual), act)
-        dz_c = dz.reshape(n, c, -1)
-        xhat_c = xhat_g.reshape(n, c, -1)
+        dz_c = dz.reshape(n, c, _spatial(x))
+        xhat_c = xhat_g.reshape(n, c, _spatial(x))
         g = dz_c * weight.to(sd)[None, :, None] if weight is not None else dz_c
         g = g.reshape(xhat_g.shape)
         dx = rstd[:, :, None, None] * (
@@ -194,15 +195,10 @@ class ReferenceBackend(Backend):
         return (_like(dx.reshape(x.shape), x), dweight, dbias, _like(dz.reshape(x.shape), x) if need_dz else None)
 
 
+def _spatial(x: torch.Tensor) -> int:
+    return math.prod(x.shape[2:])
+
+
 def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``t`` in ``x``'s dtype and memory format (channels_last stays channels_last)."""
-    fmt = _memory_format(x)
-    return t.to(dtype=x.dtype, memory_format=fmt)
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
+    return t.to(dtype=x.dtype, memory_format=memory_format_of(x))

@@ -1,9 +1,20 @@
 """normkit's nn.Modules: torch.nn's normalization layers, computed by normkit's ops."""
 
-from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
+from .batchnorm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+)
+from .frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from .groupnorm import GroupNorm
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layernorm import LayerNorm, RMSNorm
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
 
 __all__ = [
     "BatchNorm1d",
@@ -18,4 +29,15 @@ __all__ = [
     "LayerNorm",
     "GroupNorm",
     "RMSNorm",
+    "SyncBatchNorm",
+    "SyncBatchNormAct",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
 ]

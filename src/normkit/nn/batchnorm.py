@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _LazyNormBase
 
 from .. import _checks as C
 from .. import functional as F
+from ..masked import masked_batch_norm1d
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
 
@@ -49,7 +50,8 @@ class _BatchNormForward:
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                return 1.0 / self.num_batches_tracked
+                # a 0-d tensor in the statistics' dtype: exact, and no graph break under compile
+                return self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
         return 0.0 if self.momentum is None else self.momentum
 
     def _normalize(self, input: Tensor, residual: Tensor | None = None, act: str = "") -> Tensor:
@@ -80,9 +82,19 @@ class _BatchNormForward:
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
-    """Batch Normalization over ``(N, C)`` or ``(N, C, L)`` input; drop-in for ``torch.nn.BatchNorm1d``."""
+    """Batch Normalization over ``(N, C)`` or ``(N, C, L)`` input; drop-in for ``torch.nn.BatchNorm1d``.
+
+    ``forward(input, mask=None)``: with ``mask`` ``(N, L)`` bool (True = real position) for
+    ``(N, C, L)`` input, padded positions are left out of the statistics and get output 0 and
+    gradient 0 (:mod:`normkit.masked`).
+    """
 
     _accepted_dims = (2, 3)
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is None:
+            return self._normalize(input)
+        return masked_batch_norm1d(self, input, mask)
 
 
 class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):

@@ -25,8 +25,7 @@ class GroupNorm(nn.GroupNorm):
     def _normalize(self, input: Tensor, residual: Tensor | None = None, act: str = "") -> Tensor:
         where = type(self).__name__
         C.check_tensor(where, "input", input)
-        if input.dim() < 2:
-            raise C.fail(where, "input", "at least 2D input (N, C, *)", f"{input.dim()}D input of {C.shape_str(input)}")
+        C.check_min_ndim(where, input, 2, "(N, C, *)")
         C.check_channels(where, input, self.num_channels)
         act = F.check_group_norm(where, input, self.num_groups, self.weight, self.bias, residual, act)
         return torch.ops.normkit.group_norm(input, self.num_groups, self.weight, self.bias, residual, self.eps,

@@ -30,6 +30,7 @@ _TO_NORMKIT: dict[type[nn.Module], type[nn.Module]] = {
     nn.LayerNorm: nk.LayerNorm,
     nn.GroupNorm: nk.GroupNorm,
     nn.RMSNorm: nk.RMSNorm,
+    nn.SyncBatchNorm: nk.SyncBatchNorm,  # same state; normkit's works on CPU/gloo too
 }
 _TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in _TO_NORMKIT.items()}
 _NORM_BASES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -52,7 +53,8 @@ def _convert_one(module: nn.Module, table: dict, known: set) -> nn.Module:
     cls = table.get(type(module))
     if cls is not None:
         return retype(module, cls)
-    if isinstance(module, _NORM_BASES) and type(module) not in known:
+    own = type(module).__module__.startswith("normkit.")  # normkit's other layers need no swap
+    if isinstance(module, _NORM_BASES) and type(module) not in known and not own:
         warnings.warn(
             f"normkit.convert: left {type(module).__qualname__} alone (a subclass of a torch.nn norm that "
             "normkit does not know)",

@@ -1,0 +1,158 @@
+"""Export models with normkit layers: ``torch.export`` and ONNX.
+
+``torch.export.export(model, args)`` works as it is: every normkit op is a ``torch.library``
+custom op with a fake kernel, so the ExportedProgram holds one ``torch.ops.normkit.*`` node per
+layer and runs normkit's kernels when called. Other runtimes do not know those ops, though:
+``torch.onnx.export`` (the dynamo exporter, the default in torch 2.13) fails with
+"No ONNX function found for normkit.batch_norm_infer".
+
+The fix used here is a decomposition table, ``{normkit op: the same math in aten ops}``, given to
+``ExportedProgram.run_decompositions``: the normkit nodes become the reference backend's
+formulas (:mod:`normkit.reference`: two-pass mean/variance, ``x·scale + shift``, activation),
+which every exporter understands. The table is applied only on request — it is never registered
+globally, so ``torch.compile`` keeps calling normkit's own kernels.
+
+    ep = normkit.tools.export_program(model, (x,))           # torch.export + decomposition
+    onnx_program = normkit.export_onnx(model, (x,), "model.onnx")
+
+Equivalent by hand::
+
+    ep = torch.export.export(model, (x,))
+    ep = ep.run_decompositions(normkit.tools.decompositions())
+    torch.onnx.export(ep, (x,), "model.onnx", dynamo=True, opset_version=18)
+
+(a ``custom_translation_table`` of onnxscript functions would also work, but would write the
+math a second time; the decomposition reuses the reference implementation.)
+
+A model in training mode exports with batch statistics: the graph computes the batch's mean and
+variance. The running-statistics update is a buffer mutation of the ExportedProgram; the ONNX
+graph keeps only the model's outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops as _ops
+from ..reference import ReferenceBackend, stat_dtype
+
+__all__ = ["decompositions", "export_program", "export_onnx"]
+
+_REF = ReferenceBackend()
+_TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+
+
+def _bn_train(x: Tensor, weight, bias, residual, eps: float, act: str):
+    mean, var = _REF.channel_stats(x)
+    scale, shift = _ops._scale_shift(weight, bias, mean, torch.rsqrt(var + eps))
+    return _REF.channel_apply(x, scale, shift, residual, act), mean, var
+
+
+def _bn_infer(x: Tensor, mean, var, weight, bias, residual, eps: float, act: str):
+    sd = stat_dtype(x.dtype)
+    scale, shift = _ops._scale_shift(weight, bias, mean.to(sd), torch.rsqrt(var.to(sd) + eps))
+    return _REF.channel_apply(x, scale, shift, residual, act)
+
+
+def _group_norm(x: Tensor, num_groups: int, weight, bias, residual, eps: float, act: str):
+    return _REF.group_forward(x, num_groups, weight, bias, eps, residual, act)
+
+
+def _rows_view(x: Tensor, normalized_shape) -> Tensor:
+    k = 1
+    for d in normalized_shape:
+        k *= d
+    return x.reshape(-1, k)
+
+
+def _layer_norm(x: Tensor, normalized_shape, weight, bias, eps: float):
+    w = weight.reshape(-1) if weight is not None else None
+    b = bias.reshape(-1) if bias is not None else None
+    y, mean, rstd = _REF.row_forward(_rows_view(x, normalized_shape), w, b, eps, False)
+    return y.reshape(x.shape), mean, rstd
+
+
+def _rms_norm(x: Tensor, normalized_shape, weight, eps: float):
+    w = weight.reshape(-1) if weight is not None else None
+    y, _, rstd = _REF.row_forward(_rows_view(x, normalized_shape), w, None, eps, True)
+    return y.reshape(x.shape), rstd
+
+
+def decompositions() -> dict:
+    """``{torch.ops.normkit.<forward op>.default: aten implementation}`` plus torch's default table.
+
+    Covers the forward ops (batch_norm_train, batch_norm_infer, group_norm, layer_norm,
+    rms_norm) — what an inference or training-mode forward graph contains.
+    """
+    table = torch.export.default_decompositions()
+    n = torch.ops.normkit
+    own: dict[object, Callable] = {
+        n.batch_norm_train.default: _bn_train,
+        n.batch_norm_infer.default: _bn_infer,
+        n.group_norm.default: _group_norm,
+        n.layer_norm.default: _layer_norm,
+        n.rms_norm.default: _rms_norm,
+    }
+    for op, fn in own.items():
+        table[op] = fn
+    return table
+
+
+def export_program(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
+                   dynamic_shapes=None, strict: bool = False) -> torch.export.ExportedProgram:
+    """``torch.export.export(model, args)`` with normkit's ops decomposed into aten ops.
+
+    The model is not changed (export traces with fake tensors; a training-mode model's
+    running-statistics update is recorded in the program, not applied).
+    """
+    if not isinstance(args, tuple):
+        raise TypeError(f"export_program: args: expected a tuple of inputs, got {type(args).__name__}")
+    ep = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    return ep.run_decompositions(decompositions())
+
+
+def export_onnx(model: nn.Module | torch.export.ExportedProgram, args: tuple,
+                path: str | os.PathLike | None = None, *, kwargs: dict | None = None, dynamic_shapes=None,
+                opset_version: int = 18, convert_torch_norms: bool | None = None, **onnx_kwargs):
+    """Export ``model`` to ONNX (opset ``opset_version`` ≥ 17) through torch's dynamo exporter.
+
+    Args:
+        model: any model with normkit (and torch.nn) layers, in train or eval mode; or an
+            ExportedProgram of one (its normkit ops are decomposed here).
+        args: tuple of example inputs.
+        path: where to write the ``.onnx`` file (optional: the returned program has ``.save``).
+        kwargs, dynamic_shapes: as for ``torch.export.export``.
+        convert_torch_norms: export a copy in which torch.nn's norm layers are replaced by normkit's
+            (:func:`normkit.convert`; the model itself is not changed). Needed for training
+            mode: torch 2.13 exports a training-mode ``torch.nn.BatchNorm2d`` to ONNX such that
+            onnxruntime 1.31 does not reproduce the batch-statistics output (measured: max errors
+            4.8 and 6.2 on ``3 + 0.5·randn(4, 6, 7, 5)``; see with ``convert_torch_norms=False``);
+            normkit's decomposition computes the batch statistics explicitly. ``None`` (default):
+            convert when some torch.nn norm layer is in training mode; in eval mode torch's own
+            ``BatchNormalization`` nodes are kept (for inference, fold first:
+            ``export_onnx(normkit.fold(model.eval()), ...)``).
+        **onnx_kwargs: passed to ``torch.onnx.export`` (e.g. ``input_names``, ``optimize``).
+
+    Returns the ``torch.onnx.ONNXProgram``. Needs the ``onnx`` and ``onnxscript`` packages.
+    """
+    if opset_version < 17:
+        raise ValueError(f"export_onnx: opset_version: expected >= 17, got {opset_version}")
+    if isinstance(model, torch.export.ExportedProgram):
+        ep = model.run_decompositions(decompositions())
+    else:
+        if convert_torch_norms is None:
+            convert_torch_norms = any(m.training and type(m).__module__.startswith("torch.nn")
+                                      for m in model.modules() if isinstance(m, _TORCH_NORMS))
+        if convert_torch_norms:
+            from .convert import convert
+
+            model = convert(copy.deepcopy(model), to="normkit")
+        ep = export_program(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+    onnx_kwargs.setdefault("verbose", False)
+    return torch.onnx.export(ep, args, path, kwargs=kwargs, dynamo=True, opset_version=opset_version,
+                             **onnx_kwargs)

@@ -1,0 +1,100 @@
+"""Backend selection: environment variable, context manager, explicit failures, auto fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import normkit
+from normkit import backends
+from normkit.reference import ReferenceBackend
+
+
+class CountingBackend(ReferenceBackend):
+    """The reference math, counting which entry points ran."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def __getattribute__(self, name):
+        if name in backends.OPS:
+            object.__getattribute__(self, "calls").append(name)
+        return object.__getattribute__(self, name)
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch):
+    """Backends registered in a test vanish after it."""
+    monkeypatch.setattr(backends, "_FACTORIES", dict(backends._FACTORIES))
+    monkeypatch.setattr(backends, "_INSTANCES", {})
+    monkeypatch.setattr(backends, "_WARNED", set())
+    return backends
+
+
+def test_environment_variable_and_context_manager(monkeypatch):
+    monkeypatch.setenv("NORMKIT_BACKEND", "reference")
+    assert backends.current() == "reference"
+    with normkit.backend("cpu"):
+        assert backends.current() == "cpu"
+        with normkit.backend("auto"):
+            assert backends.current() == "auto"
+        assert backends.current() == "cpu"
+    assert backends.current() == "reference"
+    monkeypatch.setenv("NORMKIT_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backends.current()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        normkit.backend("fast").__enter__()
+
+
+def test_selected_backend_computes_every_entry_point(isolated_registry):
+    spy = CountingBackend()
+    isolated_registry.register_backend("cpu", lambda: spy)
+    x = (3 + torch.randn(4, 6, 5)).requires_grad_()
+    with normkit.backend("cpu"):
+        normkit.BatchNorm1d(6)(x).sum().backward()
+        normkit.GroupNorm(2, 6)(x).sum().backward()
+        normkit.LayerNorm(5)(x).sum().backward()
+    assert set(spy.calls) == set(backends.OPS)
+
+
+def test_explicit_backend_that_cannot_run_raises(isolated_registry):
+    def missing():
+        raise ImportError("No module named 'numba'")
+
+    isolated_registry.register_backend("cpu", missing)
+    with normkit.backend("cpu"), pytest.raises(normkit.BackendUnavailableError, match="numba"):
+        normkit.LayerNorm(4)(torch.randn(2, 4))
+
+
+def test_explicit_backend_refusing_the_tensor_raises(isolated_registry):
+    class CudaOnly(ReferenceBackend):
+        def unsupported(self, op, x):
+            return None if x.is_cuda else "only CUDA tensors"
+
+    isolated_registry.register_backend("triton", CudaOnly)
+    with normkit.backend("triton"), pytest.raises(normkit.BackendUnavailableError, match="only CUDA tensors"):
+        normkit.BatchNorm1d(4)(torch.randn(3, 4))
+
+
+def test_auto_falls_back_and_warns_once(isolated_registry):
+    def broken():
+        raise RuntimeError("kernels failed to build")
+
+    isolated_registry.register_backend("cpu", broken)
+    x = torch.randn(3, 4)
+    with normkit.backend("auto"):
+        with pytest.warns(RuntimeWarning, match="kernels failed to build"):
+            y = normkit.BatchNorm1d(4)(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            normkit.BatchNorm1d(4)(x)
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))
+
+
+def test_available_lists_every_backend():
+    state = backends.available()
+    assert set(state) == {"reference", "cpu", "triton"}
+    assert state["reference"] == "available"
