@@ -35,18 +35,30 @@ def _set_interpret(value: str | None) -> str | None:
     return old
 
 
+def _built_for_gpu(triton_module) -> bool:
+    """Whether triton.language's own @jit functions (tl.sum, tl.zeros …) were built for the GPU."""
+    standard = vars(triton_module.language.standard).values()
+    return any(isinstance(f, triton_module.runtime.jit.JITFunction) for f in standard)
+
+
+# Without CUDA, the interpreter needs TRITON_INTERPRET=1 *before triton itself is imported*. If
+# another test module imported triton first (built for the GPU), this module's tests cannot run
+# in this process: they are then skipped here and run, all of them, in a fresh child process by
+# test_interpreter_suite_in_fresh_process (which fails if any of them fails).
+FRESH_PROCESS = False
 if not CUDA:
     _before = _set_interpret("1")
     try:
         triton = pytest.importorskip("triton")
-        importlib.import_module("normkit.kernels.triton")
+        FRESH_PROCESS = _built_for_gpu(triton)
+        if not FRESH_PROCESS:
+            importlib.import_module("normkit.kernels.triton")
     finally:
         _set_interpret(_before)
-    if any(isinstance(f, triton.runtime.jit.JITFunction) for f in vars(triton.language.standard).values()):
-        raise RuntimeError("triton was imported before tests/test_triton.py could set TRITON_INTERPRET=1, "
-                           "so triton.language is built for the GPU; run with TRITON_INTERPRET=1 set")
 else:
     pytest.importorskip("triton")
+here = pytest.mark.skipif(FRESH_PROCESS, reason="triton was imported for the GPU before this module: these "
+                          "tests run in a fresh process (test_interpreter_suite_in_fresh_process)")
 
 import normkit  # noqa: E402
 import normkit.functional as F  # noqa: E402
@@ -72,12 +84,26 @@ def load_kernels(interpreted: bool):
 
 @pytest.fixture(scope="module", autouse=True)
 def _kernels_for_this_device():
+    if FRESH_PROCESS:
+        yield
+        return
     env = pytest.MonkeyPatch()
     if not CUDA:
         env.setenv("TRITON_INTERPRET", "1")  # the backend runs CPU tensors only while it is set
     load_kernels(interpreted=not CUDA)
     yield
     env.undo()
+
+
+@pytest.mark.skipif(not FRESH_PROCESS, reason="the interpreter tests run in this process")
+def test_interpreter_suite_in_fresh_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"),
+                                         env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert proc.returncode == 0 and " passed" in summary, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- cases
@@ -240,6 +266,7 @@ def max_err(a: torch.Tensor, truth: torch.Tensor) -> float:
     return (a - truth).abs().max().item() if a.numel() else 0.0
 
 
+@here
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_matches_reference(case):
     inputs = make_inputs(case)
@@ -260,6 +287,7 @@ DETERMINISM = ["bn_split_nhwc_fp16", "bn_res_gelu_nhwc_fp16", "gn_res_gelu_nhwc"
                "rms_split_rows"]
 
 
+@here
 @pytest.mark.parametrize("name", DETERMINISM)
 def test_bitwise_deterministic(name):
     case = next(c for c in CASES if c.name == name)
@@ -297,6 +325,7 @@ def _opcheck_cases():
     ]
 
 
+@here
 @pytest.mark.parametrize("name,args", _opcheck_cases(), ids=[c[0] for c in _opcheck_cases()])
 def test_custom_op_contract_on_triton(name, args):
     """torch.library.opcheck: schema, fake kernel (shapes, strides), no aliasing, autograd registration."""
@@ -305,6 +334,7 @@ def test_custom_op_contract_on_triton(name, args):
 
 
 # ----------------------------------------------------------------------------- selection
+@here
 def test_float64_is_refused_with_a_reason():
     x = torch.randn(2, 3, 4, dtype=torch.float64, device=DEVICE)
     reason = TritonBackend().unsupported("channel_stats", x)
@@ -313,6 +343,7 @@ def test_float64_is_refused_with_a_reason():
         F.batch_norm(x, None, None, training=True)
 
 
+@here
 @pytest.mark.skipif(CUDA, reason="CPU tensors only matter without CUDA")
 def test_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -320,6 +351,7 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
     assert reason is not None and "set TRITON_INTERPRET=1" in reason
 
 
+@here
 @pytest.mark.skipif(CUDA, reason="CPU tensors only matter without CUDA")
 def test_kernels_built_for_the_gpu_refuse_cpu_tensors(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -333,6 +365,7 @@ def test_kernels_built_for_the_gpu_refuse_cpu_tensors(monkeypatch):
         load_kernels(interpreted=True)
 
 
+@here
 def test_missing_triton_is_a_reason(monkeypatch):
     for name in [m for m in sys.modules if m.startswith("normkit.kernels.triton")]:
         monkeypatch.delitem(sys.modules, name)  # restored after the test
@@ -341,11 +374,13 @@ def test_missing_triton_is_a_reason(monkeypatch):
     assert reason is not None and reason.startswith("triton is not importable")
 
 
+@here
 def test_unknown_tuning_parameter():
     with pytest.raises(ValueError, match="row_block"), tuning(row_block=4):
         pass
 
 
+@here
 def test_tuned_cases_reach_the_split_paths():
     """The split cases really split: a row longer than the block, a reduction over several programs."""
     from normkit.kernels.triton import channel, row
@@ -367,6 +402,7 @@ def test_tuned_cases_reach_the_split_paths():
 
 
 # ----------------------------------------------------------------------------- GPU compilation
+@here
 @pytest.mark.skipif(CUDA, reason="with a GPU the tests above compile and run every kernel for real")
 def test_kernels_compile_for_hopper():
     """Every kernel variant the tests launch also compiles to sm_90 machine code (no GPU needed).

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 from collections.abc import Iterator
 
@@ -101,12 +102,23 @@ class TritonBackend(Backend):
 
     def __init__(self) -> None:
         self._programs: dict[torch.device, int] = {}
+        self._loaded = None  # the kernel package, imported on first use (not by normkit.info / available())
         try:
-            self._k = importlib.import_module("normkit.kernels.triton")
-            self._missing = None
-        except (ImportError, RuntimeError) as err:  # no triton, or a triton without a usable backend
-            self._k = None
-            self._missing = f"triton is not importable ({type(err).__name__}: {err})"
+            found = importlib.util.find_spec("triton") is not None
+        except (ImportError, ValueError):
+            found = False
+        self._missing = None if found else "triton is not importable (not installed)"
+
+    @property
+    def _k(self):
+        """The kernel package. Imported lazily: ``triton.jit`` fixes at import time whether it builds
+        GPU kernels or interpreter objects, so importing must wait until a tensor needs it."""
+        if self._loaded is None and self._missing is None:
+            try:
+                self._loaded = importlib.import_module("normkit.kernels.triton")
+            except (ImportError, RuntimeError) as err:  # a triton without a usable backend
+                self._missing = f"triton is not importable ({type(err).__name__}: {err})"
+        return self._loaded
 
     # ------------------------------------------------------------------ selection
     def unsupported(self, op: str, x: torch.Tensor) -> str | None:
@@ -119,16 +131,16 @@ class TritonBackend(Backend):
                     "use the 'reference' backend for float64")
         if x.numel() > _MAX_NUMEL:
             return f"the Triton kernels use 32-bit offsets: at most {_MAX_NUMEL} elements, got {x.numel()}"
-        if x.device.type == "cuda":
-            return None
-        if x.device.type == "cpu":
-            if not interpret_requested():
-                return "CPU tensors run only under the Triton interpreter: set TRITON_INTERPRET=1"
-            if not self._k.INTERPRETED:
-                return ("the Triton kernels were loaded before TRITON_INTERPRET=1 was set; set it before "
-                        "normkit first uses the triton backend")
-            return None
-        return f"the Triton kernels run on CUDA devices (or the CPU interpreter), got device {x.device}"
+        if x.device.type == "cpu" and not interpret_requested():
+            return "CPU tensors run only under the Triton interpreter: set TRITON_INTERPRET=1"
+        if x.device.type not in ("cuda", "cpu"):
+            return f"the Triton kernels run on CUDA devices (or the CPU interpreter), got device {x.device}"
+        if self._k is None:
+            return self._missing
+        if x.device.type == "cpu" and not self._k.INTERPRETED:
+            return ("the Triton kernels were loaded before TRITON_INTERPRET=1 was set; set it before "
+                    "normkit first uses the triton backend")
+        return None
 
     def _target_programs(self, x: torch.Tensor) -> int:
         if _TUNING["programs"] is not None:

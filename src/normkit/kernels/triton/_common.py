@@ -14,7 +14,9 @@ Chan's merge (Chan, Golub & LeVeque, 1979) of two partial statistics (n_a, μ_a,
     M2 = M2_a + M2_b + δ²·n_a·n_b/n
 
 Every term is a deviation from a mean, never E[x²] − E[x]², so a large common offset (x ≈ 1e4)
-costs no precision. Each block's own (μ_b, M2_b) is computed two-pass from registers.
+costs no precision. Long reductions keep a Welford triple per lane of the tile (no cross-lane
+work inside the loop) and merge the lanes once, at the end, with the same formula in its
+two-pass form: n = Σ n_l, μ = Σ n_l μ_l / n, M2 = Σ M2_l + n_l (μ_l − μ)².
 """
 
 import triton
@@ -60,6 +62,23 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     frac = n_b / tl.maximum(n, 1.0)
     delta = mean_b - mean_a
     return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+
+
+@triton.jit
+def welford_step(count, mean, m2, x, ok):
+    """One Welford update per lane (Welford, 1962): lanes where ``ok`` is false are left as they were.
+
+        n ← n + 1,   δ = x − μ,   μ ← μ + δ/n,   M2 ← M2 + δ·(x − μ)
+
+    Every lane of a tile keeps its own running (n, μ, M2) across the loop, so the loop body has no
+    cross-lane reduction; the lanes are merged once at the end (see ``merge_lanes`` in the kernels).
+    """
+    okf = ok.to(tl.float32)
+    count += okf
+    delta = x - mean
+    mean += delta * okf / tl.maximum(count, 1.0)
+    m2 += delta * (x - mean) * okf
+    return count, mean, m2
 
 
 @triton.jit

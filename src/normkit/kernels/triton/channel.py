@@ -19,7 +19,8 @@ A (N, C) input is the NHWC case with S = 1.
 Split reduction. Each channel's (n, s) plane is cut into P chunks — along n (samples for NCHW,
 pixels for NHWC) and, when a small batch gives too few, along s too — and the grid is
 (channel tiles, P), so a channel does not serialize the GPU (BatchNorm at ResNet
-shapes has C = 64 channels of 3.2 M values each). Each program writes a partial (mean, M2) —
+shapes has C = 64 channels of 3.2 M values each). Each program keeps a Welford triple per tile
+lane (no cross-lane work in its loop), merges its lanes and writes a partial (mean, M2) —
 merged in a second kernel with Chan's formula — or partial sums for the backward, summed in a
 fixed order. No atomics: same input, same bits, on every run. The statistics are computed on
 x − pivot_c (pivot_c = the channel's first value), so a large common offset (1e4 + randn)
@@ -33,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACT_CODES, activation, activation_grad, chan_merge, sum_partials
+from ._common import ACT_CODES, activation, activation_grad, sum_partials, welford_step
 
 
 @triton.jit
@@ -107,19 +108,21 @@ def channel_stats_partial_kernel(x_ptr, mean_part_ptr, m2_part_ptr, N, C, S, sN,
     n_start, n_end, s_start, s_end = _chunk(tl.program_id(1), N, S, n_per_prog, s_per_prog, S_CHUNKS)
     c = _channel_index(c0, BLOCK_C)
     pivot = tl.load(x_ptr + c * sC, mask=c < C, other=0.0).to(tl.float32)
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # one Welford triple per lane of the tile: the loop has no cross-lane reduction
+    count = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
         for s0 in range(s_start, s_end, BLOCK_S):
             off, ok, _ = _tile(n0, c0, s0, n_end, C, s_end, sN, sC, sS, BLOCK_N, BLOCK_C, BLOCK_S)
-            x = tl.where(ok, tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32) - pivot, 0.0)
-            # this tile's own two-pass statistics, from registers ...
-            n_b = (tl.minimum(n_end - n0, BLOCK_N) * tl.minimum(s_end - s0, BLOCK_S)).to(tl.float32)
-            mean_b = _sum_nc(x) / n_b
-            d = tl.where(ok, x - mean_b[None, :, None], 0.0)
-            # ... merged into the running ones (Chan)
-            count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, _sum_nc(d * d))
+            x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32) - pivot
+            count, mean, m2 = welford_step(count, mean, m2, x, ok)
+    # merge the lanes of each channel (Chan, two-pass over the lanes)
+    n_c = _sum_nc(count)
+    mean_c = _sum_nc(count * mean) / tl.maximum(n_c, 1.0)
+    d = mean - mean_c[None, :, None]
+    m2 = _sum_nc(m2 + count * d * d)
+    mean = mean_c
     out = tl.program_id(1) * C + c0 + tl.arange(0, BLOCK_C)
     tl.store(mean_part_ptr + out, mean, mask=c0 + tl.arange(0, BLOCK_C) < C)
     tl.store(m2_part_ptr + out, m2, mask=c0 + tl.arange(0, BLOCK_C) < C)

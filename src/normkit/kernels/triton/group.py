@@ -18,8 +18,9 @@ BLOCK_CG channels × BLOCK_S positions) tiles, channel blocks outside, positions
 statistics are vectors of BLOCK_G. The tile shape follows the layout: NCHW takes one group
 (BLOCK_G = 1) and long runs along s; NHWC takes several groups so that a tile row spans up to
 64 adjacent channels (GroupNorm(32) on 64 channels: 32 groups of 2 channels in one 128-byte row).
-Forward: pass 1 merges per-tile (mean, M2) of x − x_first with Chan's formula (the shift keeps a
-large common offset from blurring the sums); pass 2 normalizes and stores.
+Forward: pass 1 keeps a Welford triple per tile lane over x − x_first (the shift keeps a large
+common offset from blurring the sums) and merges the lanes with Chan's formula; pass 2
+normalizes and stores.
 Backward: pass 1 forms Σg and Σg·x̂ for the group and, per channel, the sample's share of dγ/dβ,
 stored in a (N, 2, C) fp32 buffer (each program writes only its own entries); pass 2 forms dx.
 A second kernel sums the N shares in a fixed order: deterministic, no atomics.
@@ -32,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACT_CODES, activation, activation_grad, chan_merge, sum_partials
+from ._common import ACT_CODES, activation, activation_grad, sum_partials, welford_step
 
 
 @triton.jit
@@ -88,19 +89,20 @@ def group_forward_kernel(x_ptr, res_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr,
     base = n * sN
     # pass 1: statistics of x − pivot (the group's first value: keeps sums small for large means)
     pivot = tl.load(x_ptr + base + g * CG * sC, mask=g < G, other=0.0).to(tl.float32)
-    count = tl.zeros([BLOCK_G], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_G], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_G], dtype=tl.float32)
+    # one Welford triple per lane of the tile (no cross-lane work in the loop), lanes merged after
+    count = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
     for c0 in range(0, CG, BLOCK_CG):
         for s0 in range(0, S, BLOCK_S):
             off, ok = _tile(base, g, c0, s0, G, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
-            x = tl.where(ok, tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32) - pivot, 0.0)
-            n_b = (tl.minimum(CG - c0, BLOCK_CG) * tl.minimum(S - s0, BLOCK_S)).to(tl.float32)
-            mean_b = _per_group(x) / n_b
-            d = tl.where(ok, x - _col(mean_b), 0.0)
-            count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, _per_group(d * d))
-    mean = _col(mean) + pivot
-    var = tl.maximum(_col(m2) / _col(count), 0.0)
+            x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32) - pivot
+            count, mean, m2 = welford_step(count, mean, m2, x, ok)
+    n_g = _col(_per_group(count))
+    mean_g = _col(_per_group(count * mean)) / tl.maximum(n_g, 1.0)
+    d = mean - mean_g
+    var = tl.maximum(_col(_per_group(m2 + count * d * d)) / tl.maximum(n_g, 1.0), 0.0)
+    mean = mean_g + pivot
     rstd = 1.0 / tl.sqrt(var + eps)
     stat = n * G + g
     tl.store(mean_ptr + stat, mean, mask=g < G)
@@ -145,9 +147,9 @@ def group_backward_kernel(x_ptr, dy_ptr, res_ptr, w_ptr, b_ptr, mean_ptr, rstd_p
     base = n * sN
     mean = tl.load(mean_ptr + n * G + g, mask=g < G, other=0.0)
     rstd = tl.load(rstd_ptr + n * G + g, mask=g < G, other=0.0)
-    # pass 1: Σg, Σg·x̂ per group; per channel Σ_s dz·x̂ and Σ_s dz
-    sum_g = tl.zeros([BLOCK_G], dtype=tl.float32)
-    sum_gx = tl.zeros([BLOCK_G], dtype=tl.float32)
+    # pass 1: Σg, Σg·x̂ per group (lane-wise, reduced after the loop); per channel Σ_s dz·x̂, Σ_s dz
+    acc_g = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
+    acc_gx = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
     for c0 in range(0, CG, BLOCK_CG):
         chans, c_ok = _channels(g, c0, CG, BLOCK_CG)
         w = _affine(w_ptr, chans, c_ok & (g < G), HAS_W, 1.0)
@@ -158,8 +160,8 @@ def group_backward_kernel(x_ptr, dy_ptr, res_ptr, w_ptr, b_ptr, mean_ptr, rstd_p
             off, ok = _tile(base, g, c0, s0, G, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
             xhat, dz = _group_terms(x_ptr, dy_ptr, res_ptr, off, ok, mean, rstd, w, b, HAS_RES, ACT)
             gg = dz * w
-            sum_g += _per_group(gg)
-            sum_gx += _per_group(gg * xhat)
+            acc_g += gg
+            acc_gx += gg * xhat
             if NEED_DW:
                 acc_dw += dz * xhat
                 acc_db += dz
@@ -168,8 +170,8 @@ def group_backward_kernel(x_ptr, dy_ptr, res_ptr, w_ptr, b_ptr, mean_ptr, rstd_p
             tl.store(out, tl.sum(acc_dw, axis=2)[:, :, None], mask=c_ok & (g < G))
             tl.store(out + C, tl.sum(acc_db, axis=2)[:, :, None], mask=c_ok & (g < G))
     size = CG * S
-    mean_g = _col(sum_g) / size
-    mean_gx = _col(sum_gx) / size
+    mean_g = _col(_per_group(acc_g)) / size
+    mean_gx = _col(_per_group(acc_gx)) / size
     # pass 2: dx
     for c0 in range(0, CG, BLOCK_CG):
         chans, c_ok = _channels(g, c0, CG, BLOCK_CG)
