@@ -1,0 +1,1 @@
+"""Hand-written kernels: ``cpu`` (Numba) and ``triton``. Arrays in, arrays out; nothing of normkit."""

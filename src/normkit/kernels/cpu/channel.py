@@ -1,0 +1,255 @@
+"""Per-channel kernels (BatchNorm, and the statistics/apply/backward passes of GroupNorm).
+
+Every array is flat (1-D) and read through :func:`ld` / written through :func:`st`. Two loop
+orders, one per layout, and no transposes:
+
+* **NCHW** — ``x`` is ``(N, C, S)`` in memory: each ``(n, c)`` row of ``S`` values is
+  contiguous. Rows are the parallel unit; a row is reduced with four independent accumulators
+  (so the add latency does not serialise the loop, without ``fastmath`` reassociation).
+* **CL** (channels_last, and BatchNorm1d's ``(N, C)``) — ``x`` is ``(N, S, C)``: each spatial
+  position holds ``C`` contiguous channels. Blocks of ``R`` positions are the parallel unit;
+  inside a block one accumulator per channel, so the inner loop over ``c`` vectorises.
+
+Per-channel parameters (scale, shift, mean, ...) are ``(P, C)`` flat with ``P = 1`` (one value
+per channel: BatchNorm) or ``P = N`` (one per sample and channel: GroupNorm's
+``γ_c·rstd_{n,g}``); ``per_sample`` says which.
+
+Reductions return per-row (NCHW) or per-block (CL) partial sums in float64; the caller adds
+them in a fixed order. Partitioning depends only on the shape, never on the thread count, so
+results are bit-identical from run to run.
+
+Statistics use *shifted* sums ``Σ(x − k)`` and ``Σ(x − k)²`` with ``k`` a sample value of the
+same channel (Chan, Golub & LeVeque, 1983): one pass over ``x``, and a large common mean
+cancels before it can destroy the variance (``1e4 + randn`` is exact to float32 rounding).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._scalar import act_fwd, act_grad, ld, st, zero
+
+_JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
+
+
+@njit(cache=True)
+def _pidx(n, c, nc, per_sample):
+    return (n * nc if per_sample else 0) + c
+
+
+# ----------------------------------------------------------------------------- statistics
+@njit(**_JIT)
+def sums_nchw(x, nn, nc, ns, k, per_sample, s1, s2):
+    """``s1[n,c] = Σ_s (x − k)``, ``s2[n,c] = Σ_s (x − k)²`` per (n, c) row, float64 out."""
+    for r in prange(nn * nc):
+        n = r // nc
+        c = r - n * nc
+        kk = k[_pidx(n, c, nc, per_sample)]
+        base = r * ns
+        a0 = a1 = a2 = a3 = zero(x)
+        q0 = q1 = q2 = q3 = zero(x)
+        s4 = ns - ns % 4
+        for j in range(0, s4, 4):
+            i = base + j
+            v0 = ld(x, i) - kk
+            v1 = ld(x, i + 1) - kk
+            v2 = ld(x, i + 2) - kk
+            v3 = ld(x, i + 3) - kk
+            a0 += v0
+            a1 += v1
+            a2 += v2
+            a3 += v3
+            q0 += v0 * v0
+            q1 += v1 * v1
+            q2 += v2 * v2
+            q3 += v3 * v3
+        for i in range(base + s4, base + ns):
+            v = ld(x, i) - kk
+            a0 += v
+            q0 += v * v
+        s1[r] = np.float64((a0 + a1) + (a2 + a3))
+        s2[r] = np.float64((q0 + q1) + (q2 + q3))
+
+
+@njit(**_JIT)
+def sums_cl(x, nn, ns, nc, rows, k, per_sample, s1, s2):
+    """Shifted sums per block of ``rows`` positions: ``s1``/``s2`` are ``(N, nblocks, C)``."""
+    nb = (ns + rows - 1) // rows
+    for blk in prange(nn * nb):
+        n = blk // nb
+        j = blk - n * nb
+        kb = _pidx(n, 0, nc, per_sample)
+        a = np.zeros(nc, dtype=k.dtype)
+        q = np.zeros(nc, dtype=k.dtype)
+        for s in range(j * rows, min(ns, (j + 1) * rows)):
+            base = (n * ns + s) * nc
+            for c in range(nc):
+                v = ld(x, base + c) - k[kb + c]
+                a[c] += v
+                q[c] += v * v
+        for c in range(nc):
+            s1[blk * nc + c] = np.float64(a[c])
+            s2[blk * nc + c] = np.float64(q[c])
+
+
+# ----------------------------------------------------------------------------- apply
+@njit(cache=True)
+def _z(x, res, has_res, i, a, b):
+    z = ld(x, i) * a + b
+    if has_res:
+        z += ld(res, i)
+    return z
+
+
+@njit(**_JIT)
+def apply_nchw(x, res, has_res, act, nn, nc, ns, a, b, per_sample, out):
+    """``out = act(x·a[c] + b[c] + res)``."""
+    for r in prange(nn * nc):
+        n = r // nc
+        c = r - n * nc
+        p = _pidx(n, c, nc, per_sample)
+        aa = a[p]
+        bb = b[p]
+        base = r * ns
+        if act == 0 and not has_res:
+            for i in range(base, base + ns):
+                st(out, i, ld(x, i) * aa + bb)
+        elif act == 1 and not has_res:
+            for i in range(base, base + ns):
+                z = ld(x, i) * aa + bb
+                st(out, i, max(z, zero(x)))
+        else:
+            for i in range(base, base + ns):
+                st(out, i, act_fwd(_z(x, res, has_res, i, aa, bb), act))
+
+
+@njit(**_JIT)
+def apply_cl(x, res, has_res, act, nn, ns, nc, rows, a, b, per_sample, out):
+    """``out = act(x·a[c] + b[c] + res)`` over blocks of ``rows`` positions."""
+    nb = (ns + rows - 1) // rows
+    for blk in prange(nn * nb):
+        n = blk // nb
+        j = blk - n * nb
+        kb = _pidx(n, 0, nc, per_sample)
+        for s in range(j * rows, min(ns, (j + 1) * rows)):
+            base = (n * ns + s) * nc
+            if act == 0 and not has_res:
+                for c in range(nc):
+                    st(out, base + c, ld(x, base + c) * a[kb + c] + b[kb + c])
+            elif act == 1 and not has_res:
+                for c in range(nc):
+                    st(out, base + c, max(ld(x, base + c) * a[kb + c] + b[kb + c], zero(x)))
+            else:
+                for c in range(nc):
+                    st(out, base + c, act_fwd(_z(x, res, has_res, base + c, a[kb + c], b[kb + c]), act))
+
+
+# ----------------------------------------------------------------------------- backward
+@njit(cache=True)
+def _dz(x, dy, res, has_res, act, i, fa, fb):
+    """(x, dz) at ``i``: ``dz = dy·act'(z)`` with the forward's pre-activation ``z``."""
+    xv = ld(x, i)
+    g = ld(dy, i)
+    if act != 0:
+        z = xv * fa + fb
+        if has_res:
+            z += ld(res, i)
+        g = g * act_grad(z, act)
+    return xv, g
+
+
+@njit(**_JIT)
+def bwd_sums_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, m, per_sample, sa, sb):
+    """``sa[n,c] = Σ_s dz``, ``sb[n,c] = Σ_s dz·(x − m)`` per (n, c) row, float64 out."""
+    for r in prange(nn * nc):
+        n = r // nc
+        c = r - n * nc
+        p = _pidx(n, c, nc, per_sample)
+        aa = fa[p]
+        bb = fb[p]
+        mm = m[p]
+        base = r * ns
+        a0 = a1 = a2 = a3 = zero(x)
+        q0 = q1 = q2 = q3 = zero(x)
+        s4 = ns - ns % 4
+        for j in range(0, s4, 4):
+            i = base + j
+            x0, g0 = _dz(x, dy, res, has_res, act, i, aa, bb)
+            x1, g1 = _dz(x, dy, res, has_res, act, i + 1, aa, bb)
+            x2, g2 = _dz(x, dy, res, has_res, act, i + 2, aa, bb)
+            x3, g3 = _dz(x, dy, res, has_res, act, i + 3, aa, bb)
+            a0 += g0
+            a1 += g1
+            a2 += g2
+            a3 += g3
+            q0 += g0 * (x0 - mm)
+            q1 += g1 * (x1 - mm)
+            q2 += g2 * (x2 - mm)
+            q3 += g3 * (x3 - mm)
+        for i in range(base + s4, base + ns):
+            xv, g = _dz(x, dy, res, has_res, act, i, aa, bb)
+            a0 += g
+            q0 += g * (xv - mm)
+        sa[r] = np.float64((a0 + a1) + (a2 + a3))
+        sb[r] = np.float64((q0 + q1) + (q2 + q3))
+
+
+@njit(**_JIT)
+def bwd_sums_cl(x, dy, res, has_res, act, nn, ns, nc, rows, fa, fb, m, per_sample, sa, sb):
+    """Per block of ``rows`` positions: ``Σ dz`` and ``Σ dz·(x − m)``, ``(N, nblocks, C)``."""
+    nb = (ns + rows - 1) // rows
+    for blk in prange(nn * nb):
+        n = blk // nb
+        j = blk - n * nb
+        kb = _pidx(n, 0, nc, per_sample)
+        a = np.zeros(nc, dtype=m.dtype)
+        q = np.zeros(nc, dtype=m.dtype)
+        for s in range(j * rows, min(ns, (j + 1) * rows)):
+            base = (n * ns + s) * nc
+            for c in range(nc):
+                xv, g = _dz(x, dy, res, has_res, act, base + c, fa[kb + c], fb[kb + c])
+                a[c] += g
+                q[c] += g * (xv - m[kb + c])
+        for c in range(nc):
+            sa[blk * nc + c] = np.float64(a[c])
+            sb[blk * nc + c] = np.float64(q[c])
+
+
+@njit(**_JIT)
+def bwd_dx_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, p, q, m, r0, per_sample, need_dz, dx, dzo):
+    """``dx = p·dz + q·(x − m) + r0`` per (n, c) row; ``dzo = dz`` when ``need_dz``."""
+    for r in prange(nn * nc):
+        n = r // nc
+        c = r - n * nc
+        k = _pidx(n, c, nc, per_sample)
+        aa = fa[k]
+        bb = fb[k]
+        pp = p[k]
+        qq = q[k]
+        mm = m[k]
+        rr = r0[k]
+        base = r * ns
+        for i in range(base, base + ns):
+            xv, g = _dz(x, dy, res, has_res, act, i, aa, bb)
+            st(dx, i, pp * g + qq * (xv - mm) + rr)
+            if need_dz:
+                st(dzo, i, g)
+
+
+@njit(**_JIT)
+def bwd_dx_cl(x, dy, res, has_res, act, nn, ns, nc, rows, fa, fb, p, q, m, r0, per_sample, need_dz, dx, dzo):
+    """``dx = p·dz + q·(x − m) + r0`` over blocks of ``rows`` positions."""
+    nb = (ns + rows - 1) // rows
+    for blk in prange(nn * nb):
+        n = blk // nb
+        j = blk - n * nb
+        kb = _pidx(n, 0, nc, per_sample)
+        for s in range(j * rows, min(ns, (j + 1) * rows)):
+            base = (n * ns + s) * nc
+            for c in range(nc):
+                k = kb + c
+                xv, g = _dz(x, dy, res, has_res, act, base + c, fa[k], fb[k])
+                st(dx, base + c, p[k] * g + q[k] * (xv - m[k]) + r0[k])
+                if need_dz:
+                    st(dzo, base + c, g)

@@ -1,0 +1,125 @@
+"""Row kernels: LayerNorm and RMSNorm over the rows of a contiguous ``(M, K)`` array.
+
+A row (``K`` values) is small enough to stay in L1/L2, so each row is read from memory once
+and reduced exactly in two passes from cache: mean, then ``Σ(x − mean)²`` (RMS: ``Σx²``), then
+the output. Rows are the parallel unit. The weight gradient sums over rows: each fixed block of
+``rows`` rows writes its own partial ``(K,)`` sums (float64), and the caller adds the blocks in
+order — bit-identical whatever the thread count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ._scalar import ld, like, st, zero
+
+_JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
+
+
+@njit(cache=True)
+def _row_sum(x, base, kk, shift):
+    """Σ (x − shift)² over one row if ``shift`` is given as a number, with 4 accumulators."""
+    a0 = a1 = a2 = a3 = zero(x)
+    k4 = kk - kk % 4
+    for j in range(0, k4, 4):
+        i = base + j
+        v0 = ld(x, i) - shift
+        v1 = ld(x, i + 1) - shift
+        v2 = ld(x, i + 2) - shift
+        v3 = ld(x, i + 3) - shift
+        a0 += v0 * v0
+        a1 += v1 * v1
+        a2 += v2 * v2
+        a3 += v3 * v3
+    for i in range(base + k4, base + kk):
+        v = ld(x, i) - shift
+        a0 += v * v
+    return (a0 + a1) + (a2 + a3)
+
+
+@njit(cache=True)
+def _row_mean(x, base, kk):
+    a0 = a1 = a2 = a3 = zero(x)
+    k4 = kk - kk % 4
+    for j in range(0, k4, 4):
+        i = base + j
+        a0 += ld(x, i)
+        a1 += ld(x, i + 1)
+        a2 += ld(x, i + 2)
+        a3 += ld(x, i + 3)
+    for i in range(base + k4, base + kk):
+        a0 += ld(x, i)
+    t = (a0 + a1) + (a2 + a3)
+    return t / like(t, kk)
+
+
+@njit(**_JIT)
+def row_fwd(x, mm, kk, w, b, has_w, has_b, eps, rms, y, mean, rstd):
+    """``y = x̂·w + b`` per row, ``x̂ = (x − μ)·rstd`` (RMS: ``x·rstd``); fills ``mean``, ``rstd``."""
+    for r in prange(mm):
+        base = r * kk
+        mu = zero(x) if rms else _row_mean(x, base, kk)
+        var = _row_sum(x, base, kk, mu) / like(mu, kk)
+        rs = like(mu, 1.0) / math.sqrt(var + like(mu, eps))
+        mean[r] = mu
+        rstd[r] = rs
+        for k in range(kk):
+            v = (ld(x, base + k) - mu) * rs
+            if has_w:
+                v = v * w[k]
+            if has_b:
+                v = v + b[k]
+            st(y, base + k, v)
+
+
+@njit(**_JIT)
+def row_bwd(x, dy, mm, kk, mean, rstd, w, has_w, rms, need_dw, rows, dx, dwp, dbp):
+    """``dx = rstd·(g − mean(g) − x̂·mean(g·x̂))``, ``g = dy·w`` (RMS: no ``mean(g)``).
+
+    ``dwp``/``dbp`` are ``(nblocks, K)`` partials of ``Σ dy·x̂`` and ``Σ dy`` when ``need_dw``.
+    """
+    nb = (mm + rows - 1) // rows
+    for blk in prange(nb):
+        dwl = np.zeros(kk, dtype=rstd.dtype)
+        dbl = np.zeros(kk, dtype=rstd.dtype)
+        for r in range(blk * rows, min(mm, (blk + 1) * rows)):
+            base = r * kk
+            mu = zero(x) if rms else mean[r]
+            rs = rstd[r]
+            sg0 = sg1 = zero(x)
+            sgx0 = sgx1 = zero(x)
+            k2 = kk - kk % 2
+            for j in range(0, k2, 2):
+                i = base + j
+                g0 = ld(dy, i)
+                g1 = ld(dy, i + 1)
+                if has_w:
+                    g0 = g0 * w[j]
+                    g1 = g1 * w[j + 1]
+                sg0 += g0
+                sg1 += g1
+                sgx0 += g0 * ((ld(x, i) - mu) * rs)
+                sgx1 += g1 * ((ld(x, i + 1) - mu) * rs)
+            for j in range(k2, kk):
+                g0 = ld(dy, base + j)
+                if has_w:
+                    g0 = g0 * w[j]
+                sg0 += g0
+                sgx0 += g0 * ((ld(x, base + j) - mu) * rs)
+            mg = zero(x) if rms else (sg0 + sg1) / like(rs, kk)
+            mgx = (sgx0 + sgx1) / like(rs, kk)
+            for j in range(kk):
+                d = ld(dy, base + j)
+                xh = (ld(x, base + j) - mu) * rs
+                g = d * w[j] if has_w else d
+                st(dx, base + j, rs * (g - mg - xh * mgx))
+                if need_dw:
+                    dwl[j] += d * xh
+                    dbl[j] += d
+        if need_dw:
+            for j in range(kk):
+                dwp[blk * kk + j] = np.float64(dwl[j])
+                dbp[blk * kk + j] = np.float64(dbl[j])
