@@ -1,6 +1,7 @@
 """normkit's nn.Modules: torch.nn's normalization layers, computed by normkit's ops."""
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
+from .fused import BatchNormAct2d, GroupNormAct
 from .groupnorm import GroupNorm
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layernorm import LayerNorm, RMSNorm
@@ -18,4 +19,6 @@ __all__ = [
     "LayerNorm",
     "GroupNorm",
     "RMSNorm",
+    "BatchNormAct2d",
+    "GroupNormAct",
 ]
