@@ -21,7 +21,7 @@ _JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 
 @njit(cache=True)
 def _row_sum(x, base, kk, shift):
-    """Σ (x − shift)² over one row if ``shift`` is given as a number, with 4 accumulators."""
+    """Σ (x − shift)² over one row, with 4 independent accumulators."""
     a0 = a1 = a2 = a3 = zero(x)
     k4 = kk - kk % 4
     for j in range(0, k4, 4):
@@ -42,18 +42,20 @@ def _row_sum(x, base, kk, shift):
 
 @njit(cache=True)
 def _row_mean(x, base, kk):
+    """Mean of one row, summed as ``Σ(x − x₀)`` so a large common offset cancels first."""
+    k0 = ld(x, base)
     a0 = a1 = a2 = a3 = zero(x)
     k4 = kk - kk % 4
     for j in range(0, k4, 4):
         i = base + j
-        a0 += ld(x, i)
-        a1 += ld(x, i + 1)
-        a2 += ld(x, i + 2)
-        a3 += ld(x, i + 3)
+        a0 += ld(x, i) - k0
+        a1 += ld(x, i + 1) - k0
+        a2 += ld(x, i + 2) - k0
+        a3 += ld(x, i + 3) - k0
     for i in range(base + k4, base + kk):
-        a0 += ld(x, i)
+        a0 += ld(x, i) - k0
     t = (a0 + a1) + (a2 + a3)
-    return t / like(t, kk)
+    return k0 + t / like(t, kk)
 
 
 @njit(**_JIT)
