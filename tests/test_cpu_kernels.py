@@ -129,8 +129,8 @@ def test_channel_apply_and_backward(case, act_case):
         _close(gv / count, wv / count, torch.float32 if dtype != torch.float64 else dtype, f"{case} {name}")
     mean_dz, mean_dz_xhat = want[0] / count, want[1] / count
     dx, dz = CPU.channel_backward_dx(x, dy, mean, rstd, scale, shift, res, act, mean_dz, mean_dz_xhat, True)
-    rdx, rdz = _want(REF.channel_backward_dx, x, dy, mean, rstd, scale, shift, res, act, mean_dz, mean_dz_xhat,
-                     True)
+    rdx, rdz = _want(REF.channel_backward_dx, x, dy, mean, rstd, scale, shift, res, act, mean_dz,
+                     mean_dz_xhat, True)
     rdx, rdz = rdx.to(dtype), rdz.to(dtype)
     _close(dx, rdx, dtype, f"{case} dx", large=offset > 100)
     _close(dz, rdz, dtype, f"{case} dz")
@@ -149,8 +149,10 @@ ROW_CASES = {
     "fp16": (7, 33, torch.float16, 3.0),
     "bf16": (7, 33, torch.bfloat16, 3.0),
 }
-ROW_VARIANTS = {"ln_affine": (False, True, True), "ln_plain": (False, False, False), "ln_weight": (False, True, False),
-                "rms_weight": (True, True, False), "rms_plain": (True, False, False)}
+# name: (rms, weight, bias)
+ROW_VARIANTS = {"ln_affine": (False, True, True), "ln_plain": (False, False, False),
+                "ln_weight": (False, True, False), "rms_weight": (True, True, False),
+                "rms_plain": (True, False, False)}
 
 
 @pytest.mark.parametrize("variant", ROW_VARIANTS)
