@@ -85,7 +85,7 @@ def run(device: str, batch: int, rounds: int, channels_last: bool = False) -> li
                 holder["loss"] = loss
 
             t = clock.time(body)
-            losses[name].append(float(holder["loss"]))
+            losses[name].append(float(holder["loss"].detach()))
             return t
         return step
 
