@@ -16,6 +16,7 @@ from .channel import (
     sums_cl,
     sums_nchw,
 )
+from .group import group_bwd_nchw, group_fwd_nchw
 from .row import row_bwd, row_fwd
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "bwd_sums_cl",
     "bwd_dx_nchw",
     "bwd_dx_cl",
+    "group_fwd_nchw",
+    "group_bwd_nchw",
     "row_fwd",
     "row_bwd",
 ]
