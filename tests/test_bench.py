@@ -22,7 +22,8 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["bench", "--only-shapes", "--shape", "bn2d=2x3x4x5", "--shape", "bn_add_relu=2x3x4x5",
             "--shape", "ln=4x9", "--layouts", "both", "--modes", "fwd,bwd,fwd+bwd,eval", "--rounds", "2",
-            "--no-compile", "--e2e-batch", "2", "--json", str(out / "b.json"), "--plot", str(out / "b.png")]
+            "--no-compile", "--e2e-batch", "2", "--e2e-rounds", "2", "--copy-mb", "32",
+            "--json", str(out / "b.json"), "--plot", str(out / "b.png")]
     assert cli.main(argv) == 0
     return json.loads((out / "b.json").read_text()), out / "b.png"
 

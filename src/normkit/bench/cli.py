@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--no-e2e", action="store_true", help="skip the ResNet training step")
     p.add_argument("--e2e-batch", type=int, default=None, help="ResNet batch (default 128, quick 32)")
+    p.add_argument("--e2e-rounds", type=int, default=None, help="paired ResNet steps (default 7, quick 3)")
+    p.add_argument("--copy-mb", type=int, default=256, help="size of the copy that measures bandwidth")
     p.add_argument("--threads", type=int, default=None, help="torch (and normkit) threads; default torch's")
     p.add_argument("--no-malloc-tune", action="store_true",
                    help="keep glibc's default mmap threshold (see docs/benchmarks.md)")
@@ -125,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
     cases = _cases(args)
     clock = Clock(args.device)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    bw = roofline.copy_bandwidth(args.device)
+    bw = roofline.copy_bandwidth(args.device, nbytes=args.copy_mb << 20)
     records, problems = [], []
     jobs = [(c, m) for c in cases for m in modes]
     for case, mode in tqdm(jobs, desc="normkit bench", unit="case", file=sys.stderr):
@@ -148,7 +150,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_e2e:
         try:
             e2e_records = e2e.run(args.device, args.e2e_batch or (32 if args.quick else 128),
-                                  rounds=3 if args.quick else 7)
+                                  rounds=args.e2e_rounds or (3 if args.quick else 7))
         except Exception as err:
             problems.append(f"ResNet step: {type(err).__name__}: {err}")
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s, {torch.get_num_threads()} threads, device {args.device}")

@@ -38,7 +38,7 @@ from ._scalar import act_fwd, act_grad, ld, st, zero
 _JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _pidx(n, c, nc, per_sample):
     return (n * nc if per_sample else 0) + c
 
@@ -99,7 +99,7 @@ def sums_cl(x, nn, ns, nc, rows, k, per_sample, s1, s2):
 
 
 # ----------------------------------------------------------------------------- apply
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _z(x, res, has_res, i, a, b):
     z = ld(x, i) * a + b
     if has_res:
@@ -154,7 +154,7 @@ def apply_cl(x, res, has_res, act, nn, ns, nc, rows, a, b, per_sample, out):
 
 
 # ----------------------------------------------------------------------------- backward
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _dz_generic(x, dy, res, has_res, act, i, fa, fb):
     """dz = dy·act'(z) with the forward's pre-activation ``z`` (SiLU, GELU)."""
     return ld(dy, i) * act_grad(_z(x, res, has_res, i, fa, fb), act)

@@ -23,7 +23,7 @@ from ._scalar import act_fwd, act_grad, ld, like, st, zero
 _JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _shifted_sums(x, start, length, k):
     a0 = a1 = a2 = a3 = zero(x)
     q0 = q1 = q2 = q3 = zero(x)
@@ -89,18 +89,13 @@ def group_fwd_nchw(x, res, has_res, act, nn, nc, ns, ng, w, b, eps, y, mean, var
                     st(y, i, act_fwd(z, act))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _dz(x, dy, res, has_res, act, i, aa, bb):
-    g = ld(dy, i)
-    if act != 0:
-        z = ld(x, i) * aa + bb
-        if has_res:
-            z += ld(res, i)
-        if act == 1:
-            g = g if z > 0 else zero(x)
-        else:
-            g = g * act_grad(z, act)
-    return g
+    """dz = dy·act'(z) for SiLU/GELU (the identity/ReLU loops are written out)."""
+    z = ld(x, i) * aa + bb
+    if has_res:
+        z += ld(res, i)
+    return ld(dy, i) * act_grad(z, act)
 
 
 @njit(**_JIT)
@@ -127,19 +122,41 @@ def group_bwd_nchw(x, dy, res, has_res, act, nn, nc, ns, ng, mean, rstd, w, b, n
             base = start + ci * ns
             a0 = a1 = zero(x)
             q0 = q1 = zero(x)
-            s2_ = ns - ns % 2
-            for j in range(0, s2_, 2):
-                i = base + j
-                g0 = _dz(x, dy, res, has_res, act, i, aa, bb)
-                g1 = _dz(x, dy, res, has_res, act, i + 1, aa, bb)
-                a0 += g0
-                a1 += g1
-                q0 += g0 * (ld(x, i) - mu)
-                q1 += g1 * (ld(x, i + 1) - mu)
-            for i in range(base + s2_, base + ns):
-                g0 = _dz(x, dy, res, has_res, act, i, aa, bb)
-                a0 += g0
-                q0 += g0 * (ld(x, i) - mu)
+            if act <= 1:
+                s2_ = ns - ns % 2
+                for j in range(0, s2_, 2):
+                    i = base + j
+                    x0 = ld(x, i)
+                    x1 = ld(x, i + 1)
+                    g0 = ld(dy, i)
+                    g1 = ld(dy, i + 1)
+                    if act == 1:
+                        z0 = x0 * aa + bb
+                        z1 = x1 * aa + bb
+                        if has_res:
+                            z0 += ld(res, i)
+                            z1 += ld(res, i + 1)
+                        g0 = g0 if z0 > 0 else zero(x)
+                        g1 = g1 if z1 > 0 else zero(x)
+                    a0 += g0
+                    a1 += g1
+                    q0 += g0 * (x0 - mu)
+                    q1 += g1 * (x1 - mu)
+                for i in range(base + s2_, base + ns):
+                    xv = ld(x, i)
+                    g0 = ld(dy, i)
+                    if act == 1:
+                        z0 = xv * aa + bb
+                        if has_res:
+                            z0 += ld(res, i)
+                        g0 = g0 if z0 > 0 else zero(x)
+                    a0 += g0
+                    q0 += g0 * (xv - mu)
+            else:
+                for i in range(base, base + ns):
+                    g0 = _dz(x, dy, res, has_res, act, i, aa, bb)
+                    a0 += g0
+                    q0 += g0 * (ld(x, i) - mu)
             da = a0 + a1
             db = (q0 + q1) * rs
             sa[n * nc + c] = np.float64(da)
@@ -155,8 +172,21 @@ def group_bwd_nchw(x, dy, res, has_res, act, nn, nc, ns, ng, mean, rstd, w, b, n
             qq = -rs * rs * mgx
             rr = -rs * mg
             base = start + ci * ns
-            for i in range(base, base + ns):
-                gz = _dz(x, dy, res, has_res, act, i, aa, bb)
-                st(dx, i, aa * gz + qq * (ld(x, i) - mu) + rr)
-                if need_dz:
-                    st(dzo, i, gz)
+            if act <= 1:
+                for i in range(base, base + ns):
+                    xv = ld(x, i)
+                    gz = ld(dy, i)
+                    if act == 1:
+                        z = xv * aa + bb
+                        if has_res:
+                            z += ld(res, i)
+                        gz = gz if z > 0 else zero(x)
+                    st(dx, i, aa * gz + qq * (xv - mu) + rr)
+                    if need_dz:
+                        st(dzo, i, gz)
+            else:
+                for i in range(base, base + ns):
+                    gz = _dz(x, dy, res, has_res, act, i, aa, bb)
+                    st(dx, i, aa * gz + qq * (ld(x, i) - mu) + rr)
+                    if need_dz:
+                        st(dzo, i, gz)

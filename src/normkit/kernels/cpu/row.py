@@ -19,7 +19,7 @@ from ._scalar import ld, like, st, zero
 _JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _row_sum(x, base, kk, shift):
     """Σ (x − shift)² over one row, with 4 independent accumulators."""
     a0 = a1 = a2 = a3 = zero(x)
@@ -40,7 +40,7 @@ def _row_sum(x, base, kk, shift):
     return (a0 + a1) + (a2 + a3)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _row_mean(x, base, kk):
     """Mean of one row, summed as ``Σ(x − x₀)`` so a large common offset cancels first."""
     k0 = ld(x, base)
