@@ -18,10 +18,10 @@ Reductions return per-row (NCHW) or per-block (CL) partial sums in float64; the 
 them in a fixed order. Partitioning depends only on the shape, never on the thread count, so
 results are bit-identical from run to run.
 
-Activations: identity and ReLU (codes 0, 1) run in branch-light inner loops written out in
-each kernel — a per-element helper returning a tuple keeps LLVM from vectorising and costs up
-to 5x — while SiLU and GELU (codes 2, 3) take a generic per-element path (they are bound by
-``exp``/``erf``, not by memory).
+Activations: identity and ReLU (codes 0, 1) run in branch-free inner loops, one written out
+per flag combination (a branch or a tuple-returning helper in the element loop keeps LLVM from
+vectorising it and cost up to 5x), while SiLU and GELU (codes 2, 3) take a generic per-element
+path (they are bound by ``exp``/``erf``, not by memory).
 
 Statistics use *shifted* sums ``Σ(x − k)`` and ``Σ(x − k)²`` with ``k`` a sample value of the
 same channel (Chan, Golub & LeVeque, 1983): one pass over ``x``, and a large common mean
@@ -36,6 +36,11 @@ from numba import njit, prange
 from ._scalar import act_fwd, act_grad, ld, st, zero
 
 _JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
+# Row reductions (NCHW) allow reassociation and nothing else: LLVM may then keep 8-wide partial
+# sums in a vector register (2x faster, at memory speed). The summation order is still fixed by
+# the compiled code — bit-identical from run to run and for any thread count — though it may
+# differ between CPUs of different vector width. The shifted-sum trick survives (tested).
+_JIT_REDUCE = dict(parallel=True, cache=True, fastmath={"reassoc"}, nogil=True)
 
 
 @njit(cache=True, inline="always")
@@ -44,7 +49,7 @@ def _pidx(n, c, nc, per_sample):
 
 
 # ----------------------------------------------------------------------------- statistics
-@njit(**_JIT)
+@njit(**_JIT_REDUCE)
 def sums_nchw(x, nn, nc, ns, k, per_sample, s1, s2):
     """``s1[n,c] = Σ_s (x − k)``, ``s2[n,c] = Σ_s (x − k)²`` per (n, c) row, float64 out."""
     for r in prange(nn * nc):
@@ -52,29 +57,14 @@ def sums_nchw(x, nn, nc, ns, k, per_sample, s1, s2):
         c = r - n * nc
         kk = k[_pidx(n, c, nc, per_sample)]
         base = r * ns
-        a0 = a1 = a2 = a3 = zero(x)
-        q0 = q1 = q2 = q3 = zero(x)
-        s4 = ns - ns % 4
-        for j in range(0, s4, 4):
-            i = base + j
-            v0 = ld(x, i) - kk
-            v1 = ld(x, i + 1) - kk
-            v2 = ld(x, i + 2) - kk
-            v3 = ld(x, i + 3) - kk
-            a0 += v0
-            a1 += v1
-            a2 += v2
-            a3 += v3
-            q0 += v0 * v0
-            q1 += v1 * v1
-            q2 += v2 * v2
-            q3 += v3 * v3
-        for i in range(base + s4, base + ns):
+        a = zero(x)
+        q = zero(x)
+        for i in range(base, base + ns):
             v = ld(x, i) - kk
-            a0 += v
-            q0 += v * v
-        s1[r] = np.float64((a0 + a1) + (a2 + a3))
-        s2[r] = np.float64((q0 + q1) + (q2 + q3))
+            a += v
+            q += v * v
+        s1[r] = np.float64(a)
+        s2[r] = np.float64(q)
 
 
 @njit(**_JIT)
@@ -90,9 +80,9 @@ def sums_cl(x, nn, ns, nc, rows, k, per_sample, s1, s2):
         for s in range(j * rows, min(ns, (j + 1) * rows)):
             base = (n * ns + s) * nc
             for c in range(nc):
-                v = ld(x, base + c) - k[kb + c]
-                a[c] += v
-                q[c] += v * v
+                v = ld(x, base + c) - ld(k, kb + c)
+                st(a, c, ld(a, c) + v)
+                st(q, c, ld(q, c) + v * v)
         for c in range(nc):
             s1[blk * nc + c] = np.float64(a[c])
             s2[blk * nc + c] = np.float64(q[c])
@@ -117,14 +107,19 @@ def apply_nchw(x, res, has_res, act, nn, nc, ns, a, b, per_sample, out):
         aa = a[p]
         bb = b[p]
         base = r * ns
-        if act <= 1:
+        # one loop per flag combination: no branch in the element loop, so it vectorises
+        if act == 0 and not has_res:
             for i in range(base, base + ns):
-                z = ld(x, i) * aa + bb
-                if has_res:
-                    z += ld(res, i)
-                if act == 1:
-                    z = max(z, zero(x))
-                st(out, i, z)
+                st(out, i, ld(x, i) * aa + bb)
+        elif act == 1 and not has_res:
+            for i in range(base, base + ns):
+                st(out, i, max(ld(x, i) * aa + bb, zero(x)))
+        elif act == 0:
+            for i in range(base, base + ns):
+                st(out, i, ld(x, i) * aa + bb + ld(res, i))
+        elif act == 1:
+            for i in range(base, base + ns):
+                st(out, i, max(ld(x, i) * aa + bb + ld(res, i), zero(x)))
         else:
             for i in range(base, base + ns):
                 st(out, i, act_fwd(_z(x, res, has_res, i, aa, bb), act))
@@ -140,17 +135,23 @@ def apply_cl(x, res, has_res, act, nn, ns, nc, rows, a, b, per_sample, out):
         kb = _pidx(n, 0, nc, per_sample)
         for s in range(j * rows, min(ns, (j + 1) * rows)):
             base = (n * ns + s) * nc
-            if act <= 1:
+            if act == 0 and not has_res:
                 for c in range(nc):
-                    z = ld(x, base + c) * a[kb + c] + b[kb + c]
-                    if has_res:
-                        z += ld(res, base + c)
-                    if act == 1:
-                        z = max(z, zero(x))
-                    st(out, base + c, z)
+                    st(out, base + c, ld(x, base + c) * ld(a, kb + c) + ld(b, kb + c))
+            elif act == 1 and not has_res:
+                for c in range(nc):
+                    st(out, base + c, max(ld(x, base + c) * ld(a, kb + c) + ld(b, kb + c), zero(x)))
+            elif act == 0:
+                for c in range(nc):
+                    st(out, base + c, ld(x, base + c) * ld(a, kb + c) + ld(b, kb + c) + ld(res, base + c))
+            elif act == 1:
+                for c in range(nc):
+                    z = ld(x, base + c) * ld(a, kb + c) + ld(b, kb + c) + ld(res, base + c)
+                    st(out, base + c, max(z, zero(x)))
             else:
                 for c in range(nc):
-                    st(out, base + c, act_fwd(_z(x, res, has_res, base + c, a[kb + c], b[kb + c]), act))
+                    z = _z(x, res, has_res, base + c, ld(a, kb + c), ld(b, kb + c))
+                    st(out, base + c, act_fwd(z, act))
 
 
 # ----------------------------------------------------------------------------- backward
@@ -160,7 +161,7 @@ def _dz_generic(x, dy, res, has_res, act, i, fa, fb):
     return ld(dy, i) * act_grad(_z(x, res, has_res, i, fa, fb), act)
 
 
-@njit(**_JIT)
+@njit(**_JIT_REDUCE)
 def bwd_sums_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, m, per_sample, sa, sb):
     """``sa[n,c] = Σ_s dz``, ``sb[n,c] = Σ_s dz·(x − m)`` per (n, c) row, float64 out."""
     for r in prange(nn * nc):
@@ -171,55 +172,32 @@ def bwd_sums_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, m, per_sample, s
         bb = fb[p]
         mm = m[p]
         base = r * ns
-        a0 = a1 = a2 = a3 = zero(x)
-        q0 = q1 = q2 = q3 = zero(x)
-        if act <= 1:
-            s4 = ns - ns % 4
-            for j in range(0, s4, 4):
-                i = base + j
-                x0 = ld(x, i)
-                x1 = ld(x, i + 1)
-                x2 = ld(x, i + 2)
-                x3 = ld(x, i + 3)
-                g0 = ld(dy, i)
-                g1 = ld(dy, i + 1)
-                g2 = ld(dy, i + 2)
-                g3 = ld(dy, i + 3)
-                if act == 1:
-                    z0 = x0 * aa + bb
-                    z1 = x1 * aa + bb
-                    z2 = x2 * aa + bb
-                    z3 = x3 * aa + bb
-                    if has_res:
-                        z0 += ld(res, i)
-                        z1 += ld(res, i + 1)
-                        z2 += ld(res, i + 2)
-                        z3 += ld(res, i + 3)
-                    g0 = g0 if z0 > 0 else zero(x)
-                    g1 = g1 if z1 > 0 else zero(x)
-                    g2 = g2 if z2 > 0 else zero(x)
-                    g3 = g3 if z3 > 0 else zero(x)
-                a0 += g0
-                a1 += g1
-                a2 += g2
-                a3 += g3
-                q0 += g0 * (x0 - mm)
-                q1 += g1 * (x1 - mm)
-                q2 += g2 * (x2 - mm)
-                q3 += g3 * (x3 - mm)
-            for i in range(base + s4, base + ns):
+        a = zero(x)
+        q = zero(x)
+        if act == 0:
+            for i in range(base, base + ns):
                 g = ld(dy, i)
-                if act == 1 and _z(x, res, has_res, i, aa, bb) <= 0:
-                    g = zero(x)
-                a0 += g
-                q0 += g * (ld(x, i) - mm)
+                a += g
+                q += g * (ld(x, i) - mm)
+        elif act == 1 and not has_res:
+            for i in range(base, base + ns):
+                xv = ld(x, i)
+                g = ld(dy, i) if xv * aa + bb > 0 else zero(x)
+                a += g
+                q += g * (xv - mm)
+        elif act == 1:
+            for i in range(base, base + ns):
+                xv = ld(x, i)
+                g = ld(dy, i) if xv * aa + bb + ld(res, i) > 0 else zero(x)
+                a += g
+                q += g * (xv - mm)
         else:
             for i in range(base, base + ns):
                 g = _dz_generic(x, dy, res, has_res, act, i, aa, bb)
-                a0 += g
-                q0 += g * (ld(x, i) - mm)
-        sa[r] = np.float64((a0 + a1) + (a2 + a3))
-        sb[r] = np.float64((q0 + q1) + (q2 + q3))
+                a += g
+                q += g * (ld(x, i) - mm)
+        sa[r] = np.float64(a)
+        sb[r] = np.float64(q)
 
 
 @njit(**_JIT)
@@ -240,12 +218,12 @@ def bwd_sums_cl(x, dy, res, has_res, act, nn, ns, nc, rows, fa, fb, m, per_sampl
                     xv = ld(x, base + c)
                     g = ld(dy, base + c)
                     if act == 1:
-                        z = xv * fa[k] + fb[k]
+                        z = xv * ld(fa, k) + ld(fb, k)
                         if has_res:
                             z += ld(res, base + c)
                         g = g if z > 0 else zero(x)
-                    a[c] += g
-                    q[c] += g * (xv - m[k])
+                    st(a, c, ld(a, c) + g)
+                    st(q, c, ld(q, c) + g * (xv - ld(m, k)))
             else:
                 for c in range(nc):
                     k = kb + c
@@ -271,7 +249,15 @@ def bwd_dx_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, p, q, m, r0, per_s
         mm = m[k]
         rr = r0[k]
         base = r * ns
-        if act <= 1:
+        if act == 0 and not need_dz:
+            for i in range(base, base + ns):
+                st(dx, i, pp * ld(dy, i) + qq * (ld(x, i) - mm) + rr)
+        elif act == 1 and not has_res and not need_dz:
+            for i in range(base, base + ns):
+                xv = ld(x, i)
+                g = ld(dy, i) if xv * aa + bb > 0 else zero(x)
+                st(dx, i, pp * g + qq * (xv - mm) + rr)
+        elif act <= 1:
             for i in range(base, base + ns):
                 xv = ld(x, i)
                 g = ld(dy, i)
@@ -301,23 +287,28 @@ def bwd_dx_cl(x, dy, res, has_res, act, nn, ns, nc, rows, fa, fb, p, q, m, r0, p
         kb = _pidx(n, 0, nc, per_sample)
         for s in range(j * rows, min(ns, (j + 1) * rows)):
             base = (n * ns + s) * nc
-            if act <= 1:
+            if act == 0 and not need_dz:
+                for c in range(nc):
+                    k = kb + c
+                    v = ld(p, k) * ld(dy, base + c) + ld(q, k) * (ld(x, base + c) - ld(m, k)) + ld(r0, k)
+                    st(dx, base + c, v)
+            elif act <= 1:
                 for c in range(nc):
                     k = kb + c
                     xv = ld(x, base + c)
                     g = ld(dy, base + c)
                     if act == 1:
-                        z = xv * fa[k] + fb[k]
+                        z = xv * ld(fa, k) + ld(fb, k)
                         if has_res:
                             z += ld(res, base + c)
                         g = g if z > 0 else zero(x)
-                    st(dx, base + c, p[k] * g + q[k] * (xv - m[k]) + r0[k])
+                    st(dx, base + c, ld(p, k) * g + ld(q, k) * (xv - ld(m, k)) + ld(r0, k))
                     if need_dz:
                         st(dzo, base + c, g)
             else:
                 for c in range(nc):
                     k = kb + c
-                    g = _dz_generic(x, dy, res, has_res, act, base + c, fa[k], fb[k])
-                    st(dx, base + c, p[k] * g + q[k] * (ld(x, base + c) - m[k]) + r0[k])
+                    g = _dz_generic(x, dy, res, has_res, act, base + c, ld(fa, k), ld(fb, k))
+                    st(dx, base + c, ld(p, k) * g + ld(q, k) * (ld(x, base + c) - ld(m, k)) + ld(r0, k))
                     if need_dz:
                         st(dzo, base + c, g)

@@ -16,7 +16,8 @@ from numba import njit, prange
 
 from ._scalar import ld, like, st, zero
 
-_JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
+# reassociation only, for vectorised row sums: see channel.py's _JIT_REDUCE
+_JIT = dict(parallel=True, cache=True, fastmath={"reassoc"}, nogil=True)
 
 
 @njit(cache=True, inline="always")
