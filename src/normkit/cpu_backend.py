@@ -239,10 +239,9 @@ class CpuBackend(Backend):
         y = torch.empty_like(x2d)
         npd = np.float64 if sd == torch.float64 else np.float32
         mean, rstd = np.empty(m, dtype=npd), np.empty(m, dtype=npd)
-        w = _np(weight, sd) if weight is not None else np.zeros(1, npd)
-        b = _np(bias, sd) if bias is not None else np.zeros(1, npd)
-        K.row_fwd(_flat(x2d), m, k, w, b, weight is not None, bias is not None, float(eps), bool(rms),
-                  _flat(y), mean, rstd)
+        w = _np(weight, sd) if weight is not None else np.ones(k, npd)
+        b = _np(bias, sd) if bias is not None else np.zeros(k, npd)
+        K.row_fwd(_flat(x2d), m, k, w, b, float(eps), bool(rms), _flat(y), mean, rstd)
         return y, (None if rms else torch.from_numpy(mean)), torch.from_numpy(rstd)
 
     def row_backward(self, x2d, dy2d, mean, rstd, weight, rms, need_dweight):
@@ -260,9 +259,9 @@ class CpuBackend(Backend):
         dbp = np.empty(nb * k if need_dweight else 1)
         rs = _np(rstd, sd)
         mu = _np(mean, sd) if not rms else np.zeros(1, dtype=rs.dtype)
-        w = _np(weight, sd) if weight is not None else np.zeros(1, dtype=rs.dtype)
-        K.row_bwd(_flat(x2d), _flat(dy2d), m, k, mu, rs, w, weight is not None, bool(rms), bool(need_dweight),
-                  rows, _flat(dx), dwp, dbp)
+        w = _np(weight, sd) if weight is not None else np.ones(k, dtype=rs.dtype)
+        K.row_bwd(_flat(x2d), _flat(dy2d), m, k, mu, rs, w, bool(rms), bool(need_dweight), rows, _flat(dx),
+                  dwp, dbp)
         if not need_dweight:
             return dx, None, None
         dw = torch.from_numpy(dwp.reshape(nb, k).sum(axis=0)).to(sd)

@@ -74,14 +74,18 @@ def group_fwd_nchw(x, res, has_res, act, nn, nc, ns, ng, w, b, eps, y, mean, var
             aa = rs * w[c]
             bb = b[c] - mu * aa
             base = start + ci * ns
-            if act <= 1:
+            if act == 0 and not has_res:
                 for i in range(base, base + ns):
-                    z = ld(x, i) * aa + bb
-                    if has_res:
-                        z += ld(res, i)
-                    if act == 1:
-                        z = max(z, zero(x))
-                    st(y, i, z)
+                    st(y, i, ld(x, i) * aa + bb)
+            elif act == 1 and not has_res:
+                for i in range(base, base + ns):
+                    st(y, i, max(ld(x, i) * aa + bb, zero(x)))
+            elif act == 0:
+                for i in range(base, base + ns):
+                    st(y, i, ld(x, i) * aa + bb + ld(res, i))
+            elif act == 1:
+                for i in range(base, base + ns):
+                    st(y, i, max(ld(x, i) * aa + bb + ld(res, i), zero(x)))
             else:
                 for i in range(base, base + ns):
                     z = ld(x, i) * aa + bb
@@ -121,36 +125,23 @@ def group_bwd_nchw(x, dy, res, has_res, act, nn, nc, ns, ng, mean, rstd, w, b, n
             aa = rs * w[c]
             bb = b[c] - mu * aa
             base = start + ci * ns
-            a0 = a1 = zero(x)
-            q0 = q1 = zero(x)
-            if act <= 1:
-                s2_ = ns - ns % 2
-                for j in range(0, s2_, 2):
-                    i = base + j
-                    x0 = ld(x, i)
-                    x1 = ld(x, i + 1)
+            a0 = zero(x)
+            q0 = zero(x)
+            if act == 0:
+                for i in range(base, base + ns):
                     g0 = ld(dy, i)
-                    g1 = ld(dy, i + 1)
-                    if act == 1:
-                        z0 = x0 * aa + bb
-                        z1 = x1 * aa + bb
-                        if has_res:
-                            z0 += ld(res, i)
-                            z1 += ld(res, i + 1)
-                        g0 = g0 if z0 > 0 else zero(x)
-                        g1 = g1 if z1 > 0 else zero(x)
                     a0 += g0
-                    a1 += g1
-                    q0 += g0 * (x0 - mu)
-                    q1 += g1 * (x1 - mu)
-                for i in range(base + s2_, base + ns):
+                    q0 += g0 * (ld(x, i) - mu)
+            elif act == 1 and not has_res:
+                for i in range(base, base + ns):
                     xv = ld(x, i)
-                    g0 = ld(dy, i)
-                    if act == 1:
-                        z0 = xv * aa + bb
-                        if has_res:
-                            z0 += ld(res, i)
-                        g0 = g0 if z0 > 0 else zero(x)
+                    g0 = ld(dy, i) if xv * aa + bb > 0 else zero(x)
+                    a0 += g0
+                    q0 += g0 * (xv - mu)
+            elif act == 1:
+                for i in range(base, base + ns):
+                    xv = ld(x, i)
+                    g0 = ld(dy, i) if xv * aa + bb + ld(res, i) > 0 else zero(x)
                     a0 += g0
                     q0 += g0 * (xv - mu)
             else:
@@ -158,8 +149,8 @@ def group_bwd_nchw(x, dy, res, has_res, act, nn, nc, ns, ng, mean, rstd, w, b, n
                     g0 = _dz(x, dy, res, has_res, act, i, aa, bb)
                     a0 += g0
                     q0 += g0 * (ld(x, i) - mu)
-            da = a0 + a1
-            db = (q0 + q1) * rs
+            da = a0
+            db = q0 * rs
             sa[n * nc + c] = np.float64(da)
             sb[n * nc + c] = np.float64(db)
             sum_g += w[c] * da
@@ -173,7 +164,10 @@ def group_bwd_nchw(x, dy, res, has_res, act, nn, nc, ns, ng, mean, rstd, w, b, n
             qq = -rs * rs * mgx
             rr = -rs * mg
             base = start + ci * ns
-            if act <= 1:
+            if act == 0 and not need_dz:
+                for i in range(base, base + ns):
+                    st(dx, i, aa * ld(dy, i) + qq * (ld(x, i) - mu) + rr)
+            elif act <= 1:
                 for i in range(base, base + ns):
                     xv = ld(x, i)
                     gz = ld(dy, i)
