@@ -14,7 +14,7 @@ from normkit import cli
 
 IMPL_KEYS = {"median_ms", "min_ms", "p25_ms", "p75_ms", "max_ms", "times_ms", "speedup_vs_torch", "GBps",
              "pct_roofline"}
-RECORD_KEYS = {"op", "op_key", "mode", "shape", "layout", "dtype", "device", "bytes", "impls"}
+RECORD_KEYS = {"op", "op_key", "mode", "shape", "layout", "dtype", "device", "bytes", "copy_GBps", "impls"}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,7 @@ def test_json_schema(tiny_run):
     for rec in doc["records"]:
         assert RECORD_KEYS <= set(rec), rec.keys()
         assert set(rec["impls"]) == {"torch", "normkit"}
+        assert rec["copy_GBps"] > 0
         for impl in rec["impls"].values():
             assert IMPL_KEYS <= set(impl)
             assert len(impl["times_ms"]) == 2

@@ -1,7 +1,9 @@
 """Roofline: the bytes an op must move ÷ the memory bandwidth a plain copy reaches in the same run.
 
-The bandwidth is measured, not looked up: ``dst.copy_(src)`` on tensors far larger than the
-caches, counting read + write, median of several runs, with the thread count the ops get.
+The bandwidth is measured, not looked up: ``dst.copy_(src)`` of a tensor of the case's own size,
+counting read + write, timed *inside* each case's paired rounds (so load changes on a shared
+machine hit the copy and the contenders alike), with the thread count the ops get. A run-wide
+256 MB copy is reported too, for the record.
 
 Minimal bytes, in units of one activation tensor (``numel × element size``), and what is
 counted (a kernel cannot do less without keeping a whole tensor in cache, which at the
@@ -39,6 +41,15 @@ def copy_bandwidth(device: str, nbytes: int = 256 << 20, repeats: int = 7) -> fl
     dst.copy_(src)
     times = [clock.time(lambda: dst.copy_(src)) for _ in range(repeats)]
     return 2 * n * 4 / statistics.median(times)
+
+
+def copy_step(shape, dtype: str, device: str, clock: Clock):
+    """A paired-timing step copying one activation-sized tensor: the per-case roofline reference."""
+    from .cases import DTYPES
+
+    src = torch.rand(shape, device=device).to(DTYPES[dtype])
+    dst = torch.empty_like(src)
+    return lambda: clock.time(lambda: dst.copy_(src))
 
 
 def tensor_units(family: str, mode: str, residual: bool) -> int:
