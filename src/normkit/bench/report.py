@@ -117,3 +117,21 @@ def plot(path: str, records: list[dict], e2e: list[dict], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown(records: list[dict], e2e: list[dict]) -> str:
+    """The table as Markdown (for docs/benchmarks.md): medians in ms, spread as p25–p75."""
+    out = ["| op | layout | mode | torch eager ms | torch.compile ms | normkit ms (p25–p75) | × eager | "
+           "× compile | normkit GB/s | % roofline (normkit / eager) |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in records + e2e:
+        im = r["impls"]
+        t, c, n = (im.get(k, {}) for k in ("torch", "torch.compile", "normkit"))
+        xc = c["median_ms"] / n["median_ms"] if c and n else None
+        roof = (f"{n['pct_roofline']:.0f} / {t['pct_roofline']:.0f}" if "pct_roofline" in n else "-")
+        spread = f"{n['p25_ms']:.1f}–{n['p75_ms']:.1f}"
+        out.append(f"| {r['op']} | {r['layout']} | {r['mode']} | {t['median_ms']:.1f} | "
+                   f"{_fmt(c.get('median_ms'), '.1f')} | {n['median_ms']:.1f} ({spread}) | "
+                   f"{n['speedup_vs_torch']:.2f} | {_fmt(xc, '.2f')} | {_fmt(n.get('GBps'), '.1f')} | "
+                   f"{roof} |")
+    return "\n".join(out)
