@@ -40,6 +40,7 @@ def test_json_schema(tiny_run):
         assert RECORD_KEYS <= set(rec), rec.keys()
         assert set(rec["impls"]) == {"torch", "normkit"}
         assert rec["copy_GBps"] > 0
+        assert rec["normkit_backend"] == "cpu"
         for impl in rec["impls"].values():
             assert IMPL_KEYS <= set(impl)
             assert len(impl["times_ms"]) == 2

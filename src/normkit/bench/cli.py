@@ -151,7 +151,7 @@ def main(args: argparse.Namespace) -> int:
             impls[name] = {**s, "times_ms": [t * 1e3 for t in ts], "speedup_vs_torch": base / s["median_ms"],
                            "GBps": gbps, "pct_roofline": 100 * gbps / (case_bw / 1e9)}
         records.append({**case.key(), "mode": mode, "bytes": nbytes, "copy_GBps": case_bw / 1e9,
-                        "impls": impls})
+                        "normkit_backend": _backend_name(case), "impls": impls})
     e2e_records = []
     if not args.no_e2e:
         try:
@@ -178,6 +178,19 @@ def main(args: argparse.Namespace) -> int:
         report.plot(args.plot, records, e2e_records,
                     f"normkit bench — {doc['machine']['processor']}, {torch.get_num_threads()} threads")
     return 0
+
+
+def _backend_name(case) -> str:
+    """The backend normkit's ``auto`` choice ran this case on (cpu, triton or reference)."""
+    from .. import backends
+    from .cases import DTYPES
+
+    probe = torch.empty((2, case.shape[1] if len(case.shape) > 1 else 1), device=case.device,
+                        dtype=DTYPES[case.dtype])
+    try:
+        return backends.resolve("row_forward" if case.op in ("ln", "rms") else "channel_stats", probe).name
+    except backends.BackendUnavailableError as err:
+        return f"none: {err}"
 
 
 def _run(steps, rounds):

@@ -5,6 +5,7 @@ JSON schema (``"schema": "normkit-bench/1"``)::
     {"schema", "command", "started_utc", "machine": {...}, "versions": {...},
      "copy_bandwidth_GBps", "settings": {...},
      "records": [{"op", "op_key", "mode", "shape", "layout", "dtype", "device", "bytes", "copy_GBps",
+                  "normkit_backend",
                   "impls": {"torch" | "torch.compile" | "normkit" | "liger":
                             {"median_ms", "min_ms", "p25_ms", "p75_ms", "max_ms", "times_ms",
                              "speedup_vs_torch", "GBps", "pct_roofline"}}}, ...],
