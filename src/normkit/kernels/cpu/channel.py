@@ -257,6 +257,12 @@ def bwd_dx_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, p, q, m, r0, per_s
                 xv = ld(x, i)
                 g = ld(dy, i) if xv * aa + bb > 0 else zero(x)
                 st(dx, i, pp * g + qq * (xv - mm) + rr)
+        elif act == 1 and has_res and need_dz:  # the residual block's tail: relu(bn(x) + shortcut)
+            for i in range(base, base + ns):
+                xv = ld(x, i)
+                g = ld(dy, i) if xv * aa + bb + ld(res, i) > 0 else zero(x)
+                st(dx, i, pp * g + qq * (xv - mm) + rr)
+                st(dzo, i, g)
         elif act <= 1:
             for i in range(base, base + ns):
                 xv = ld(x, i)
@@ -292,6 +298,14 @@ def bwd_dx_cl(x, dy, res, has_res, act, nn, ns, nc, rows, fa, fb, p, q, m, r0, p
                     k = kb + c
                     v = ld(p, k) * ld(dy, base + c) + ld(q, k) * (ld(x, base + c) - ld(m, k)) + ld(r0, k)
                     st(dx, base + c, v)
+            elif act == 1 and has_res and need_dz:
+                for c in range(nc):
+                    k = kb + c
+                    xv = ld(x, base + c)
+                    z = xv * ld(fa, k) + ld(fb, k) + ld(res, base + c)
+                    g = ld(dy, base + c) if z > 0 else zero(x)
+                    st(dx, base + c, ld(p, k) * g + ld(q, k) * (xv - ld(m, k)) + ld(r0, k))
+                    st(dzo, base + c, g)
             elif act <= 1:
                 for c in range(nc):
                     k = kb + c
