@@ -135,13 +135,15 @@ def group_bwd_nchw(x, dy, res, has_res, act, nn, nc, ns, ng, mean, rstd, w, b, n
             elif act == 1 and not has_res:
                 for i in range(base, base + ns):
                     xv = ld(x, i)
-                    g0 = ld(dy, i) if xv * aa + bb > 0 else zero(x)
+                    g0 = ld(dy, i)
+                    g0 = g0 if xv * aa + bb > 0 else zero(x)
                     a0 += g0
                     q0 += g0 * (xv - mu)
             elif act == 1:
                 for i in range(base, base + ns):
                     xv = ld(x, i)
-                    g0 = ld(dy, i) if xv * aa + bb + ld(res, i) > 0 else zero(x)
+                    g0 = ld(dy, i)
+                    g0 = g0 if xv * aa + bb + ld(res, i) > 0 else zero(x)
                     a0 += g0
                     q0 += g0 * (xv - mu)
             else:
