@@ -9,6 +9,7 @@ from .batchnorm import (
     LazyBatchNorm3d,
 )
 from .frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .fused import BatchNormAct2d, GroupNormAct
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from .groupnorm import GroupNorm
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
@@ -40,4 +41,6 @@ __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "BatchNormAct2d",
+    "GroupNormAct",
 ]

@@ -7,6 +7,14 @@ training flag. Subclasses of torch.nn norms that normkit does not know are left 
 warning: their forward may do something a swap would lose.
 
 Other issues extend the table with :func:`register_conversion` (e.g. fused layers).
+
+``convert(model, fuse=True)`` also fuses, inside every ``nn.Sequential``, a BatchNorm2d or
+GroupNorm directly followed by ``nn.ReLU``, ``nn.SiLU`` or ``nn.GELU(approximate="none")`` into
+:class:`normkit.BatchNormAct2d` / :class:`normkit.GroupNormAct` (same parameter and buffer
+tensors). The activation's slot becomes ``nn.Identity`` so indices, names and state_dict keys
+stay valid. Activations called from a ``forward`` (not listed in a Sequential) are not seen.
+The fused layers convert back to torch only as far as torch has them: ``to="torch"`` leaves
+them alone (with a warning), since undoing the fusion would need a new activation module.
 """
 
 from __future__ import annotations
@@ -63,15 +71,48 @@ def _convert_one(module: nn.Module, table: dict, known: set) -> nn.Module:
     return module
 
 
-def convert(model: nn.Module, to: str = "normkit") -> nn.Module:
+def _activation_name(module: nn.Module) -> str | None:
+    """"relu"/"silu"/"gelu" for an activation module a fused layer reproduces exactly, else None."""
+    if type(module) is nn.ReLU:
+        return "relu"
+    if type(module) is nn.SiLU:
+        return "silu"
+    if type(module) is nn.GELU and module.approximate == "none":
+        return "gelu"
+    return None
+
+
+def _fuse_sequentials(model: nn.Module) -> None:
+    from ..nn.fused import BatchNormAct2d, GroupNormAct  # late: fused layers import the nn package
+
+    fusable = {nk.BatchNorm2d: BatchNormAct2d, nk.GroupNorm: GroupNormAct}
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for first, second in zip(names, names[1:], strict=False):
+            norm, act_mod = seq._modules[first], seq._modules[second]
+            cls = fusable.get(type(norm))
+            act = _activation_name(act_mod) if act_mod is not None else None
+            if cls is None or act is None:
+                continue
+            fused = retype(norm, cls)
+            fused.act = act
+            seq._modules[first] = fused
+            seq._modules[second] = nn.Identity()
+
+
+def convert(model: nn.Module, to: str = "normkit", fuse: bool = False) -> nn.Module:
     """Replace every norm layer of ``model`` in place and return the model.
 
     Args:
         model: any ``nn.Module``; the model itself is converted when it is a norm layer.
         to: ``"normkit"`` (torch.nn → normkit) or ``"torch"`` (normkit → torch.nn).
+        fuse: with ``to="normkit"``, also fuse ``norm → activation`` pairs of an
+            ``nn.Sequential`` into one layer (see the module docstring).
     """
     if to not in ("normkit", "torch"):
         raise ValueError(f"convert: to: expected 'normkit' or 'torch', got {to!r}")
+    if fuse and to != "normkit":
+        raise ValueError("convert: fuse: expected fuse=True only with to='normkit', got to='torch'")
     table = _TO_NORMKIT if to == "normkit" else _TO_TORCH
     known = set(_TO_NORMKIT) | set(_TO_TORCH)
     for parent in list(model.modules()):
@@ -80,4 +121,7 @@ def convert(model: nn.Module, to: str = "normkit") -> nn.Module:
                 new = _convert_one(child, table, known)
                 if new is not child:
                     parent._modules[name] = new
-    return _convert_one(model, table, known)
+    model = _convert_one(model, table, known)
+    if fuse:
+        _fuse_sequentials(model)
+    return model

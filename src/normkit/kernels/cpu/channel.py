@@ -1,0 +1,335 @@
+"""Per-channel kernels (BatchNorm, and the statistics/apply/backward passes of GroupNorm).
+
+Every array is flat (1-D) and read through :func:`ld` / written through :func:`st`. Two loop
+orders, one per layout, and no transposes:
+
+* **NCHW** — ``x`` is ``(N, C, S)`` in memory: each ``(n, c)`` row of ``S`` values is
+  contiguous. Rows are the parallel unit; a row is reduced with four independent accumulators
+  (so the add latency does not serialise the loop, without ``fastmath`` reassociation).
+* **CL** (channels_last, and BatchNorm1d's ``(N, C)``) — ``x`` is ``(N, S, C)``: each spatial
+  position holds ``C`` contiguous channels. Blocks of ``R`` positions are the parallel unit;
+  inside a block one accumulator per channel, so the inner loop over ``c`` vectorises.
+
+Per-channel parameters (scale, shift, mean, ...) are ``(P, C)`` flat with ``P = 1`` (one value
+per channel: BatchNorm) or ``P = N`` (one per sample and channel: GroupNorm's
+``γ_c·rstd_{n,g}``); ``per_sample`` says which.
+
+Reductions return per-row (NCHW) or per-block (CL) partial sums in float64; the caller adds
+them in a fixed order. Partitioning depends only on the shape, never on the thread count, so
+results are bit-identical from run to run.
+
+Activations: identity and ReLU (codes 0, 1) run in branch-free inner loops, one written out
+per flag combination (a branch or a tuple-returning helper in the element loop keeps LLVM from
+vectorising it and cost up to 5x), while SiLU and GELU (codes 2, 3) take a generic per-element
+path (they are bound by ``exp``/``erf``, not by memory). ``dy`` is loaded before the ReLU mask
+is applied, never under the condition: a load inside the branch kept LLVM from vectorising the
+bfloat16 loops (4x slower).
+
+Statistics use *shifted* sums ``Σ(x − k)`` and ``Σ(x − k)²`` with ``k`` a sample value of the
+same channel (Chan, Golub & LeVeque, 1983): one pass over ``x``, and a large common mean
+cancels before it can destroy the variance (``1e4 + randn`` is exact to float32 rounding).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._scalar import act_fwd, act_grad, ld, st, zero
+
+_JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
+# Row reductions (NCHW) allow reassociation and nothing else: LLVM may then keep 8-wide partial
+# sums in a vector register (2x faster, at memory speed). The summation order is still fixed by
+# the compiled code — bit-identical from run to run and for any thread count — though it may
+# differ between CPUs of different vector width. The shifted-sum trick survives (tested).
+_JIT_REDUCE = dict(parallel=True, cache=True, fastmath={"reassoc"}, nogil=True)
+
+
+@njit(cache=True, inline="always")
+def _pidx(n, c, nc, per_sample):
+    return (n * nc if per_sample else 0) + c
+
+
+# ----------------------------------------------------------------------------- statistics
+@njit(**_JIT_REDUCE)
+def sums_nchw(x, nn, nc, ns, k, per_sample, s1, s2):
+    """``s1[n,c] = Σ_s (x − k)``, ``s2[n,c] = Σ_s (x − k)²`` per (n, c) row, float64 out."""
+    for r in prange(nn * nc):
+        n = r // nc
+        c = r - n * nc
+        kk = k[_pidx(n, c, nc, per_sample)]
+        base = r * ns
+        a = zero(x)
+        q = zero(x)
+        for i in range(base, base + ns):
+            v = ld(x, i) - kk
+            a += v
+            q += v * v
+        s1[r] = np.float64(a)
+        s2[r] = np.float64(q)
+
+
+@njit(**_JIT)
+def sums_cl(x, nn, ns, nc, rows, k, per_sample, s1, s2):
+    """Shifted sums per block of ``rows`` positions: ``s1``/``s2`` are ``(N, nblocks, C)``."""
+    nb = (ns + rows - 1) // rows
+    for blk in prange(nn * nb):
+        n = blk // nb
+        j = blk - n * nb
+        kb = _pidx(n, 0, nc, per_sample)
+        a = np.zeros(nc, dtype=k.dtype)
+        q = np.zeros(nc, dtype=k.dtype)
+        for s in range(j * rows, min(ns, (j + 1) * rows)):
+            base = (n * ns + s) * nc
+            for c in range(nc):
+                v = ld(x, base + c) - ld(k, kb + c)
+                st(a, c, ld(a, c) + v)
+                st(q, c, ld(q, c) + v * v)
+        for c in range(nc):
+            s1[blk * nc + c] = np.float64(a[c])
+            s2[blk * nc + c] = np.float64(q[c])
+
+
+# ----------------------------------------------------------------------------- apply
+@njit(cache=True, inline="always")
+def _z(x, res, has_res, i, a, b):
+    z = ld(x, i) * a + b
+    if has_res:
+        z += ld(res, i)
+    return z
+
+
+@njit(**_JIT)
+def apply_nchw(x, res, has_res, act, nn, nc, ns, a, b, per_sample, out):
+    """``out = act(x·a[c] + b[c] + res)``."""
+    for r in prange(nn * nc):
+        n = r // nc
+        c = r - n * nc
+        p = _pidx(n, c, nc, per_sample)
+        aa = a[p]
+        bb = b[p]
+        base = r * ns
+        # one loop per flag combination: no branch in the element loop, so it vectorises
+        if act == 0 and not has_res:
+            for i in range(base, base + ns):
+                st(out, i, ld(x, i) * aa + bb)
+        elif act == 1 and not has_res:
+            for i in range(base, base + ns):
+                st(out, i, max(ld(x, i) * aa + bb, zero(x)))
+        elif act == 0:
+            for i in range(base, base + ns):
+                st(out, i, ld(x, i) * aa + bb + ld(res, i))
+        elif act == 1:
+            for i in range(base, base + ns):
+                st(out, i, max(ld(x, i) * aa + bb + ld(res, i), zero(x)))
+        else:
+            for i in range(base, base + ns):
+                st(out, i, act_fwd(_z(x, res, has_res, i, aa, bb), act))
+
+
+@njit(**_JIT)
+def apply_cl(x, res, has_res, act, nn, ns, nc, rows, a, b, per_sample, out):
+    """``out = act(x·a[c] + b[c] + res)`` over blocks of ``rows`` positions."""
+    nb = (ns + rows - 1) // rows
+    for blk in prange(nn * nb):
+        n = blk // nb
+        j = blk - n * nb
+        kb = _pidx(n, 0, nc, per_sample)
+        for s in range(j * rows, min(ns, (j + 1) * rows)):
+            base = (n * ns + s) * nc
+            if act == 0 and not has_res:
+                for c in range(nc):
+                    st(out, base + c, ld(x, base + c) * ld(a, kb + c) + ld(b, kb + c))
+            elif act == 1 and not has_res:
+                for c in range(nc):
+                    st(out, base + c, max(ld(x, base + c) * ld(a, kb + c) + ld(b, kb + c), zero(x)))
+            elif act == 0:
+                for c in range(nc):
+                    st(out, base + c, ld(x, base + c) * ld(a, kb + c) + ld(b, kb + c) + ld(res, base + c))
+            elif act == 1:
+                for c in range(nc):
+                    z = ld(x, base + c) * ld(a, kb + c) + ld(b, kb + c) + ld(res, base + c)
+                    st(out, base + c, max(z, zero(x)))
+            else:
+                for c in range(nc):
+                    z = _z(x, res, has_res, base + c, ld(a, kb + c), ld(b, kb + c))
+                    st(out, base + c, act_fwd(z, act))
+
+
+# ----------------------------------------------------------------------------- backward
+@njit(cache=True, inline="always")
+def _dz_generic(x, dy, res, has_res, act, i, fa, fb):
+    """dz = dy·act'(z) with the forward's pre-activation ``z`` (SiLU, GELU)."""
+    return ld(dy, i) * act_grad(_z(x, res, has_res, i, fa, fb), act)
+
+
+@njit(**_JIT_REDUCE)
+def bwd_sums_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, m, per_sample, sa, sb):
+    """``sa[n,c] = Σ_s dz``, ``sb[n,c] = Σ_s dz·(x − m)`` per (n, c) row, float64 out."""
+    for r in prange(nn * nc):
+        n = r // nc
+        c = r - n * nc
+        p = _pidx(n, c, nc, per_sample)
+        aa = fa[p]
+        bb = fb[p]
+        mm = m[p]
+        base = r * ns
+        a = zero(x)
+        q = zero(x)
+        if act == 0:
+            for i in range(base, base + ns):
+                g = ld(dy, i)
+                a += g
+                q += g * (ld(x, i) - mm)
+        elif act == 1 and not has_res:
+            for i in range(base, base + ns):
+                xv = ld(x, i)
+                g = ld(dy, i)
+                g = g if xv * aa + bb > 0 else zero(x)
+                a += g
+                q += g * (xv - mm)
+        elif act == 1:
+            for i in range(base, base + ns):
+                xv = ld(x, i)
+                g = ld(dy, i)
+                g = g if xv * aa + bb + ld(res, i) > 0 else zero(x)
+                a += g
+                q += g * (xv - mm)
+        else:
+            for i in range(base, base + ns):
+                g = _dz_generic(x, dy, res, has_res, act, i, aa, bb)
+                a += g
+                q += g * (ld(x, i) - mm)
+        sa[r] = np.float64(a)
+        sb[r] = np.float64(q)
+
+
+@njit(**_JIT)
+def bwd_sums_cl(x, dy, res, has_res, act, nn, ns, nc, rows, fa, fb, m, per_sample, sa, sb):
+    """Per block of ``rows`` positions: ``Σ dz`` and ``Σ dz·(x − m)``, ``(N, nblocks, C)``."""
+    nb = (ns + rows - 1) // rows
+    for blk in prange(nn * nb):
+        n = blk // nb
+        j = blk - n * nb
+        kb = _pidx(n, 0, nc, per_sample)
+        a = np.zeros(nc, dtype=m.dtype)
+        q = np.zeros(nc, dtype=m.dtype)
+        for s in range(j * rows, min(ns, (j + 1) * rows)):
+            base = (n * ns + s) * nc
+            if act <= 1:
+                for c in range(nc):
+                    k = kb + c
+                    xv = ld(x, base + c)
+                    g = ld(dy, base + c)
+                    if act == 1:
+                        z = xv * ld(fa, k) + ld(fb, k)
+                        if has_res:
+                            z += ld(res, base + c)
+                        g = g if z > 0 else zero(x)
+                    st(a, c, ld(a, c) + g)
+                    st(q, c, ld(q, c) + g * (xv - ld(m, k)))
+            else:
+                for c in range(nc):
+                    k = kb + c
+                    g = _dz_generic(x, dy, res, has_res, act, base + c, fa[k], fb[k])
+                    a[c] += g
+                    q[c] += g * (ld(x, base + c) - m[k])
+        for c in range(nc):
+            sa[blk * nc + c] = np.float64(a[c])
+            sb[blk * nc + c] = np.float64(q[c])
+
+
+@njit(**_JIT)
+def bwd_dx_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, p, q, m, r0, per_sample, need_dz, dx, dzo):
+    """``dx = p·dz + q·(x − m) + r0`` per (n, c) row; ``dzo = dz`` when ``need_dz``."""
+    for r in prange(nn * nc):
+        n = r // nc
+        c = r - n * nc
+        k = _pidx(n, c, nc, per_sample)
+        aa = fa[k]
+        bb = fb[k]
+        pp = p[k]
+        qq = q[k]
+        mm = m[k]
+        rr = r0[k]
+        base = r * ns
+        if act == 0 and not need_dz:
+            for i in range(base, base + ns):
+                st(dx, i, pp * ld(dy, i) + qq * (ld(x, i) - mm) + rr)
+        elif act == 1 and not has_res and not need_dz:
+            for i in range(base, base + ns):
+                xv = ld(x, i)
+                g = ld(dy, i)
+                g = g if xv * aa + bb > 0 else zero(x)
+                st(dx, i, pp * g + qq * (xv - mm) + rr)
+        elif act == 1 and has_res and need_dz:  # the residual block's tail: relu(bn(x) + shortcut)
+            for i in range(base, base + ns):
+                xv = ld(x, i)
+                g = ld(dy, i)
+                g = g if xv * aa + bb + ld(res, i) > 0 else zero(x)
+                st(dx, i, pp * g + qq * (xv - mm) + rr)
+                st(dzo, i, g)
+        elif act <= 1:
+            for i in range(base, base + ns):
+                xv = ld(x, i)
+                g = ld(dy, i)
+                if act == 1:
+                    z = xv * aa + bb
+                    if has_res:
+                        z += ld(res, i)
+                    g = g if z > 0 else zero(x)
+                st(dx, i, pp * g + qq * (xv - mm) + rr)
+                if need_dz:
+                    st(dzo, i, g)
+        else:
+            for i in range(base, base + ns):
+                g = _dz_generic(x, dy, res, has_res, act, i, aa, bb)
+                st(dx, i, pp * g + qq * (ld(x, i) - mm) + rr)
+                if need_dz:
+                    st(dzo, i, g)
+
+
+@njit(**_JIT)
+def bwd_dx_cl(x, dy, res, has_res, act, nn, ns, nc, rows, fa, fb, p, q, m, r0, per_sample, need_dz, dx, dzo):
+    """``dx = p·dz + q·(x − m) + r0`` over blocks of ``rows`` positions."""
+    nb = (ns + rows - 1) // rows
+    for blk in prange(nn * nb):
+        n = blk // nb
+        j = blk - n * nb
+        kb = _pidx(n, 0, nc, per_sample)
+        for s in range(j * rows, min(ns, (j + 1) * rows)):
+            base = (n * ns + s) * nc
+            if act == 0 and not need_dz:
+                for c in range(nc):
+                    k = kb + c
+                    v = ld(p, k) * ld(dy, base + c) + ld(q, k) * (ld(x, base + c) - ld(m, k)) + ld(r0, k)
+                    st(dx, base + c, v)
+            elif act == 1 and has_res and need_dz:
+                for c in range(nc):
+                    k = kb + c
+                    xv = ld(x, base + c)
+                    z = xv * ld(fa, k) + ld(fb, k) + ld(res, base + c)
+                    g = ld(dy, base + c)
+                    g = g if z > 0 else zero(x)
+                    st(dx, base + c, ld(p, k) * g + ld(q, k) * (xv - ld(m, k)) + ld(r0, k))
+                    st(dzo, base + c, g)
+            elif act <= 1:
+                for c in range(nc):
+                    k = kb + c
+                    xv = ld(x, base + c)
+                    g = ld(dy, base + c)
+                    if act == 1:
+                        z = xv * ld(fa, k) + ld(fb, k)
+                        if has_res:
+                            z += ld(res, base + c)
+                        g = g if z > 0 else zero(x)
+                    st(dx, base + c, ld(p, k) * g + ld(q, k) * (xv - ld(m, k)) + ld(r0, k))
+                    if need_dz:
+                        st(dzo, base + c, g)
+            else:
+                for c in range(nc):
+                    k = kb + c
+                    g = _dz_generic(x, dy, res, has_res, act, base + c, ld(fa, k), ld(fb, k))
+                    st(dx, base + c, ld(p, k) * g + ld(q, k) * (ld(x, base + c) - ld(m, k)) + ld(r0, k))
+                    if need_dz:
+                        st(dzo, base + c, g)

@@ -1,0 +1,75 @@
+"""Fused normalization + activation layers: ``y = act(norm(x) + residual)`` in one pass.
+
+``BatchNormAct2d`` is a :class:`normkit.BatchNorm2d` and ``GroupNormAct`` a
+:class:`normkit.GroupNorm` whose forward also adds an optional ``residual`` and applies
+``act`` (``"relu"``, ``"silu"``, ``"gelu"`` — exact erf GELU — or ``None``) inside the same
+kernel pass that normalizes, with a backward that recomputes the pre-activation
+``z = γ·x̂ + β + residual`` from the saved ``x`` and statistics (no extra activation tensor is
+stored):
+
+    dz = dy·act'(z),   dresidual = dz,   dx = γ·rstd·(dz − mean(dz) − x̂·mean(dz·x̂))
+
+Parameters, buffers and ``state_dict`` are exactly BatchNorm2d's / GroupNorm's (``act`` is a
+constructor argument, not state), so a checkpoint of the unfused model loads unchanged.
+``normkit.convert(model, fuse=True)`` builds them from ``norm → activation`` pairs.
+
+References: Ioffe & Szegedy, 2015 (BatchNorm); Wu & He, 2018 (GroupNorm); He et al., "Deep
+Residual Learning", 2016 (the ``act(bn(x) + residual)`` block tail).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .. import _checks as C
+from ..reference import ACTIVATIONS
+from .batchnorm import BatchNorm2d
+from .groupnorm import GroupNorm
+
+__all__ = ["BatchNormAct2d", "GroupNormAct"]
+
+
+def _check_act(where: str, act: str | None) -> str:
+    name = act or ""
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise C.fail(where, "act", "one of 'relu', 'silu', 'gelu' or None", repr(act))
+    return name
+
+
+class BatchNormAct2d(BatchNorm2d):
+    """``act(BatchNorm2d(x) + residual)`` over ``(N, C, H, W)``, fused; state as ``torch.nn.BatchNorm2d``.
+
+    Args: those of ``torch.nn.BatchNorm2d`` plus ``act`` (``"relu"`` default, ``"silu"``,
+    ``"gelu"``, ``None``). ``forward(x, residual=None)``: ``residual`` has ``x``'s shape.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, act: str | None = "relu",
+                 device=None, dtype=None) -> None:
+        self.act = _check_act(type(self).__name__, act)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        return self._normalize(input, residual, self.act)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, act={self.act or None!r}"
+
+
+class GroupNormAct(GroupNorm):
+    """``act(GroupNorm(x) + residual)``, fused; state as ``torch.nn.GroupNorm``.
+
+    Args: those of ``torch.nn.GroupNorm`` plus ``act`` (``"relu"`` default, ``"silu"``,
+    ``"gelu"``, ``None``). ``forward(x, residual=None)``: ``residual`` has ``x``'s shape.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 act: str | None = "relu", device=None, dtype=None) -> None:
+        self.act = _check_act(type(self).__name__, act)
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        return self._normalize(input, residual, self.act)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, act={self.act or None!r}"

@@ -1,0 +1,319 @@
+"""The cpu (Numba) backend against the reference backend, entry point by entry point.
+
+Every case is data: a name, a shape, a layout and a dtype; one generic test per entry point
+runs all of them. Inputs have a non-zero mean (3 + 0.5·randn) unless the case says otherwise;
+sizes are odd (C = 3, 7, 33; H×W = 1×1, 5×7). Low precision is compared with the reference
+run on the same 16-bit input (it computes in float32 and rounds once), so the tolerance is
+a couple of units in the last place of the output dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normkit
+from normkit.cpu_backend import CpuBackend
+from normkit.reference import ReferenceBackend
+
+CPU, REF = CpuBackend(), ReferenceBackend()
+CL = torch.channels_last
+
+# dtype -> (rtol, atol) relative to the output's scale
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+# name: (shape, channels_last, dtype, offset)   offset = the inputs' common mean
+CHANNEL_CASES = {
+    "nchw_5x7": ((2, 7, 5, 7), False, torch.float32, 3.0),
+    "cl_5x7": ((2, 7, 5, 7), True, torch.float32, 3.0),
+    "nchw_1x1": ((5, 3, 1, 1), False, torch.float32, 3.0),
+    "cl_c33": ((3, 33, 2, 3), True, torch.float32, 3.0),
+    "bn1d_2d": ((9, 33), False, torch.float32, 3.0),
+    "bn1d_3d": ((4, 7, 11), False, torch.float32, 3.0),
+    "bn3d": ((2, 3, 3, 2, 5), False, torch.float32, 3.0),
+    "large_mean": ((4, 3, 5, 7), False, torch.float32, 1e4),
+    "large_mean_cl": ((4, 3, 5, 7), True, torch.float32, 1e4),
+    "fp64": ((2, 7, 5, 7), False, torch.float64, 3.0),
+    "fp64_cl": ((2, 7, 5, 7), True, torch.float64, 3.0),
+    "fp16": ((2, 7, 5, 7), False, torch.float16, 3.0),
+    "fp16_cl": ((2, 7, 5, 7), True, torch.float16, 3.0),
+    "bf16": ((2, 7, 5, 7), False, torch.bfloat16, 3.0),
+    "bf16_cl": ((2, 7, 5, 7), True, torch.bfloat16, 3.0),
+}
+ACT_CASES = {"identity": ("", False), "relu": ("relu", False), "relu_res": ("relu", True),
+             "silu_res": ("silu", True), "gelu": ("gelu", False)}
+
+
+def _tensor(shape, cl, dtype, offset, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = (offset + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    return t.contiguous(memory_format=CL) if cl and t.dim() == 4 else t
+
+
+# A 1e4 offset stored in float32 is only known to ulp(1e4)/2 ≈ 5e-4, and so are the float32
+# mean the interface returns and x − mean: normalized outputs carry ~1e-3 of that, in any
+# float32 algorithm. (E[x²] − E[x]² would be off by O(1) here: the tolerance still tells.)
+LARGE_MEAN_TOL = (3e-3, 3e-3)
+
+
+def _close(got, want, dtype, what, large=False):
+    assert got.dtype == want.dtype, what
+    rtol, atol = LARGE_MEAN_TOL if large and dtype == torch.float32 else TOL[dtype]
+    scale = max(want.double().abs().max().item(), 1.0)
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol * scale, msg=what)
+
+
+def _exact(t):
+    """float32 inputs go to the oracle in float64: the kernels must beat float32 torch math."""
+    return t.double() if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+
+
+def _want(fn, *args):
+    """The reference entry point ``fn`` on float64 copies of float32 inputs, cast back."""
+    if args[0].dtype != torch.float32:
+        return fn(*args)
+    out = fn(*[_exact(a) for a in args])
+    if isinstance(out, torch.Tensor):
+        return out.float()
+    return tuple(o.float() if isinstance(o, torch.Tensor) else o for o in out)
+
+
+def _stats_of(x):
+    mean, var = REF.channel_stats(x)
+    return mean, torch.rsqrt(var + 1e-5)
+
+
+@pytest.mark.parametrize("case", CHANNEL_CASES)
+def test_channel_stats(case):
+    shape, cl, dtype, offset = CHANNEL_CASES[case]
+    x = _tensor(shape, cl, dtype, offset, 0)
+    for got, want, name in zip(CPU.channel_stats(x), REF.channel_stats(x), ("mean", "var"), strict=True):
+        # exact statistics: compare with float64 math on the same input values
+        exact = REF.channel_stats(x.double())[("mean", "var").index(name)].to(want.dtype)
+        _close(got, exact, torch.float32 if dtype != torch.float64 else dtype, f"{case} {name}")
+
+
+# every activation in float32; identity and relu+residual in the other dtypes (compile time)
+APPLY_CASES = [
+    (case, act) for case, (_, _, dtype, _) in CHANNEL_CASES.items() for act in ACT_CASES
+    if dtype == torch.float32 or act in ("identity", "relu_res")
+]
+
+
+@pytest.mark.parametrize(("case", "act_case"), APPLY_CASES, ids=[f"{c}-{a}" for c, a in APPLY_CASES])
+def test_channel_apply_and_backward(case, act_case):
+    shape, cl, dtype, offset = CHANNEL_CASES[case]
+    act, has_res = ACT_CASES[act_case]
+    x = _tensor(shape, cl, dtype, offset, 1)
+    dy = _tensor(shape, cl, dtype, 0.0, 2)
+    res = _tensor(shape, cl, dtype, -3.0, 3) if has_res else None
+    c = shape[1]
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(4)
+    scale = (1 + 0.3 * torch.randn(c, generator=g)).to(sd)
+    shift = (0.2 * torch.randn(c, generator=g)).to(sd) - 3.0 * scale
+    mean, rstd = _stats_of(x)
+    y = CPU.channel_apply(x, scale, shift, res, act)
+    _close(y, _want(REF.channel_apply, x, scale, shift, res, act).to(dtype), dtype, f"{case} apply")
+    assert y.is_contiguous(memory_format=CL if cl and x.dim() == 4 else torch.contiguous_format)
+
+    got = CPU.channel_backward_reduce(x, dy, mean, rstd, scale, shift, res, act)
+    want = _want(REF.channel_backward_reduce, x, dy, mean, rstd, scale, shift, res, act)
+    count = x.numel() // c
+    for gv, wv, name in zip(got, want, ("sum_dz", "sum_dz_xhat"), strict=True):
+        _close(gv / count, wv / count, torch.float32 if dtype != torch.float64 else dtype, f"{case} {name}")
+    mean_dz, mean_dz_xhat = want[0] / count, want[1] / count
+    dx, dz = CPU.channel_backward_dx(x, dy, mean, rstd, scale, shift, res, act, mean_dz, mean_dz_xhat, True)
+    rdx, rdz = _want(REF.channel_backward_dx, x, dy, mean, rstd, scale, shift, res, act, mean_dz,
+                     mean_dz_xhat, True)
+    rdx, rdz = rdx.to(dtype), rdz.to(dtype)
+    _close(dx, rdx, dtype, f"{case} dx", large=offset > 100)
+    _close(dz, rdz, dtype, f"{case} dz")
+    assert dx.is_contiguous(memory_format=CL if cl and x.dim() == 4 else torch.contiguous_format)
+    assert CPU.channel_backward_dx(x, dy, mean, rstd, scale, shift, res, act, mean_dz, mean_dz_xhat,
+                                   False)[1] is None
+
+
+# name: (rows, cols, dtype, offset)
+ROW_CASES = {
+    "odd_1023": (3, 1023, torch.float32, 3.0),
+    "k33": (7, 33, torch.float32, 3.0),
+    "k1": (5, 1, torch.float32, 3.0),
+    "large_mean": (4, 65, torch.float32, 1e4),
+    "fp64": (7, 33, torch.float64, 3.0),
+    "fp16": (7, 33, torch.float16, 3.0),
+    "bf16": (7, 33, torch.bfloat16, 3.0),
+}
+# name: (rms, weight, bias)
+ROW_VARIANTS = {"ln_affine": (False, True, True), "ln_plain": (False, False, False),
+                "ln_weight": (False, True, False), "rms_weight": (True, True, False),
+                "rms_plain": (True, False, False)}
+
+
+@pytest.mark.parametrize("variant", ROW_VARIANTS)
+@pytest.mark.parametrize("case", ROW_CASES)
+def test_row_forward_backward(case, variant):
+    m, k, dtype, offset = ROW_CASES[case]
+    rms, has_w, has_b = ROW_VARIANTS[variant]
+    x = _tensor((m, k), False, dtype, offset, 5)
+    dy = _tensor((m, k), False, dtype, 0.0, 6)
+    g = torch.Generator().manual_seed(7)
+    w = (1 + 0.3 * torch.randn(k, generator=g)).to(dtype) if has_w else None
+    b = (0.3 * torch.randn(k, generator=g)).to(dtype) if has_b else None
+    y, mean, rstd = CPU.row_forward(x, w, b, 1e-5, rms)
+    ry, rmean, rrstd = REF.row_forward(x, w, b, 1e-5, rms)
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    _close(y, ry, dtype, f"{case} y", large=offset > 100)
+    _close(rstd, rrstd, sd, f"{case} rstd")
+    assert (mean is None) == rms
+    if not rms:
+        _close(mean, rmean, sd, f"{case} mean")
+    dx, dw, db = CPU.row_backward(x, dy, rmean, rrstd, w, rms, True)
+    rdx, rdw, rdb = REF.row_backward(x, dy, rmean, rrstd, w, rms, True)
+    _close(dx, rdx, dtype, f"{case} dx", large=offset > 100)
+    _close(dw / m, rdw / m, sd, f"{case} dweight", large=offset > 100)
+    _close(db / m, rdb / m, sd, f"{case} dbias")
+    assert CPU.row_backward(x, dy, rmean, rrstd, w, rms, False)[1:] == (None, None)
+
+
+# name: (shape, groups, channels_last, dtype, offset, act, residual, affine)
+GROUP_CASES = {
+    "gn_5x7": ((2, 6, 5, 7), 3, False, torch.float32, 3.0, "", False, True),
+    "gn_cl": ((2, 6, 5, 7), 3, True, torch.float32, 3.0, "", False, True),
+    "in_c7": ((3, 7, 5, 7), 7, False, torch.float32, 3.0, "", False, False),
+    "in_c7_cl": ((3, 7, 5, 7), 7, True, torch.float32, 3.0, "", False, True),
+    "gn_1x1": ((4, 33, 1, 1), 3, False, torch.float32, 3.0, "", False, True),
+    "gn_3d": ((2, 6, 9), 2, False, torch.float32, 3.0, "", False, True),
+    "ln_like_g1": ((2, 7, 5, 7), 1, False, torch.float32, 3.0, "", False, True),
+    "large_mean": ((2, 6, 5, 7), 3, False, torch.float32, 1e4, "", False, True),
+    "large_mean_cl": ((2, 6, 5, 7), 3, True, torch.float32, 1e4, "", False, True),
+    "relu_res": ((2, 6, 5, 7), 3, False, torch.float32, 3.0, "relu", True, True),
+    "relu_res_cl": ((2, 6, 5, 7), 3, True, torch.float32, 3.0, "relu", True, True),
+    "silu": ((2, 6, 5, 7), 2, False, torch.float32, 3.0, "silu", False, True),
+    "gelu_res_cl": ((2, 6, 5, 7), 2, True, torch.float32, 3.0, "gelu", True, True),
+    "fp64": ((2, 6, 5, 7), 3, False, torch.float64, 3.0, "relu", True, True),
+    "fp64_cl": ((2, 6, 5, 7), 3, True, torch.float64, 3.0, "", False, True),
+    "fp16": ((2, 6, 5, 7), 3, False, torch.float16, 3.0, "", False, True),
+    "fp16_cl": ((2, 6, 5, 7), 3, True, torch.float16, 3.0, "relu", True, True),
+    "bf16": ((2, 6, 5, 7), 3, False, torch.bfloat16, 3.0, "relu", True, True),
+    "bf16_cl": ((2, 6, 5, 7), 3, True, torch.bfloat16, 3.0, "", False, True),
+}
+
+
+@pytest.mark.parametrize("case", GROUP_CASES)
+def test_group_forward_backward(case):
+    shape, groups, cl, dtype, offset, act, has_res, affine = GROUP_CASES[case]
+    x = _tensor(shape, cl, dtype, offset, 8)
+    dy = _tensor(shape, cl, dtype, 0.0, 9)
+    res = _tensor(shape, cl, dtype, 0.0, 10) if has_res else None
+    c = shape[1]
+    g = torch.Generator().manual_seed(11)
+    w = (1 + 0.3 * torch.randn(c, generator=g)).to(dtype) if affine else None
+    b = (0.3 * torch.randn(c, generator=g)).to(dtype) if affine else None
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    y, mean, var = CPU.group_forward(x, groups, w, b, 1e-5, res, act)
+    ry, rmean, rvar = _want(REF.group_forward, x, groups, w, b, 1e-5, res, act)
+    ry = ry.to(dtype)
+    _close(y, ry, dtype, f"{case} y", large=offset > 100)
+    exact = REF.group_forward(x.double(), groups, None if w is None else w.double(), None, 1e-5, None, "")
+    _close(mean, exact[1].to(sd), sd, f"{case} mean")
+    _close(var, exact[2].to(sd), sd, f"{case} var")
+    assert y.is_contiguous(memory_format=CL if cl else torch.contiguous_format)
+    rstd = torch.rsqrt(rvar + 1e-5)
+    got = CPU.group_backward(x, dy, rmean, rstd, groups, w, b, res, act, True, has_res)
+    want = _want(REF.group_backward, x, dy, rmean, rstd, groups, w, b, res, act, True, has_res)
+    want = (want[0].to(dtype), want[1], want[2], None if want[3] is None else want[3].to(dtype))
+    _close(got[0], want[0], dtype, f"{case} dx", large=offset > 100)
+    per = x.numel() // c
+    _close(got[1] / per, want[1] / per, sd, f"{case} dweight", large=offset > 100)
+    _close(got[2] / per, want[2] / per, sd, f"{case} dbias")
+    if has_res:
+        _close(got[3], want[3], dtype, f"{case} dresidual")
+    else:
+        assert got[3] is None
+
+
+# ----------------------------------------------------------------------------- properties
+LAYER_CASES = {
+    "bn2d_nchw": (lambda: normkit.BatchNorm2d(7), (4, 7, 5, 7), False),
+    "bn2d_cl": (lambda: normkit.BatchNorm2d(7), (4, 7, 5, 7), True),
+    "bn1d": (lambda: normkit.BatchNorm1d(33), (9, 33), False),
+    "gn_cl": (lambda: normkit.GroupNorm(3, 6), (2, 6, 5, 7), True),
+    "ln": (lambda: normkit.LayerNorm(33), (7, 33), False),
+    "rms": (lambda: normkit.RMSNorm(33), (7, 33), False),
+}
+
+
+def _layer_grads(make, shape, cl, backend, threads=None):
+    torch.manual_seed(0)
+    layer = make()
+    x = _tensor(shape, cl, torch.float32, 3.0, 12).requires_grad_(True)
+    dy = _tensor(shape, cl, torch.float32, 0.0, 13)
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with normkit.backend(backend):
+            y = layer(x)
+            y.backward(dy)
+    finally:
+        torch.set_num_threads(old)
+    return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_layers_on_cpu_backend_match_reference(case):
+    make, shape, cl = LAYER_CASES[case]
+    for got, want in zip(_layer_grads(make, shape, cl, "cpu"), _layer_grads(make, shape, cl, "reference"),
+                         strict=True):
+        _close(got, want, torch.float32, case)
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_deterministic_across_runs_and_thread_counts(case):
+    make, shape, cl = LAYER_CASES[case]
+    first = _layer_grads(make, shape, cl, "cpu", threads=2)
+    for threads in (2, 1):
+        again = _layer_grads(make, shape, cl, "cpu", threads=threads)
+        for a, b in zip(first, again, strict=True):
+            assert torch.equal(a, b), f"{case}: not bit-identical with {threads} thread(s)"
+
+
+def test_auto_picks_cpu_backend_for_cpu_tensors():
+    from normkit import backends
+
+    assert backends.resolve("channel_stats", torch.zeros(2, 3)).name == "cpu"
+
+
+def test_non_contiguous_input_is_handled():
+    x = _tensor((4, 14, 5, 7), False, torch.float32, 3.0, 14)[:, ::2]  # a strided view
+    assert not x.is_contiguous()
+    outs = []
+    for backend in ("cpu", "reference"):
+        with normkit.backend(backend):
+            outs.append(normkit.functional.batch_norm(x, None, None, training=True))
+    _close(outs[0], outs[1], torch.float32, "strided view")
+
+
+def test_non_dense_tensor_given_straight_to_the_backend_is_refused_clearly():
+    x = torch.randn(4, 14, 5, 7)[:, ::2]
+    with pytest.raises(ValueError, match="expected a dense tensor"):
+        CPU.channel_stats(x)
+
+
+UNSUPPORTED = {
+    "meta_device": (torch.empty(2, 3, device="meta"), "CPU tensors"),
+    "int_dtype": (torch.zeros(2, 3, dtype=torch.int32), "not one of"),
+}
+
+
+@pytest.mark.parametrize("case", UNSUPPORTED)
+def test_unsupported_names_the_reason(case):
+    x, words = UNSUPPORTED[case]
+    assert words in CPU.unsupported("channel_stats", x)
+    assert CPU.unsupported("channel_stats", torch.zeros(2, 3)) is None

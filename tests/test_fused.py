@@ -1,0 +1,187 @@
+"""Fused norm + activation layers against the unfused torch.nn compositions, with gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import normkit
+
+CL = torch.channels_last
+TORCH_ACT = {"relu": nn.ReLU(), "silu": nn.SiLU(), "gelu": nn.GELU(), None: nn.Identity()}
+
+# name: (fused factory, unfused torch factory, shape, channels_last, act, residual, train, backend)
+CASES = {
+    "bn_relu": ("bn", (4, 7, 5, 7), False, "relu", False, True, "cpu"),
+    "bn_relu_cl": ("bn", (4, 7, 5, 7), True, "relu", False, True, "cpu"),
+    "bn_add_relu": ("bn", (4, 7, 5, 7), False, "relu", True, True, "cpu"),
+    "bn_add_relu_cl": ("bn", (4, 7, 5, 7), True, "relu", True, True, "cpu"),
+    "bn_silu_res_1x1": ("bn", (6, 3, 1, 1), False, "silu", True, True, "cpu"),
+    "bn_gelu_cl": ("bn", (4, 33, 5, 7), True, "gelu", False, True, "cpu"),
+    "bn_none": ("bn", (4, 7, 5, 7), False, None, True, True, "cpu"),
+    "bn_relu_eval": ("bn", (4, 7, 5, 7), False, "relu", True, False, "cpu"),
+    "bn_relu_eval_cl": ("bn", (4, 7, 5, 7), True, "relu", False, False, "cpu"),
+    "bn_relu_reference": ("bn", (4, 7, 5, 7), False, "relu", True, True, "reference"),
+    "gn_relu": ("gn", (2, 6, 5, 7), False, "relu", False, True, "cpu"),
+    "gn_add_relu_cl": ("gn", (2, 6, 5, 7), True, "relu", True, True, "cpu"),
+    "gn_silu": ("gn", (2, 6, 5, 7), False, "silu", True, True, "cpu"),
+    "gn_gelu_cl": ("gn", (2, 6, 5, 7), True, "gelu", False, True, "cpu"),
+}
+
+
+def _pair(kind, c, act):
+    torch.manual_seed(0)
+    if kind == "bn":
+        ref = nn.BatchNorm2d(c)
+        fused = normkit.BatchNormAct2d(c, act=act)
+    else:
+        ref = nn.GroupNorm(3 if c % 3 == 0 else 1, c)
+        fused = normkit.GroupNormAct(ref.num_groups, c, act=act)
+    with torch.no_grad():
+        ref.weight.copy_(1 + 0.3 * torch.randn(c))
+        ref.bias.copy_(0.3 * torch.randn(c))
+    fused.load_state_dict(ref.state_dict())
+    return fused, ref
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fused_matches_unfused(case):
+    kind, shape, cl, act, has_res, train, backend = CASES[case]
+    fused, ref = _pair(kind, shape[1], act)
+    fused.train(train)
+    ref.train(train)
+    if not train:  # non-trivial running statistics
+        with torch.no_grad():
+            ref.running_mean.uniform_(2.5, 3.5)
+            ref.running_var.uniform_(0.2, 0.4)
+        fused.load_state_dict(ref.state_dict())
+    fmt = CL if cl else torch.contiguous_format
+    g = torch.Generator().manual_seed(1)
+    x0 = (3 + 0.5 * torch.randn(shape, generator=g)).contiguous(memory_format=fmt)
+    r0 = (0.5 * torch.randn(shape, generator=g)).contiguous(memory_format=fmt) if has_res else None
+    dy = torch.randn(shape, generator=g).contiguous(memory_format=fmt)
+
+    # the unfused oracle runs in float64 (torch's own float32 GroupNorm on channels_last is off
+    # by ~4e-5 in dx, more than normkit is)
+    ref.double()
+    xs = [x0.clone().requires_grad_(True), x0.double().requires_grad_(True)]
+    rs = [r0.clone().requires_grad_(True), r0.double().requires_grad_(True)] if has_res else [None, None]
+    with normkit.backend(backend):
+        y = fused(xs[0], rs[0])
+    z = ref(xs[1]) + (rs[1] if has_res else 0)
+    want = TORCH_ACT[act](z)
+    torch.testing.assert_close(y, want.float(), rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=fmt)
+    with normkit.backend(backend):
+        y.backward(dy)
+    want.backward(dy.double())
+    torch.testing.assert_close(xs[0].grad, xs[1].grad.float(), rtol=1e-5, atol=1e-5)
+    if has_res:
+        torch.testing.assert_close(rs[0].grad, rs[1].grad.float(), rtol=1e-5, atol=1e-5)
+    for name in ("weight", "bias"):
+        got, exp = getattr(fused, name).grad, getattr(ref, name).grad.float()
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-4)
+    for name, buf in ref.named_buffers():
+        mine = dict(fused.named_buffers())[name]
+        torch.testing.assert_close(mine, buf.to(mine.dtype), rtol=1e-5, atol=1e-6)
+
+
+GRADCHECK = {
+    "bn_silu_res": ("bn", "silu", True),
+    "bn_relu": ("bn", "relu", False),
+    "gn_gelu_res": ("gn", "gelu", True),
+}
+
+
+@pytest.mark.parametrize("case", GRADCHECK)
+def test_gradcheck_float64_on_cpu_backend(case):
+    kind, act, has_res = GRADCHECK[case]
+    c = 3
+    layer = normkit.BatchNormAct2d(c, act=act) if kind == "bn" else normkit.GroupNormAct(3, c, act=act)
+    layer.double()
+    g = torch.Generator().manual_seed(2)
+    x = (3 + 0.5 * torch.randn(2, c, 2, 3, generator=g, dtype=torch.float64)).requires_grad_(True)
+    # keep ReLU's kink away from the finite-difference steps
+    r = (0.7 * torch.randn(2, c, 2, 3, generator=g, dtype=torch.float64)).requires_grad_(has_res)
+    with torch.no_grad():
+        layer.weight.copy_(1 + 0.3 * torch.randn(c, generator=g, dtype=torch.float64))
+    with normkit.backend("cpu"):
+        def f(x, r, w):
+            return layer(x, r if has_res else None)
+
+        assert torch.autograd.gradcheck(f, (x, r, layer.weight), eps=1e-6, atol=1e-6)
+
+
+def test_state_dict_is_batchnorm2d_and_groupnorm():
+    tb, fb = nn.BatchNorm2d(5), normkit.BatchNormAct2d(5, act="silu")
+    assert list(tb.state_dict()) == list(fb.state_dict())
+    fb.load_state_dict(tb.state_dict())
+    tb.load_state_dict(fb.state_dict())
+    tg, fg = nn.GroupNorm(2, 6), normkit.GroupNormAct(2, 6, act=None)
+    assert list(tg.state_dict()) == list(fg.state_dict())
+    tg.load_state_dict(fg.state_dict())
+    assert isinstance(fb, nn.BatchNorm2d) and isinstance(fg, nn.GroupNorm)
+
+
+BAD = {
+    "bn_tanh": (lambda: normkit.BatchNormAct2d(4, act="tanh"), "act"),
+    "gn_int": (lambda: normkit.GroupNormAct(2, 4, act=1), "act"),
+    "residual_shape": (lambda: normkit.BatchNormAct2d(4)(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 2)),
+                       "residual"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_arguments_are_named(case):
+    call, word = BAD[case]
+    with pytest.raises(normkit.NormInputError, match=word):
+        call()
+
+
+def test_failed_forward_changes_no_state():
+    layer = normkit.BatchNormAct2d(4)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(normkit.NormInputError):
+        layer(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 2))
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# ----------------------------------------------------------------------------- convert(fuse=True)
+def _model():
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+        nn.Conv2d(6, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.GELU(),
+        nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6), nn.SiLU(),
+        nn.BatchNorm2d(6), nn.GELU(approximate="tanh"),   # not exact GELU: left alone
+        nn.BatchNorm2d(6), nn.Tanh(),                       # not a fusable activation
+        nn.Sequential(nn.BatchNorm2d(6), nn.ReLU()),        # nested Sequential
+    )
+
+
+def test_convert_fuse_matches_and_keeps_state():
+    ref, model = _model(), _model()
+    keys = list(model.state_dict())
+    normkit.convert(model, fuse=True)
+    kinds = [type(m).__name__ for m in model]
+    assert kinds[1:3] == ["BatchNormAct2d", "Identity"]
+    assert kinds[4:6] == ["GroupNormAct", "Identity"]
+    assert kinds[7:9] == ["BatchNormAct2d", "Identity"]
+    assert kinds[9:13] == ["BatchNorm2d", "GELU", "BatchNorm2d", "Tanh"]
+    assert [type(m).__name__ for m in model[13]] == ["BatchNormAct2d", "Identity"]
+    assert [model[1].act, model[4].act, model[7].act] == ["relu", "gelu", "silu"]
+    assert list(model.state_dict()) == keys
+    x = torch.randn(2, 3, 5, 7, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    y, yr = model(x), ref(xr)
+    torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-5)
+    y.square().sum().backward()
+    yr.square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_fuse_needs_to_normkit():
+    with pytest.raises(ValueError, match="fuse"):
+        normkit.convert(_model(), to="torch", fuse=True)
