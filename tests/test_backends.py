@@ -98,3 +98,27 @@ def test_available_lists_every_backend():
     state = backends.available()
     assert set(state) == {"reference", "cpu", "triton"}
     assert state["reference"] == "available"
+
+
+FORK_SCRIPT = """
+import os, warnings, torch, normkit
+x = torch.randn(8, 4, 5, 5)
+normkit.BatchNorm2d(4)(x)                      # starts the kernel thread pool in the parent
+pid = os.fork()
+if pid == 0:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = normkit.BatchNorm2d(4)(x)           # auto: must not kill the child
+    os._exit(0 if y.shape == x.shape else 3)
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_forked_child_survives_after_parent_used_the_kernels():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "child exit 0" in out.stdout, out.stdout + out.stderr[-2000:]

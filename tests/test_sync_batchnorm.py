@@ -234,8 +234,9 @@ def _free_port() -> int:
 
 def _run_world(world: int, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp(f"world{world}")
-    # fork, not spawn: the children inherit the imported torch and normkit (seconds per process saved)
-    mp.start_processes(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True, start_method="fork")
+    # spawn, not fork: numba's OpenMP pool (cpu backend) does not survive fork(), so forked ranks would
+    # silently fall back to the reference backend instead of testing the default kernels.
+    mp.start_processes(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True, start_method="spawn")
     return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
 
 

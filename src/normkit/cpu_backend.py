@@ -19,6 +19,8 @@ on the shape only, so results are bit-identical from run to run.
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 import torch
@@ -32,8 +34,27 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _TARGET_BLOCKS = 64  # parallel blocks per reduction in CL order: enough to balance 2-16 threads
 
 
+_POOL_PID: int | None = None  # the process that started numba's thread pool
+
+
 def _threads() -> None:
+    global _POOL_PID
+    if _POOL_PID is None:
+        _POOL_PID = os.getpid()
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def _forked_pool_problem() -> str | None:
+    """Why this process cannot launch kernels, when it was forked from one whose GNU OpenMP pool ran.
+
+    numba's ``omp`` threading layer on GNU OpenMP terminates a forked child at its first parallel
+    launch (DataLoader workers, ``fork`` start methods). Refusing here lets ``auto`` fall back to
+    the reference backend instead of the process being killed. tbb and workqueue survive forks.
+    """
+    if _POOL_PID is None or _POOL_PID == os.getpid() or numba.threading_layer() != "omp":
+        return None
+    return ("numba's OpenMP thread pool does not survive fork() (this process was forked after it started); "
+            "use the 'spawn' start method or NUMBA_THREADING_LAYER=workqueue")
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
@@ -111,7 +132,7 @@ class CpuBackend(Backend):
             return f"the cpu backend runs CPU tensors, got a {x.device.type} tensor"
         if x.dtype not in _DTYPES:
             return f"dtype {x.dtype} is not one of float32, float64, float16, bfloat16"
-        return None
+        return _forked_pool_problem()
 
     # ------------------------------------------------------------------ channel family
     def _channel_view(self, x):
