@@ -37,6 +37,12 @@ def _check_act(where: str, act: str | None) -> str:
     return act
 
 
+def _check_channel_vectors(where: str, channels: int, **vectors: Tensor | None) -> None:
+    """Each given per-channel vector is 1-D with ``channels`` elements."""
+    for name, t in vectors.items():
+        C.check_vector(where, name, t, channels)
+
+
 # ----------------------------------------------------------------------------- batch norm
 def check_batch_norm(
     where: str,
@@ -52,10 +58,8 @@ def check_batch_norm(
     """All of batch_norm's input checks; returns the normalised ``act``."""
     C.check_tensor(where, "input", input)
     C.check_min_ndim(where, input, 2, "(N, C, *)")
-    c = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                    ("bias", bias)):
-        C.check_vector(where, name, t, c)
+    _check_channel_vectors(where, input.shape[1], running_mean=running_mean, running_var=running_var,
+                           weight=weight, bias=bias)
     C.check_same_shape(where, "residual", residual, input)
     if training:
         C.check_more_than_one_value(where, input)
@@ -119,10 +123,8 @@ def batch_norm(
 def check_instance_norm(where, input, running_mean, running_var, weight, bias, use_input_stats) -> None:
     C.check_tensor(where, "input", input)
     C.check_min_ndim(where, input, 3, "(N, C, *spatial)")
-    c = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                    ("bias", bias)):
-        C.check_vector(where, name, t, c)
+    _check_channel_vectors(where, input.shape[1], running_mean=running_mean, running_var=running_var,
+                           weight=weight, bias=bias)
     if use_input_stats and math.prod(input.shape[2:]) == 1:
         raise C.fail(where, "input", "more than 1 spatial element when training", f"input of {C.shape_str(input)}")
 
