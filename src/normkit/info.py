@@ -31,6 +31,8 @@ def collect() -> dict[str, str]:
         except ImportError:
             facts[name] = "not installed"
     for name, state in backends.available().items():
+        if name == "triton" and state == "available" and not torch.cuda.is_available():
+            state += " (no CUDA device here: CPU tensors only under TRITON_INTERPRET=1)"
         facts[f"backend {name}"] = state
     return facts
 
