@@ -114,7 +114,7 @@ REGULARIZATION = Claim(
 )
 
 # ------------------------------------------------------------------------------------------ 7, 11
-IMAGES_CNN = (512, 192)  # training images each run sees (full, quick): the same at every batch size
+IMAGES_CNN = (2048, 192)  # training images each run sees (full, quick): the same at every batch size
 LR_PER_32 = 0.1  # linear scaling rule (Goyal et al. 2017, as Wu & He train): lr = 0.1 · batch / 32
 
 
@@ -210,7 +210,7 @@ BATCH_SIZE = Claim(
     ),
     run=_run_batch_size,
     setup="digits, CNN conv(16)-norm-ReLU-conv(32, stride 2)-norm-ReLU-pool-linear, SGD with momentum "
-    "0.9 and the linear scaling rule lr = 0.1·batch/32, every run seeing the same 512 training images (192 "
+    "0.9 and the linear scaling rule lr = 0.1·batch/32, every run seeing the same 2,048 training images (192 "
     "with --quick) at batch sizes 2 ... 64 (2 and 32 with --quick), as Wu & He keep the epochs fixed — so "
     "large batches get few steps (8 at batch 64). GN: 4 groups; LN: over (C, H, W); batch renorm: r_max 3, "
     "d_max 5 after a warm-up of a quarter of the steps, momentum 0.1.",
