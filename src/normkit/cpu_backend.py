@@ -19,6 +19,7 @@ on the shape only, so results are bit-identical from run to run.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numba
@@ -42,6 +43,20 @@ def _threads() -> None:
     if _POOL_PID is None:
         _POOL_PID = os.getpid()
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def _kernel_entry(method):
+    """An entry point's preamble: empty input goes to the reference math (nothing to launch), any other
+    sets the thread count first."""
+
+    @functools.wraps(method)
+    def entry(self, x, *args, **kwargs):
+        if x.numel() == 0:
+            return getattr(self._fallback, method.__name__)(x, *args, **kwargs)
+        _threads()
+        return method(self, x, *args, **kwargs)
+
+    return entry
 
 
 def _forked_pool_problem() -> str | None:
@@ -143,10 +158,8 @@ class CpuBackend(Backend):
     def _reduce_blocks(self, parts: np.ndarray, c: int) -> np.ndarray:
         return parts.reshape(-1, c).sum(axis=0)  # numpy's pairwise sum: fixed order
 
+    @_kernel_entry
     def channel_stats(self, x):
-        if x.numel() == 0:
-            return self._fallback.channel_stats(x)
-        _threads()
         sd = stat_dtype(x.dtype)
         xa = _flat(x)
         nn, ns, nc, cl = self._channel_view(x)
@@ -182,10 +195,8 @@ class CpuBackend(Backend):
             K.apply_nchw(xa, ra, residual is not None, code, nn, nc, ns, a, b, per_sample, oa)
         return out
 
+    @_kernel_entry
     def channel_apply(self, x, scale, shift, residual, act):
-        if x.numel() == 0:
-            return self._fallback.channel_apply(x, scale, shift, residual, act)
-        _threads()
         sd = stat_dtype(x.dtype)
         nn, ns, nc, cl = self._channel_view(x)
         return self._apply(x, _np(scale, sd), _np(shift, sd), residual, act, False, nn, ns, nc, cl)
@@ -221,10 +232,8 @@ class CpuBackend(Backend):
                           dxa, dza)
         return dx, dz
 
+    @_kernel_entry
     def channel_backward_reduce(self, x, dy, mean, rstd, scale, shift, residual, act):
-        if x.numel() == 0:
-            return self._fallback.channel_backward_reduce(x, dy, mean, rstd, scale, shift, residual, act)
-        _threads()
         sd = stat_dtype(x.dtype)
         nn, ns, nc, cl = self._channel_view(x)
         sa, sb = self._bwd_sums(x, dy, residual, act, _np(scale, sd), _np(shift, sd), _np(mean, sd), False,
@@ -233,12 +242,9 @@ class CpuBackend(Backend):
         sum_dz_xhat = sb.sum(axis=0) * _np(rstd, torch.float64)
         return torch.from_numpy(sum_dz).to(sd), torch.from_numpy(sum_dz_xhat).to(sd)
 
+    @_kernel_entry
     def channel_backward_dx(self, x, dy, mean, rstd, scale, shift, residual, act, mean_dz, mean_dz_xhat,
                             need_dz):
-        if x.numel() == 0:
-            return self._fallback.channel_backward_dx(x, dy, mean, rstd, scale, shift, residual, act, mean_dz,
-                                                      mean_dz_xhat, need_dz)
-        _threads()
         sd = stat_dtype(x.dtype)
         f64 = torch.float64
         sc, rs = _np(scale, f64), _np(rstd, f64)
@@ -250,11 +256,9 @@ class CpuBackend(Backend):
                             _np(mean, sd), _np(r, sd), False, need_dz, nn, ns, nc, cl)
 
     # ------------------------------------------------------------------ row family: LN, RMS
+    @_kernel_entry
     def row_forward(self, x2d, weight, bias, eps, rms):
         m, k = x2d.shape
-        if x2d.numel() == 0:
-            return self._fallback.row_forward(x2d, weight, bias, eps, rms)
-        _threads()
         sd = stat_dtype(x2d.dtype)
         x2d = x2d.contiguous()
         y = torch.empty_like(x2d)
@@ -265,11 +269,9 @@ class CpuBackend(Backend):
         K.row_fwd(_flat(x2d), m, k, w, b, float(eps), bool(rms), _flat(y), mean, rstd)
         return y, (None if rms else torch.from_numpy(mean)), torch.from_numpy(rstd)
 
+    @_kernel_entry
     def row_backward(self, x2d, dy2d, mean, rstd, weight, rms, need_dweight):
         m, k = x2d.shape
-        if x2d.numel() == 0:
-            return self._fallback.row_backward(x2d, dy2d, mean, rstd, weight, rms, need_dweight)
-        _threads()
         sd = stat_dtype(x2d.dtype)
         x2d = x2d.contiguous()
         dy2d = _same(dy2d, x2d)
@@ -298,10 +300,8 @@ class CpuBackend(Backend):
         """(N, G) → (N, C): each group's value repeated over its channels."""
         return np.repeat(v.reshape(n, g), cg, axis=1)
 
+    @_kernel_entry
     def group_forward(self, x, num_groups, weight, bias, eps, residual, act):
-        if x.numel() == 0:
-            return self._fallback.group_forward(x, num_groups, weight, bias, eps, residual, act)
-        _threads()
         sd = stat_dtype(x.dtype)
         n, s, c, cl = self._group_view(x)
         g, cg = num_groups, c // num_groups
@@ -359,12 +359,9 @@ class CpuBackend(Backend):
         db = torch.from_numpy(sa.reshape(n, c).sum(axis=0)).to(sd)
         return dx, dw, db, dz
 
+    @_kernel_entry
     def group_backward(self, x, dy, mean, rstd, num_groups, weight, bias, residual, act, need_dweight,
                        need_dz):
-        if x.numel() == 0:
-            return self._fallback.group_backward(x, dy, mean, rstd, num_groups, weight, bias, residual, act,
-                                                 need_dweight, need_dz)
-        _threads()
         sd = stat_dtype(x.dtype)
         f64 = torch.float64
         n, s, c, cl = self._group_view(x)

@@ -90,13 +90,7 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise C.fail(
-                type(self).__name__,
-                "input",
-                "at least 2D input (N, C, *)",
-                f"{input.dim()}D input of {C.shape_str(input)}",
-            )
+        C.check_min_ndim(type(self).__name__, input, 2, "(N, C, *)")
 
     def _sync_now(self) -> bool:
         return self.training and D.is_active(self.process_group)
