@@ -139,6 +139,60 @@ def test_channel_apply_and_backward(case, act_case):
                                    False)[1] is None
 
 
+# The whole-BatchNorm entry points (channel_forward / channel_backward): NCHW with C >= 8 runs the
+# per-channel kernels, everything else the composed passes tested above.
+WHOLE_CASES = {
+    "nchw_c9_5x7": ((2, 9, 5, 7), False, torch.float32, 3.0),
+    "nchw_c33_2x3": ((3, 33, 2, 3), False, torch.float32, 3.0),
+    "bn1d_3d_c9": ((4, 9, 11), False, torch.float32, 3.0),
+    "bn3d_c8": ((2, 8, 3, 2, 5), False, torch.float32, 3.0),
+    "large_mean_c9": ((4, 9, 5, 7), False, torch.float32, 1e4),
+    "fp64_c9": ((2, 9, 5, 7), False, torch.float64, 3.0),
+    "fp16_c9": ((2, 9, 5, 7), False, torch.float16, 3.0),
+    "bf16_c9": ((2, 9, 5, 7), False, torch.bfloat16, 3.0),
+    "composed_c7": ((2, 7, 5, 7), False, torch.float32, 3.0),
+    "composed_cl_c9": ((2, 9, 5, 7), True, torch.float32, 3.0),
+}
+WHOLE_ACTS = [(case, act) for case, (_, _, dtype, _) in WHOLE_CASES.items() for act in ACT_CASES
+              if dtype == torch.float32 or act in ("identity", "relu_res")]
+
+
+@pytest.mark.parametrize(("case", "act_case"), WHOLE_ACTS, ids=[f"{c}-{a}" for c, a in WHOLE_ACTS])
+def test_whole_batch_norm_forward_and_backward(case, act_case):
+    shape, cl, dtype, offset = WHOLE_CASES[case]
+    act, has_res = ACT_CASES[act_case]
+    assert (CPU._whole_channels(_tensor(shape, cl, dtype, offset, 0)) is None) == case.startswith("composed")
+    x = _tensor(shape, cl, dtype, offset, 1)
+    dy = _tensor(shape, cl, dtype, 0.0, 2)
+    res = _tensor(shape, cl, dtype, -3.0, 3) if has_res else None
+    c = shape[1]
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(4)
+    weight, bias = (1 + 0.3 * torch.randn(c, generator=g)).to(sd), (0.2 * torch.randn(c, generator=g)).to(sd)
+    large = offset > 100
+    y, mean, var = CPU.channel_forward(x, weight, bias, 1e-5, res, act)
+    wy, wmean, wvar = _want(REF.channel_forward, x, weight, bias, 1e-5, res, act)
+    _close(y, wy.to(dtype), dtype, f"{case} y", large=large)
+    _close(mean, wmean, sd, f"{case} mean")
+    _close(var, wvar, sd, f"{case} var")
+    assert y.is_contiguous(memory_format=CL if cl else torch.contiguous_format)
+
+    rstd = torch.rsqrt(var + 1e-5)
+    scale = weight * rstd
+    shift = bias - mean * scale
+    for batch_stats in (True, False):
+        got = CPU.channel_backward(x, dy, mean, rstd, scale, shift, res, act, batch_stats, has_res)
+        want = _want(REF.channel_backward, x, dy, mean, rstd, scale, shift, res, act, batch_stats, has_res)
+        what = f"{case} batch_stats={batch_stats}"
+        _close(got[0], want[0].to(dtype), dtype, f"{what} dx", large=large)
+        for gv, wv, name in zip(got[1:3], want[1:3], ("sum_dz", "sum_dz_xhat"), strict=True):
+            _close(gv / x.numel() * c, wv / x.numel() * c, sd, f"{what} {name}")
+        if has_res:
+            _close(got[3], want[3].to(dtype), dtype, f"{what} dz", large=large)
+        else:
+            assert got[3] is None
+
+
 # name: (rows, cols, dtype, offset)
 ROW_CASES = {
     "odd_1023": (3, 1023, torch.float32, 3.0),
@@ -239,9 +293,22 @@ def test_group_forward_backward(case):
 
 
 # ----------------------------------------------------------------------------- properties
+class _ResidualBlockTail(torch.nn.Module):
+    """relu(bn(x) + x·0.5): the fused layer with a residual that depends on x."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.bn = normkit.BatchNormAct2d(c, act="relu")
+
+    def forward(self, x):
+        return self.bn(x, residual=x * 0.5)
+
+
 LAYER_CASES = {
     "bn2d_nchw": (lambda: normkit.BatchNorm2d(7), (4, 7, 5, 7), False),
     "bn2d_cl": (lambda: normkit.BatchNorm2d(7), (4, 7, 5, 7), True),
+    "bn2d_nchw_c9": (lambda: normkit.BatchNorm2d(9), (4, 9, 5, 7), False),
+    "bn_add_relu_c9": (lambda: _ResidualBlockTail(9), (4, 9, 5, 7), False),
     "bn1d": (lambda: normkit.BatchNorm1d(33), (9, 33), False),
     "gn_cl": (lambda: normkit.GroupNorm(3, 6), (2, 6, 5, 7), True),
     "ln": (lambda: normkit.LayerNorm(33), (7, 33), False),

@@ -46,6 +46,20 @@ Channel family — BatchNorm and friends. ``x`` is ``(N, C, *spatial)`` in any d
     is returned only when ``need_dz`` is true, else ``None``. ``dx``/``dz`` have ``x``'s dtype
     and memory format.
 
+Whole-BatchNorm entry points. The channel family's four passes are what SyncBatchNorm and
+BatchRenorm need (they act between them); plain BatchNorm calls two composed entry points,
+which :class:`Backend` implements with the four above and a backend may override with kernels
+that keep data in cache between the passes:
+
+``channel_forward(x, weight, bias, eps, residual, act) -> (y, mean, var)``
+    training BatchNorm: ``channel_stats``, ``scale = γ·rsqrt(var + eps)``, ``shift = β −
+    mean·scale`` (see :func:`scale_shift`), ``channel_apply``.
+
+``channel_backward(x, dy, mean, rstd, scale, shift, residual, act, batch_stats, need_dz)
+-> (dx, sum_dz, sum_dz_xhat, dz)``
+    ``channel_backward_reduce``, then ``channel_backward_dx`` with ``mean_dz = sum_dz / count``
+    (and likewise ``mean_dz_xhat``) when ``batch_stats``, zeros otherwise.
+
 Row family — LayerNorm, RMSNorm (rows of a 2-D contiguous view) and GroupNorm,
 InstanceNorm (``x`` is ``(N, C, *spatial)``, statistics per (sample, group)):
 
@@ -93,6 +107,8 @@ OPS = (
     "channel_apply",
     "channel_backward_reduce",
     "channel_backward_dx",
+    "channel_forward",
+    "channel_backward",
     "row_forward",
     "row_backward",
     "group_forward",
@@ -111,6 +127,31 @@ class Backend:
 
     def unsupported(self, op: str, x: torch.Tensor) -> str | None:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def channel_forward(self, x, weight, bias, eps, residual, act):
+        mean, var = self.channel_stats(x)
+        scale, shift = scale_shift(weight, bias, mean, torch.rsqrt(var + eps))
+        return self.channel_apply(x, scale, shift, residual, act), mean, var
+
+    def channel_backward(self, x, dy, mean, rstd, scale, shift, residual, act, batch_stats, need_dz):
+        sum_dz, sum_dz_xhat = self.channel_backward_reduce(x, dy, mean, rstd, scale, shift, residual, act)
+        if batch_stats:
+            count = max(x.numel() // max(x.shape[1] if x.dim() > 1 else 1, 1), 1)
+            mean_dz, mean_dz_xhat = sum_dz / count, sum_dz_xhat / count
+        else:
+            mean_dz, mean_dz_xhat = torch.zeros_like(sum_dz), torch.zeros_like(sum_dz)
+        dx, dz = self.channel_backward_dx(x, dy, mean, rstd, scale, shift, residual, act, mean_dz, mean_dz_xhat,
+                                          need_dz)
+        return dx, sum_dz, sum_dz_xhat, dz
+
+
+def scale_shift(weight, bias, mean, rstd):
+    """Per-channel ``scale = γ·rstd`` and ``shift = β − mean·scale`` in the statistics' dtype."""
+    scale = rstd if weight is None else weight.to(rstd.dtype) * rstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(rstd.dtype)
+    return scale, shift
 
 
 # name -> zero-argument factory returning a Backend, or raising ImportError/RuntimeError with

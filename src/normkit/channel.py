@@ -33,7 +33,8 @@ from torch import Tensor
 
 from . import backends
 from ._layout import memory_format_of
-from .ops import _as_layout, _dense, _scale_shift
+from .backends import scale_shift
+from .ops import _as_layout, _dense
 from .reference import stat_dtype
 
 __all__ = ["local_stats", "normalize_with_stats"]
@@ -69,7 +70,7 @@ class _NormalizeWithStats(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, mean, rstd, count, act, group, sync):
         x = _dense(x)
         residual = _as_layout(residual, x)
-        scale, shift = _scale_shift(weight, bias, mean, rstd)
+        scale, shift = scale_shift(weight, bias, mean, rstd)
         if x.numel() == 0:
             y = torch.empty_like(x, memory_format=memory_format_of(x))
         else:
@@ -83,7 +84,7 @@ class _NormalizeWithStats(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, residual, mean, rstd = ctx.saved_tensors
         dy = _as_layout(dy, x)
-        scale, shift = _scale_shift(weight, bias, mean, rstd)
+        scale, shift = scale_shift(weight, bias, mean, rstd)
         if x.numel() == 0:
             sum_dz, sum_dz_xhat = torch.zeros_like(mean), torch.zeros_like(mean)
         else:

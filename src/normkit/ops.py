@@ -35,6 +35,7 @@ from torch import Tensor
 
 from . import backends
 from ._layout import memory_format_of
+from .backends import scale_shift
 from .reference import ReferenceBackend, stat_dtype
 
 backends.register_backend("reference", ReferenceBackend)
@@ -76,15 +77,6 @@ def _empty(x: Tensor) -> Tensor:
     return x.new_empty(0, dtype=stat_dtype(x.dtype))
 
 
-def _scale_shift(weight, bias, mean, rstd):
-    """Per-channel ``scale = γ·rstd`` and ``shift = β − mean·scale`` in the statistics' dtype."""
-    scale = rstd if weight is None else _cast(weight, rstd.dtype) * rstd
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + _cast(bias, rstd.dtype)
-    return scale, shift
-
-
 def _channels(x: Tensor) -> int:
     return x.shape[1] if x.dim() > 1 else 1
 
@@ -97,10 +89,7 @@ def batch_norm_train(
     """BatchNorm with batch statistics: ``y = act(γ·(x − μ_B)/sqrt(σ²_B + ε) + β + residual)``."""
     x = _dense(x)
     residual = _as_layout(residual, x)
-    mean, var = backends.resolve("channel_stats", x).channel_stats(x)
-    rstd = torch.rsqrt(var + eps)
-    scale, shift = _scale_shift(weight, bias, mean, rstd)
-    y = backends.resolve("channel_apply", x).channel_apply(x, scale, shift, residual, act)
+    y, mean, var = backends.resolve("channel_forward", x).channel_forward(x, weight, bias, eps, residual, act)
     return _fresh(y, x, residual), mean, var
 
 
@@ -127,7 +116,7 @@ def batch_norm_infer(
     residual = _as_layout(residual, x)
     sd = stat_dtype(x.dtype)
     rstd = torch.rsqrt(_cast(var, sd) + eps)
-    scale, shift = _scale_shift(weight, bias, _cast(mean, sd), rstd)
+    scale, shift = scale_shift(weight, bias, _cast(mean, sd), rstd)
     y = backends.resolve("channel_apply", x).channel_apply(x, scale, shift, residual, act)
     return _fresh(y, x, residual)
 
@@ -161,17 +150,9 @@ def batch_norm_backward(
     residual = _as_layout(residual, x)
     sd = stat_dtype(x.dtype)
     mean, rstd = _cast(mean, sd), _cast(rstd, sd)
-    scale, shift = _scale_shift(weight, bias, mean, rstd)
-    sum_dz, sum_dz_xhat = backends.resolve("channel_backward_reduce", x).channel_backward_reduce(
-        x, dy, mean, rstd, scale, shift, residual, act
-    )
-    if batch_stats:
-        count = max(x.numel() // max(_channels(x), 1), 1)
-        mean_dz, mean_dz_xhat = sum_dz / count, sum_dz_xhat / count
-    else:
-        mean_dz, mean_dz_xhat = torch.zeros_like(sum_dz), torch.zeros_like(sum_dz)
-    dx, dz = backends.resolve("channel_backward_dx", x).channel_backward_dx(
-        x, dy, mean, rstd, scale, shift, residual, act, mean_dz, mean_dz_xhat, need_dresidual
+    scale, shift = scale_shift(weight, bias, mean, rstd)
+    dx, sum_dz, sum_dz_xhat, dz = backends.resolve("channel_backward", x).channel_backward(
+        x, dy, mean, rstd, scale, shift, residual, act, batch_stats, need_dresidual
     )
     dresidual = _fresh(dz, dy, x) if need_dresidual else _empty(x)
     return _fresh(dx, dy, x), sum_dz_xhat, sum_dz, dresidual

@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .. import ops as _ops
+from ..backends import scale_shift
 from ..reference import ReferenceBackend, stat_dtype
 
 __all__ = ["decompositions", "export_program", "export_onnx"]
@@ -49,13 +49,13 @@ _TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.R
 
 def _bn_train(x: Tensor, weight, bias, residual, eps: float, act: str):
     mean, var = _REF.channel_stats(x)
-    scale, shift = _ops._scale_shift(weight, bias, mean, torch.rsqrt(var + eps))
+    scale, shift = scale_shift(weight, bias, mean, torch.rsqrt(var + eps))
     return _REF.channel_apply(x, scale, shift, residual, act), mean, var
 
 
 def _bn_infer(x: Tensor, mean, var, weight, bias, residual, eps: float, act: str):
     sd = stat_dtype(x.dtype)
-    scale, shift = _ops._scale_shift(weight, bias, mean.to(sd), torch.rsqrt(var.to(sd) + eps))
+    scale, shift = scale_shift(weight, bias, mean.to(sd), torch.rsqrt(var.to(sd) + eps))
     return _REF.channel_apply(x, scale, shift, residual, act)
 
 

@@ -9,6 +9,8 @@ from ._scalar import ACT_CODES
 from .channel import (
     apply_cl,
     apply_nchw,
+    bn_backward_nchw,
+    bn_forward_nchw,
     bwd_dx_cl,
     bwd_dx_nchw,
     bwd_sums_cl,
@@ -25,6 +27,8 @@ __all__ = [
     "sums_cl",
     "apply_nchw",
     "apply_cl",
+    "bn_forward_nchw",
+    "bn_backward_nchw",
     "bwd_sums_nchw",
     "bwd_sums_cl",
     "bwd_dx_nchw",

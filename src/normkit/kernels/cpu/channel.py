@@ -32,10 +32,12 @@ cancels before it can destroy the variance (``1e4 + randn`` is exact to float32 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
-from ._scalar import act_fwd, act_grad, ld, st, zero
+from ._scalar import act_fwd, act_grad, ld, like, st, zero
 
 _JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 # Row reductions (NCHW) allow reassociation and nothing else: LLVM may then keep 8-wide partial
@@ -51,22 +53,25 @@ def _pidx(n, c, nc, per_sample):
 
 
 # ----------------------------------------------------------------------------- statistics
+@njit(cache=True, inline="always")
+def _row_sums(x, base, ns, kk):
+    """Shifted sums ``Σ (x − kk)`` and ``Σ (x − kk)²`` of one contiguous row, float64 out."""
+    a = zero(x)
+    q = zero(x)
+    for i in range(base, base + ns):
+        v = ld(x, i) - kk
+        a += v
+        q += v * v
+    return np.float64(a), np.float64(q)
+
+
 @njit(**_JIT_REDUCE)
 def sums_nchw(x, nn, nc, ns, k, per_sample, s1, s2):
     """``s1[n,c] = Σ_s (x − k)``, ``s2[n,c] = Σ_s (x − k)²`` per (n, c) row, float64 out."""
     for r in prange(nn * nc):
         n = r // nc
         c = r - n * nc
-        kk = k[_pidx(n, c, nc, per_sample)]
-        base = r * ns
-        a = zero(x)
-        q = zero(x)
-        for i in range(base, base + ns):
-            v = ld(x, i) - kk
-            a += v
-            q += v * v
-        s1[r] = np.float64(a)
-        s2[r] = np.float64(q)
+        s1[r], s2[r] = _row_sums(x, r * ns, ns, k[_pidx(n, c, nc, per_sample)])
 
 
 @njit(**_JIT)
@@ -99,6 +104,27 @@ def _z(x, res, has_res, i, a, b):
     return z
 
 
+@njit(cache=True, inline="always")
+def _row_apply(x, res, has_res, act, base, ns, aa, bb, out):
+    """``out = act(x·aa + bb + res)`` over one contiguous row."""
+    # one loop per flag combination: no branch in the element loop, so it vectorises
+    if act == 0 and not has_res:
+        for i in range(base, base + ns):
+            st(out, i, ld(x, i) * aa + bb)
+    elif act == 1 and not has_res:
+        for i in range(base, base + ns):
+            st(out, i, max(ld(x, i) * aa + bb, zero(x)))
+    elif act == 0:
+        for i in range(base, base + ns):
+            st(out, i, ld(x, i) * aa + bb + ld(res, i))
+    elif act == 1:
+        for i in range(base, base + ns):
+            st(out, i, max(ld(x, i) * aa + bb + ld(res, i), zero(x)))
+    else:
+        for i in range(base, base + ns):
+            st(out, i, act_fwd(_z(x, res, has_res, i, aa, bb), act))
+
+
 @njit(**_JIT)
 def apply_nchw(x, res, has_res, act, nn, nc, ns, a, b, per_sample, out):
     """``out = act(x·a[c] + b[c] + res)``."""
@@ -106,25 +132,7 @@ def apply_nchw(x, res, has_res, act, nn, nc, ns, a, b, per_sample, out):
         n = r // nc
         c = r - n * nc
         p = _pidx(n, c, nc, per_sample)
-        aa = a[p]
-        bb = b[p]
-        base = r * ns
-        # one loop per flag combination: no branch in the element loop, so it vectorises
-        if act == 0 and not has_res:
-            for i in range(base, base + ns):
-                st(out, i, ld(x, i) * aa + bb)
-        elif act == 1 and not has_res:
-            for i in range(base, base + ns):
-                st(out, i, max(ld(x, i) * aa + bb, zero(x)))
-        elif act == 0:
-            for i in range(base, base + ns):
-                st(out, i, ld(x, i) * aa + bb + ld(res, i))
-        elif act == 1:
-            for i in range(base, base + ns):
-                st(out, i, max(ld(x, i) * aa + bb + ld(res, i), zero(x)))
-        else:
-            for i in range(base, base + ns):
-                st(out, i, act_fwd(_z(x, res, has_res, i, aa, bb), act))
+        _row_apply(x, res, has_res, act, r * ns, ns, a[p], b[p], out)
 
 
 @njit(**_JIT)
@@ -163,6 +171,38 @@ def _dz_generic(x, dy, res, has_res, act, i, fa, fb):
     return ld(dy, i) * act_grad(_z(x, res, has_res, i, fa, fb), act)
 
 
+@njit(cache=True, inline="always")
+def _row_bwd_sums(x, dy, res, has_res, act, base, ns, aa, bb, mm):
+    """``Σ dz`` and ``Σ dz·(x − mm)`` over one contiguous row, float64 out."""
+    a = zero(x)
+    q = zero(x)
+    if act == 0:
+        for i in range(base, base + ns):
+            g = ld(dy, i)
+            a += g
+            q += g * (ld(x, i) - mm)
+    elif act == 1 and not has_res:
+        for i in range(base, base + ns):
+            xv = ld(x, i)
+            g = ld(dy, i)
+            g = g if xv * aa + bb > 0 else zero(x)
+            a += g
+            q += g * (xv - mm)
+    elif act == 1:
+        for i in range(base, base + ns):
+            xv = ld(x, i)
+            g = ld(dy, i)
+            g = g if xv * aa + bb + ld(res, i) > 0 else zero(x)
+            a += g
+            q += g * (xv - mm)
+    else:
+        for i in range(base, base + ns):
+            g = _dz_generic(x, dy, res, has_res, act, i, aa, bb)
+            a += g
+            q += g * (ld(x, i) - mm)
+    return np.float64(a), np.float64(q)
+
+
 @njit(**_JIT_REDUCE)
 def bwd_sums_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, m, per_sample, sa, sb):
     """``sa[n,c] = Σ_s dz``, ``sb[n,c] = Σ_s dz·(x − m)`` per (n, c) row, float64 out."""
@@ -170,38 +210,7 @@ def bwd_sums_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, m, per_sample, s
         n = r // nc
         c = r - n * nc
         p = _pidx(n, c, nc, per_sample)
-        aa = fa[p]
-        bb = fb[p]
-        mm = m[p]
-        base = r * ns
-        a = zero(x)
-        q = zero(x)
-        if act == 0:
-            for i in range(base, base + ns):
-                g = ld(dy, i)
-                a += g
-                q += g * (ld(x, i) - mm)
-        elif act == 1 and not has_res:
-            for i in range(base, base + ns):
-                xv = ld(x, i)
-                g = ld(dy, i)
-                g = g if xv * aa + bb > 0 else zero(x)
-                a += g
-                q += g * (xv - mm)
-        elif act == 1:
-            for i in range(base, base + ns):
-                xv = ld(x, i)
-                g = ld(dy, i)
-                g = g if xv * aa + bb + ld(res, i) > 0 else zero(x)
-                a += g
-                q += g * (xv - mm)
-        else:
-            for i in range(base, base + ns):
-                g = _dz_generic(x, dy, res, has_res, act, i, aa, bb)
-                a += g
-                q += g * (ld(x, i) - mm)
-        sa[r] = np.float64(a)
-        sb[r] = np.float64(q)
+        sa[r], sb[r] = _row_bwd_sums(x, dy, res, has_res, act, r * ns, ns, fa[p], fb[p], m[p])
 
 
 @njit(**_JIT)
@@ -239,6 +248,45 @@ def bwd_sums_cl(x, dy, res, has_res, act, nn, ns, nc, rows, fa, fb, m, per_sampl
             sb[blk * nc + c] = np.float64(q[c])
 
 
+@njit(cache=True, inline="always")
+def _row_bwd_dx(x, dy, res, has_res, act, base, ns, aa, bb, pp, qq, mm, rr, need_dz, dx, dzo):
+    """``dx = pp·dz + qq·(x − mm) + rr`` over one contiguous row; ``dzo = dz`` when ``need_dz``."""
+    if act == 0 and not need_dz:
+        for i in range(base, base + ns):
+            st(dx, i, pp * ld(dy, i) + qq * (ld(x, i) - mm) + rr)
+    elif act == 1 and not has_res and not need_dz:
+        for i in range(base, base + ns):
+            xv = ld(x, i)
+            g = ld(dy, i)
+            g = g if xv * aa + bb > 0 else zero(x)
+            st(dx, i, pp * g + qq * (xv - mm) + rr)
+    elif act == 1 and has_res and need_dz:  # the residual block's tail: relu(bn(x) + shortcut)
+        for i in range(base, base + ns):
+            xv = ld(x, i)
+            g = ld(dy, i)
+            g = g if xv * aa + bb + ld(res, i) > 0 else zero(x)
+            st(dx, i, pp * g + qq * (xv - mm) + rr)
+            st(dzo, i, g)
+    elif act <= 1:
+        for i in range(base, base + ns):
+            xv = ld(x, i)
+            g = ld(dy, i)
+            if act == 1:
+                z = xv * aa + bb
+                if has_res:
+                    z += ld(res, i)
+                g = g if z > 0 else zero(x)
+            st(dx, i, pp * g + qq * (xv - mm) + rr)
+            if need_dz:
+                st(dzo, i, g)
+    else:
+        for i in range(base, base + ns):
+            g = _dz_generic(x, dy, res, has_res, act, i, aa, bb)
+            st(dx, i, pp * g + qq * (ld(x, i) - mm) + rr)
+            if need_dz:
+                st(dzo, i, g)
+
+
 @njit(**_JIT)
 def bwd_dx_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, p, q, m, r0, per_sample, need_dz, dx, dzo):
     """``dx = p·dz + q·(x − m) + r0`` per (n, c) row; ``dzo = dz`` when ``need_dz``."""
@@ -246,47 +294,7 @@ def bwd_dx_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, p, q, m, r0, per_s
         n = r // nc
         c = r - n * nc
         k = _pidx(n, c, nc, per_sample)
-        aa = fa[k]
-        bb = fb[k]
-        pp = p[k]
-        qq = q[k]
-        mm = m[k]
-        rr = r0[k]
-        base = r * ns
-        if act == 0 and not need_dz:
-            for i in range(base, base + ns):
-                st(dx, i, pp * ld(dy, i) + qq * (ld(x, i) - mm) + rr)
-        elif act == 1 and not has_res and not need_dz:
-            for i in range(base, base + ns):
-                xv = ld(x, i)
-                g = ld(dy, i)
-                g = g if xv * aa + bb > 0 else zero(x)
-                st(dx, i, pp * g + qq * (xv - mm) + rr)
-        elif act == 1 and has_res and need_dz:  # the residual block's tail: relu(bn(x) + shortcut)
-            for i in range(base, base + ns):
-                xv = ld(x, i)
-                g = ld(dy, i)
-                g = g if xv * aa + bb + ld(res, i) > 0 else zero(x)
-                st(dx, i, pp * g + qq * (xv - mm) + rr)
-                st(dzo, i, g)
-        elif act <= 1:
-            for i in range(base, base + ns):
-                xv = ld(x, i)
-                g = ld(dy, i)
-                if act == 1:
-                    z = xv * aa + bb
-                    if has_res:
-                        z += ld(res, i)
-                    g = g if z > 0 else zero(x)
-                st(dx, i, pp * g + qq * (xv - mm) + rr)
-                if need_dz:
-                    st(dzo, i, g)
-        else:
-            for i in range(base, base + ns):
-                g = _dz_generic(x, dy, res, has_res, act, i, aa, bb)
-                st(dx, i, pp * g + qq * (ld(x, i) - mm) + rr)
-                if need_dz:
-                    st(dzo, i, g)
+        _row_bwd_dx(x, dy, res, has_res, act, r * ns, ns, fa[k], fb[k], p[k], q[k], m[k], r0[k], need_dz, dx, dzo)
 
 
 @njit(**_JIT)
@@ -333,3 +341,79 @@ def bwd_dx_cl(x, dy, res, has_res, act, nn, ns, nc, rows, fa, fb, p, q, m, r0, p
                     st(dx, base + c, ld(p, k) * g + ld(q, k) * (ld(x, base + c) - ld(m, k)) + ld(r0, k))
                     if need_dz:
                         st(dzo, base + c, g)
+
+
+# ----------------------------------------------------------------------------- whole BatchNorm, NCHW
+# In NCHW one channel is N rows of S contiguous values. Working channel by channel, the second
+# pass over a channel (apply after the statistics, dx after the two sums) finds its rows still in
+# cache, so x (and dy) come from memory about once instead of twice — the backward's biggest cost.
+# The O(1) arithmetic between the passes follows the composed path (backend.Backend's
+# channel_forward/channel_backward) step for step in the stat dtype; compiled inside these
+# reassociating kernels it may differ from it in the last bit (LLVM may turn γ·(1/σ) into γ/σ).
+# Which path runs depends on the shape only (cpu_backend), so results stay reproducible.
+
+
+@njit(cache=True)
+def _bn_scale_shift(kk, s1, s2, count, w, b, eps):
+    """(mean, var, scale, shift) of a channel from its shifted sums, in ``kk``'s type."""
+    d = s1 / count
+    mu = like(kk, np.float64(kk) + d)
+    sigma2 = like(kk, max(s2 / count - d * d, 0.0))
+    scale = w * (like(kk, 1.0) / like(kk, math.sqrt(sigma2 + like(kk, eps))))
+    return mu, sigma2, scale, -mu * scale + b
+
+
+@njit(cache=True)
+def _bn_dx_coefficients(aa, rs, s1, s2, count, batch_stats):
+    """(Σ dz, Σ dz·x̂, q, r) of a channel: ``dx = aa·dz + q·(x − mean) + r``."""
+    sdz = like(aa, s1)
+    sdzx = like(aa, s2 * np.float64(rs))
+    mdz = sdz / like(aa, count) if batch_stats else like(aa, 0.0)
+    mdzx = sdzx / like(aa, count) if batch_stats else like(aa, 0.0)
+    sc = np.float64(aa)
+    return sdz, sdzx, like(aa, -sc * np.float64(rs) * np.float64(mdzx)), like(aa, -sc * np.float64(mdz))
+
+
+@njit(**_JIT_REDUCE)
+def bn_forward_nchw(x, res, has_res, act, nn, nc, ns, w, b, eps, out, mean, var):
+    """Training BatchNorm: per channel the statistics, then ``out = act(x·scale + shift + res)``.
+
+    ``w``/``b`` are γ/β in the stat dtype (ones/zeros without affine); fills ``mean``/``var``
+    (biased), ``(C,)`` in the stat dtype. ``scale = γ·rsqrt(var + eps)``, ``shift = β − mean·scale``.
+    """
+    count = nn * ns
+    for c in prange(nc):
+        kk = ld(x, c * ns)
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(nn):
+            a, q = _row_sums(x, (n * nc + c) * ns, ns, kk)
+            s1 += a
+            s2 += q
+        mean[c], var[c], scale, shift = _bn_scale_shift(kk, s1, s2, count, w[c], b[c], eps)
+        for n in range(nn):
+            _row_apply(x, res, has_res, act, (n * nc + c) * ns, ns, scale, shift, out)
+
+
+@njit(**_JIT_REDUCE)
+def bn_backward_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, m, rs, batch_stats, need_dz, dx, dzo,
+                     sum_dz, sum_dz_xhat):
+    """BatchNorm backward per channel: ``Σ dz`` and ``Σ dz·x̂``, then ``dx`` (and ``dzo = dz``).
+
+    ``dx = scale·(dz − mean(dz) − x̂·mean(dz·x̂))`` with batch statistics, ``scale·dz`` without;
+    ``fa``/``fb`` are the forward's scale/shift, ``m``/``rs`` its mean/rstd (stat dtype).
+    """
+    count = nn * ns
+    for c in prange(nc):
+        aa = fa[c]
+        bb = fb[c]
+        mm = m[c]
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(nn):
+            a, q = _row_bwd_sums(x, dy, res, has_res, act, (n * nc + c) * ns, ns, aa, bb, mm)
+            s1 += a
+            s2 += q
+        sum_dz[c], sum_dz_xhat[c], qq, rr = _bn_dx_coefficients(aa, rs[c], s1, s2, count, batch_stats)
+        for n in range(nn):
+            _row_bwd_dx(x, dy, res, has_res, act, (n * nc + c) * ns, ns, aa, bb, aa, qq, mm, rr, need_dz, dx, dzo)
