@@ -4,8 +4,10 @@ Every array is flat (1-D) and read through :func:`ld` / written through :func:`s
 orders, one per layout, and no transposes:
 
 * **NCHW** — ``x`` is ``(N, C, S)`` in memory: each ``(n, c)`` row of ``S`` values is
-  contiguous. Rows are the parallel unit; a row is reduced with four independent accumulators
-  (so the add latency does not serialise the loop, without ``fastmath`` reassociation).
+  contiguous. Rows are the parallel unit of the separate passes; the whole-BatchNorm kernels at
+  the end take channels as the unit instead (see there). The loops over one row are the
+  ``span_*`` helpers, shared with the GroupNorm kernels of :mod:`.group` (a span is a stretch
+  of contiguous values with one set of per-channel parameters).
 * **CL** (channels_last, and BatchNorm1d's ``(N, C)``) — ``x`` is ``(N, S, C)``: each spatial
   position holds ``C`` contiguous channels. Blocks of ``R`` positions are the parallel unit;
   inside a block one accumulator per channel, so the inner loop over ``c`` vectorises.
@@ -54,8 +56,8 @@ def _pidx(n, c, nc, per_sample):
 
 # ----------------------------------------------------------------------------- statistics
 @njit(cache=True, inline="always")
-def _row_sums(x, base, ns, kk):
-    """Shifted sums ``Σ (x − kk)`` and ``Σ (x − kk)²`` of one contiguous row, float64 out."""
+def span_sums(x, base, ns, kk):
+    """Shifted sums ``Σ (x − kk)`` and ``Σ (x − kk)²`` of one span, float64 out."""
     a = zero(x)
     q = zero(x)
     for i in range(base, base + ns):
@@ -71,7 +73,7 @@ def sums_nchw(x, nn, nc, ns, k, per_sample, s1, s2):
     for r in prange(nn * nc):
         n = r // nc
         c = r - n * nc
-        s1[r], s2[r] = _row_sums(x, r * ns, ns, k[_pidx(n, c, nc, per_sample)])
+        s1[r], s2[r] = span_sums(x, r * ns, ns, k[_pidx(n, c, nc, per_sample)])
 
 
 @njit(**_JIT)
@@ -105,8 +107,8 @@ def _z(x, res, has_res, i, a, b):
 
 
 @njit(cache=True, inline="always")
-def _row_apply(x, res, has_res, act, base, ns, aa, bb, out):
-    """``out = act(x·aa + bb + res)`` over one contiguous row."""
+def span_apply(x, res, has_res, act, base, ns, aa, bb, out):
+    """``out = act(x·aa + bb + res)`` over one span."""
     # one loop per flag combination: no branch in the element loop, so it vectorises
     if act == 0 and not has_res:
         for i in range(base, base + ns):
@@ -132,7 +134,7 @@ def apply_nchw(x, res, has_res, act, nn, nc, ns, a, b, per_sample, out):
         n = r // nc
         c = r - n * nc
         p = _pidx(n, c, nc, per_sample)
-        _row_apply(x, res, has_res, act, r * ns, ns, a[p], b[p], out)
+        span_apply(x, res, has_res, act, r * ns, ns, a[p], b[p], out)
 
 
 @njit(**_JIT)
@@ -172,8 +174,8 @@ def _dz_generic(x, dy, res, has_res, act, i, fa, fb):
 
 
 @njit(cache=True, inline="always")
-def _row_bwd_sums(x, dy, res, has_res, act, base, ns, aa, bb, mm):
-    """``Σ dz`` and ``Σ dz·(x − mm)`` over one contiguous row, float64 out."""
+def span_bwd_sums(x, dy, res, has_res, act, base, ns, aa, bb, mm):
+    """``Σ dz`` and ``Σ dz·(x − mm)`` over one span, float64 out."""
     a = zero(x)
     q = zero(x)
     if act == 0:
@@ -210,7 +212,7 @@ def bwd_sums_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, m, per_sample, s
         n = r // nc
         c = r - n * nc
         p = _pidx(n, c, nc, per_sample)
-        sa[r], sb[r] = _row_bwd_sums(x, dy, res, has_res, act, r * ns, ns, fa[p], fb[p], m[p])
+        sa[r], sb[r] = span_bwd_sums(x, dy, res, has_res, act, r * ns, ns, fa[p], fb[p], m[p])
 
 
 @njit(**_JIT)
@@ -249,8 +251,8 @@ def bwd_sums_cl(x, dy, res, has_res, act, nn, ns, nc, rows, fa, fb, m, per_sampl
 
 
 @njit(cache=True, inline="always")
-def _row_bwd_dx(x, dy, res, has_res, act, base, ns, aa, bb, pp, qq, mm, rr, need_dz, dx, dzo):
-    """``dx = pp·dz + qq·(x − mm) + rr`` over one contiguous row; ``dzo = dz`` when ``need_dz``."""
+def span_bwd_dx(x, dy, res, has_res, act, base, ns, aa, bb, pp, qq, mm, rr, need_dz, dx, dzo):
+    """``dx = pp·dz + qq·(x − mm) + rr`` over one span; ``dzo = dz`` when ``need_dz``."""
     if act == 0 and not need_dz:
         for i in range(base, base + ns):
             st(dx, i, pp * ld(dy, i) + qq * (ld(x, i) - mm) + rr)
@@ -294,7 +296,7 @@ def bwd_dx_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, p, q, m, r0, per_s
         n = r // nc
         c = r - n * nc
         k = _pidx(n, c, nc, per_sample)
-        _row_bwd_dx(x, dy, res, has_res, act, r * ns, ns, fa[k], fb[k], p[k], q[k], m[k], r0[k], need_dz, dx, dzo)
+        span_bwd_dx(x, dy, res, has_res, act, r * ns, ns, fa[k], fb[k], p[k], q[k], m[k], r0[k], need_dz, dx, dzo)
 
 
 @njit(**_JIT)
@@ -387,12 +389,12 @@ def bn_forward_nchw(x, res, has_res, act, nn, nc, ns, w, b, eps, out, mean, var)
         s1 = 0.0
         s2 = 0.0
         for n in range(nn):
-            a, q = _row_sums(x, (n * nc + c) * ns, ns, kk)
+            a, q = span_sums(x, (n * nc + c) * ns, ns, kk)
             s1 += a
             s2 += q
         mean[c], var[c], scale, shift = _bn_scale_shift(kk, s1, s2, count, w[c], b[c], eps)
         for n in range(nn):
-            _row_apply(x, res, has_res, act, (n * nc + c) * ns, ns, scale, shift, out)
+            span_apply(x, res, has_res, act, (n * nc + c) * ns, ns, scale, shift, out)
 
 
 @njit(**_JIT_REDUCE)
@@ -411,9 +413,9 @@ def bn_backward_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, m, rs, batch_
         s1 = 0.0
         s2 = 0.0
         for n in range(nn):
-            a, q = _row_bwd_sums(x, dy, res, has_res, act, (n * nc + c) * ns, ns, aa, bb, mm)
+            a, q = span_bwd_sums(x, dy, res, has_res, act, (n * nc + c) * ns, ns, aa, bb, mm)
             s1 += a
             s2 += q
         sum_dz[c], sum_dz_xhat[c], qq, rr = _bn_dx_coefficients(aa, rs[c], s1, s2, count, batch_stats)
         for n in range(nn):
-            _row_bwd_dx(x, dy, res, has_res, act, (n * nc + c) * ns, ns, aa, bb, aa, qq, mm, rr, need_dz, dx, dzo)
+            span_bwd_dx(x, dy, res, has_res, act, (n * nc + c) * ns, ns, aa, bb, aa, qq, mm, rr, need_dz, dx, dzo)

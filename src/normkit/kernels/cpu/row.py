@@ -20,42 +20,25 @@ from ._scalar import ld, like, st, zero
 _JIT = dict(parallel=True, cache=True, fastmath={"reassoc"}, nogil=True)
 
 
+# Plain accumulation loops: with ``reassoc`` LLVM keeps several vector accumulators itself; the
+# hand-unrolled four scalar accumulators these replaced ran ~20% slower (LayerNorm 8192x1024).
 @njit(cache=True, inline="always")
 def _row_sum(x, base, kk, shift):
-    """Σ (x − shift)² over one row, with 4 independent accumulators."""
-    a0 = a1 = a2 = a3 = zero(x)
-    k4 = kk - kk % 4
-    for j in range(0, k4, 4):
-        i = base + j
-        v0 = ld(x, i) - shift
-        v1 = ld(x, i + 1) - shift
-        v2 = ld(x, i + 2) - shift
-        v3 = ld(x, i + 3) - shift
-        a0 += v0 * v0
-        a1 += v1 * v1
-        a2 += v2 * v2
-        a3 += v3 * v3
-    for i in range(base + k4, base + kk):
+    """Σ (x − shift)² over one row."""
+    a = zero(x)
+    for i in range(base, base + kk):
         v = ld(x, i) - shift
-        a0 += v * v
-    return (a0 + a1) + (a2 + a3)
+        a += v * v
+    return a
 
 
 @njit(cache=True, inline="always")
 def _row_mean(x, base, kk):
     """Mean of one row, summed as ``Σ(x − x₀)`` so a large common offset cancels first."""
     k0 = ld(x, base)
-    a0 = a1 = a2 = a3 = zero(x)
-    k4 = kk - kk % 4
-    for j in range(0, k4, 4):
-        i = base + j
-        a0 += ld(x, i) - k0
-        a1 += ld(x, i + 1) - k0
-        a2 += ld(x, i + 2) - k0
-        a3 += ld(x, i + 3) - k0
-    for i in range(base + k4, base + kk):
-        a0 += ld(x, i) - k0
-    t = (a0 + a1) + (a2 + a3)
+    t = zero(x)
+    for i in range(base, base + kk):
+        t += ld(x, i) - k0
     return k0 + t / like(t, kk)
 
 
