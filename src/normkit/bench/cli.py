@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import math
 import sys
 
 import torch
@@ -142,7 +143,8 @@ def main(args: argparse.Namespace) -> int:
             continue
         copy_ms = summary(times.pop(_COPY))["median_ms"]
         case_bw = 2 * case.tensor_bytes / (copy_ms / 1e3)
-        nbytes = roofline.tensor_units(case.family, mode, case.residual) * case.tensor_bytes
+        channel_runs = case.layout == "nchw" and len(case.shape) > 2 and math.prod(case.shape[2:]) > 1
+        nbytes = roofline.tensor_units(case.family, mode, case.residual, channel_runs) * case.tensor_bytes
         base = summary(times["torch"])["median_ms"]
         impls = {}
         for name, ts in times.items():

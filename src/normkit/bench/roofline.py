@@ -5,20 +5,24 @@ counting read + write, timed *inside* each case's paired rounds (so load changes
 machine hit the copy and the contenders alike), with the thread count the ops get. A run-wide
 256 MB copy is reported too, for the record.
 
-Minimal bytes, in units of one activation tensor (``numel × element size``), and what is
-counted (a kernel cannot do less without keeping a whole tensor in cache, which at the
-reference shapes — 51 MB for BatchNorm2d — it cannot):
+Minimal bytes, in units of one activation tensor (``numel × element size``). BatchNorm's
+statistics need every sample before the first output, so a kernel either reads ``x`` twice or
+keeps what it read in cache until it writes. That is possible when one channel's values are
+contiguous runs — NCHW with spatial size > 1: a channel of the 64×64×56×56 reference tensor is
+800 KB, and normkit's NCHW kernels go channel by channel, rereading it from cache. In
+channels_last (and BatchNorm1d's ``(N, C)``) a channel is strided across the whole tensor, and
+keeping blocks of 16–64 channels in cache ran 1.3–3.5x slower than reading twice (tried:
+strided short rows), so there the second read counts:
 
-| op                            | fwd | bwd | eval |
-|-------------------------------|-----|-----|------|
-| BatchNorm (and BN+ReLU)       | 3   | 5   | 2    |
-| BN+add+ReLU (residual)        | 4   | 8   | 3    |
-| GroupNorm, InstanceNorm, LN, RMS | 2 | 3   | 2    |
+| op                            | NCHW fwd | NCHW bwd | CL fwd | CL bwd | eval |
+|-------------------------------|----------|----------|--------|--------|------|
+| BatchNorm (and BN+ReLU)       | 2        | 3        | 3      | 5      | 2    |
+| BN+add+ReLU (residual)        | 3        | 5        | 4      | 8      | 3    |
+| GroupNorm, InstanceNorm, LN, RMS | 2     | 3        | 2      | 3      | 2    |
 
-BatchNorm fwd: x for the statistics, x again for y, y written; bwd: x and dy for the two
-sums, x and dy again for dx, dx written. The residual adds its read to each pass, and bwd
-writes dresidual. A GroupNorm group or a LayerNorm row fits in cache: x once, y once; bwd x,
-dy, dx.
+BatchNorm fwd: x (twice in CL), y written; bwd: x and dy (twice in CL), dx written. The residual
+adds its read to each pass, and bwd writes dresidual. A GroupNorm group or a LayerNorm row fits
+in cache: x once, y once; bwd x, dy, dx.
 
 ``fwd+bwd`` is the sum of the two. Parameters and statistics (O(C)) are not counted.
 """
@@ -52,10 +56,17 @@ def copy_step(shape, dtype: str, device: str, clock: Clock):
     return lambda: clock.time(lambda: dst.copy_(src))
 
 
-def tensor_units(family: str, mode: str, residual: bool) -> int:
-    """How many activation-sized tensors ``mode`` must move at least (see the module table)."""
+def tensor_units(family: str, mode: str, residual: bool, channel_runs: bool = False) -> int:
+    """How many activation-sized tensors ``mode`` must move at least (see the module table).
+
+    ``channel_runs``: each channel is stored as contiguous runs (NCHW with spatial size > 1), so a
+    BatchNorm kernel can keep a channel in cache between its two passes.
+    """
     if family == "bn":
-        fwd, bwd, ev = (4, 8, 3) if residual else (3, 5, 2)
+        if channel_runs:
+            fwd, bwd, ev = (3, 5, 3) if residual else (2, 3, 2)
+        else:
+            fwd, bwd, ev = (4, 8, 3) if residual else (3, 5, 2)
     else:
         fwd, bwd, ev = 2, 3, 2
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd, "eval": ev}[mode]
