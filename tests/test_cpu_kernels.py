@@ -256,6 +256,18 @@ GROUP_CASES = {
     "fp16_cl": ((2, 6, 5, 7), 3, True, torch.float16, 3.0, "relu", True, True),
     "bf16": ((2, 6, 5, 7), 3, False, torch.bfloat16, 3.0, "relu", True, True),
     "bf16_cl": ((2, 6, 5, 7), 3, True, torch.bfloat16, 3.0, "", False, True),
+    # N >= 8 in channels_last: the per-sample kernels (group_fwd_cl / group_bwd_cl)
+    "gn_cl_n8": ((8, 6, 5, 7), 3, True, torch.float32, 3.0, "", False, True),
+    "in_cl_n9": ((9, 7, 3, 5), 7, True, torch.float32, 3.0, "", False, False),
+    "gn_cl_n8_large_mean": ((8, 6, 5, 7), 3, True, torch.float32, 1e4, "", False, True),
+    "gn_cl_n8_relu_res": ((8, 6, 5, 7), 2, True, torch.float32, 3.0, "relu", True, True),
+    "gn_cl_n8_silu_res": ((8, 6, 5, 7), 3, True, torch.float32, 3.0, "silu", True, True),
+    "gn_cl_n8_gelu": ((8, 6, 5, 7), 1, True, torch.float32, 3.0, "gelu", False, True),
+    "gn_2d_n9": ((9, 6), 3, False, torch.float32, 3.0, "", False, True),
+    "gn_cl_n8_fp64": ((8, 6, 5, 7), 3, True, torch.float64, 3.0, "relu", True, True),
+    "gn_cl_n8_fp16": ((8, 6, 5, 7), 3, True, torch.float16, 3.0, "", False, True),
+    "gn_cl_n8_bf16": ((8, 6, 5, 7), 3, True, torch.bfloat16, 3.0, "relu", True, True),
+    "gn_cl_n8_big": ((8, 64, 23, 29), 32, True, torch.float32, 3.0, "", False, True),
 }
 
 

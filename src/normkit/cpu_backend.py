@@ -34,6 +34,7 @@ from .reference import ReferenceBackend, stat_dtype
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _TARGET_BLOCKS = 64  # parallel blocks per reduction in CL order: enough to balance 2-16 threads
 _MIN_CHANNELS_WHOLE = 8  # channels below which BatchNorm keeps the row-parallel passes (too few to share out)
+_MIN_SAMPLES_WHOLE = 8  # samples below which channels_last GroupNorm keeps the position-block passes (likewise)
 
 
 _POOL_PID: int | None = None  # the process that started numba's thread pool
@@ -355,8 +356,8 @@ class CpuBackend(Backend):
         sd = stat_dtype(x.dtype)
         n, s, c, cl = self._group_view(x)
         g, cg = num_groups, c // num_groups
-        if not cl:
-            return self._group_forward_nchw(x, g, weight, bias, eps, residual, act, n, s, c, sd)
+        if not cl or n >= _MIN_SAMPLES_WHOLE:
+            return self._group_forward_whole(x, g, weight, bias, eps, residual, act, n, s, c, sd, cl)
         first = _first_values(x).to(torch.float64).reshape(n, g, cg)[:, :, 0].numpy()  # shift per group
         k = _np(self._expand(first, n, g, cg), sd)
         s1, s2 = self._sums(_flat(x), n, s, c, cl, k, True)
@@ -376,7 +377,8 @@ class CpuBackend(Backend):
         y = self._apply(x, _np(a, sd), _np(sh, sd), residual, act, True, n, s, c, cl)
         return y, torch.from_numpy(mean).to(sd), torch.from_numpy(var).to(sd)
 
-    def _group_forward_nchw(self, x, g, weight, bias, eps, residual, act, n, s, c, sd):
+    def _group_forward_whole(self, x, g, weight, bias, eps, residual, act, n, s, c, sd, cl):
+        """One kernel reading each (sample, group) block (NCHW) or sample (channels_last) once."""
         residual = _same(residual, x)
         y = _out(x)
         xa = _flat(x)
@@ -385,12 +387,13 @@ class CpuBackend(Backend):
         mean, var = np.empty(n * g, dtype=npd), np.empty(n * g, dtype=npd)
         w = _np(weight, sd) if weight is not None else np.ones(c, dtype=npd)
         b = _np(bias, sd) if bias is not None else np.zeros(c, dtype=npd)
-        K.group_fwd_nchw(xa, ra, residual is not None, K.ACT_CODES[act], n, c, s, g, w, b, float(eps),
-                         _flat(y), mean, var)
+        kernel = K.group_fwd_cl if cl else K.group_fwd_nchw
+        kernel(xa, ra, residual is not None, K.ACT_CODES[act], *((n, s, c) if cl else (n, c, s)), g, w, b, float(eps),
+               _flat(y), mean, var)
         return y, torch.from_numpy(mean).view(n, g), torch.from_numpy(var).view(n, g)
 
-    def _group_backward_nchw(self, x, dy, mean, rstd, g, weight, bias, residual, act, need_dweight, need_dz,
-                             n, s, c, sd):
+    def _group_backward_whole(self, x, dy, mean, rstd, g, weight, bias, residual, act, need_dweight, need_dz,
+                              n, s, c, sd, cl):
         dy, residual = _same(dy, x), _same(residual, x)
         dx = _out(x)
         dz = _out(x) if need_dz else None
@@ -401,8 +404,9 @@ class CpuBackend(Backend):
         b = _np(bias, sd) if bias is not None else np.zeros(c, dtype=npd)
         sa, sb = np.empty(n * c), np.empty(n * c)
         dza = _flat(dz) if need_dz else _dummy(xa)
-        K.group_bwd_nchw(xa, _flat(dy), ra, residual is not None, K.ACT_CODES[act], n, c, s, g, _np(mean, sd),
-                         _np(rstd, sd), w, b, need_dz, _flat(dx), dza, sa, sb)
+        kernel = K.group_bwd_cl if cl else K.group_bwd_nchw
+        kernel(xa, _flat(dy), ra, residual is not None, K.ACT_CODES[act], *((n, s, c) if cl else (n, c, s)), g,
+               _np(mean, sd), _np(rstd, sd), w, b, need_dz, _flat(dx), dza, sa, sb)
         if not need_dweight:
             return dx, None, None, dz
         dw = torch.from_numpy(sb.reshape(n, c).sum(axis=0)).to(sd)
@@ -416,9 +420,9 @@ class CpuBackend(Backend):
         f64 = torch.float64
         n, s, c, cl = self._group_view(x)
         g, cg = num_groups, c // num_groups
-        if not cl:
-            return self._group_backward_nchw(x, dy, mean, rstd, g, weight, bias, residual, act, need_dweight,
-                                             need_dz, n, s, c, sd)
+        if not cl or n >= _MIN_SAMPLES_WHOLE:
+            return self._group_backward_whole(x, dy, mean, rstd, g, weight, bias, residual, act, need_dweight,
+                                              need_dz, n, s, c, sd, cl)
         mc = self._expand(_np(mean, f64), n, g, cg)
         rc = self._expand(_np(rstd, f64), n, g, cg)
         w = _np(weight, f64) if weight is not None else np.ones(c)

@@ -105,10 +105,11 @@ class Case:
 
 
 def default_layouts(op: str, shape: tuple[int, ...]) -> list[str]:
-    """BatchNorm2d and the fused BN layers in both layouts; the rest as models feed them."""
+    """BatchNorm2d, GroupNorm and the fused BN layers in both layouts (channels_last convnets use
+    them); the rest as models feed them."""
     if len(shape) != 4:
         return ["nchw"]
-    return ["nchw", "channels_last"] if op in ("bn2d", "bn_relu", "bn_add_relu") else ["nchw"]
+    return ["nchw", "channels_last"] if op in ("bn2d", "gn", "bn_relu", "bn_add_relu") else ["nchw"]
 
 
 def _modules(case: Case, want_compile: bool) -> dict[str, tuple[nn.Module, Callable]]:

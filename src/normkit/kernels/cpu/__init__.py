@@ -18,7 +18,7 @@ from .channel import (
     sums_cl,
     sums_nchw,
 )
-from .group import group_bwd_nchw, group_fwd_nchw
+from .group import group_bwd_cl, group_bwd_nchw, group_fwd_cl, group_fwd_nchw
 from .row import row_bwd, row_fwd
 
 __all__ = [
@@ -35,6 +35,8 @@ __all__ = [
     "bwd_dx_cl",
     "group_fwd_nchw",
     "group_bwd_nchw",
+    "group_fwd_cl",
+    "group_bwd_cl",
     "row_fwd",
     "row_bwd",
 ]

@@ -137,6 +137,28 @@ def apply_nchw(x, res, has_res, act, nn, nc, ns, a, b, per_sample, out):
         span_apply(x, res, has_res, act, r * ns, ns, a[p], b[p], out)
 
 
+@njit(cache=True, inline="always")
+def position_apply(x, res, has_res, act, base, nc, a, b, kb, out):
+    """``out = act(x·a[kb+c] + b[kb+c] + res)`` over the ``C`` channels of one position (CL order)."""
+    if act == 0 and not has_res:
+        for c in range(nc):
+            st(out, base + c, ld(x, base + c) * ld(a, kb + c) + ld(b, kb + c))
+    elif act == 1 and not has_res:
+        for c in range(nc):
+            st(out, base + c, max(ld(x, base + c) * ld(a, kb + c) + ld(b, kb + c), zero(x)))
+    elif act == 0:
+        for c in range(nc):
+            st(out, base + c, ld(x, base + c) * ld(a, kb + c) + ld(b, kb + c) + ld(res, base + c))
+    elif act == 1:
+        for c in range(nc):
+            z = ld(x, base + c) * ld(a, kb + c) + ld(b, kb + c) + ld(res, base + c)
+            st(out, base + c, max(z, zero(x)))
+    else:
+        for c in range(nc):
+            z = _z(x, res, has_res, base + c, ld(a, kb + c), ld(b, kb + c))
+            st(out, base + c, act_fwd(z, act))
+
+
 @njit(**_JIT)
 def apply_cl(x, res, has_res, act, nn, ns, nc, rows, a, b, per_sample, out):
     """``out = act(x·a[c] + b[c] + res)`` over blocks of ``rows`` positions."""
@@ -146,24 +168,7 @@ def apply_cl(x, res, has_res, act, nn, ns, nc, rows, a, b, per_sample, out):
         j = blk - n * nb
         kb = _pidx(n, 0, nc, per_sample)
         for s in range(j * rows, min(ns, (j + 1) * rows)):
-            base = (n * ns + s) * nc
-            if act == 0 and not has_res:
-                for c in range(nc):
-                    st(out, base + c, ld(x, base + c) * ld(a, kb + c) + ld(b, kb + c))
-            elif act == 1 and not has_res:
-                for c in range(nc):
-                    st(out, base + c, max(ld(x, base + c) * ld(a, kb + c) + ld(b, kb + c), zero(x)))
-            elif act == 0:
-                for c in range(nc):
-                    st(out, base + c, ld(x, base + c) * ld(a, kb + c) + ld(b, kb + c) + ld(res, base + c))
-            elif act == 1:
-                for c in range(nc):
-                    z = ld(x, base + c) * ld(a, kb + c) + ld(b, kb + c) + ld(res, base + c)
-                    st(out, base + c, max(z, zero(x)))
-            else:
-                for c in range(nc):
-                    z = _z(x, res, has_res, base + c, ld(a, kb + c), ld(b, kb + c))
-                    st(out, base + c, act_fwd(z, act))
+            position_apply(x, res, has_res, act, (n * ns + s) * nc, nc, a, b, kb, out)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -215,6 +220,29 @@ def bwd_sums_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, m, per_sample, s
         sa[r], sb[r] = span_bwd_sums(x, dy, res, has_res, act, r * ns, ns, fa[p], fb[p], m[p])
 
 
+@njit(cache=True, inline="always")
+def position_bwd_sums(x, dy, res, has_res, act, base, nc, fa, fb, m, kb, a, q):
+    """``a[c] += dz``, ``q[c] += dz·(x − m[kb+c])`` over the ``C`` channels of one position."""
+    if act <= 1:
+        for c in range(nc):
+            k = kb + c
+            xv = ld(x, base + c)
+            g = ld(dy, base + c)
+            if act == 1:
+                z = xv * ld(fa, k) + ld(fb, k)
+                if has_res:
+                    z += ld(res, base + c)
+                g = g if z > 0 else zero(x)
+            st(a, c, ld(a, c) + g)
+            st(q, c, ld(q, c) + g * (xv - ld(m, k)))
+    else:
+        for c in range(nc):
+            k = kb + c
+            g = _dz_generic(x, dy, res, has_res, act, base + c, fa[k], fb[k])
+            a[c] += g
+            q[c] += g * (ld(x, base + c) - m[k])
+
+
 @njit(**_JIT)
 def bwd_sums_cl(x, dy, res, has_res, act, nn, ns, nc, rows, fa, fb, m, per_sample, sa, sb):
     """Per block of ``rows`` positions: ``Σ dz`` and ``Σ dz·(x − m)``, ``(N, nblocks, C)``."""
@@ -226,25 +254,7 @@ def bwd_sums_cl(x, dy, res, has_res, act, nn, ns, nc, rows, fa, fb, m, per_sampl
         a = np.zeros(nc, dtype=m.dtype)
         q = np.zeros(nc, dtype=m.dtype)
         for s in range(j * rows, min(ns, (j + 1) * rows)):
-            base = (n * ns + s) * nc
-            if act <= 1:
-                for c in range(nc):
-                    k = kb + c
-                    xv = ld(x, base + c)
-                    g = ld(dy, base + c)
-                    if act == 1:
-                        z = xv * ld(fa, k) + ld(fb, k)
-                        if has_res:
-                            z += ld(res, base + c)
-                        g = g if z > 0 else zero(x)
-                    st(a, c, ld(a, c) + g)
-                    st(q, c, ld(q, c) + g * (xv - ld(m, k)))
-            else:
-                for c in range(nc):
-                    k = kb + c
-                    g = _dz_generic(x, dy, res, has_res, act, base + c, fa[k], fb[k])
-                    a[c] += g
-                    q[c] += g * (ld(x, base + c) - m[k])
+            position_bwd_sums(x, dy, res, has_res, act, (n * ns + s) * nc, nc, fa, fb, m, kb, a, q)
         for c in range(nc):
             sa[blk * nc + c] = np.float64(a[c])
             sb[blk * nc + c] = np.float64(q[c])
@@ -299,6 +309,45 @@ def bwd_dx_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, p, q, m, r0, per_s
         span_bwd_dx(x, dy, res, has_res, act, r * ns, ns, fa[k], fb[k], p[k], q[k], m[k], r0[k], need_dz, dx, dzo)
 
 
+@njit(cache=True, inline="always")
+def position_bwd_dx(x, dy, res, has_res, act, base, nc, fa, fb, p, q, m, r0, kb, need_dz, dx, dzo):
+    """``dx = p·dz + q·(x − m) + r0`` (parameters at ``kb + c``) over the channels of one position."""
+    if act == 0 and not need_dz:
+        for c in range(nc):
+            k = kb + c
+            v = ld(p, k) * ld(dy, base + c) + ld(q, k) * (ld(x, base + c) - ld(m, k)) + ld(r0, k)
+            st(dx, base + c, v)
+    elif act == 1 and has_res and need_dz:
+        for c in range(nc):
+            k = kb + c
+            xv = ld(x, base + c)
+            z = xv * ld(fa, k) + ld(fb, k) + ld(res, base + c)
+            g = ld(dy, base + c)
+            g = g if z > 0 else zero(x)
+            st(dx, base + c, ld(p, k) * g + ld(q, k) * (xv - ld(m, k)) + ld(r0, k))
+            st(dzo, base + c, g)
+    elif act <= 1:
+        for c in range(nc):
+            k = kb + c
+            xv = ld(x, base + c)
+            g = ld(dy, base + c)
+            if act == 1:
+                z = xv * ld(fa, k) + ld(fb, k)
+                if has_res:
+                    z += ld(res, base + c)
+                g = g if z > 0 else zero(x)
+            st(dx, base + c, ld(p, k) * g + ld(q, k) * (xv - ld(m, k)) + ld(r0, k))
+            if need_dz:
+                st(dzo, base + c, g)
+    else:
+        for c in range(nc):
+            k = kb + c
+            g = _dz_generic(x, dy, res, has_res, act, base + c, ld(fa, k), ld(fb, k))
+            st(dx, base + c, ld(p, k) * g + ld(q, k) * (ld(x, base + c) - ld(m, k)) + ld(r0, k))
+            if need_dz:
+                st(dzo, base + c, g)
+
+
 @njit(**_JIT)
 def bwd_dx_cl(x, dy, res, has_res, act, nn, ns, nc, rows, fa, fb, p, q, m, r0, per_sample, need_dz, dx, dzo):
     """``dx = p·dz + q·(x − m) + r0`` over blocks of ``rows`` positions."""
@@ -308,41 +357,8 @@ def bwd_dx_cl(x, dy, res, has_res, act, nn, ns, nc, rows, fa, fb, p, q, m, r0, p
         j = blk - n * nb
         kb = _pidx(n, 0, nc, per_sample)
         for s in range(j * rows, min(ns, (j + 1) * rows)):
-            base = (n * ns + s) * nc
-            if act == 0 and not need_dz:
-                for c in range(nc):
-                    k = kb + c
-                    v = ld(p, k) * ld(dy, base + c) + ld(q, k) * (ld(x, base + c) - ld(m, k)) + ld(r0, k)
-                    st(dx, base + c, v)
-            elif act == 1 and has_res and need_dz:
-                for c in range(nc):
-                    k = kb + c
-                    xv = ld(x, base + c)
-                    z = xv * ld(fa, k) + ld(fb, k) + ld(res, base + c)
-                    g = ld(dy, base + c)
-                    g = g if z > 0 else zero(x)
-                    st(dx, base + c, ld(p, k) * g + ld(q, k) * (xv - ld(m, k)) + ld(r0, k))
-                    st(dzo, base + c, g)
-            elif act <= 1:
-                for c in range(nc):
-                    k = kb + c
-                    xv = ld(x, base + c)
-                    g = ld(dy, base + c)
-                    if act == 1:
-                        z = xv * ld(fa, k) + ld(fb, k)
-                        if has_res:
-                            z += ld(res, base + c)
-                        g = g if z > 0 else zero(x)
-                    st(dx, base + c, ld(p, k) * g + ld(q, k) * (xv - ld(m, k)) + ld(r0, k))
-                    if need_dz:
-                        st(dzo, base + c, g)
-            else:
-                for c in range(nc):
-                    k = kb + c
-                    g = _dz_generic(x, dy, res, has_res, act, base + c, ld(fa, k), ld(fb, k))
-                    st(dx, base + c, ld(p, k) * g + ld(q, k) * (ld(x, base + c) - ld(m, k)) + ld(r0, k))
-                    if need_dz:
-                        st(dzo, base + c, g)
+            position_bwd_dx(x, dy, res, has_res, act, (n * ns + s) * nc, nc, fa, fb, p, q, m, r0, kb, need_dz,
+                            dx, dzo)
 
 
 # ----------------------------------------------------------------------------- whole BatchNorm, NCHW
