@@ -72,7 +72,8 @@ InstanceNorm (``x`` is ``(N, C, *spatial)``, statistics per (sample, group)):
 ``row_backward(x2d, dy2d, mean, rstd, weight, rms, need_dweight) -> (dx2d, dweight, dbias)``
     ``dx = rstd · (g − mean(g) − x̂ · mean(g·x̂))`` with ``g = dy·γ`` (RMS: without the
     ``mean(g)`` term and with ``x̂ = x·rstd``); ``dweight = Σ_rows dy·x̂`` and
-    ``dbias = Σ_rows dy`` in stat dtype when ``need_dweight``, else ``None``.
+    ``dbias = Σ_rows dy`` in stat dtype when ``need_dweight``, else ``None`` (``dbias`` is
+    ``None`` for RMS, which has no bias).
 
 ``group_forward(x, num_groups, weight, bias, eps, residual, act) -> (y, mean, var)``
     GroupNorm: statistics per (sample, group) over ``C/G × spatial``; ``mean``/``var``

@@ -330,7 +330,7 @@ class CpuBackend(Backend):
         rows = max(1, -(-m // _TARGET_BLOCKS))
         nb = -(-m // rows)
         dwp = np.empty(nb * k if need_dweight else 1)
-        dbp = np.empty(nb * k if need_dweight else 1)
+        dbp = np.empty(nb * k if need_dweight and not rms else 1)
         rs = _np(rstd, sd)
         mu = _np(mean, sd) if not rms else np.zeros(1, dtype=rs.dtype)
         w = _np(weight, sd) if weight is not None else np.ones(k, dtype=rs.dtype)
@@ -339,7 +339,7 @@ class CpuBackend(Backend):
         if not need_dweight:
             return dx, None, None
         dw = torch.from_numpy(dwp.reshape(nb, k).sum(axis=0)).to(sd)
-        db = torch.from_numpy(dbp.reshape(nb, k).sum(axis=0)).to(sd)
+        db = None if rms else torch.from_numpy(dbp.reshape(nb, k).sum(axis=0)).to(sd)
         return dx, dw, db
 
     # ------------------------------------------------------------------ row family: GN, IN

@@ -380,8 +380,9 @@ def row_norm_backward(
 def _(dy, x, mean, rstd, normalized_shape, weight, need_dweight):
     sd = stat_dtype(x.dtype)
     shape = list(normalized_shape) if need_dweight else [0]
+    bias_shape = shape if mean is not None else [0]  # RMSNorm has no bias
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return dx, x.new_empty(shape, dtype=sd), x.new_empty(shape, dtype=sd)
+    return dx, x.new_empty(shape, dtype=sd), x.new_empty(bias_shape, dtype=sd)
 
 
 def _setup_ln(ctx, inputs, output):

@@ -142,7 +142,7 @@ class ReferenceBackend(Backend):
         centred_g = g if rms else g - g.mean(dim=1, keepdim=True)
         dx = rstd[:, None] * (centred_g - xhat * proj)
         dweight = (dy * xhat).sum(dim=0) if need_dweight else None
-        dbias = dy.sum(dim=0) if need_dweight else None
+        dbias = dy.sum(dim=0) if need_dweight and not rms else None
         return dx.to(x2d.dtype), dweight, dbias
 
     # ---------------------------------------------------------------- row family (GN, IN)

@@ -199,10 +199,11 @@ class TritonBackend(Backend):
         if x2d.numel() == 0:
             return _REFERENCE.row_backward(x2d, dy2d, mean, rstd, weight, rms, need_dweight)
         with _on(x2d):
-            return self._k.row_backward(
+            dx, dw, db = self._k.row_backward(
                 x2d.contiguous(), dy2d.contiguous(), _stat(mean), _stat(rstd), _vec(weight), bool(rms),
                 bool(need_dweight), programs=self._target_programs(x2d), max_block=_TUNING["row_max_block"],
             )
+        return dx, dw, (None if rms else db)  # RMSNorm has no bias
 
     # ------------------------------------------------------------------ row family (GN, IN)
     def group_forward(self, x, num_groups, weight, bias, eps, residual, act):

@@ -65,7 +65,7 @@ def row_bwd(x, dy, mm, kk, mean, rstd, w, rms, need_dw, rows, dx, dwp, dbp):
     """``dx = rstd·(g − mean(g) − x̂·mean(g·x̂))``, ``g = dy·w`` (RMS: no ``mean(g)``).
 
     ``w`` is ``(K,)`` (ones without a weight). ``dwp``/``dbp`` are ``(nblocks, K)`` partials of
-    ``Σ dy·x̂`` and ``Σ dy`` when ``need_dw``.
+    ``Σ dy·x̂`` and ``Σ dy`` when ``need_dw`` (``dbp`` untouched for RMS, which has no bias).
     """
     nb = (mm + rows - 1) // rows
     for blk in prange(nb):
@@ -83,7 +83,13 @@ def row_bwd(x, dy, mm, kk, mean, rstd, w, rms, need_dw, rows, dx, dwp, dbp):
                 sgx += g * ((ld(x, base + j) - mu) * rs)
             mg = zero(x) if rms else sg / like(rs, kk)
             mgx = sgx / like(rs, kk)
-            if need_dw:
+            if need_dw and rms:  # no bias: Σ dy is not needed (15% of the RMSNorm backward)
+                for j in range(kk):
+                    d = ld(dy, base + j)
+                    xh = ld(x, base + j) * rs
+                    st(dx, base + j, rs * (d * ld(w, j) - xh * mgx))
+                    st(dwl, j, ld(dwl, j) + d * xh)
+            elif need_dw:
                 for j in range(kk):
                     d = ld(dy, base + j)
                     xh = (ld(x, base + j) - mu) * rs
@@ -97,4 +103,6 @@ def row_bwd(x, dy, mm, kk, mean, rstd, w, rms, need_dw, rows, dx, dwp, dbp):
         if need_dw:
             for j in range(kk):
                 dwp[blk * kk + j] = np.float64(dwl[j])
+        if need_dw and not rms:
+            for j in range(kk):
                 dbp[blk * kk + j] = np.float64(dbl[j])
