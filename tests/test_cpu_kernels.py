@@ -322,7 +322,7 @@ class _ResidualBlockTail(torch.nn.Module):
 LAYER_CASES = {
     "bn2d_nchw": (lambda: normkit.BatchNorm2d(7), (4, 7, 5, 7), False),
     "bn2d_cl": (lambda: normkit.BatchNorm2d(7), (4, 7, 5, 7), True),
-    "bn2d_nchw_c9": (lambda: normkit.BatchNorm2d(9), (4, 9, 5, 7), False),
+    "bn2d_nchw_c9": (lambda: normkit.BatchNorm2d(9), (4, 9, 5, 7), False),  # the blocked kernels (C >= 8)
     "bn_add_relu_c9": (lambda: _ResidualBlockTail(9), (4, 9, 5, 7), False),
     "bn1d": (lambda: normkit.BatchNorm1d(33), (9, 33), False),
     "gn_cl": (lambda: normkit.GroupNorm(3, 6), (2, 6, 5, 7), True),

@@ -362,13 +362,16 @@ def bwd_dx_cl(x, dy, res, has_res, act, nn, ns, nc, rows, fa, fb, p, q, m, r0, p
 
 
 # ----------------------------------------------------------------------------- whole BatchNorm, NCHW
-# In NCHW one channel is N rows of S contiguous values. Working channel by channel, the second
-# pass over a channel (apply after the statistics, dx after the two sums) finds its rows still in
-# cache, so x (and dy) come from memory about once instead of twice — the backward's biggest cost.
-# The O(1) arithmetic between the passes follows the composed path (backend.Backend's
-# channel_forward/channel_backward) step for step in the stat dtype; compiled inside these
-# reassociating kernels it may differ from it in the last bit (LLVM may turn γ·(1/σ) into γ/σ).
-# Which path runs depends on the shape only (cpu_backend), so results stay reproducible.
+# In NCHW one channel is N rows of S contiguous values. Working through blocks of adjacent
+# channels, the second pass over a block (apply after the statistics, dx after the two sums)
+# finds its rows still in cache, so x (and dy) come from memory about once instead of twice.
+# A block spans enough channels that each sample's run of it is ≥ 2048 values (short runs
+# starve the prefetcher). Each channel's sums still run over n in order, so the block width
+# changes nothing in the results. The O(1) arithmetic between the passes follows the composed
+# path (backends.Backend's channel_forward/channel_backward) step for step in the stat dtype;
+# compiled inside these reassociating kernels it may differ from it in the last bit (LLVM may
+# turn γ·(1/σ) into γ/σ). Which path runs depends on the shape only (cpu_backend), so results
+# are reproducible and the same for any thread count.
 
 
 @njit(cache=True)
@@ -393,45 +396,64 @@ def _bn_dx_coefficients(aa, rs, s1, s2, count, batch_stats):
 
 
 @njit(**_JIT_REDUCE)
-def bn_forward_nchw(x, res, has_res, act, nn, nc, ns, w, b, eps, out, mean, var):
-    """Training BatchNorm: per channel the statistics, then ``out = act(x·scale + shift + res)``.
+def bn_forward_nchw(x, res, has_res, act, nn, nc, ns, w, b, eps, cb, out, mean, var):
+    """Training BatchNorm: per block of ``cb`` channels the statistics, then ``out = act(x·scale + shift + res)``.
 
     ``w``/``b`` are γ/β in the stat dtype (ones/zeros without affine); fills ``mean``/``var``
     (biased), ``(C,)`` in the stat dtype. ``scale = γ·rsqrt(var + eps)``, ``shift = β − mean·scale``.
+    ``cb`` only sets the work split: each channel's sums run over n in order whatever it is.
     """
     count = nn * ns
-    for c in prange(nc):
-        kk = ld(x, c * ns)
-        s1 = 0.0
-        s2 = 0.0
+    for j in prange((nc + cb - 1) // cb):
+        c0 = j * cb
+        width = min(nc, c0 + cb) - c0
+        kk = np.empty(width, dtype=w.dtype)
+        for c in range(width):
+            kk[c] = ld(x, (c0 + c) * ns)
+        s1 = np.zeros(width)
+        s2 = np.zeros(width)
         for n in range(nn):
-            a, q = span_sums(x, (n * nc + c) * ns, ns, kk)
-            s1 += a
-            s2 += q
-        mean[c], var[c], scale, shift = _bn_scale_shift(kk, s1, s2, count, w[c], b[c], eps)
+            for c in range(width):
+                a, q = span_sums(x, (n * nc + c0 + c) * ns, ns, kk[c])
+                s1[c] += a
+                s2[c] += q
+        scale = np.empty(width, dtype=w.dtype)
+        shift = np.empty(width, dtype=w.dtype)
+        for c in range(width):
+            mean[c0 + c], var[c0 + c], scale[c], shift[c] = _bn_scale_shift(kk[c], s1[c], s2[c], count, w[c0 + c],
+                                                                          b[c0 + c], eps)
         for n in range(nn):
-            span_apply(x, res, has_res, act, (n * nc + c) * ns, ns, scale, shift, out)
+            for c in range(width):
+                span_apply(x, res, has_res, act, (n * nc + c0 + c) * ns, ns, scale[c], shift[c], out)
 
 
 @njit(**_JIT_REDUCE)
-def bn_backward_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, m, rs, batch_stats, need_dz, dx, dzo,
+def bn_backward_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, m, rs, batch_stats, need_dz, cb, dx, dzo,
                      sum_dz, sum_dz_xhat):
-    """BatchNorm backward per channel: ``Σ dz`` and ``Σ dz·x̂``, then ``dx`` (and ``dzo = dz``).
+    """BatchNorm backward per block of ``cb`` channels: ``Σ dz`` and ``Σ dz·x̂``, then ``dx`` (and ``dzo = dz``).
 
     ``dx = scale·(dz − mean(dz) − x̂·mean(dz·x̂))`` with batch statistics, ``scale·dz`` without;
     ``fa``/``fb`` are the forward's scale/shift, ``m``/``rs`` its mean/rstd (stat dtype).
     """
     count = nn * ns
-    for c in prange(nc):
-        aa = fa[c]
-        bb = fb[c]
-        mm = m[c]
-        s1 = 0.0
-        s2 = 0.0
+    for j in prange((nc + cb - 1) // cb):
+        c0 = j * cb
+        width = min(nc, c0 + cb) - c0
+        s1 = np.zeros(width)
+        s2 = np.zeros(width)
         for n in range(nn):
-            a, q = span_bwd_sums(x, dy, res, has_res, act, (n * nc + c) * ns, ns, aa, bb, mm)
-            s1 += a
-            s2 += q
-        sum_dz[c], sum_dz_xhat[c], qq, rr = _bn_dx_coefficients(aa, rs[c], s1, s2, count, batch_stats)
+            for c in range(width):
+                a, q = span_bwd_sums(x, dy, res, has_res, act, (n * nc + c0 + c) * ns, ns, fa[c0 + c], fb[c0 + c],
+                                     m[c0 + c])
+                s1[c] += a
+                s2[c] += q
+        qq = np.empty(width, dtype=fa.dtype)
+        rr = np.empty(width, dtype=fa.dtype)
+        for c in range(width):
+            sum_dz[c0 + c], sum_dz_xhat[c0 + c], qq[c], rr[c] = _bn_dx_coefficients(fa[c0 + c], rs[c0 + c], s1[c],
+                                                                                    s2[c], count, batch_stats)
         for n in range(nn):
-            span_bwd_dx(x, dy, res, has_res, act, (n * nc + c) * ns, ns, aa, bb, aa, qq, mm, rr, need_dz, dx, dzo)
+            for c in range(width):
+                k = c0 + c
+                span_bwd_dx(x, dy, res, has_res, act, (n * nc + k) * ns, ns, fa[k], fb[k], fa[k], qq[c], m[k], rr[c],
+                            need_dz, dx, dzo)
