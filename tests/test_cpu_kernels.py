@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import normkit
+from normkit._layout import memory_format_of
 from normkit.cpu_backend import CpuBackend
 from normkit.reference import ReferenceBackend
 
@@ -52,7 +53,9 @@ ACT_CASES = {"identity": ("", False), "relu": ("relu", False), "relu_res": ("rel
 def _tensor(shape, cl, dtype, offset, seed):
     g = torch.Generator().manual_seed(seed)
     t = (offset + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
-    return t.contiguous(memory_format=CL) if cl and t.dim() == 4 else t
+    if cl and t.dim() in (4, 5):
+        return t.contiguous(memory_format=CL if t.dim() == 4 else torch.channels_last_3d)
+    return t
 
 
 # A 1e4 offset stored in float32 is only known to ulp(1e4)/2 ≈ 5e-4, and so are the float32
@@ -140,7 +143,8 @@ def test_channel_apply_and_backward(case, act_case):
 
 
 # The whole-BatchNorm entry points (channel_forward / channel_backward): NCHW with C >= 8 runs the
-# per-channel kernels, everything else the composed passes tested above.
+# blocked per-channel kernels, channels_last / (N, C) the one-call CL kernels, NCHW with C < 8 the
+# composed passes tested above.
 WHOLE_CASES = {
     "nchw_c9_5x7": ((2, 9, 5, 7), False, torch.float32, 3.0),
     "nchw_c33_2x3": ((3, 33, 2, 3), False, torch.float32, 3.0),
@@ -151,7 +155,13 @@ WHOLE_CASES = {
     "fp16_c9": ((2, 9, 5, 7), False, torch.float16, 3.0),
     "bf16_c9": ((2, 9, 5, 7), False, torch.bfloat16, 3.0),
     "composed_c7": ((2, 7, 5, 7), False, torch.float32, 3.0),
-    "composed_cl_c9": ((2, 9, 5, 7), True, torch.float32, 3.0),
+    "cl_c9": ((2, 9, 5, 7), True, torch.float32, 3.0),
+    "cl_c3_large_mean": ((4, 3, 5, 7), True, torch.float32, 1e4),
+    "bn1d_2d_c33": ((9, 33), False, torch.float32, 3.0),
+    "bn1d_2d_fp16": ((9, 33), False, torch.float16, 3.0),
+    "cl_bf16": ((2, 9, 5, 7), True, torch.bfloat16, 3.0),
+    "cl_fp64": ((2, 9, 5, 7), True, torch.float64, 3.0),
+    "cl_5d": ((2, 9, 3, 2, 5), True, torch.float32, 3.0),
 }
 WHOLE_ACTS = [(case, act) for case, (_, _, dtype, _) in WHOLE_CASES.items() for act in ACT_CASES
               if dtype == torch.float32 or act in ("identity", "relu_res")]
@@ -175,7 +185,7 @@ def test_whole_batch_norm_forward_and_backward(case, act_case):
     _close(y, wy.to(dtype), dtype, f"{case} y", large=large)
     _close(mean, wmean, sd, f"{case} mean")
     _close(var, wvar, sd, f"{case} var")
-    assert y.is_contiguous(memory_format=CL if cl else torch.contiguous_format)
+    assert y.is_contiguous(memory_format=memory_format_of(x))
 
     rstd = torch.rsqrt(var + 1e-5)
     scale = weight * rstd

@@ -258,26 +258,29 @@ class CpuBackend(Backend):
         return self._bwd_dx(x, dy, residual, act, _np(scale, sd), _np(shift, sd), _np(p, sd), _np(q, sd),
                             _np(mean, sd), _np(r, sd), False, need_dz, nn, ns, nc, cl)
 
-    def _whole_channels(self, x) -> tuple[int, int, int, int] | None:
-        """(N, C, S, block) when the blocked NCHW kernels run, else ``None``.
+    def _whole_channels(self, x) -> tuple | None:
+        """How the whole-BatchNorm kernels run ``x``, or ``None`` for the composed passes.
 
-        They need NCHW order and enough channels to share out; the choice depends on the shape
-        only, never on the thread count (the block width, which does, changes no result). They
-        win at every size measured, from 3 MB (less launch and merge overhead than the separate
-        passes) to 51 MB (x and dy come from memory once).
+        ``("nchw", N, C, S, block)``: the blocked NCHW kernels, from C >= 8 (channels are their
+        parallel unit); they win at every size measured, from 3 MB (less launch and merge
+        overhead than the separate passes) to 51 MB (x and dy come from memory once).
+        ``("cl", positions, C, rows)``: channels_last / BatchNorm1d order, one call instead of
+        four. The choice depends on the shape only, never on the thread count (the block
+        width, which does, changes no result).
         """
         nn, ns, nc, cl = self._channel_view(x)
-        if cl or nc < _MIN_CHANNELS_WHOLE:
+        if cl:
+            return "cl", ns, nc, _rows(1, ns)
+        if nc < _MIN_CHANNELS_WHOLE:
             return None
-        block = min(-(-_MIN_RUN // ns), max(1, nc // (4 * numba.get_num_threads())))
-        return nn, nc, ns, block
+        return "nchw", nn, nc, ns, min(-(-_MIN_RUN // ns), max(1, nc // (4 * numba.get_num_threads())))
 
     @_kernel_entry
     def channel_forward(self, x, weight, bias, eps, residual, act):
-        geometry = self._whole_channels(x)
-        if geometry is None:
+        plan = self._whole_channels(x)
+        if plan is None:
             return super().channel_forward(x, weight, bias, eps, residual, act)
-        nn, nc, ns, block = geometry
+        nc = plan[2]
         sd = stat_dtype(x.dtype)
         npd = np.float64 if sd == torch.float64 else np.float32
         residual = _same(residual, x)
@@ -287,16 +290,19 @@ class CpuBackend(Backend):
         w = _np(weight, sd) if weight is not None else np.ones(nc, dtype=npd)
         b = _np(bias, sd) if bias is not None else np.zeros(nc, dtype=npd)
         mean, var = np.empty(nc, dtype=npd), np.empty(nc, dtype=npd)
-        K.bn_forward_nchw(xa, ra, residual is not None, K.ACT_CODES[act], nn, nc, ns, w, b, float(eps), block,
-                          _flat(y), mean, var)
+        head = (xa, ra, residual is not None, K.ACT_CODES[act])
+        if plan[0] == "cl":
+            K.bn_forward_cl(*head, *plan[1:], w, b, float(eps), _flat(y), mean, var)
+        else:
+            K.bn_forward_nchw(*head, *plan[1:4], w, b, float(eps), plan[4], _flat(y), mean, var)
         return y, torch.from_numpy(mean), torch.from_numpy(var)
 
     @_kernel_entry
     def channel_backward(self, x, dy, mean, rstd, scale, shift, residual, act, batch_stats, need_dz):
-        geometry = self._whole_channels(x)
-        if geometry is None:
+        plan = self._whole_channels(x)
+        if plan is None:
             return super().channel_backward(x, dy, mean, rstd, scale, shift, residual, act, batch_stats, need_dz)
-        nn, nc, ns, block = geometry
+        nc = plan[2]
         sd = stat_dtype(x.dtype)
         npd = np.float64 if sd == torch.float64 else np.float32
         dy, residual = _same(dy, x), _same(residual, x)
@@ -306,9 +312,12 @@ class CpuBackend(Backend):
         ra = _flat(residual) if residual is not None else _dummy(xa)
         dza = _flat(dz) if need_dz else _dummy(xa)
         sum_dz, sum_dz_xhat = np.empty(nc, dtype=npd), np.empty(nc, dtype=npd)
-        K.bn_backward_nchw(xa, _flat(dy), ra, residual is not None, K.ACT_CODES[act], nn, nc, ns, _np(scale, sd),
-                           _np(shift, sd), _np(mean, sd), _np(rstd, sd), bool(batch_stats), bool(need_dz), block,
-                           _flat(dx), dza, sum_dz, sum_dz_xhat)
+        head = (xa, _flat(dy), ra, residual is not None, K.ACT_CODES[act])
+        coeffs = (_np(scale, sd), _np(shift, sd), _np(mean, sd), _np(rstd, sd), bool(batch_stats), bool(need_dz))
+        if plan[0] == "cl":
+            K.bn_backward_cl(*head, *plan[1:], *coeffs, _flat(dx), dza, sum_dz, sum_dz_xhat)
+        else:
+            K.bn_backward_nchw(*head, *plan[1:4], *coeffs, plan[4], _flat(dx), dza, sum_dz, sum_dz_xhat)
         return dx, torch.from_numpy(sum_dz), torch.from_numpy(sum_dz_xhat), dz
 
     # ------------------------------------------------------------------ row family: LN, RMS

@@ -9,7 +9,9 @@ from ._scalar import ACT_CODES
 from .channel import (
     apply_cl,
     apply_nchw,
+    bn_backward_cl,
     bn_backward_nchw,
+    bn_forward_cl,
     bn_forward_nchw,
     bwd_dx_cl,
     bwd_dx_nchw,
@@ -29,6 +31,8 @@ __all__ = [
     "apply_cl",
     "bn_forward_nchw",
     "bn_backward_nchw",
+    "bn_forward_cl",
+    "bn_backward_cl",
     "bwd_sums_nchw",
     "bwd_sums_cl",
     "bwd_dx_nchw",

@@ -76,6 +76,15 @@ def sums_nchw(x, nn, nc, ns, k, per_sample, s1, s2):
         s1[r], s2[r] = span_sums(x, r * ns, ns, k[_pidx(n, c, nc, per_sample)])
 
 
+@njit(cache=True, inline="always")
+def position_sums(x, base, nc, k, kb, a, q):
+    """``a[c] += x − k[kb+c]``, ``q[c] += (x − k[kb+c])²`` over the ``C`` channels of one position."""
+    for c in range(nc):
+        v = ld(x, base + c) - ld(k, kb + c)
+        st(a, c, ld(a, c) + v)
+        st(q, c, ld(q, c) + v * v)
+
+
 @njit(**_JIT)
 def sums_cl(x, nn, ns, nc, rows, k, per_sample, s1, s2):
     """Shifted sums per block of ``rows`` positions: ``s1``/``s2`` are ``(N, nblocks, C)``."""
@@ -87,11 +96,7 @@ def sums_cl(x, nn, ns, nc, rows, k, per_sample, s1, s2):
         a = np.zeros(nc, dtype=k.dtype)
         q = np.zeros(nc, dtype=k.dtype)
         for s in range(j * rows, min(ns, (j + 1) * rows)):
-            base = (n * ns + s) * nc
-            for c in range(nc):
-                v = ld(x, base + c) - ld(k, kb + c)
-                st(a, c, ld(a, c) + v)
-                st(q, c, ld(q, c) + v * v)
+            position_sums(x, (n * ns + s) * nc, nc, k, kb, a, q)
         for c in range(nc):
             s1[blk * nc + c] = np.float64(a[c])
             s2[blk * nc + c] = np.float64(q[c])
@@ -457,3 +462,71 @@ def bn_backward_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, m, rs, batch_
                 k = c0 + c
                 span_bwd_dx(x, dy, res, has_res, act, (n * nc + k) * ns, ns, fa[k], fb[k], fa[k], qq[c], m[k], rr[c],
                             need_dz, dx, dzo)
+
+
+# ----------------------------------------------------------------------------- whole BatchNorm, channels_last
+# In channels_last (and BatchNorm1d's (N, C)) a channel is strided over the whole tensor, so x is
+# read twice (blocks of channels kept in cache measured slower). One call still does all of it —
+# block partial sums, their merge in block order (as the composed path's numpy sum does), the
+# per-channel coefficients, the second pass — so a small tensor pays one kernel launch, not four
+# plus the numpy in between.
+
+
+@njit(**_JIT)
+def bn_forward_cl(x, res, has_res, act, npos, nc, rows, w, b, eps, out, mean, var):
+    """:func:`bn_forward_nchw` for ``x`` as ``(positions, C)``, over blocks of ``rows`` positions."""
+    nb = (npos + rows - 1) // rows
+    kk = np.empty(nc, dtype=w.dtype)
+    for c in range(nc):
+        kk[c] = ld(x, c)
+    s1 = np.empty((nb, nc))
+    s2 = np.empty((nb, nc))
+    for j in prange(nb):
+        a = np.zeros(nc, dtype=w.dtype)
+        q = np.zeros(nc, dtype=w.dtype)
+        for s in range(j * rows, min(npos, (j + 1) * rows)):
+            position_sums(x, s * nc, nc, kk, 0, a, q)
+        for c in range(nc):
+            s1[j, c] = np.float64(a[c])
+            s2[j, c] = np.float64(q[c])
+    scale = np.empty(nc, dtype=w.dtype)
+    shift = np.empty(nc, dtype=w.dtype)
+    for c in range(nc):
+        t1 = 0.0
+        t2 = 0.0
+        for j in range(nb):
+            t1 += s1[j, c]
+            t2 += s2[j, c]
+        mean[c], var[c], scale[c], shift[c] = _bn_scale_shift(kk[c], t1, t2, npos, w[c], b[c], eps)
+    for j in prange(nb):
+        for s in range(j * rows, min(npos, (j + 1) * rows)):
+            position_apply(x, res, has_res, act, s * nc, nc, scale, shift, 0, out)
+
+
+@njit(**_JIT)
+def bn_backward_cl(x, dy, res, has_res, act, npos, nc, rows, fa, fb, m, rs, batch_stats, need_dz, dx, dzo, sum_dz,
+                   sum_dz_xhat):
+    """:func:`bn_backward_nchw` for ``x`` as ``(positions, C)``, over blocks of ``rows`` positions."""
+    nb = (npos + rows - 1) // rows
+    sa = np.empty((nb, nc))
+    sb = np.empty((nb, nc))
+    for j in prange(nb):
+        a = np.zeros(nc, dtype=fa.dtype)
+        q = np.zeros(nc, dtype=fa.dtype)
+        for s in range(j * rows, min(npos, (j + 1) * rows)):
+            position_bwd_sums(x, dy, res, has_res, act, s * nc, nc, fa, fb, m, 0, a, q)
+        for c in range(nc):
+            sa[j, c] = np.float64(a[c])
+            sb[j, c] = np.float64(q[c])
+    qq = np.empty(nc, dtype=fa.dtype)
+    rr = np.empty(nc, dtype=fa.dtype)
+    for c in range(nc):
+        t1 = 0.0
+        t2 = 0.0
+        for j in range(nb):
+            t1 += sa[j, c]
+            t2 += sb[j, c]
+        sum_dz[c], sum_dz_xhat[c], qq[c], rr[c] = _bn_dx_coefficients(fa[c], rs[c], t1, t2, npos, batch_stats)
+    for j in prange(nb):
+        for s in range(j * rows, min(npos, (j + 1) * rows)):
+            position_bwd_dx(x, dy, res, has_res, act, s * nc, nc, fa, fb, fa, qq, m, rr, 0, need_dz, dx, dzo)
