@@ -489,15 +489,16 @@ def bn_forward_cl(x, res, has_res, act, npos, nc, rows, w, b, eps, out, mean, va
         for c in range(nc):
             s1[j, c] = np.float64(a[c])
             s2[j, c] = np.float64(q[c])
+    t1 = np.zeros(nc)
+    t2 = np.zeros(nc)
+    for j in range(nb):  # blocks in order, row by row
+        for c in range(nc):
+            t1[c] += s1[j, c]
+            t2[c] += s2[j, c]
     scale = np.empty(nc, dtype=w.dtype)
     shift = np.empty(nc, dtype=w.dtype)
     for c in range(nc):
-        t1 = 0.0
-        t2 = 0.0
-        for j in range(nb):
-            t1 += s1[j, c]
-            t2 += s2[j, c]
-        mean[c], var[c], scale[c], shift[c] = _bn_scale_shift(kk[c], t1, t2, npos, w[c], b[c], eps)
+        mean[c], var[c], scale[c], shift[c] = _bn_scale_shift(kk[c], t1[c], t2[c], npos, w[c], b[c], eps)
     for j in prange(nb):
         for s in range(j * rows, min(npos, (j + 1) * rows)):
             position_apply(x, res, has_res, act, s * nc, nc, scale, shift, 0, out)
@@ -518,15 +519,16 @@ def bn_backward_cl(x, dy, res, has_res, act, npos, nc, rows, fa, fb, m, rs, batc
         for c in range(nc):
             sa[j, c] = np.float64(a[c])
             sb[j, c] = np.float64(q[c])
+    t1 = np.zeros(nc)
+    t2 = np.zeros(nc)
+    for j in range(nb):  # blocks in order, row by row
+        for c in range(nc):
+            t1[c] += sa[j, c]
+            t2[c] += sb[j, c]
     qq = np.empty(nc, dtype=fa.dtype)
     rr = np.empty(nc, dtype=fa.dtype)
     for c in range(nc):
-        t1 = 0.0
-        t2 = 0.0
-        for j in range(nb):
-            t1 += sa[j, c]
-            t2 += sb[j, c]
-        sum_dz[c], sum_dz_xhat[c], qq[c], rr[c] = _bn_dx_coefficients(fa[c], rs[c], t1, t2, npos, batch_stats)
+        sum_dz[c], sum_dz_xhat[c], qq[c], rr[c] = _bn_dx_coefficients(fa[c], rs[c], t1[c], t2[c], npos, batch_stats)
     for j in prange(nb):
         for s in range(j * rows, min(npos, (j + 1) * rows)):
             position_bwd_dx(x, dy, res, has_res, act, s * nc, nc, fa, fb, fa, qq, m, rr, 0, need_dz, dx, dzo)
