@@ -228,16 +228,26 @@ def bwd_sums_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, m, per_sample, s
 @njit(cache=True, inline="always")
 def position_bwd_sums(x, dy, res, has_res, act, base, nc, fa, fb, m, kb, a, q):
     """``a[c] += dz``, ``q[c] += dz·(x − m[kb+c])`` over the ``C`` channels of one position."""
-    if act <= 1:
+    # one loop per flag combination, as in the span helpers (the ReLU mask vectorises only so)
+    if act == 0:
+        for c in range(nc):
+            g = ld(dy, base + c)
+            st(a, c, ld(a, c) + g)
+            st(q, c, ld(q, c) + g * (ld(x, base + c) - ld(m, kb + c)))
+    elif act == 1 and not has_res:
         for c in range(nc):
             k = kb + c
             xv = ld(x, base + c)
             g = ld(dy, base + c)
-            if act == 1:
-                z = xv * ld(fa, k) + ld(fb, k)
-                if has_res:
-                    z += ld(res, base + c)
-                g = g if z > 0 else zero(x)
+            g = g if xv * ld(fa, k) + ld(fb, k) > 0 else zero(x)
+            st(a, c, ld(a, c) + g)
+            st(q, c, ld(q, c) + g * (xv - ld(m, k)))
+    elif act == 1:
+        for c in range(nc):
+            k = kb + c
+            xv = ld(x, base + c)
+            g = ld(dy, base + c)
+            g = g if xv * ld(fa, k) + ld(fb, k) + ld(res, base + c) > 0 else zero(x)
             st(a, c, ld(a, c) + g)
             st(q, c, ld(q, c) + g * (xv - ld(m, k)))
     else:
@@ -322,6 +332,13 @@ def position_bwd_dx(x, dy, res, has_res, act, base, nc, fa, fb, p, q, m, r0, kb,
             k = kb + c
             v = ld(p, k) * ld(dy, base + c) + ld(q, k) * (ld(x, base + c) - ld(m, k)) + ld(r0, k)
             st(dx, base + c, v)
+    elif act == 1 and not has_res and not need_dz:
+        for c in range(nc):
+            k = kb + c
+            xv = ld(x, base + c)
+            g = ld(dy, base + c)
+            g = g if xv * ld(fa, k) + ld(fb, k) > 0 else zero(x)
+            st(dx, base + c, ld(p, k) * g + ld(q, k) * (xv - ld(m, k)) + ld(r0, k))
     elif act == 1 and has_res and need_dz:
         for c in range(nc):
             k = kb + c
