@@ -489,6 +489,18 @@ def bn_backward_nchw(x, dy, res, has_res, act, nn, nc, ns, fa, fb, m, rs, batch_
 # plus the numpy in between.
 
 
+@njit(cache=True, inline="always")
+def _block_totals(s1, s2):
+    """Column sums of two ``(blocks, C)`` tables of partial sums, the blocks added in order."""
+    t1 = np.zeros(s1.shape[1])
+    t2 = np.zeros(s1.shape[1])
+    for j in range(s1.shape[0]):
+        for c in range(s1.shape[1]):
+            t1[c] += s1[j, c]
+            t2[c] += s2[j, c]
+    return t1, t2
+
+
 @njit(**_JIT)
 def bn_forward_cl(x, res, has_res, act, npos, nc, rows, w, b, eps, out, mean, var):
     """:func:`bn_forward_nchw` for ``x`` as ``(positions, C)``, over blocks of ``rows`` positions."""
@@ -506,12 +518,7 @@ def bn_forward_cl(x, res, has_res, act, npos, nc, rows, w, b, eps, out, mean, va
         for c in range(nc):
             s1[j, c] = np.float64(a[c])
             s2[j, c] = np.float64(q[c])
-    t1 = np.zeros(nc)
-    t2 = np.zeros(nc)
-    for j in range(nb):  # blocks in order, row by row
-        for c in range(nc):
-            t1[c] += s1[j, c]
-            t2[c] += s2[j, c]
+    t1, t2 = _block_totals(s1, s2)
     scale = np.empty(nc, dtype=w.dtype)
     shift = np.empty(nc, dtype=w.dtype)
     for c in range(nc):
@@ -536,12 +543,7 @@ def bn_backward_cl(x, dy, res, has_res, act, npos, nc, rows, fa, fb, m, rs, batc
         for c in range(nc):
             sa[j, c] = np.float64(a[c])
             sb[j, c] = np.float64(q[c])
-    t1 = np.zeros(nc)
-    t2 = np.zeros(nc)
-    for j in range(nb):  # blocks in order, row by row
-        for c in range(nc):
-            t1[c] += sa[j, c]
-            t2[c] += sb[j, c]
+    t1, t2 = _block_totals(sa, sb)
     qq = np.empty(nc, dtype=fa.dtype)
     rr = np.empty(nc, dtype=fa.dtype)
     for c in range(nc):
