@@ -3,8 +3,12 @@
 This module only adapts tensors to kernels: it views each tensor as a flat numpy array in its
 own memory order (no copies: bfloat16 travels as its int16 bits, float16 as uint16 bits),
 picks the loop order for the layout, allocates outputs with torch in the input's memory format,
-and does the O(C) arithmetic between the passes (merging partial sums in a fixed order,
-forming scale/shift and the backward coefficients) in float64 numpy.
+and, for the separate passes, does the O(C) arithmetic between them (merging partial sums in a
+fixed order, forming scale/shift and the backward coefficients) in float64 numpy. Training
+BatchNorm (``channel_forward`` / ``channel_backward``) runs as one kernel per direction that does
+that arithmetic itself: blocked per channel in NCHW (the second pass reads from cache), in one
+call in channels_last; the separate passes remain for SyncBatchNorm, BatchRenorm and NCHW input
+with fewer than 8 channels.
 
 Layouts, as the kernels see them:
 
@@ -13,8 +17,8 @@ Layouts, as the kernels see them:
   (BatchNorm treats all ``N·S`` positions as one sample: ``(1, N·S, C)``).
 
 Statistics are one pass of shifted sums (see ``kernels/cpu/channel.py``), merged exactly; the
-thread count follows ``torch.get_num_threads()``; the partitioning of every reduction depends
-on the shape only, so results are bit-identical from run to run.
+thread count follows ``torch.get_num_threads()``; the order of every reduction depends on the
+shape only, so results are bit-identical from run to run and for any thread count.
 """
 
 from __future__ import annotations
