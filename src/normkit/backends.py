@@ -85,6 +85,19 @@ InstanceNorm (``x`` is ``(N, C, *spatial)``, statistics per (sample, group)):
     the GroupNorm backward, ``dweight``/``dbias`` ``(C,)`` in stat dtype or ``None``;
     ``dz`` as for the channel family.
 
+LayerNorm over channels — LayerNorm2d (:mod:`normkit.ops_channels`). ``x`` is ``(N, C, *spatial)``
+contiguous or channels_last; statistics per position ``(n, s)`` over the ``C`` channels:
+
+``ln2d_forward(x, weight, bias, eps) -> (y, mean, rstd)``
+    ``y = γ_c·(x − μ)·rstd + β_c`` in ``x``'s dtype and memory format; ``mean``/``rstd`` shaped
+    ``(N, *spatial)`` in stat dtype; ``weight``/``bias`` ``(C,)`` or ``None``. channels_last
+    input is the row family on the ``(N·S, C)`` view (no copy); NCHW needs a reduction across
+    strided channels.
+
+``ln2d_backward(x, dy, mean, rstd, weight, need_dweight) -> (dx, dweight, dbias)``
+    ``dx = rstd·(g − mean_c(g) − x̂·mean_c(g·x̂))`` with ``g = γ·dy``; ``dweight = Σ dy·x̂`` and
+    ``dbias = Σ dy`` over ``(n, s)`` in stat dtype when ``need_dweight``, else ``None``.
+
 A backend may implement a subset: ``unsupported(op, x)`` returns ``None`` when it can run
 ``op`` (one of the method names above) on ``x``, else a short reason.
 """
@@ -114,6 +127,8 @@ OPS = (
     "row_backward",
     "group_forward",
     "group_backward",
+    "ln2d_forward",
+    "ln2d_backward",
 )
 
 

@@ -154,6 +154,8 @@ class CpuBackend(Backend):
             return f"the cpu backend runs CPU tensors, got a {x.device.type} tensor"
         if x.dtype not in _DTYPES:
             return f"dtype {x.dtype} is not one of float32, float64, float16, bfloat16"
+        if op.startswith("ln2d_") and _channel_rows(x) is None:
+            return "LayerNorm2d on NCHW input needs the column-reduction kernel, not built yet (channels_last runs)"
         return _forked_pool_problem()
 
     # ------------------------------------------------------------------ channel family
@@ -462,5 +464,36 @@ class CpuBackend(Backend):
         db = torch.from_numpy(sa.sum(axis=0)).to(sd) if need_dweight else None
         return dx, dw, db, dz
 
+
+    # ------------------------------------------------------------------ LayerNorm over channels (2d)
+    # channels_last: the (N·S, C) view of x is a contiguous row matrix, so the row kernels run it as is.
+    def ln2d_forward(self, x, weight, bias, eps):
+        x2d, restore = _channel_rows(x)
+        y2d, mean, rstd = self.row_forward(x2d, weight, bias, eps, False)
+        stat_shape = (x.shape[0], *x.shape[2:])
+        return restore(y2d), mean.view(stat_shape), rstd.view(stat_shape)
+
+    def ln2d_backward(self, x, dy, mean, rstd, weight, need_dweight):
+        x2d, restore = _channel_rows(x)
+        dy2d, _ = _channel_rows(_same(dy, x))
+        dx2d, dw, db = self.row_backward(x2d, dy2d, mean.reshape(-1), rstd.reshape(-1), weight, False,
+                                         need_dweight)
+        return restore(dx2d), dw, db
+
+
+def _channel_rows(x: torch.Tensor):
+    """``(x2d, restore)``: ``x`` (N, C, *spatial) as the contiguous (N·S, C) matrix it already is in
+    memory (channels_last, (N, C), or S = 1), and the function that views such a matrix back in
+    ``x``'s shape and layout; ``None`` for NCHW input with S > 1 (channels are strided)."""
+    perm = (0, *range(2, x.dim()), 1)
+    xp = x.permute(perm)
+    if not xp.is_contiguous():
+        return None
+    inverse = (0, x.dim() - 1, *range(1, x.dim() - 1))
+
+    def restore(t2d: torch.Tensor) -> torch.Tensor:
+        return t2d.view(xp.shape).permute(inverse)
+
+    return xp.reshape(-1, x.shape[1]), restore
 
 __all__ = ["CpuBackend"]

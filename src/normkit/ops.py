@@ -418,3 +418,5 @@ def _rms_backward(ctx, dy, _drstd):
 
 torch.library.register_autograd(f"{_LIB}::layer_norm", _ln_backward, setup_context=_setup_ln)
 torch.library.register_autograd(f"{_LIB}::rms_norm", _rms_backward, setup_context=_setup_rms)
+
+from . import ops_channels  # noqa: E402,F401  (torch.ops.normkit.layer_norm_2d*)

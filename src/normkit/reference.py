@@ -195,6 +195,30 @@ class ReferenceBackend(Backend):
         return (_like(dx.reshape(x.shape), x), dweight, dbias, _like(dz.reshape(x.shape), x) if need_dz else None)
 
 
+    # ---------------------------------------------------------------- LayerNorm over channels (2d)
+    def ln2d_forward(self, x, weight, bias, eps):
+        xs = x.to(stat_dtype(x.dtype))
+        mean = xs.mean(dim=1)
+        centred = xs - mean.unsqueeze(1)
+        rstd = torch.rsqrt(centred.square().mean(dim=1) + eps)
+        y = centred * rstd.unsqueeze(1)
+        if weight is not None:
+            y = y * _per_channel(weight.to(xs.dtype), x.dim())
+        if bias is not None:
+            y = y + _per_channel(bias.to(xs.dtype), x.dim())
+        return _like(y, x), mean, rstd
+
+    def ln2d_backward(self, x, dy, mean, rstd, weight, need_dweight):
+        sd = rstd.dtype
+        dys = dy.to(sd)
+        xhat = (x.to(sd) - mean.unsqueeze(1)) * rstd.unsqueeze(1)
+        g = dys * _per_channel(weight.to(sd), x.dim()) if weight is not None else dys
+        dx = rstd.unsqueeze(1) * (g - g.mean(dim=1, keepdim=True) - xhat * (g * xhat).mean(dim=1, keepdim=True))
+        if not need_dweight:
+            return _like(dx, x), None, None
+        dims = _channel_dims(x)
+        return _like(dx, x), (dys * xhat).sum(dim=dims), dys.sum(dim=dims)
+
 def _spatial(x: torch.Tensor) -> int:
     return math.prod(x.shape[2:])
 

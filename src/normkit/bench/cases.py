@@ -38,6 +38,14 @@ class _AddRelu(nn.Module):
         return torch.relu(self.bn(x) + residual)
 
 
+class _PermuteLayerNorm2d(nn.LayerNorm):
+    """LayerNorm over channels as timm/ConvNeXt write it: permute → LayerNorm → permute."""
+
+    def forward(self, x):
+        y = nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
 def _liger(kind: str, k: int):
     from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm  # optional, CUDA only
 
@@ -59,6 +67,8 @@ OPS: dict[str, tuple] = {
            lambda s: nn.LayerNorm(s[-1]), lambda s: normkit.LayerNorm(s[-1])),
     "rms": ("RMSNorm", "row", (2048, 4096), False,
             lambda s: nn.RMSNorm(s[-1], eps=1e-6), lambda s: normkit.RMSNorm(s[-1], eps=1e-6)),
+    "ln2d": ("LayerNorm2d", "row", (64, 96, 56, 56), False,
+             lambda s: _PermuteLayerNorm2d(s[1], eps=1e-6), lambda s: normkit.LayerNorm2d(s[1])),
     "bn_relu": ("BN+ReLU", "bn", (64, 64, 56, 56), False,
                 lambda s: nn.Sequential(nn.BatchNorm2d(s[1]), nn.ReLU()),
                 lambda s: normkit.BatchNormAct2d(s[1], act="relu")),
@@ -66,7 +76,7 @@ OPS: dict[str, tuple] = {
                     lambda s: _AddRelu(s[1]), lambda s: normkit.BatchNormAct2d(s[1], act="relu")),
 }
 QUICK_SHAPES = {"bn2d": (16, 64, 56, 56), "bn1d": (2048, 1024), "gn": (16, 64, 56, 56),
-                "in2d": (16, 64, 56, 56), "ln": (2048, 1024), "rms": (512, 4096),
+                "in2d": (16, 64, 56, 56), "ln": (2048, 1024), "rms": (512, 4096), "ln2d": (16, 96, 56, 56),
                 "bn_relu": (16, 64, 56, 56), "bn_add_relu": (16, 64, 56, 56)}
 
 
@@ -109,7 +119,7 @@ def default_layouts(op: str, shape: tuple[int, ...]) -> list[str]:
     them); the rest as models feed them."""
     if len(shape) != 4:
         return ["nchw"]
-    return ["nchw", "channels_last"] if op in ("bn2d", "gn", "bn_relu", "bn_add_relu") else ["nchw"]
+    return ["nchw", "channels_last"] if op in ("bn2d", "gn", "ln2d", "bn_relu", "bn_add_relu") else ["nchw"]
 
 
 def _modules(case: Case, want_compile: bool) -> dict[str, tuple[nn.Module, Callable]]:

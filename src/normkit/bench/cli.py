@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, bwd, fwd+bwd, eval")
     p.add_argument("--dtypes", default="float32", help=f"comma list of {', '.join(DTYPES)}")
     p.add_argument("--layouts", default="auto",
-                   help="auto (BN ops and GroupNorm in both, others NCHW), nchw, channels_last, or both")
+                   help="auto (BN ops, GroupNorm and LayerNorm2d in both, others NCHW), nchw, channels_last, or both")
     p.add_argument("--shape", action="append", default=[], metavar="OP=AxBxC...",
                    help="an extra shape for an op (repeatable), e.g. bn2d=32x128x28x28")
     p.add_argument("--only-shapes", action="store_true", help="run only the --shape cases")

@@ -14,6 +14,7 @@ from .ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from .groupnorm import GroupNorm
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layernorm import LayerNorm, RMSNorm
+from .layernorm2d import LayerNorm2d
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
 
@@ -28,6 +29,7 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
+    "LayerNorm2d",
     "GroupNorm",
     "RMSNorm",
     "SyncBatchNorm",

@@ -6,6 +6,10 @@ buffer tensors (an optimizer built before the conversion still updates them), ho
 training flag. Subclasses of torch.nn norms that normkit does not know are left alone, with a
 warning: their forward may do something a swap would lose.
 
+timm's ``LayerNorm2d`` (``permute → LayerNorm → permute``) is recognised by its class name and
+becomes :class:`normkit.LayerNorm2d` (same state; it stays normkit's under ``to="torch"``, which has
+no such layer).
+
 Other issues extend the table with :func:`register_conversion` (e.g. fused layers).
 
 ``convert(model, fuse=True)`` also fuses, inside every ``nn.Sequential``, a BatchNorm2d or
@@ -57,7 +61,15 @@ def retype(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     return new
 
 
+def _is_timm_layer_norm_2d(module: nn.Module) -> bool:
+    """timm's ``LayerNorm2d`` (LayerNorm over the channels of NCHW input), known by name: timm is optional."""
+    cls = type(module)
+    return cls.__name__ == "LayerNorm2d" and isinstance(module, nn.LayerNorm) and cls is not nk.LayerNorm2d
+
+
 def _convert_one(module: nn.Module, table: dict, known: set) -> nn.Module:
+    if table is _TO_NORMKIT and _is_timm_layer_norm_2d(module):
+        return retype(module, nk.LayerNorm2d)
     cls = table.get(type(module))
     if cls is not None:
         return retype(module, cls)

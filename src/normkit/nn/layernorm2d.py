@@ -1,0 +1,75 @@
+"""LayerNorm2d: LayerNorm over the channels of an image, for NCHW and channels_last input alike.
+
+For ``x`` of shape ``(N, C, H, W)``, each pixel's ``C`` values are normalized::
+
+    μ = 1/C Σ_c x[n, c, h, w],   σ² = 1/C Σ_c (x[n, c, h, w] − μ)²
+    y[n, c, h, w] = γ_c · (x[n, c, h, w] − μ)/sqrt(σ² + ε) + β_c
+
+— the LayerNorm of ConvNeXt (Liu et al., "A ConvNet for the 2020s", CVPR 2022) that timm and
+torchvision write as ``permute(0, 2, 3, 1) → LayerNorm(C) → permute(0, 3, 1, 2)`` (pytorch#71465).
+Here the statistics are taken across the strided channels where the data lie, by the
+``torch.ops.normkit.layer_norm_2d`` op and its own backward (:mod:`normkit.ops_channels`): no
+permuted copies, and the output keeps the input's layout (the permute form returns channels_last
+for NCHW input).
+
+Arguments and state are ``torch.nn.LayerNorm(num_channels)``'s (``weight``/``bias`` of shape
+``(C,)``; a state_dict moves between the two and timm's ``LayerNorm2d``); ``eps`` defaults to
+1e-6 like timm's LayerNorm2d and ConvNeXt (torch.nn.LayerNorm's default is 1e-5).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import _checks as C
+from .. import ops  # noqa: F401  (registers torch.ops.normkit.layer_norm_2d)
+
+__all__ = ["LayerNorm2d", "layer_norm_2d"]
+
+
+def _torch_path() -> bool:
+    """Whether a transform is active that the custom op does not serve (torch.func, forward AD,
+    scripting/tracing, export): then the permute form in aten ops gives the same numbers."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    if exporting is not None and exporting():
+        return True
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return torch.autograd.forward_ad._current_level >= 0
+
+
+def layer_norm_2d(input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+                  eps: float = 1e-6) -> Tensor:
+    """LayerNorm over dim 1 of ``(N, C, H, W)`` input at every pixel (module docstring for the math)."""
+    where = "layer_norm_2d"
+    C.check_tensor(where, "input", input)
+    C.check_ndim(where, input, (4,), "(N, C, H, W)")
+    C.check_vector(where, "weight", weight, input.shape[1])
+    C.check_vector(where, "bias", bias, input.shape[1])
+    if _torch_path():
+        y = nn.functional.layer_norm(input.permute(0, 2, 3, 1), (input.shape[1],), weight, bias, eps)
+        return y.permute(0, 3, 1, 2)
+    return torch.ops.normkit.layer_norm_2d(input, weight, bias, eps)[0]
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of ``(N, C, H, W)`` input, NCHW or channels_last.
+
+    Args: ``num_channels`` (C), ``eps=1e-6``, ``elementwise_affine=True``, ``bias=True``,
+    ``device``, ``dtype`` — torch.nn.LayerNorm's, with ``normalized_shape = (C,)``.
+    Output: ``(N, C, H, W)`` in the input's dtype and memory format.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_channels, eps=eps, elementwise_affine=elementwise_affine, bias=bias, device=device,
+                         dtype=dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        C.check_tensor(type(self).__name__, "input", input)
+        C.check_ndim(type(self).__name__, input, (4,), "(N, C, H, W)")
+        C.check_channels(type(self).__name__, input, self.normalized_shape[0])
+        return layer_norm_2d(input, self.weight, self.bias, self.eps)
