@@ -33,6 +33,7 @@ import torch
 from .backends import OPS, Backend
 from .kernels import cpu as K
 from .ops import memory_format_of
+from .ops_channels import channel_rows as _channel_rows
 from .reference import ReferenceBackend, stat_dtype
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -480,20 +481,5 @@ class CpuBackend(Backend):
                                          need_dweight)
         return restore(dx2d), dw, db
 
-
-def _channel_rows(x: torch.Tensor):
-    """``(x2d, restore)``: ``x`` (N, C, *spatial) as the contiguous (N·S, C) matrix it already is in
-    memory (channels_last, (N, C), or S = 1), and the function that views such a matrix back in
-    ``x``'s shape and layout; ``None`` for NCHW input with S > 1 (channels are strided)."""
-    perm = (0, *range(2, x.dim()), 1)
-    xp = x.permute(perm)
-    if not xp.is_contiguous():
-        return None
-    inverse = (0, x.dim() - 1, *range(1, x.dim() - 1))
-
-    def restore(t2d: torch.Tensor) -> torch.Tensor:
-        return t2d.view(xp.shape).permute(inverse)
-
-    return xp.reshape(-1, x.shape[1]), restore
 
 __all__ = ["CpuBackend"]

@@ -52,6 +52,22 @@ def _check(where: str, x: Tensor, weight: Tensor | None, bias: Tensor | None) ->
     C.check_vector(where, "bias", bias, x.shape[1])
 
 
+def channel_rows(x: torch.Tensor):
+    """``(x2d, restore)``: ``x`` (N, C, *spatial) as the contiguous (N·S, C) matrix it already is in
+    memory (channels_last, (N, C), or S = 1), and the function that views such a matrix back in
+    ``x``'s shape and layout; ``None`` for NCHW input with S > 1 (channels are strided)."""
+    perm = (0, *range(2, x.dim()), 1)
+    xp = x.permute(perm)
+    if not xp.is_contiguous():
+        return None
+    inverse = (0, x.dim() - 1, *range(1, x.dim() - 1))
+
+    def restore(t2d: torch.Tensor) -> torch.Tensor:
+        return t2d.view(xp.shape).permute(inverse)
+
+    return xp.reshape(-1, x.shape[1]), restore
+
+
 @torch.library.custom_op(f"{_LIB}::layer_norm_2d", mutates_args=())
 def layer_norm_2d(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 import torch
 
 from .backends import OPS, Backend
+from .ops_channels import channel_rows
 from .reference import ReferenceBackend
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -47,6 +48,7 @@ _TUNING: dict[str, int | None] = {
     "group_tile": 2048,           # elements per GroupNorm tile
     "elementwise_block": 1024,    # elements per program of the elementwise kernels
     "programs": None,             # programs to aim for; None = 4 per SM (CUDA) or 4 (interpreter)
+    "ln2d_block_c": None,         # channels per tile of the NCHW LayerNorm2d kernels (None: up to 4096/64)
 }
 
 
@@ -223,3 +225,28 @@ class TritonBackend(Backend):
                 x, _dense_like(dy, x), _stat(mean), _stat(rstd), int(num_groups), _vec(weight), _vec(bias),
                 _dense_like(residual, x), act, bool(need_dweight), bool(need_dz), tile=_TUNING["group_tile"],
             )
+
+    # ------------------------------------------------------------------ LayerNorm over channels (2d)
+    def ln2d_forward(self, x, weight, bias, eps):
+        rows = channel_rows(x)
+        if x.numel() == 0:
+            return _REFERENCE.ln2d_forward(x, weight, bias, eps)
+        stat_shape = (x.shape[0], *x.shape[2:])
+        if rows is not None:  # channels_last: the (N·S, C) row matrix, on the row kernels
+            y2d, mean, rstd = self.row_forward(rows[0], weight, bias, eps, False)
+            return rows[1](y2d), mean.view(stat_shape), rstd.view(stat_shape)
+        with _on(x):
+            return self._k.ln2d_forward(x, _vec(weight), _vec(bias), float(eps), block_c=_TUNING["ln2d_block_c"])
+
+    def ln2d_backward(self, x, dy, mean, rstd, weight, need_dweight):
+        if x.numel() == 0:
+            return _REFERENCE.ln2d_backward(x, dy, mean, rstd, weight, need_dweight)
+        rows = channel_rows(x)
+        if rows is not None:
+            dy2d = channel_rows(_dense_like(dy, x))[0]
+            dx2d, dw, db = self.row_backward(rows[0], dy2d, mean.reshape(-1), rstd.reshape(-1), weight, False,
+                                             need_dweight)
+            return rows[1](dx2d), dw, db
+        with _on(x):
+            return self._k.ln2d_backward(x, _dense_like(dy, x), _stat(mean), _stat(rstd), _vec(weight),
+                                         bool(need_dweight), block_c=_TUNING["ln2d_block_c"])

@@ -6,6 +6,7 @@ imported here. ``normkit.triton_backend`` adapts these launchers to the backend 
     channel   BatchNorm family: split per-channel statistics, apply, backward reduce / dx
     row       LayerNorm and RMSNorm over the rows of an (M, K) matrix
     group     GroupNorm / InstanceNorm per (sample, group), NCHW and channels_last
+    channel_rows  LayerNorm2d on NCHW input: LayerNorm across strided channels at each position
 
 Whether the kernels were built for the interpreter (``TRITON_INTERPRET=1`` at import time, CPU
 tensors) or for the GPU is fixed when this package is imported: ``INTERPRETED`` records it.
@@ -13,6 +14,7 @@ tensors) or for the GPU is fixed when this package is imported: ``INTERPRETED`` 
 
 from .channel import channel_apply, channel_backward_dx, channel_backward_reduce, channel_stats
 from .channel import channel_apply_kernel as _probe
+from .channel_rows import ln2d_backward, ln2d_forward
 from .group import group_backward, group_forward
 from .row import row_backward, row_forward
 
@@ -27,6 +29,8 @@ __all__ = [
     "channel_stats",
     "group_backward",
     "group_forward",
+    "ln2d_backward",
+    "ln2d_forward",
     "row_backward",
     "row_forward",
 ]

@@ -67,7 +67,7 @@ def _scenarios(full: bool):
     """Launcher calls covering every constexpr flag of every kernel (``full``: the whole product)."""
     import torch
 
-    from . import channel, group, row
+    from . import channel, channel_rows, group, row
 
     def t(*shape, dtype=torch.float32, cl=False):
         x = torch.empty(*shape, dtype=dtype)
@@ -104,6 +104,13 @@ def _scenarios(full: bool):
         for need_dw in (False, True):
             row.row_backward(x2, x2, None if rms else v[:3], v[:3], wk, rms, need_dw, programs=2,
                              max_block=max_block)
+    for dtype in dtypes:  # LayerNorm2d on NCHW input: one and several channel tiles, affine or not
+        x = t(2, 33, 5, 7, dtype=dtype)
+        stat = t(2, 5, 7)
+        for block_c, w in ((None, t(33, dtype=dtype)), (8, None)):
+            channel_rows.ln2d_forward(x, w, w, 1e-6, block_c=block_c)
+            for need_dw in (False, True):
+                channel_rows.ln2d_backward(x, x, stat, stat, w, need_dw, block_c=block_c)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -125,10 +132,10 @@ def main(argv=None) -> int:
         print(f"compile_check: Triton's NVIDIA backend / ptxas is not available here ({err})")
         return 3
 
-    from . import _common, channel, group, row
+    from . import _common, channel, channel_rows, group, row
 
     log = []
-    for mod in (_common, channel, group, row):
+    for mod in (_common, channel, channel_rows, group, row):
         for name, obj in list(vars(mod).items()):
             if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 setattr(mod, name, _Recorder(obj, log))
