@@ -86,6 +86,19 @@ def test_gradcheck_float64(backend_name, layout):
         assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend_name,layout", CASES)
+def test_gradgradcheck_float64(backend_name, layout):
+    """Double backward (gradient penalties, Hessian-vector products) through the op."""
+    x = _input((2, 4, 3, 2), layout=layout).requires_grad_()
+    w, b = (t.requires_grad_() for t in _params(4))
+
+    def fn(x, w, b):
+        return torch.ops.normkit.layer_norm_2d(x, w, b, 1e-5)[0]
+
+    with normkit.backend(backend_name):
+        assert torch.autograd.gradgradcheck(fn, (x, w, b), eps=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("backend_name,layout", CASES)
 def test_low_precision_within_twice_torchs_error(backend_name, layout, dtype):
@@ -207,3 +220,17 @@ def test_convert_recognises_timms_layer_norm_2d():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_ad_and_jvp_give_torchs_tangent():
+    layer = normkit.LayerNorm2d(5).double()
+    x, t = _input((2, 5, 3, 4)), _input((2, 5, 3, 4), offset=0.0, seed=7)
+    _, tangent = torch.func.jvp(layer, (x,), (t,))
+    _, expected = torch.func.jvp(lambda x: torch_ln2d(x, layer.weight, layer.bias, 1e-6), (x,), (t,))
+    torch.testing.assert_close(tangent, expected, rtol=1e-10, atol=1e-12)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        out = layer(fwAD.make_dual(x, t))
+        assert fwAD.unpack_dual(out).tangent is not None
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, expected, rtol=1e-10, atol=1e-12)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .. import _checks as C
 from .. import ops  # noqa: F401  (registers torch.ops.normkit.layer_norm_2d)
+from ..ops_channels import permute_form
 
 __all__ = ["LayerNorm2d", "layer_norm_2d"]
 
@@ -50,8 +51,7 @@ def layer_norm_2d(input: Tensor, weight: Tensor | None = None, bias: Tensor | No
     C.check_vector(where, "weight", weight, input.shape[1])
     C.check_vector(where, "bias", bias, input.shape[1])
     if _torch_path():
-        y = nn.functional.layer_norm(input.permute(0, 2, 3, 1), (input.shape[1],), weight, bias, eps)
-        return y.permute(0, 3, 1, 2)
+        return permute_form(input, weight, bias, eps)
     return torch.ops.normkit.layer_norm_2d(input, weight, bias, eps)[0]
 
 
