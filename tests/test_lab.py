@@ -16,16 +16,32 @@ import torch
 from normkit.cli import main as cli_main
 from normkit.lab import data as D
 from normkit.lab.claims import ALL, BY_ID
+from normkit.lab.context import record
 from normkit.lab.framework import (
+    FAIL,
+    INCONCLUSIVE,
     MIXED,
     NOT_EVALUATED,
     NOT_SUPPORTED,
+    PASS,
+    SKIPPED,
     SUPPORTED,
+    UNDECIDED,
     VERDICTS,
     Check,
     Criterion,
+    Result,
+    at_least,
+    bounds_of,
+    censored,
+    every_seed,
+    interval,
+    is_censored,
     need,
+    paired,
+    t95,
     verdict_of,
+    within,
 )
 
 # ----------------------------------------------------------------------------- verdicts
@@ -34,15 +50,18 @@ CRITERION = Criterion(
     (
         Check("a > 1", lambda m: need(m, "a") > 1),
         Check("b < 0", lambda m: need(m, "b") < 0),
-        Check("mean of c > 0", lambda m: sum(need(m, "c")) / len(need(m, "c")) > 0),
+        Check("mean of c > 0", lambda m: at_least(need(m, "c"), 0.0)),
     ),
 )
 
 VERDICT_CASES = {
-    "all_pass": ({"a": 2, "b": -1, "c": [1.0, 2.0]}, SUPPORTED),
-    "all_fail": ({"a": 0, "b": 1, "c": [-1.0, -2.0]}, NOT_SUPPORTED),
-    "one_fails": ({"a": 2, "b": 1, "c": [1.0]}, MIXED),
-    "one_passes": ({"a": 2, "b": 1, "c": [-1.0]}, MIXED),
+    "all_pass": ({"a": 2, "b": -1, "c": [1.0, 1.2, 0.9]}, SUPPORTED),
+    "all_fail": ({"a": 0, "b": 1, "c": [-1.0, -2.0, -1.5]}, NOT_SUPPORTED),
+    "one_fails": ({"a": 2, "b": 1, "c": [1.0, 1.1]}, MIXED),
+    "pass_fail_and_undecided_is_mixed": ({"a": 2, "b": 1, "c": [1.0, -1.0]}, MIXED),
+    "pass_and_undecided": ({"a": 2, "b": -1, "c": [1.0, -0.9]}, INCONCLUSIVE),
+    "fail_and_undecided": ({"a": 0, "b": 1, "c": [1.0, -0.9]}, INCONCLUSIVE),
+    "one_seed_cannot_decide": ({"a": 2, "b": -1, "c": [5.0]}, INCONCLUSIVE),
     "skipped_arm_ignored_pass": ({"a": 2, "b": -1, "c": None}, SUPPORTED),
     "skipped_arm_ignored_fail": ({"a": 0, "b": 3}, NOT_SUPPORTED),
     "none_inside_list_is_skipped": ({"a": 0, "b": 3, "c": [1.0, None]}, NOT_SUPPORTED),
@@ -54,8 +73,11 @@ VERDICT_CASES = {
 def test_verdict_from_metrics(name):
     metrics, expected = VERDICT_CASES[name]
     verdict, results = CRITERION.evaluate(metrics)
-    assert verdict == expected
+    assert verdict == expected, [(d, r) for d, r in results]
     assert len(results) == 3
+
+
+R = {s: Result(s) for s in (PASS, FAIL, UNDECIDED, SKIPPED)}
 
 
 @pytest.mark.parametrize(
@@ -68,6 +90,10 @@ def test_verdict_from_metrics(name):
         ([None, False], NOT_SUPPORTED),
         ([None, None], NOT_EVALUATED),
         ([], NOT_EVALUATED),
+        ([R[PASS], R[UNDECIDED]], INCONCLUSIVE),
+        ([R[FAIL], R[UNDECIDED]], INCONCLUSIVE),
+        ([R[PASS], R[FAIL], R[UNDECIDED]], MIXED),
+        ([R[UNDECIDED], R[SKIPPED]], INCONCLUSIVE),
     ],
 )
 def test_verdict_of(results, expected):
@@ -83,10 +109,100 @@ def test_claims_are_declared_before_running():
     assert sorted(BY_ID) == list(range(1, 12))
     for claim in ALL:
         assert claim.claim and claim.anchor and claim.criterion.description and claim.setup
-        assert any(str(y) in claim.anchor for y in range(2015, 2020)), claim.anchor  # cites a paper's year
+        assert any(str(y) in claim.anchor for y in range(2015, 2022)), claim.anchor  # cites a paper's year
         # with nothing measured no check may pass: a skipped arm never becomes a "supported"
         verdict, results = claim.criterion.evaluate({})
         assert verdict == NOT_EVALUATED, (claim.id, results)
+
+
+# ----------------------------------------------------------------------------- the stated test
+def test_t95_table():
+    assert t95(1) == pytest.approx(6.314) and t95(2) == pytest.approx(2.920) and t95(4) == pytest.approx(2.132)
+    assert t95(11) == t95(10)  # between entries: the smaller df's larger (conservative) quantile
+    assert t95(1000) == pytest.approx(1.697)
+    with pytest.raises(ValueError):
+        t95(0)
+
+
+def test_interval_matches_the_formula():
+    v = [1.0, 2.0, 4.0]
+    iv = interval(v)
+    sd = np.std(v, ddof=1)
+    assert iv.mean == pytest.approx(7 / 3) and iv.n == 3
+    assert iv.lo == pytest.approx(7 / 3 - 2.920 * sd / np.sqrt(3))
+    assert iv.hi == pytest.approx(7 / 3 + 2.920 * sd / np.sqrt(3))
+
+
+@pytest.mark.parametrize(
+    "values,margin,status",
+    [
+        ([3.0, 3.2, 2.9], 1.0, PASS),  # clearly above
+        ([0.2, 0.1, 0.3], 1.0, FAIL),  # clearly below
+        ([1.8, 0.1, 0.9], 0.5, UNDECIDED),  # the mean is above the margin, the noise too large to say
+        ([87.8 - 86.9, 88.8 - 89.2], 0.5, UNDECIDED),  # the issue's claim-8 flip: inside the noise
+        ([2.0, 2.0], 1.0, PASS),  # no spread: decided by the mean
+        ([5.0], 1.0, UNDECIDED),  # one seed decides nothing
+    ],
+)
+def test_at_least(values, margin, status):
+    r = at_least(values, margin)
+    assert r.status == status, r.detail
+    if status == UNDECIDED:
+        assert r.detail.startswith("too little data")
+
+
+@pytest.mark.parametrize(
+    "values,status",
+    [([0.1, -0.2, 0.3], PASS), ([5.0, 5.5, 4.8], FAIL), ([1.5, -1.0], UNDECIDED), ([-4.0, -4.2, -3.9], FAIL)],
+)
+def test_within(values, status):
+    assert within(values, 2.0).status == status
+
+
+def test_paired_differences_need_equal_seeds():
+    assert paired([3, 4], [1, 1]) == [2.0, 3.0]
+    with pytest.raises(ValueError, match="equal length"):
+        paired([1, 2], [1])
+
+
+def test_every_seed():
+    assert every_seed([True, True], "x").status == PASS
+    assert every_seed([True, False], "x").status == FAIL
+    assert every_seed([True, None], "x").status == UNDECIDED
+    assert every_seed([False, None], "x").status == FAIL
+
+
+# ----------------------------------------------------------------------------- censored outcomes
+def test_censored_values():
+    c = censored(300)
+    assert c == "> 300" and is_censored(c) and not is_censored(300)
+    assert bounds_of(c) == (300.0, float("inf")) and bounds_of(70) == (70.0, 70.0)
+    m = {}
+    record(m, "steps", [70, c])
+    assert m["steps"] == [70, "> 300"] and m["steps_mean"] == "> 185" and m["steps_std"] is None
+    record(m, "plain", [1, 3])
+    assert m["plain_mean"] == 2.0
+
+
+@pytest.mark.parametrize(
+    "bn,none,status",
+    [
+        ([60, 60], ["> 100", "> 100"], UNDECIDED),  # the issue's quick run: 100/60 < 2 says nothing
+        ([60, 70], ["> 300", "> 300"], PASS),  # 300/70 >= 2 whatever the true value
+        ([60, 70], [100, "> 300"], FAIL),  # an observed 100/60 < 2
+        (["> 300", 70], ["> 300", "> 300"], UNDECIDED),  # both censored: unknown ratio
+        ([50, 50], [200, 150], PASS),
+    ],
+)
+def test_claim1_censored_steps(bn, none, status):
+    check = BY_ID[1].criterion.checks[1]
+    assert check({"steps_to_target_bn": bn, "steps_to_target_none": none}).status == status
+
+
+def test_claim1_reached_check_counts_censored_as_not_reached():
+    check = BY_ID[1].criterion.checks[0]
+    assert check({"steps_to_target_bn": [60, "> 300"]}).status == FAIL
+    assert check({"steps_to_target_bn": [60, 80]}).status == PASS
 
 
 # ----------------------------------------------------------------------------- data
@@ -105,12 +221,23 @@ def test_adding_task_targets_are_the_marked_sums():
 
 BAD_NPZ = {
     "missing_y": (dict(x=np.zeros((30, 4))), "missing \\['y'\\]"),
-    "x_1d": (dict(x=np.zeros(30), y=np.zeros(30, int)), "x: expected a numeric array"),
-    "y_float": (dict(x=np.zeros((30, 4)), y=np.zeros(30)), "y: expected non-negative integer labels"),
-    "y_wrong_length": (dict(x=np.zeros((30, 4)), y=np.zeros(29, int)), "y: expected non-negative integer"),
+    "x_1d": (dict(x=np.zeros(30), y=np.zeros(30, int)), "x: expected a real-valued array"),
+    "y_float": (dict(x=np.zeros((30, 4)), y=np.zeros(30)), "y: expected integer labels"),
+    "y_wrong_length": (dict(x=np.zeros((30, 4)), y=np.zeros(29, int)), "y: expected integer labels"),
     "too_few": (dict(x=np.zeros((5, 4)), y=np.arange(5)), "at least 20 samples"),
     "one_class": (dict(x=np.zeros((30, 4)), y=np.zeros(30, int)), "at least 2 classes"),
     "nan": (dict(x=np.full((30, 4), np.nan), y=np.arange(30) % 2), "finite"),
+    "label_1e6": (dict(x=np.zeros((30, 4)), y=np.r_[np.arange(29) % 2, 1_000_000]), "K <= 1000"),
+    "negative_label": (dict(x=np.zeros((30, 4)), y=np.r_[np.arange(29) % 2, -1]), "K <= 1000"),
+    "uint64_labels_that_would_wrap": (
+        dict(x=np.zeros((30, 4)), y=np.r_[np.arange(29, dtype=np.uint64) % 2, np.uint64(2**63 + 5)]),
+        "labels from 0 to 9223372036854775813",
+    ),
+    "zero_width_x": (dict(x=np.zeros((30, 0)), y=np.arange(30) % 2), "at least 1 feature"),
+    "zero_width_image": (dict(x=np.zeros((30, 3, 0, 4)), y=np.arange(30) % 2), "at least 1 feature"),
+    "complex_x": (dict(x=np.ones((30, 4), np.complex64), y=np.arange(30) % 2), "real-valued"),
+    "string_x": (dict(x=np.array([["a"] * 4] * 30), y=np.arange(30) % 2), "real-valued"),
+    "object_x": (dict(x=np.array([[{}] * 4] * 30, dtype=object), y=np.arange(30) % 2), "pickled"),
 }
 
 
@@ -119,6 +246,79 @@ def test_load_npz_refuses_bad_files(tmp_path, name):
     arrays, message = BAD_NPZ[name]
     with pytest.raises(D.DataError, match=message):
         D.load_npz(_save(tmp_path, f"{name}.npz", **arrays))
+
+
+def _npz_declaring(path, shape, dtype="<f8", extra=b""):
+    """An .npz whose x.npy declares ``shape`` but holds only ``extra`` bytes: a 2 GiB claim in a tiny file."""
+    import io
+    import zipfile
+
+    def member(shape, descr, payload):
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+        return buf.getvalue() + payload
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x.npy", member(shape, dtype, extra))
+        z.writestr("y.npy", member((shape[0],), "<i8", np.zeros(shape[0], np.int64).tobytes()))
+    return str(path)
+
+
+def test_load_npz_refuses_a_huge_declared_array_before_reading_it(tmp_path, monkeypatch):
+    path = _npz_declaring(tmp_path / "bomb.npz", (2**18, 1024))  # 2 GiB of float64 declared
+    assert os.path.getsize(path) < 3_000_000  # the issue's "2 MB npz that expands to 2 GiB"
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("np.load was called on a file the headers already refuse")
+
+    monkeypatch.setattr(D.np, "load", no_load)
+    with pytest.raises(D.DataError, match=r"at most 256 MiB .* declaring 2,050 MiB"):
+        D.load_npz(path)
+
+
+def test_load_npz_refuses_a_truncated_member(tmp_path):
+    path = _npz_declaring(tmp_path / "short.npz", (40, 3), extra=b"\0" * 16)  # 16 of 960 bytes
+    with pytest.raises(D.DataError, match="readable .npz"):
+        D.load_npz(path)
+
+
+def test_load_npz_refuses_a_pickle(tmp_path):
+    import pickle
+
+    path = tmp_path / "data.npz"
+    path.write_bytes(pickle.dumps({"x": np.zeros((30, 4)), "y": np.arange(30) % 2}))
+    with pytest.raises(D.DataError, match="not one"):
+        D.load_npz(str(path))
+
+
+@pytest.mark.parametrize("name", ["label_1e6", "uint64_labels_that_would_wrap", "complex_x", "object_x"])
+def test_cli_refuses_hostile_data_with_one_line(tmp_path, capsys, name):
+    arrays, _ = BAD_NPZ[name]
+    path = _save(tmp_path, f"{name}.npz", **arrays)
+    assert cli_main(["lab", "--data", path, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("normkit lab: error: --data:") and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_cli_refuses_a_declared_bomb(tmp_path, capsys):
+    path = _npz_declaring(tmp_path / "bomb.npz", (2**18, 1024))
+    assert cli_main(["lab", "--data", path, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "256 MiB" in err and "\n" not in err
+
+
+def test_lab_without_its_extra_says_what_to_install(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("mlxtend", "sklearn") else real(name, *a)
+    )
+    assert cli_main(["lab", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "scikit-learn" in err and "mlxtend" in err and "matplotlib" not in err
+    assert "pip install 'normkit[lab]'" in err and not (tmp_path / "out").exists()
 
 
 def test_load_npz_shapes(tmp_path):
@@ -194,10 +394,10 @@ def _lab(*argv, cwd):
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """One full ``normkit lab --quick`` run (every claim), shared by the checks below."""
+def tiny_run(tmp_path_factory):
+    """One small end-to-end ``normkit lab --quick --claim 4 --seeds 2`` run, shared by the checks below."""
     out = tmp_path_factory.mktemp("lab") / "report"
-    proc = _lab("--quick", "--seeds", "1", "--out", str(out), cwd=str(out.parent))
+    proc = _lab("--quick", "--claim", "4", "--seeds", "2", "--out", str(out), cwd=str(out.parent))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, proc.stdout
 
@@ -207,41 +407,75 @@ ENTRY_KEYS = {
     "claim": str,
     "anchor": str,
     "criterion": str,
+    "test": str,
     "verdict": str,
+    "verdict_reason": str,
     "metrics": dict,
     "figure": str,
+    "checks": list,
 }
 
 
 def _is_metric(v) -> bool:
-    if v is None or isinstance(v, (int, float)) and not isinstance(v, bool):
+    if v is None or isinstance(v, (int, float)) and not isinstance(v, bool) or is_censored(v):
         return True
     return isinstance(v, list) and all(_is_metric(x) for x in v)
 
 
-def test_quick_run_writes_the_schema(quick_run):
-    out, _ = quick_run
+def test_tiny_run_writes_the_schema(tiny_run):
+    out, _ = tiny_run
     results = json.loads((out / "results.json").read_text())
-    assert set(results) >= {"normkit_version", "quick", "seeds", "elapsed_s", "claims"}
-    assert results["quick"] is True and results["seeds"] == [0] and results["elapsed_s"] > 0
-    assert [c["id"] for c in results["claims"]] == list(range(1, 12))
+    assert set(results) >= {"normkit_version", "quick", "seeds", "elapsed_s", "claims", "threads"}
+    assert results["quick"] is True and results["seeds"] == [0, 1] and results["elapsed_s"] > 0
+    assert [c["id"] for c in results["claims"]] == [4]
     for c in results["claims"]:
         for key, typ in ENTRY_KEYS.items():
             assert isinstance(c[key], typ), (c["id"], key)
         assert c["verdict"] in VERDICTS
+        assert all(ch["status"] in (PASS, FAIL, UNDECIDED, SKIPPED) and ch["detail"] for ch in c["checks"])
         assert c["metrics"] and all(_is_metric(v) for v in c["metrics"].values()), c["id"]
+        assert len(c["metrics"]["acc_bn"]) == 2 and len(c["metrics"]["acc_bn"][0]) == 4  # seeds x scales
         assert c["figure"] == f"claim{c['id']:02d}.png" and (out / c["figure"]).stat().st_size > 5000
         assert not c.get("traceback")
 
 
-def test_quick_run_report_and_summary(quick_run):
-    out, stdout = quick_run
+def test_tiny_run_report_and_summary(tiny_run):
+    out, stdout = tiny_run
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 11  # self-contained: every figure embedded
-    assert 'src="claim' not in page
-    for claim in ALL:
-        assert claim.title in page and claim.title in stdout
+    assert page.count("data:image/png;base64,") == 1  # self-contained: the figure embedded
+    assert 'src="claim' not in page and "Student-t" in page
+    assert BY_ID[4].title in page and BY_ID[4].title in stdout
     assert "verdict" in stdout and "report:" in stdout
+
+
+def test_runs_are_deterministic():
+    """The same seed gives the same numbers: initialization, batch order, plateau stop."""
+    from normkit.lab.data import ImageData
+    from normkit.lab.models import mlp
+    from normkit.lab.train import Plateau, seed_everything, train_to_plateau
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(120) % 3
+    x = torch.randn(120, 1, 2, 4, generator=g) + y[:, None, None, None]
+    data = ImageData("toy", x[:90], y[:90], x[90:], y[90:])
+
+    def run():
+        gen = seed_everything(3)
+        model = mlp(8, 3, width=16, depth=2, norm="bn")
+        h = train_to_plateau(model, data, batch_size=8, lr=0.05, generator=gen,
+                             plateau=Plateau(every=0.5, patience=2, min_epochs=1, max_epochs=6))
+        return h.steps, h.test_acc, h.losses, h.converged, [p.detach().clone() for p in model.parameters()]
+
+    a, b = run(), run()
+    assert a[:4] == b[:4]
+    assert all(torch.equal(p, q) for p, q in zip(a[4], b[4], strict=True))
+    assert a[0][-1] <= 6 * (90 // 8)  # the cap holds
+
+
+def test_values_per_statistic():
+    from normkit.lab.claims.batch import values_per_statistic
+
+    assert values_per_statistic("mlp", 2) == 2 and values_per_statistic("cnn", 2) == 32
 
 
 def test_user_data_npz(tmp_path):
@@ -257,6 +491,8 @@ def test_user_data_npz(tmp_path):
         "1",
         "--data",
         path,
+        "--jobs",
+        "1",
         "--out",
         str(tmp_path / "r"),
         cwd=str(tmp_path),

@@ -2,10 +2,11 @@
 
 Each claim (:mod:`normkit.lab.claims`) declares, before it runs, the paper it comes from, the
 number it echoes and the :class:`~normkit.lab.framework.Criterion` it will be judged by; the
-verdict is computed from the measurements (:mod:`normkit.lab.framework`). The lab is a user of
-normkit: its models use normkit's public layers only.
+verdict is computed from the measurements with a stated test over seeds
+(:mod:`normkit.lab.framework`). The lab is a user of normkit: its models use normkit's public
+layers only.
 """
 
-from .framework import Check, Claim, Criterion, Outcome, evaluate
+from .framework import Check, Claim, Criterion, Outcome, Result, evaluate
 
-__all__ = ["Check", "Claim", "Criterion", "Outcome", "evaluate"]
+__all__ = ["Check", "Claim", "Criterion", "Outcome", "Result", "evaluate"]

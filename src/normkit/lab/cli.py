@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 import warnings
@@ -11,6 +12,8 @@ import warnings
 HELP = "measure the claims about Batch Normalization on real data and write a report"
 
 DEFAULT_OUT = "normkit-report"
+FULL_SEEDS = 5
+QUICK_SEEDS = 2
 
 
 def _positive(name: str):
@@ -42,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smaller sweeps and fewer steps (about 2 minutes on 2 cores); 2 seeds by default",
+        help="the same arms, each still trained to convergence, with fewer seeds (2) and sweep points "
+        "(about 1.5 minutes on 2 cores); a check the fewer seeds cannot decide says 'too little data'",
     )
     parser.add_argument(
         "--claim",
@@ -56,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive("--seeds"),
         default=None,
         metavar="K",
-        help="seeds per arm (default 3, 2 with --quick)",
+        help="seeds per arm (default 5, 2 with --quick); verdicts come from a test over the seeds",
     )
     parser.add_argument(
         "--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default ./{DEFAULT_OUT})"
@@ -77,6 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch intra-op threads (default 1: the models are tiny and extra threads mostly "
         "wait on each other; 0 = torch's own choice)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes (default: 2, or 1 on a 1-core machine): the expensive shared runs of claims 7, 8, 10 "
+        "and 11 go to N-1 worker processes while this one runs the other claims; every run is seeded, so "
+        "the numbers do not depend on N",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -85,7 +98,31 @@ def _fail(message: str) -> int:
     return 2
 
 
+# the lab extra (pyproject's [project.optional-dependencies] lab): import name -> package name
+LAB_PACKAGES = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "mlxtend": "mlxtend"}
+INSTALL_HINT = "pip install 'normkit[lab]'"
+
+
+def missing_packages() -> list[str]:
+    """The lab extra's packages that are not installed (checked without importing them)."""
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):  # a broken or blocked installation counts as missing
+            return True
+
+    return [pkg for module, pkg in LAB_PACKAGES.items() if absent(module)]
+
+
 def main(args: argparse.Namespace) -> int:
+    missing = missing_packages()
+    if missing:
+        return _fail(
+            f"the lab needs the packages of normkit's 'lab' extra; missing here: {', '.join(missing)}. "
+            f"Install them with: {INSTALL_HINT}"
+        )
     import torch
 
     import normkit
@@ -106,6 +143,9 @@ def main(args: argparse.Namespace) -> int:
         )
     if args.threads < 0:
         return _fail(f"--threads: expected 0 (torch's choice) or a positive integer, got {args.threads}")
+    jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
+    if jobs < 1:
+        return _fail(f"--jobs: expected a positive integer, got {jobs}")
     user_data = None
     if args.data is not None:
         try:
@@ -116,16 +156,34 @@ def main(args: argparse.Namespace) -> int:
         return _fail(f"--out: expected a folder, got {args.out!r}, which is a file")
     os.makedirs(args.out, exist_ok=True)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seeds = list(range(args.seeds if args.seeds is not None else (2 if args.quick else 3)))
+    from .train import deterministic
+
+    if args.threads > 0 and "numba" not in sys.modules:
+        # numba's thread pool is sized when numba loads; a pool larger than the lab's thread count spins
+        # idle threads on a shared machine. Only a default: the user's own setting wins.
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(min(args.threads, os.cpu_count() or 1)))
+    deterministic(args.threads)
+    seeds = list(range(args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else FULL_SEEDS)))
     claims = [BY_ID[i] for i in sorted(set(args.claim))] if args.claim else list(ALL)
+    executor = None
+    if jobs > 1 and device.type == "cpu":
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from .runner import worker_init
+
+        # spawn, not fork: a forked child cannot use a thread pool its parent already started
+        executor = ProcessPoolExecutor(
+            jobs - 1, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init,
+            initargs=(args.threads,),
+        )
     ctx = Context(
         seeds=seeds,
         quick=args.quick,
         device=str(device),
         user_data=user_data,
         show_progress=not args.no_progress,
+        executor=executor,
     )
 
     data_name = (
@@ -136,15 +194,22 @@ def main(args: argparse.Namespace) -> int:
         f"device {device}, {torch.get_num_threads()} thread(s), data: {data_name}"
     )
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        # the backend fallback notice (e.g. no Numba) is printed once by normkit; repeat runs need not see it
-        warnings.simplefilter("once")
-        entries = run_all(claims, ctx, args.out)
+    try:
+        with warnings.catch_warnings():
+            # the backend fallback notice (e.g. no Numba) is printed once by normkit; repeat runs need not see it
+            warnings.simplefilter("once")
+            entries = run_all(claims, ctx, args.out)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     results = {
         "normkit_version": normkit.__version__,
         "quick": bool(args.quick),
         "seeds": seeds,
+        "jobs": jobs if executor is not None else 1,
         "elapsed_s": round(time.perf_counter() - start, 2),
+        "cpu_s": round(sum(u.ru_utime + u.ru_stime for u in usage), 2),  # this process and its workers
         "device": str(device),
         "threads": torch.get_num_threads(),
         "data": data_name,

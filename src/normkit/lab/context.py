@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from tqdm.auto import tqdm
 
 from . import data as D
-from .framework import mean, std
+from .framework import bounds_of, censored, is_censored, mean, std
 
 T = TypeVar("T")
 
@@ -23,13 +23,42 @@ class Context:
     user_data: D.ImageData | None = None
     show_progress: bool = True
     position: str = ""  # "[3/11] ": where the running claim is in the run, shown on its progress bar
+    executor: Any = None  # a concurrent.futures executor of worker processes (``--jobs``), or None
     _cache: dict[str, D.ImageData] = field(default_factory=dict)
     _memo: dict[tuple, Any] = field(default_factory=dict)
+    _pending: dict[tuple, tuple] = field(default_factory=dict)  # key -> (future, fn, args), in order
+
+    def submit(self, key: tuple, fn: Callable[..., Any], *args: Any) -> None:
+        """Start ``fn(*args)`` (a pure, seeded function) in a worker; :meth:`memo` of ``key`` collects it."""
+        if self.executor is None or key in self._memo or key in self._pending:
+            return
+        self._pending[key] = (self.executor.submit(fn, *args), fn, args)
 
     def memo(self, key: tuple, compute: Callable[[], T]) -> T:
-        """``compute()`` once per ``key`` in this run: claims that train the same arm share the result."""
-        if key not in self._memo:
-            self._memo[key] = compute()
+        """``compute()`` once per ``key`` in this run: claims that train the same arm share the result.
+
+        A run handed to a worker is collected from it. While it is still running, this process computes
+        the runs that no worker has started yet (the latest submitted, the cheapest, first) instead of
+        waiting; every run is seeded, so where it runs does not change its numbers.
+        """
+        if key in self._memo:
+            return self._memo[key]
+        if key in self._pending:
+            future = self._pending[key][0]
+            if future.cancel():
+                del self._pending[key]
+            else:
+                for other in reversed(list(self._pending)):
+                    if future.done():
+                        break
+                    f, fn, args = self._pending[other]
+                    if other != key and f.cancel():
+                        del self._pending[other]
+                        self._memo[other] = fn(*args)
+                self._memo[key] = future.result()
+                del self._pending[key]
+                return self._memo[key]
+        self._memo[key] = compute()
         return self._memo[key]
 
     def pick(self, full: T, quick: T) -> T:
@@ -63,8 +92,17 @@ class Context:
         )
 
 
-def record(metrics: dict[str, Any], name: str, per_seed: list[float]) -> None:
-    """Store a per-seed list under ``name`` with its ``name_mean`` and ``name_std`` (spread over seeds)."""
+def record(metrics: dict[str, Any], name: str, per_seed: list) -> None:
+    """Store a per-seed list under ``name`` with its ``name_mean`` and ``name_std`` (spread over seeds).
+
+    Censored values (``"> cap"``) stay as they are; the mean is then only known from below
+    (``"> x"``, x the mean of the lower bounds) and the spread is not given.
+    """
+    if any(is_censored(v) for v in per_seed):
+        metrics[name] = list(per_seed)
+        metrics[f"{name}_mean"] = censored(round(mean([bounds_of(v)[0] for v in per_seed]), 3))
+        metrics[f"{name}_std"] = None
+        return
     per_seed = [float(v) for v in per_seed]
     metrics[name] = per_seed
     metrics[f"{name}_mean"] = mean(per_seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,37 +87,97 @@ def mnist5000() -> ImageData:
     return _split("MNIST-5000 28x28", x.reshape(-1, 1, 28, 28) / 255.0, y, 0.2)
 
 
+MAX_DATA_BYTES = 256 * 2**20  # declared size of x and y together; a larger file is refused before loading
+MAX_CLASSES = 1000
+MIN_SAMPLES = 20
+_REAL_KINDS = "biuf"  # bool, signed and unsigned integers, floats: what x may hold
+_INT_KINDS = "iu"
+
+
+def _member_header(archive: zipfile.ZipFile, name: str, path: str) -> tuple[tuple[int, ...], np.dtype]:
+    """The declared (shape, dtype) of the array ``name`` in an .npz, read from its .npy header only."""
+    try:
+        with archive.open(f"{name}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version in ((2, 0), (3, 0)):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unknown .npy format version {version}")
+    except Exception as err:  # a damaged member: zipfile and numpy raise several types
+        raise DataError(f"--data: {name}: expected a .npy array in {path!r}, got an unreadable member ({err})") from err
+    return tuple(int(d) for d in shape), np.dtype(dtype)
+
+
+def _check_declared(path: str) -> None:
+    """Refuse a file by what its members declare, before any array is read into memory."""
+    if not zipfile.is_zipfile(path):
+        raise DataError(
+            f"--data: expected a .npz file (a zip archive written by numpy.savez), got {path!r}, which is not one"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = {n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")}
+            missing = [k for k in ("x", "y") if k not in names]
+            if missing:
+                raise DataError(
+                    f"--data: expected arrays 'x' and 'y' in {path!r}, got {sorted(names)} (missing {missing})"
+                )
+            (xs, xd), (ys, yd) = (_member_header(archive, k, path) for k in ("x", "y"))
+    except zipfile.BadZipFile as err:
+        raise DataError(f"--data: expected a readable .npz file, got {path!r} ({err})") from err
+    for name, dtype in (("x", xd), ("y", yd)):
+        if dtype.hasobject:
+            raise DataError(f"--data: {name}: expected numbers, got Python objects (pickled data is never loaded)")
+    if xd.kind not in _REAL_KINDS or len(xs) not in (2, 3, 4):
+        raise DataError(
+            f"--data: x: expected a real-valued array of shape (N, D), (N, H, W) or (N, C, H, W), "
+            f"got {xd} of shape {xs}"
+        )
+    if min(xs[1:]) < 1:
+        raise DataError(f"--data: x: expected at least 1 feature per sample, got shape {xs}")
+    if yd.kind not in _INT_KINDS or len(ys) != 1 or ys[0] != xs[0]:
+        raise DataError(f"--data: y: expected integer labels of shape ({xs[0]},), got {yd} of shape {ys}")
+    declared = int(np.prod(xs, dtype=np.float64)) * xd.itemsize + ys[0] * yd.itemsize
+    if declared > MAX_DATA_BYTES:
+        raise DataError(
+            f"--data: expected x and y of at most {MAX_DATA_BYTES // 2**20} MiB together, got {path!r} declaring "
+            f"{declared / 2**20:,.0f} MiB (x {xd} {xs}, y {yd} {ys})"
+        )
+    if xs[0] < MIN_SAMPLES:
+        raise DataError(f"--data: expected at least {MIN_SAMPLES} samples, got {xs[0]}")
+
+
 def load_npz(path: str | os.PathLike) -> ImageData:
-    """The user's data: a ``.npz`` with ``x`` (N, D) / (N, H, W) / (N, C, H, W) and int labels ``y`` (N,)."""
+    """The user's data: a ``.npz`` with ``x`` (N, D) / (N, H, W) / (N, C, H, W) and labels ``y`` (N,).
+
+    Refused with a :class:`DataError` (one line: what was expected, what came), each before any array
+    is read when the headers already say so: not an .npz; a pickled (object) array; x not real-valued
+    (complex, strings) or with a zero-sized feature axis; y not integer or of the wrong length;
+    declared size of x and y above :data:`MAX_DATA_BYTES` (256 MiB); fewer than 20 samples; then, after
+    loading, labels outside 0..K−1 with K ≤ :data:`MAX_CLASSES` (1000), fewer than 2 classes, or
+    non-finite x.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"--data: expected an existing .npz file, got {path!r} (no such file)")
+    _check_declared(path)
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except Exception as err:  # numpy raises several types for a file that is not an npz
-        raise DataError(f"--data: expected a .npz file written by numpy.savez, got {path!r} ({err})") from err
-    missing = [k for k in ("x", "y") if k not in arrays]
-    if missing:
+            x, y = f["x"], f["y"]
+    except Exception as err:  # a truncated or damaged member
+        raise DataError(f"--data: expected a readable .npz file written by numpy.savez, got {path!r} ({err})") from err
+    lo_y, hi_y = int(y.min()), int(y.max())  # exact for every integer dtype (uint64 included)
+    if lo_y < 0 or hi_y >= MAX_CLASSES:
         raise DataError(
-            f"--data: expected arrays 'x' and 'y' in {path!r}, got {sorted(arrays)} (missing {missing})"
+            f"--data: y: expected class labels in 0..K-1 with K <= {MAX_CLASSES}, got labels from {lo_y} to {hi_y}"
         )
-    x, y = arrays["x"], arrays["y"]
-    if x.ndim not in (2, 3, 4) or not np.issubdtype(x.dtype, np.number):
-        raise DataError(
-            f"--data: x: expected a numeric array of shape (N, D), (N, H, W) or (N, C, H, W), "
-            f"got {x.dtype} of shape {x.shape}"
-        )
-    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
-        raise DataError(
-            f"--data: y: expected non-negative integer labels of shape ({len(x)},), "
-            f"got {y.dtype} of shape {y.shape}"
-        )
-    if len(x) < 20 or len(np.unique(y)) < 2:
-        raise DataError(
-            f"--data: expected at least 20 samples of at least 2 classes, "
-            f"got {len(x)} samples of {len(np.unique(y))} classes"
-        )
+    y = y.astype(np.int64)
+    n_classes = len(np.unique(y))
+    if n_classes < 2:
+        raise DataError(f"--data: expected samples of at least 2 classes, got {len(x)} samples of {n_classes} class")
+    x = x.astype(np.float64 if x.dtype == np.float64 else np.float32)  # float16 would overflow below
     if not np.isfinite(x).all():
         raise DataError("--data: x: expected finite values, got NaN or Inf")
     if x.ndim == 2:

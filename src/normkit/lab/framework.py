@@ -1,16 +1,28 @@
-"""Claims, criteria and verdicts.
+"""Claims, criteria, checks with a stated test over seeds, and verdicts.
 
 A :class:`Claim` is declared before it runs: its statement, the paper anchor (with the number
 the paper reports), and a :class:`Criterion` — a list of :class:`Check` functions over the
-metrics the experiment will produce. The verdict is then computed, never written by hand:
+metrics the experiment will produce. Each check ends in one of four states:
 
-* ``supported``      every check that could be evaluated passed;
-* ``not supported``  every check that could be evaluated failed;
-* ``mixed``          some passed, some failed;
-* ``not evaluated``  no check could be evaluated (e.g. the arm needs a layer this build lacks).
+* ``pass`` / ``fail`` — decided: for a comparison of arms, the one-sided 95 % Student-t bound
+  on the mean over seeds (of the per-seed paired differences) clears the margin, or the other
+  bound misses it (:func:`at_least`, :func:`within`);
+* ``inconclusive`` — the seeds' uncertainty straddles the margin; the check's detail gives the
+  numbers, and more seeds are the remedy ("too little data");
+* ``not evaluated`` — its inputs are missing (an arm was skipped; the claim's notes say why).
 
-A check returns ``True``/``False``, or ``None`` when its inputs are missing (an arm was skipped,
-which the claim records in its notes) — a skipped check never counts as a pass.
+The claim's verdict is computed, never written by hand:
+
+* ``supported``      every evaluated check passed;
+* ``not supported``  every evaluated check failed;
+* ``mixed``          at least one passed and at least one failed (an inconclusive check cannot
+  change that);
+* ``inconclusive``   otherwise, when an inconclusive check could still turn the verdict;
+* ``not evaluated``  no check could be evaluated.
+
+Outcomes that were not observed within a budget are *censored*: recorded as the string
+``"> CAP"`` (:func:`censored`), never as the cap itself, and compared through their bounds
+(:func:`bounds_of`).
 """
 
 from __future__ import annotations
@@ -23,25 +35,62 @@ from typing import Any
 SUPPORTED = "supported"
 NOT_SUPPORTED = "not supported"
 MIXED = "mixed"
+INCONCLUSIVE = "inconclusive"
 NOT_EVALUATED = "not evaluated"
-VERDICTS = (SUPPORTED, NOT_SUPPORTED, MIXED, NOT_EVALUATED)
+VERDICTS = (SUPPORTED, NOT_SUPPORTED, MIXED, INCONCLUSIVE, NOT_EVALUATED)
 
-Metrics = dict[str, Any]  # name -> number | list of numbers (None = not measured)
+PASS, FAIL, UNDECIDED, SKIPPED = "pass", "fail", "inconclusive", "not evaluated"
+STATUSES = (PASS, FAIL, UNDECIDED, SKIPPED)
+
+Metrics = dict[str, Any]  # name -> number | "> cap" | list of those (None = not measured)
+
+# one-sided 95 % quantiles of Student's t, by degrees of freedom (n seeds - 1)
+_T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833,
+        10: 1.812, 12: 1.782, 15: 1.753, 20: 1.725, 30: 1.697}
+TEST_NAME = "one-sided 95 % Student-t bounds on the mean over seeds"
+
+
+def t95(df: int) -> float:
+    """The one-sided 95 % quantile of Student's t with ``df`` degrees of freedom; between the table's
+    entries the smaller df's (larger, so conservative) value."""
+    if df < 1:
+        raise ValueError(f"t95: expected df >= 1, got {df}")
+    return _T95[max(k for k in _T95 if k <= df)]
+
+
+@dataclass(frozen=True)
+class Result:
+    """A check's outcome: ``status`` (pass / fail / inconclusive / not evaluated) and the numbers behind it."""
+
+    status: str
+    detail: str = ""
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise ValueError(f"Result: status: expected one of {STATUSES}, got {self.status!r}")
+
+    @property
+    def passed(self) -> bool | None:
+        return True if self.status == PASS else False if self.status == FAIL else None
 
 
 @dataclass(frozen=True)
 class Check:
-    """One part of a criterion: ``test(metrics)`` is True (passes), False (fails) or None (not evaluable)."""
+    """One part of a criterion: ``test(metrics)`` gives a :class:`Result`, a bool (decided) or None (missing)."""
 
     description: str
-    test: Callable[[Metrics], bool | None]
+    test: Callable[[Metrics], Result | bool | None]
 
-    def __call__(self, metrics: Metrics) -> bool | None:
+    def __call__(self, metrics: Metrics) -> Result:
         try:
             result = self.test(metrics)
-        except MissingMetric:
-            return None
-        return None if result is None else bool(result)
+        except MissingMetric as missing:
+            return Result(SKIPPED, f"not measured: {missing.args[0]}")
+        if isinstance(result, Result):
+            return result
+        if result is None:
+            return Result(SKIPPED, "not measured")
+        return Result(PASS if result else FAIL)
 
 
 @dataclass(frozen=True)
@@ -55,21 +104,30 @@ class Criterion:
         if not self.checks:
             raise ValueError("a Criterion needs at least one Check")
 
-    def evaluate(self, metrics: Metrics) -> tuple[str, list[tuple[str, bool | None]]]:
+    def evaluate(self, metrics: Metrics) -> tuple[str, list[tuple[str, Result]]]:
         results = [(c.description, c(metrics)) for c in self.checks]
         return verdict_of([r for _, r in results]), results
 
 
-def verdict_of(results: Sequence[bool | None]) -> str:
-    """The verdict from the check results (None = not evaluated, ignored)."""
-    evaluated = [r for r in results if r is not None]
+def _status(r: Result | bool | None) -> str:
+    if isinstance(r, Result):
+        return r.status
+    return SKIPPED if r is None else PASS if r else FAIL
+
+
+def verdict_of(results: Sequence[Result | bool | None]) -> str:
+    """The verdict from the checks' results (bools and None are accepted for decided / missing checks)."""
+    states = [_status(r) for r in results]
+    evaluated = [s for s in states if s != SKIPPED]
     if not evaluated:
         return NOT_EVALUATED
-    if all(evaluated):
+    if PASS in evaluated and FAIL in evaluated:
+        return MIXED
+    if all(s == PASS for s in evaluated):
         return SUPPORTED
-    if not any(evaluated):
+    if all(s == FAIL for s in evaluated):
         return NOT_SUPPORTED
-    return MIXED
+    return INCONCLUSIVE
 
 
 class MissingMetric(KeyError):
@@ -98,6 +156,105 @@ def std(values: Sequence[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+# ----------------------------------------------------------------------------- censored outcomes
+def censored(cap: float) -> str:
+    """A value known only to exceed ``cap`` (e.g. "never reached the target within 300 steps")."""
+    return f"> {cap:g}"
+
+
+def is_censored(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(">")
+
+
+def bounds_of(value: Any) -> tuple[float, float]:
+    """(lower, upper) bounds of an observed number (equal) or of a censored ``"> cap"`` (cap, inf)."""
+    if is_censored(value):
+        return float(value[1:]), math.inf
+    return float(value), float(value)
+
+
+# ----------------------------------------------------------------------------- the stated test
+@dataclass(frozen=True)
+class Interval:
+    """Mean over seeds with its one-sided 95 % t bounds (lo, hi); ``n`` seeds."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+    def text(self, unit: str = "") -> str:
+        if self.n < 2:
+            return f"{self.mean:+.3g}{unit} from {self.n} seed"
+        return f"{self.mean:+.3g}{unit}, 95 % bounds [{self.lo:+.3g}, {self.hi:+.3g}] over {self.n} seeds"
+
+
+def interval(values: Sequence[float]) -> Interval:
+    """Mean of ``values`` (one per seed) with one-sided 95 % Student-t bounds; one value: no spread known."""
+    v = [float(x) for x in values]
+    n, m = len(v), mean(v)
+    if n < 2:
+        return Interval(m, -math.inf, math.inf, n)
+    half = t95(n - 1) * std(v) / math.sqrt(n)
+    return Interval(m, m - half, m + half, n)
+
+
+def _undecided(iv: Interval, what: str) -> Result:
+    if iv.n < 2:
+        return Result(UNDECIDED, f"too little data: {what} from {iv.n} seed, no spread to test against; "
+                                 "run more seeds")
+    return Result(UNDECIDED, f"too little data: {what} — the seeds' uncertainty straddles the margin; "
+                             "more seeds decide")
+
+
+def at_least(values: Sequence[float], margin: float, unit: str = "") -> Result:
+    """Is the mean over seeds of ``values`` (e.g. paired differences a − b) at least ``margin``?
+
+    pass: lower 95 % bound ≥ margin; fail: upper 95 % bound < margin; otherwise inconclusive.
+    """
+    iv = interval(values)
+    what = f"mean {iv.text(unit)} vs margin {margin:+g}{unit}"
+    if iv.n >= 2 and iv.lo >= margin:
+        return Result(PASS, what)
+    if iv.n >= 2 and iv.hi < margin:
+        return Result(FAIL, what)
+    return _undecided(iv, what)
+
+
+def within(values: Sequence[float], tolerance: float, unit: str = "") -> Result:
+    """Is the mean of ``values`` (paired differences) within ±``tolerance``? (two one-sided tests)
+
+    pass: both 95 % bounds inside ±tolerance; fail: the whole interval outside; otherwise inconclusive.
+    """
+    iv = interval(values)
+    what = f"mean {iv.text(unit)} vs ±{tolerance:g}{unit}"
+    if iv.n >= 2 and -tolerance <= iv.lo and iv.hi <= tolerance:
+        return Result(PASS, what)
+    if iv.n >= 2 and (iv.lo > tolerance or iv.hi < -tolerance):
+        return Result(FAIL, what)
+    return _undecided(iv, what)
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    """Per-seed differences a − b (the arms share a seed: same initialization and batch order)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired: expected per-seed lists of equal length, got {len(a)} and {len(b)}")
+    return [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+
+
+def every_seed(outcomes: Sequence[bool | None], what: str) -> Result:
+    """A per-seed yes/no (None = undecided for that seed, e.g. censored): pass when every seed says yes,
+    fail when any says no, otherwise inconclusive."""
+    yes = sum(o is True for o in outcomes)
+    no = sum(o is False for o in outcomes)
+    detail = f"{what}: yes in {yes}, no in {no}, undecided in {len(outcomes) - yes - no} of {len(outcomes)} seeds"
+    if no:
+        return Result(FAIL, detail)
+    if yes == len(outcomes) and outcomes:
+        return Result(PASS, detail)
+    return Result(UNDECIDED, "too little data: " + detail)
+
+
 @dataclass
 class Outcome:
     """What an experiment returns: the metrics, notes (e.g. skipped arms) and a plotting function."""
@@ -105,6 +262,7 @@ class Outcome:
     metrics: Metrics
     plot: Callable[[Any, Metrics], None]  # plot(matplotlib Figure, metrics)
     notes: list[str] = field(default_factory=list)
+    size: tuple[float, float] = (10.0, 4.2)  # the figure's size in inches
 
 
 @dataclass(frozen=True)
@@ -117,20 +275,26 @@ class Claim:
     anchor: str  # the paper and the number the result echoes
     criterion: Criterion
     run: Callable[[Any], Outcome]  # run(context) -> Outcome
-    setup: str = ""  # one paragraph: data, model, training, arms
+    setup: str = ""  # one paragraph: data, model, training, arms, and how convergence is ensured
+    plan: Callable[[Any], None] | None = None  # plan(context): hand the runs it will need to worker processes
 
 
 def evaluate(claim: Claim, outcome: Outcome) -> dict[str, Any]:
     """The claim's entry of results.json (without the figure path)."""
     verdict, checks = claim.criterion.evaluate(outcome.metrics)
+    reason = ""
+    if verdict == INCONCLUSIVE:
+        reason = "; ".join(f"{d}: {r.detail}" for d, r in checks if r.status == UNDECIDED)
     return {
         "id": claim.id,
         "title": claim.title,
         "claim": claim.claim,
         "anchor": claim.anchor,
         "criterion": claim.criterion.description,
-        "checks": [{"check": d, "passed": r} for d, r in checks],
+        "test": TEST_NAME,
+        "checks": [{"check": d, "passed": r.passed, "status": r.status, "detail": r.detail} for d, r in checks],
         "verdict": verdict,
+        "verdict_reason": reason,
         "metrics": outcome.metrics,
         "notes": list(outcome.notes),
         "setup": claim.setup,

@@ -12,6 +12,7 @@ VERDICT_COLORS = {
     "supported": "#2e7d32",
     "not supported": "#c62828",
     "mixed": "#ef6c00",
+    "inconclusive": "#6a1b9a",
     "not evaluated": "#616161",
 }
 
@@ -25,18 +26,19 @@ def write_json(results: dict[str, Any], out_dir: str) -> str:
 
 def summary_table(results: dict[str, Any]) -> str:
     """The terminal's summary: one line per claim with its verdict."""
-    lines = [f"{'#':>3}  {'claim':<44} {'verdict':<14} {'checks':>7} {'time':>8}", "-" * 81]
+    lines = [f"{'#':>3}  {'claim':<44} {'verdict':<14} {'pass/fail/?':>11} {'time':>8}", "-" * 85]
     for c in results["claims"]:
-        passed = sum(1 for ch in c["checks"] if ch["passed"])
-        evaluated = sum(1 for ch in c["checks"] if ch["passed"] is not None)
-        lines.append(
-            f"{c['id']:>3}  {c['title']:<44} {c['verdict']:<14} {passed:>3}/{evaluated:<3} "
-            f"{c['elapsed_s']:>7.1f}s"
-        )
-    lines.append("-" * 81)
+        states = [ch.get("status") for ch in c["checks"]]
+        counts = f"{states.count('pass')}/{states.count('fail')}/{states.count('inconclusive')}"
+        lines.append(f"{c['id']:>3}  {c['title']:<44} {c['verdict']:<14} {counts:>11} {c['elapsed_s']:>7.1f}s")
+    lines.append("-" * 85)
+    for c in results["claims"]:
+        if c.get("verdict_reason"):
+            lines.append(f"claim {c['id']} is inconclusive: {c['verdict_reason']}")
     lines.append(
         f"{len(results['claims'])} claims, seeds {results['seeds']}, "
-        f"{'quick' if results['quick'] else 'full'} run, {results['elapsed_s']:.0f} s"
+        f"{'quick' if results['quick'] else 'full'} run, {results['elapsed_s']:.0f} s wall, "
+        f"{results.get('cpu_s', 0):.0f} s CPU, {results.get('jobs', 1)} process(es)"
     )
     return "\n".join(lines)
 
@@ -46,6 +48,8 @@ def _fmt(v: Any) -> str:
         return "—"
     if isinstance(v, bool):
         return str(v)
+    if isinstance(v, str):
+        return html.escape(v)  # a censored value, "> 300"
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, list):
@@ -66,9 +70,18 @@ def _means(metrics: dict[str, Any]) -> str:
         spread = metrics.get(f"{name}_std")
         text = f"{value:.4g}" + (f" ± {spread:.2g}" if isinstance(spread, (int, float)) else "")
         cells.append(f"<tr><td>{html.escape(name)}</td><td>{text}</td></tr>")
+    for key, value in metrics.items():  # means known only from below: censored runs
+        if not key.endswith("_mean") or not isinstance(value, str):
+            continue
+        name = key[: -len("_mean")]
+        text = html.escape(value) + " (censored: some seeds never got there)"
+        cells.append(f"<tr><td>{html.escape(name)}</td><td>{text}</td></tr>")
     if not cells:
         return ""
     return f'<table class="metrics"><tr><th>mean over seeds</th><th>value ± std</th></tr>{"".join(cells)}</table>'
+
+
+_CLASS = {"pass": "pass", "fail": "fail", "inconclusive": "undecided", "not evaluated": "skip"}
 
 
 def _badge(verdict: str) -> str:
@@ -99,7 +112,7 @@ vertical-align:top} th{background:#f5f5f5}
 section{border-top:2px solid #eee;margin-top:2em;padding-top:.5em}
 img{max-width:100%;border:1px solid #eee} .anchor{color:#444;font-style:italic}
 .metrics td:first-child{font-family:monospace} .pass{color:#2e7d32} .fail{color:#c62828} .skip{color:#616161}
-.notes{color:#8a4b00}
+.notes{color:#8a4b00} .undecided{color:#6a1b9a}
 """
 
 
@@ -112,11 +125,14 @@ def write_html(results: dict[str, Any], out_dir: str) -> str:
     sections = []
     for c in results["claims"]:
         checks = "".join(
-            f"<li class='{'skip' if ch['passed'] is None else 'pass' if ch['passed'] else 'fail'}'>"
-            f"{'not evaluated' if ch['passed'] is None else 'pass' if ch['passed'] else 'fail'}: "
-            f"{html.escape(ch['check'])}</li>"
+            f"<li class='{_CLASS.get(ch.get('status'), 'skip')}'>{html.escape(str(ch.get('status')))}: "
+            f"{html.escape(ch['check'])}"
+            + (f"<br><small>{html.escape(ch['detail'])}</small>" if ch.get("detail") else "")
+            + "</li>"
             for ch in c["checks"]
         )
+        reason = (f"<p class='notes'><strong>Why inconclusive.</strong> {html.escape(c['verdict_reason'])}</p>"
+                  if c.get("verdict_reason") else "")
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in c.get("notes", []))
         metrics = "".join(
             f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in c["metrics"].items()
@@ -127,8 +143,10 @@ def write_html(results: dict[str, Any], out_dir: str) -> str:
 <p><strong>Claim.</strong> {html.escape(c["claim"])}</p>
 <p class="anchor"><strong>Paper.</strong> {html.escape(c["anchor"])}</p>
 <p><strong>Setup.</strong> {html.escape(c.get("setup", ""))}</p>
-<p><strong>Criterion (declared before the run).</strong> {html.escape(c["criterion"])}</p>
+<p><strong>Criterion (declared before the run).</strong> {html.escape(c["criterion"])}
+<em>Test: {html.escape(c.get("test", ""))}.</em></p>
 <ul>{checks}</ul>
+{reason}
 {f'<ul class="notes">{notes}</ul>' if notes else ""}
 {_means(c["metrics"])}
 {_image(out_dir, c.get("figure"))}
@@ -151,10 +169,14 @@ time {c["elapsed_s"]:.1f} s</summary><table class="metrics">{metrics}</table></d
 <style>{CSS}</style></head><body>
 <h1>normkit lab: what Batch Normalization really does</h1>
 <p class="meta">{meta}</p>
-<p>Each claim was given a criterion in code before it ran; the verdict is computed from the measurements:
-<em>supported</em> (every check passed), <em>not supported</em> (every check failed), <em>mixed</em>, or
-<em>not evaluated</em> (no check could run, e.g. a layer missing from this build). Numbers are means over
-seeds; bands and error bars are one standard deviation over seeds, dots single seeds.</p>
+<p>Each claim was given a criterion in code before it ran; every check compares arms with one-sided 95 %
+Student-t bounds on the mean over seeds of the paired (same-seed) differences, and passes or fails only when
+a bound clears its margin — otherwise it is <em>inconclusive</em> (too little data; more seeds decide).
+The verdict is computed: <em>supported</em> (every check passed), <em>not supported</em> (every check
+failed), <em>mixed</em> (some passed, some failed), <em>inconclusive</em> (an undecided check could still
+change it), or <em>not evaluated</em> (no check could run, e.g. a layer missing from this build). Values
+"&gt; N" are censored: not reached within the cap N. Numbers are means over seeds; bands and error bars
+are one standard deviation over seeds, dots single seeds.</p>
 <table><tr><th>#</th><th>claim</th><th>statement</th><th>verdict</th></tr>{rows}</table>
 {"".join(sections)}
 </body></html>"""

@@ -39,7 +39,7 @@ def draw(outcome, path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    fig = Figure(figsize=getattr(outcome, "size", (10, 4.2)), layout="constrained")
     FigureCanvasAgg(fig)
     outcome.plot(fig, outcome.metrics)
     fig.savefig(path, dpi=100)
@@ -61,8 +61,10 @@ def run_claim(claim: Claim, ctx: Context, out_dir: str) -> dict[str, Any]:
             "claim": claim.claim,
             "anchor": claim.anchor,
             "criterion": claim.criterion.description,
+            "test": "",
             "checks": [],
             "verdict": NOT_EVALUATED,
+            "verdict_reason": "",
             "metrics": {},
             "figure": None,
             "setup": claim.setup,
@@ -74,8 +76,22 @@ def run_claim(claim: Claim, ctx: Context, out_dir: str) -> dict[str, Any]:
     return entry
 
 
+def worker_init(threads: int) -> None:
+    """A worker process of ``--jobs``: the same thread count and deterministic settings as the main one."""
+    import warnings
+
+    from .train import deterministic
+
+    deterministic(threads)
+    warnings.simplefilter("ignore")  # the main process shows the notices once
+
+
 def run_all(claims: Sequence[Claim], ctx: Context, out_dir: str, log=print) -> list[dict[str, Any]]:
     os.makedirs(out_dir, exist_ok=True)
+    if ctx.executor is not None:
+        for claim in claims:  # the shared, expensive runs start in the workers while the first claims run here
+            if claim.plan is not None:
+                claim.plan(ctx)
     entries = []
     for i, claim in enumerate(claims, start=1):
         ctx.position = f"[{i}/{len(claims)}] "

@@ -15,8 +15,21 @@ DIVERGED_LOSS = 1e4  # a training loss above this (or NaN/Inf) counts as diverge
 
 
 def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch's global generator (initialization, noisy BN) and return a generator for the batch order.
+
+    With :func:`deterministic` set once per run, the same seed gives the same numbers, run after run.
+    """
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def deterministic(threads: int) -> None:
+    """Fix what a run's numbers may depend on besides the seeds: the intra-op thread count and torch's
+    choice of algorithms (``torch.use_deterministic_algorithms``; a warning, not an error, where an op
+    has no deterministic version)."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
@@ -63,6 +76,18 @@ class History:
     test_acc: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # training loss per step
     diverged: bool = False
+    converged: bool = False  # stopped by the plateau rule (train_to_plateau), not by its cap
+    steps_per_epoch: int = 0
+
+    @property
+    def epochs(self) -> float:
+        """Epochs trained (steps / steps per epoch)."""
+        return self.steps[-1] / self.steps_per_epoch if self.steps and self.steps_per_epoch else math.nan
+
+    def plateau_acc(self, window: int) -> float:
+        """Mean test accuracy over the last ``window`` evaluations: the level of the plateau."""
+        tail = self.test_acc[-window:]
+        return sum(tail) / len(tail) if tail else math.nan
 
     @property
     def final_acc(self) -> float:
@@ -120,4 +145,73 @@ def train_classifier(
     elif step:
         hist.steps.append(step)
         hist.test_acc.append(accuracy(model, data.xte, data.yte))
+    return hist
+
+
+@dataclass(frozen=True)
+class Plateau:
+    """When a run has converged: its test accuracy, measured every ``every`` epochs, has not beaten its
+    best so far by ``min_delta`` points for ``patience`` evaluations, after at least ``min_epochs``;
+    ``max_epochs`` is the cap (a run stopped there is reported as not converged)."""
+
+    every: float = 0.25
+    patience: int = 4
+    min_delta: float = 0.5
+    min_epochs: float = 2.0
+    max_epochs: float = 40.0
+
+    def text(self) -> str:
+        return (
+            f"trained until its test accuracy (every {self.every:g} epoch) stopped improving by "
+            f"{self.min_delta:g} points for {self.patience} evaluations, after at least {self.min_epochs:g} "
+            f"and at most {self.max_epochs:g} epochs"
+        )
+
+
+def train_to_plateau(
+    model: nn.Module,
+    data: ImageData,
+    *,
+    batch_size: int,
+    lr: float,
+    optimizer: str = "momentum",
+    generator: torch.Generator,
+    plateau: Plateau = Plateau(),
+) -> History:
+    """Train until the test accuracy plateaus (:class:`Plateau`); ``History.converged`` says whether it did.
+
+    Arms of different batch sizes then differ in epochs (small batches take more steps per epoch and
+    usually need fewer epochs), not in how far each got: the comparison is between converged networks.
+    """
+    n = len(data.xtr)
+    batch_size = min(batch_size, n)
+    per_epoch = max(1, n // batch_size)
+    every = max(1, round(per_epoch * plateau.every))
+    min_steps = math.ceil(plateau.min_epochs * per_epoch)
+    max_steps = max(min_steps, math.ceil(plateau.max_epochs * per_epoch))
+    opt = make_optimizer(model, optimizer, lr)
+    hist = History(steps_per_epoch=per_epoch)
+    model.train()
+    step = 0
+    for step, idx in enumerate(batches(n, batch_size, max_steps, generator), start=1):
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(data.xtr[idx]), data.ytr[idx])
+        value = loss.item()
+        hist.losses.append(value)
+        if not math.isfinite(value) or value > DIVERGED_LOSS:
+            hist.diverged = True
+            break
+        loss.backward()
+        opt.step()
+        if step % every == 0 or step == max_steps:
+            hist.steps.append(step)
+            hist.test_acc.append(accuracy(model, data.xte, data.yte))
+            k = plateau.patience
+            if step >= min_steps and len(hist.test_acc) > k:
+                if max(hist.test_acc[-k:]) < max(hist.test_acc[:-k]) + plateau.min_delta:
+                    hist.converged = True
+                    break
+    if hist.diverged:
+        hist.steps.append(step)
+        hist.test_acc.append(100.0 / data.n_classes)  # a diverged network counts as chance level
     return hist
