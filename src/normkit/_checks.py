@@ -19,6 +19,11 @@ class NormInputError(ValueError, RuntimeError):
     """Bad input to a normkit layer or function."""
 
 
+class NormDtypeError(NormInputError, NotImplementedError):
+    """An input dtype no normalization is defined for (integer, bool, complex): torch raises
+    ``NotImplementedError`` for these, so this error is one too (and still a NormInputError)."""
+
+
 def fail(where: str, argument: str, expected: str, got: str) -> NormInputError:
     return NormInputError(f"{where}: {argument}: expected {expected}, got {got}")
 
@@ -31,7 +36,49 @@ def check_tensor(where: str, name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise fail(where, name, "a torch.Tensor", type(t).__name__)
     if not t.is_floating_point():
-        raise fail(where, name, "a floating-point tensor (float16, bfloat16, float32, float64)", str(t.dtype))
+        raise NormDtypeError(f"{where}: {name}: expected a floating-point tensor (float16, bfloat16, float32, "
+                             f"float64), got {t.dtype}")
+
+
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def check_param_dtypes(where: str, input: torch.Tensor, **params: torch.Tensor | None) -> None:
+    """The per-channel tensors share one dtype: the input's, or float32 for float16/bfloat16 input.
+
+    torch.nn's rule on the CPU ("mixed dtype (CPU): all inputs must share same datatype"): a
+    float64 input with float32 parameters, or float16 parameters beside float32 running
+    statistics, is refused there, so it is refused here.
+    """
+    given = [(name, t) for name, t in params.items() if t is not None]
+    if not given:
+        return
+    dtypes = {t.dtype for _, t in given}
+    allowed = {input.dtype, torch.float32} if input.dtype in _REDUCED else {input.dtype}
+    if len(dtypes) > 1 or not dtypes <= allowed:
+        want = " or ".join(str(d) for d in sorted(allowed, key=str))
+        names = ", ".join(name for name, _ in given)
+        got = ", ".join(f"{name} {t.dtype}" for name, t in given)
+        raise fail(where, names, f"one dtype, {want} for {input.dtype} input", got)
+
+
+def check_not_requiring_grad(where: str, **buffers: torch.Tensor | None) -> None:
+    """Running statistics are not differentiable: torch refuses ones that require grad, so do we."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in buffers.items():
+        if t is not None and t.requires_grad:
+            raise fail(where, name, "a tensor that does not require grad (running statistics are not "
+                       "differentiable)", "requires_grad=True")
+
+
+def check_eps(where: str, eps: float, training: bool) -> None:
+    """torch's rule for batch norm: ``eps > 0`` when normalizing with batch statistics, else ``eps >= 0``."""
+    if training and not eps > 0:
+        raise fail(where, "eps", "a positive number when training (the variance of a constant channel is 0)",
+                   repr(eps))
+    if not eps >= 0:
+        raise fail(where, "eps", "a non-negative number", repr(eps))
 
 
 def check_ndim(where: str, x: torch.Tensor, allowed: Sequence[int], layout: str) -> None:

@@ -1,8 +1,11 @@
 """Stateless normalization functions with the signatures of ``torch.nn.functional``.
 
-Each validates its input (clear errors, see :mod:`normkit._checks`), runs one normkit custom op
-(:mod:`normkit.ops`), and — for batch and instance norm in training — updates the running
-statistics in place exactly as torch does::
+Each validates its input (clear errors, see :mod:`normkit._checks`), then takes one of two paths
+(:mod:`normkit.route`): normkit's custom op (:mod:`normkit.ops`, the kernels) for plain eager
+and compiled calls, or torch's own operators (:mod:`normkit.aten_path`) under ``torch.func``,
+forward-mode AD, tracing and export. Every layer reaches the computation through these
+functions. For batch and instance norm in training they update the running statistics in place
+exactly as torch does::
 
     running_mean ← (1 − momentum)·running_mean + momentum·μ_B
     running_var  ← (1 − momentum)·running_var  + momentum·σ²_B·m/(m − 1)     (unbiased)
@@ -24,8 +27,12 @@ import torch
 from torch import Tensor
 
 from . import _checks as C
-from . import ops  # noqa: F401  (registers torch.ops.normkit)
+from . import (
+    aten_path,
+    ops,  # noqa: F401  (registers torch.ops.normkit)
+)
 from .reference import ACTIVATIONS
+from .route import needs_aten_path
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"]
 
@@ -54,13 +61,18 @@ def check_batch_norm(
     training: bool,
     residual: Tensor | None = None,
     act: str | None = None,
+    eps: float = 1e-5,
 ) -> str:
     """All of batch_norm's input checks; returns the normalised ``act``."""
     C.check_tensor(where, "input", input)
     C.check_min_ndim(where, input, 2, "(N, C, *)")
     _check_channel_vectors(where, input.shape[1], running_mean=running_mean, running_var=running_var,
                            weight=weight, bias=bias)
+    C.check_param_dtypes(where, input, running_mean=running_mean, running_var=running_var, weight=weight,
+                         bias=bias)
+    C.check_not_requiring_grad(where, running_mean=running_mean, running_var=running_var)
     C.check_same_shape(where, "residual", residual, input)
+    C.check_eps(where, eps, training)
     if training:
         C.check_more_than_one_value(where, input)
     return _check_act(where, act)
@@ -83,6 +95,9 @@ def batch_norm_unchecked(
     act: str,
 ) -> Tensor:
     """:func:`batch_norm` after :func:`check_batch_norm` has passed (modules call this)."""
+    if needs_aten_path(input, weight, bias, residual):
+        return aten_path.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                    residual, act)
     if not training:
         if running_mean is None or running_var is None:
             raise C.fail("batch_norm", "running_mean/running_var", "tensors when training=False", "None")
@@ -114,7 +129,12 @@ def batch_norm(
     ``y = act(γ·(x − μ)/sqrt(σ² + ε) + β + residual)`` with the batch statistics per channel
     (biased variance) when ``training``, else ``running_mean``/``running_var``.
     """
-    act = check_batch_norm("batch_norm", input, running_mean, running_var, weight, bias, training, residual, act)
+    if isinstance(input, Tensor) and input.dim() < 2 and input.numel() == 0:
+        # torch accepts an empty 1-D input (and returns it): nothing to normalize
+        return aten_path.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                    residual, _check_act("batch_norm", act))
+    act = check_batch_norm("batch_norm", input, running_mean, running_var, weight, bias, training, residual, act,
+                           eps)
     return batch_norm_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                 residual, act)
 
@@ -125,11 +145,19 @@ def check_instance_norm(where, input, running_mean, running_var, weight, bias, u
     C.check_min_ndim(where, input, 3, "(N, C, *spatial)")
     _check_channel_vectors(where, input.shape[1], running_mean=running_mean, running_var=running_var,
                            weight=weight, bias=bias)
+    C.check_param_dtypes(where, input, running_mean=running_mean, running_var=running_var, weight=weight,
+                         bias=bias)
+    C.check_not_requiring_grad(where, running_mean=running_mean, running_var=running_var)
     if use_input_stats and math.prod(input.shape[2:]) == 1:
         raise C.fail(where, "input", "more than 1 spatial element when training", f"input of {C.shape_str(input)}")
 
 
 def instance_norm_unchecked(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
+    if needs_aten_path(input, weight, bias):
+        return aten_path.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum,
+                                       eps)
+    # torch returns a contiguous output for any input layout
+    input = input.contiguous()
     if not use_input_stats:
         return torch.ops.normkit.batch_norm_infer(input, running_mean, running_var, weight, bias, None, eps, "")
     y, mean, var = torch.ops.normkit.group_norm(input, input.shape[1], weight, bias, None, eps, "")
@@ -166,8 +194,16 @@ def check_group_norm(where, input, num_groups, weight, bias, residual=None, act=
         raise C.fail(where, "num_groups", f"a positive divisor of the {c} input channels", str(num_groups))
     C.check_vector(where, "weight", weight, c)
     C.check_vector(where, "bias", bias, c)
+    C.check_param_dtypes(where, input, weight=weight, bias=bias)
     C.check_same_shape(where, "residual", residual, input)
     return _check_act(where, act)
+
+
+def group_norm_unchecked(input, num_groups, weight, bias, eps, residual, act) -> Tensor:
+    """:func:`group_norm` after :func:`check_group_norm` has passed (modules call this)."""
+    if needs_aten_path(input, weight, bias, residual):
+        return aten_path.group_norm(input, num_groups, weight, bias, eps, residual, act)
+    return torch.ops.normkit.group_norm(input, num_groups, weight, bias, residual, eps, act)[0]
 
 
 def group_norm(
@@ -182,12 +218,13 @@ def group_norm(
 ) -> Tensor:
     """Group Normalization (Wu & He, 2018): statistics per (sample, group of C/G channels)."""
     act = check_group_norm("group_norm", input, num_groups, weight, bias, residual, act)
-    return torch.ops.normkit.group_norm(input, num_groups, weight, bias, residual, eps, act)[0]
+    return group_norm_unchecked(input, num_groups, weight, bias, eps, residual, act)
 
 
 # ----------------------------------------------------------------------------- layer / RMS norm
-def check_row_norm(where, input, normalized_shape, weight, bias) -> list[int]:
-    C.check_tensor(where, "input", input)
+def check_row_norm(where, input, normalized_shape, weight, bias, allow_complex=False) -> list[int]:
+    if not (allow_complex and isinstance(input, Tensor) and input.is_complex()):
+        C.check_tensor(where, "input", input)
     shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
     k = len(shape)
     if k == 0 or input.dim() < k or list(input.shape[input.dim() - k:]) != shape:
@@ -195,7 +232,8 @@ def check_row_norm(where, input, normalized_shape, weight, bias) -> list[int]:
                      f"input of {C.shape_str(input)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
-            C.check_tensor(where, name, t)
+            if not (allow_complex and t.is_complex()):
+                C.check_tensor(where, name, t)
             if list(t.shape) != shape:
                 raise C.fail(where, name, f"shape {tuple(shape)} (normalized_shape)", C.shape_str(t))
     return shape
@@ -210,7 +248,15 @@ def layer_norm(
 ) -> Tensor:
     """Layer Normalization (Ba et al., 2016): per sample over the trailing ``normalized_shape``."""
     shape = check_row_norm("layer_norm", input, normalized_shape, weight, bias)
-    return torch.ops.normkit.layer_norm(input, shape, weight, bias, eps)[0]
+    C.check_param_dtypes("layer_norm", input, weight=weight, bias=bias)
+    return layer_norm_unchecked(input, shape, weight, bias, eps)
+
+
+def layer_norm_unchecked(input, normalized_shape, weight, bias, eps) -> Tensor:
+    """:func:`layer_norm` after its checks (``normalized_shape`` a list)."""
+    if needs_aten_path(input, weight, bias):
+        return aten_path.layer_norm(input, normalized_shape, weight, bias, eps)
+    return torch.ops.normkit.layer_norm(input, normalized_shape, weight, bias, eps)[0]
 
 
 def rms_norm(
@@ -221,9 +267,14 @@ def rms_norm(
 ) -> Tensor:
     """RMS Normalization (Zhang & Sennrich, 2019): ``y = γ·x/sqrt(mean(x²) + ε)``.
 
-    ``eps=None`` uses ``torch.finfo(input.dtype).eps``, as torch does.
+    ``eps=None`` uses ``torch.finfo(input.dtype).eps``, as torch does. Complex input (which torch
+    accepts) and channels_last input (whose layout torch keeps) are computed by torch's own op.
+    torch accepts any floating weight dtype here, and so does normkit.
     """
-    shape = check_row_norm("rms_norm", input, normalized_shape, weight, None)
+    shape = check_row_norm("rms_norm", input, normalized_shape, weight, None, allow_complex=True)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
+    if needs_aten_path(input, weight) or input.is_complex() or (weight is not None and weight.is_complex()) or \
+            not input.is_contiguous():
+        return aten_path.rms_norm(input, shape, weight, eps)
     return torch.ops.normkit.rms_norm(input, shape, weight, eps)[0]

@@ -22,6 +22,15 @@ see one dense layout per call. Outputs keep ``x``'s memory format.
 | row_norm_backward          | dx, dweight, dbias              | LayerNorm and RMSNorm          |
 
 Gradients that an op does not produce (no weight, no residual) come back as empty tensors.
+
+Every op checks the shapes and dtypes of everything it will read before any kernel runs,
+whoever calls it (a module, a traced graph, a direct ``torch.ops.normkit.*`` call), and raises
+:class:`normkit.NormInputError` on a mismatch: no kernel reads out of bounds.
+
+The autograd formulas are first-order. When a backward runs with grad mode on (``create_graph=True``:
+double backward, gradient penalties, Hessian-vector products), it does not call the backward op:
+it recomputes the forward in torch's own operators from the saved inputs and differentiates that
+(:func:`_differentiable_vjp`), so the gradient is itself differentiable (:mod:`normkit.route`).
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import backends
+from . import _checks as C
+from . import aten_path, backends
 from ._layout import memory_format_of
 from .backends import scale_shift
 from .reference import ReferenceBackend, stat_dtype
@@ -81,12 +91,102 @@ def _channels(x: Tensor) -> int:
     return x.shape[1] if x.dim() > 1 else 1
 
 
+def _rows(x: Tensor, normalized_shape: Sequence[int]) -> tuple[int, int]:
+    k = math.prod(normalized_shape)
+    return (x.numel() // k if k else 0), k
+
+
+# ----------------------------------------------------------------------------- checks at the op
+def _op_fail(op: str, argument: str, expected: str, got: str) -> C.NormInputError:
+    return C.fail(f"torch.ops.normkit.{op}", argument, expected, got)
+
+
+def _check_x(op: str, x: Tensor, min_dim: int) -> None:
+    if not x.is_floating_point():
+        raise _op_fail(op, "x", "a floating-point tensor", str(x.dtype))
+    if x.dim() < min_dim:
+        raise _op_fail(op, "x", f"at least {min_dim} dimensions", C.shape_str(x))
+
+
+def _check_sized(op: str, numel: int, what: str, **tensors: Tensor | None) -> None:
+    """Each given tensor is floating point with exactly ``numel`` elements (``what`` says why)."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise _op_fail(op, name, "a floating-point tensor", str(t.dtype))
+        if t.numel() != numel:
+            raise _op_fail(op, name, f"{numel} elements ({what})", C.shape_str(t))
+
+
+def _check_like_x(op: str, x: Tensor, **tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.shape != x.shape:
+            raise _op_fail(op, name, f"x's shape {tuple(x.shape)}", C.shape_str(t))
+        if t is not None and not t.is_floating_point():
+            raise _op_fail(op, name, "a floating-point tensor", str(t.dtype))
+
+
+def _check_channel_op(op: str, x: Tensor, like_x: dict, per_channel: dict) -> None:
+    _check_x(op, x, 2)
+    _check_like_x(op, x, **like_x)
+    _check_sized(op, _channels(x), "one per channel, x.shape[1]", **per_channel)
+
+
+def _check_group_op(op: str, x: Tensor, num_groups: int, like_x: dict, per_channel: dict,
+                    per_group: dict | None = None) -> None:
+    _check_x(op, x, 2)
+    c = x.shape[1]
+    if num_groups <= 0 or c % num_groups != 0:
+        raise _op_fail(op, "num_groups", f"a positive divisor of x.shape[1] = {c}", str(num_groups))
+    _check_like_x(op, x, **like_x)
+    _check_sized(op, c, "one per channel, x.shape[1]", **per_channel)
+    _check_sized(op, x.shape[0] * num_groups, "one per (sample, group)", **(per_group or {}))
+
+
+def _check_row_op(op: str, x: Tensor, normalized_shape: Sequence[int], like_x: dict, per_feature: dict,
+                  per_row: dict | None = None) -> None:
+    k = len(normalized_shape)
+    if not x.is_floating_point():
+        raise _op_fail(op, "x", "a floating-point tensor", str(x.dtype))
+    if k == 0 or x.dim() < k or list(x.shape[x.dim() - k:]) != list(normalized_shape):
+        raise _op_fail(op, "x", f"trailing dimensions {tuple(normalized_shape)} (normalized_shape)",
+                       C.shape_str(x))
+    _check_like_x(op, x, **like_x)
+    m, n = _rows(x, normalized_shape)
+    _check_sized(op, n, "one per normalized element", **per_feature)
+    _check_sized(op, m, "one per row", **(per_row or {}))
+
+
+# ----------------------------------------------------------------------------- higher order
+def _differentiable_vjp(forward, inputs: tuple, needs: Sequence[bool], dy: Tensor) -> list[Tensor | None]:
+    """The vector-Jacobian product of ``forward(*inputs)`` with ``dy``, as a differentiable graph.
+
+    Called by a backward formula when grad mode is on (``create_graph=True``): ``forward`` is the
+    op's forward in torch's own operators (:mod:`normkit.aten_path`), recomputed from the saved
+    inputs — which still carry their autograd history — so the returned gradients can be
+    differentiated again. One gradient per input, ``None`` where not needed.
+    """
+    pairs = enumerate(zip(inputs, needs, strict=True))
+    wanted = [i for i, (t, need) in pairs if need and t is not None and t.requires_grad]
+    out: list[Tensor | None] = [None] * len(inputs)
+    if not wanted:
+        return out
+    with torch.enable_grad():
+        y = forward(*inputs)
+        grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True, allow_unused=True)
+    for i, g in zip(wanted, grads, strict=True):
+        out[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return out
+
+
 # ----------------------------------------------------------------------------- BatchNorm
 @torch.library.custom_op(f"{_LIB}::batch_norm_train", mutates_args=())
 def batch_norm_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, eps: float, act: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """BatchNorm with batch statistics: ``y = act(γ·(x − μ_B)/sqrt(σ²_B + ε) + β + residual)``."""
+    _check_channel_op("batch_norm_train", x, {"residual": residual}, {"weight": weight, "bias": bias})
     x = _dense(x)
     residual = _as_layout(residual, x)
     y, mean, var = backends.resolve("channel_forward", x).channel_forward(x, weight, bias, eps, residual, act)
@@ -95,6 +195,7 @@ def batch_norm_train(
 
 @batch_norm_train.register_fake
 def _(x, weight, bias, residual, eps, act):
+    _check_channel_op("batch_norm_train", x, {"residual": residual}, {"weight": weight, "bias": bias})
     c, sd = _channels(x), stat_dtype(x.dtype)
     y = torch.empty_like(x, memory_format=memory_format_of(x))
     return y, x.new_empty(c, dtype=sd), x.new_empty(c, dtype=sd)
@@ -112,6 +213,8 @@ def batch_norm_infer(
     act: str,
 ) -> Tensor:
     """BatchNorm with given statistics (eval mode): ``y = act(x·scale + shift + residual)``."""
+    _check_channel_op("batch_norm_infer", x, {"residual": residual},
+                      {"mean": mean, "var": var, "weight": weight, "bias": bias})
     x = _dense(x)
     residual = _as_layout(residual, x)
     sd = stat_dtype(x.dtype)
@@ -123,6 +226,8 @@ def batch_norm_infer(
 
 @batch_norm_infer.register_fake
 def _(x, mean, var, weight, bias, residual, eps, act):
+    _check_channel_op("batch_norm_infer", x, {"residual": residual},
+                      {"mean": mean, "var": var, "weight": weight, "bias": bias})
     return torch.empty_like(x, memory_format=memory_format_of(x))
 
 
@@ -145,21 +250,38 @@ def batch_norm_backward(
     ``False`` (statistics were constants): ``dx = γ·rstd·dz``. Always ``dγ = Σ dz·x̂``,
     ``dβ = Σ dz``; ``dresidual = dz``.
     """
+    _check_bn_backward(dy, x, mean, rstd, weight, bias, residual)
     x = _dense(x)
     dy = _as_layout(dy, x)
     residual = _as_layout(residual, x)
     sd = stat_dtype(x.dtype)
     mean, rstd = _cast(mean, sd), _cast(rstd, sd)
     scale, shift = scale_shift(weight, bias, mean, rstd)
-    dx, sum_dz, sum_dz_xhat, dz = backends.resolve("channel_backward", x).channel_backward(
-        x, dy, mean, rstd, scale, shift, residual, act, batch_stats, need_dresidual
-    )
+    if not batch_stats and act == "":
+        # constant statistics, no activation: dx = γ·rstd·dy exactly, so a NaN or Inf in x reaches
+        # dγ (Σ dy·x̂) but not dx, as in torch
+        sum_dz, sum_dz_xhat = backends.resolve("channel_backward_reduce", x).channel_backward_reduce(
+            x, dy, mean, rstd, scale, shift, residual, act
+        )
+        dx = (dy.to(sd) * scale.reshape((1, -1) + (1,) * (x.dim() - 2))).to(x.dtype)
+        dx = _as_layout(dx, x)
+        dz = dy if need_dresidual else None
+    else:
+        dx, sum_dz, sum_dz_xhat, dz = backends.resolve("channel_backward", x).channel_backward(
+            x, dy, mean, rstd, scale, shift, residual, act, batch_stats, need_dresidual
+        )
     dresidual = _fresh(dz, dy, x) if need_dresidual else _empty(x)
     return _fresh(dx, dy, x), sum_dz_xhat, sum_dz, dresidual
 
 
+def _check_bn_backward(dy, x, mean, rstd, weight, bias, residual):
+    _check_channel_op("batch_norm_backward", x, {"dy": dy, "residual": residual},
+                      {"mean": mean, "rstd": rstd, "weight": weight, "bias": bias})
+
+
 @batch_norm_backward.register_fake
 def _(dy, x, mean, rstd, weight, bias, residual, act, batch_stats, need_dresidual):
+    _check_bn_backward(dy, x, mean, rstd, weight, bias, residual)
     c, sd = _channels(x), stat_dtype(x.dtype)
     fmt = memory_format_of(x)
     dres = torch.empty_like(x, memory_format=fmt) if need_dresidual else x.new_empty(0, dtype=sd)
@@ -176,40 +298,45 @@ def _setup_bn_train(ctx, inputs, output):
     x, weight, bias, residual, eps, act = inputs
     _, mean, var = output
     ctx.mark_non_differentiable(mean, var)
-    ctx.act, ctx.batch_stats, ctx.has_residual = act, True, residual is not None
-    ctx.save_for_backward(x, weight, bias, residual, mean, torch.rsqrt(var + eps))
+    ctx.act, ctx.eps, ctx.batch_stats, ctx.has_residual = act, eps, True, residual is not None
+    ctx.save_for_backward(x, weight, bias, residual, mean, torch.rsqrt(var + eps), None)
 
 
 def _setup_bn_infer(ctx, inputs, output):
     x, mean, var, weight, bias, residual, eps, act = inputs
-    ctx.act, ctx.batch_stats, ctx.has_residual = act, False, residual is not None
+    ctx.act, ctx.eps, ctx.batch_stats, ctx.has_residual = act, eps, False, residual is not None
     sd = stat_dtype(x.dtype)
-    ctx.save_for_backward(x, weight, bias, residual, _cast(mean, sd), torch.rsqrt(_cast(var, sd) + eps))
+    ctx.save_for_backward(x, weight, bias, residual, _cast(mean, sd), torch.rsqrt(_cast(var, sd) + eps), var)
 
 
 def _bn_grads(ctx, dy):
-    x, weight, bias, residual, mean, rstd = ctx.saved_tensors
-    need_res = ctx.has_residual and ctx.needs_input_grad[_bn_residual_index(ctx)]
+    """``(dx, dweight, dbias, dresidual)`` of either BatchNorm forward, each ``None`` where not needed."""
+    x, weight, bias, residual, mean, rstd, var = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    i = 1 if ctx.batch_stats else 3  # index of weight among the op's inputs
+    need_x, need_w, need_b, need_res = need[0], need[i], need[i + 1], ctx.has_residual and need[i + 2]
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient (module docstring)
+        running = (None, None) if ctx.batch_stats else (mean, var)
+
+        def forward(x, weight, bias, residual):
+            return aten_path.batch_norm(x, *running, weight, bias, ctx.batch_stats, 0.0, ctx.eps, residual, ctx.act)
+
+        return _differentiable_vjp(forward, (x, weight, bias, residual), (need_x, need_w, need_b, need_res), dy)
     dx, dw, db, dres = torch.ops.normkit.batch_norm_backward(
         dy, x, mean, rstd, weight, bias, residual, ctx.act, ctx.batch_stats, need_res
     )
-    return dx, dw, db, (dres if need_res else None), weight, bias
-
-
-def _bn_residual_index(ctx) -> int:
-    return 3 if ctx.batch_stats else 5
+    return (dx if need_x else None), _param_grad(dw, weight, need_w), _param_grad(db, bias, need_b), \
+        (dres if need_res else None)
 
 
 def _bn_train_backward(ctx, dy, _dmean, _dvar):
-    dx, dw, db, dres, weight, bias = _bn_grads(ctx, dy)
-    need = ctx.needs_input_grad
-    return dx, _param_grad(dw, weight, need[1]), _param_grad(db, bias, need[2]), dres, None, None
+    dx, dw, db, dres = _bn_grads(ctx, dy)
+    return dx, dw, db, dres, None, None
 
 
 def _bn_infer_backward(ctx, dy):
-    dx, dw, db, dres, weight, bias = _bn_grads(ctx, dy)
-    need = ctx.needs_input_grad
-    return dx, None, None, _param_grad(dw, weight, need[3]), _param_grad(db, bias, need[4]), dres, None, None
+    dx, dw, db, dres = _bn_grads(ctx, dy)
+    return dx, None, None, dw, db, dres, None, None
 
 
 torch.library.register_autograd(f"{_LIB}::batch_norm_train", _bn_train_backward, setup_context=_setup_bn_train)
@@ -228,6 +355,7 @@ def group_norm(
     act: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """GroupNorm: statistics per (sample, group) over ``C/G × spatial``; per-channel affine."""
+    _check_group_op("group_norm", x, num_groups, {"residual": residual}, {"weight": weight, "bias": bias})
     x = _dense(x)
     residual = _as_layout(residual, x)
     y, mean, var = backends.resolve("group_forward", x).group_forward(
@@ -238,6 +366,7 @@ def group_norm(
 
 @group_norm.register_fake
 def _(x, num_groups, weight, bias, residual, eps, act):
+    _check_group_op("group_norm", x, num_groups, {"residual": residual}, {"weight": weight, "bias": bias})
     sd = stat_dtype(x.dtype)
     y = torch.empty_like(x, memory_format=memory_format_of(x))
     return y, x.new_empty(x.shape[0], num_groups, dtype=sd), x.new_empty(x.shape[0], num_groups, dtype=sd)
@@ -258,6 +387,7 @@ def group_norm_backward(
     need_dresidual: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """GroupNorm backward: per group ``dx = rstd·(g − mean(g) − x̂·mean(g·x̂))``, ``g = γ·dz``."""
+    _check_gn_backward(dy, x, mean, rstd, num_groups, weight, bias, residual)
     x = _dense(x)
     dy = _as_layout(dy, x)
     residual = _as_layout(residual, x)
@@ -270,8 +400,14 @@ def group_norm_backward(
     return _fresh(dx, dy, x), dw, db, dz
 
 
+def _check_gn_backward(dy, x, mean, rstd, num_groups, weight, bias, residual):
+    _check_group_op("group_norm_backward", x, num_groups, {"dy": dy, "residual": residual},
+                    {"weight": weight, "bias": bias}, {"mean": mean, "rstd": rstd})
+
+
 @group_norm_backward.register_fake
 def _(dy, x, mean, rstd, num_groups, weight, bias, residual, act, need_dweight, need_dresidual):
+    _check_gn_backward(dy, x, mean, rstd, num_groups, weight, bias, residual)
     sd = stat_dtype(x.dtype)
     fmt = memory_format_of(x)
     c = x.shape[1]
@@ -285,20 +421,27 @@ def _setup_gn(ctx, inputs, output):
     x, num_groups, weight, bias, residual, eps, act = inputs
     _, mean, var = output
     ctx.mark_non_differentiable(mean, var)
-    ctx.num_groups, ctx.act, ctx.has_residual = num_groups, act, residual is not None
+    ctx.num_groups, ctx.eps, ctx.act, ctx.has_residual = num_groups, eps, act, residual is not None
     ctx.save_for_backward(x, weight, bias, residual, mean, torch.rsqrt(var + eps))
 
 
 def _gn_backward(ctx, dy, _dmean, _dvar):
     x, weight, bias, residual, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
-    need_dw = (weight is not None and need[2]) or (bias is not None and need[3])
     need_res = ctx.has_residual and need[4]
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient (module docstring)
+        def forward(x, weight, bias, residual):
+            return aten_path.group_norm(x, ctx.num_groups, weight, bias, ctx.eps, residual, ctx.act)
+
+        dx, dw, db, dres = _differentiable_vjp(forward, (x, weight, bias, residual),
+                                               (need[0], need[2], need[3], need_res), dy)
+        return dx, None, dw, db, dres, None, None
+    need_dw = (weight is not None and need[2]) or (bias is not None and need[3])
     dx, dw, db, dres = torch.ops.normkit.group_norm_backward(
         dy, x, mean, rstd, ctx.num_groups, weight, bias, residual, ctx.act, need_dw, need_res
     )
     return (
-        dx,
+        dx if need[0] else None,
         None,
         _param_grad(dw, weight, need[2]),
         _param_grad(db, bias, need[3]),
@@ -312,16 +455,13 @@ torch.library.register_autograd(f"{_LIB}::group_norm", _gn_backward, setup_conte
 
 
 # ----------------------------------------------------------------------------- LayerNorm / RMSNorm
-def _rows(x: Tensor, normalized_shape: Sequence[int]) -> tuple[int, int]:
-    k = math.prod(normalized_shape)
-    return (x.numel() // k if k else 0), k
-
 
 @torch.library.custom_op(f"{_LIB}::layer_norm", mutates_args=())
 def layer_norm(
     x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm over the trailing ``normalized_shape``: per row ``y = γ·(x − μ)·rstd + β``."""
+    _check_row_op("layer_norm", x, normalized_shape, {}, {"weight": weight, "bias": bias})
     m, k = _rows(x, normalized_shape)
     x2d = x.contiguous().view(m, k)
     w = weight.reshape(k) if weight is not None else None
@@ -332,6 +472,7 @@ def layer_norm(
 
 @layer_norm.register_fake
 def _(x, normalized_shape, weight, bias, eps):
+    _check_row_op("layer_norm", x, normalized_shape, {}, {"weight": weight, "bias": bias})
     m, _ = _rows(x, normalized_shape)
     sd = stat_dtype(x.dtype)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(m, dtype=sd), x.new_empty(m, dtype=sd)
@@ -340,6 +481,7 @@ def _(x, normalized_shape, weight, bias, eps):
 @torch.library.custom_op(f"{_LIB}::rms_norm", mutates_args=())
 def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
     """RMSNorm over the trailing ``normalized_shape``: ``y = γ·x / sqrt(mean(x²) + ε)``."""
+    _check_row_op("rms_norm", x, normalized_shape, {}, {"weight": weight})
     m, k = _rows(x, normalized_shape)
     x2d = x.contiguous().view(m, k)
     w = weight.reshape(k) if weight is not None else None
@@ -349,6 +491,7 @@ def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, 
 
 @rms_norm.register_fake
 def _(x, normalized_shape, weight, eps):
+    _check_row_op("rms_norm", x, normalized_shape, {}, {"weight": weight})
     m, _ = _rows(x, normalized_shape)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(m, dtype=stat_dtype(x.dtype))
 
@@ -364,6 +507,7 @@ def row_norm_backward(
     need_dweight: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm (``mean`` given) or RMSNorm (``mean=None``) backward over rows."""
+    _check_row_backward(dy, x, mean, rstd, normalized_shape, weight)
     m, k = _rows(x, normalized_shape)
     x2d = x.contiguous().view(m, k)
     dy2d = dy.contiguous().view(m, k)
@@ -376,8 +520,14 @@ def row_norm_backward(
     return _fresh(dx.view(x.shape), dy, x), dw, db
 
 
+def _check_row_backward(dy, x, mean, rstd, normalized_shape, weight):
+    _check_row_op("row_norm_backward", x, normalized_shape, {"dy": dy}, {"weight": weight},
+                  {"mean": mean, "rstd": rstd})
+
+
 @row_norm_backward.register_fake
 def _(dy, x, mean, rstd, normalized_shape, weight, need_dweight):
+    _check_row_backward(dy, x, mean, rstd, normalized_shape, weight)
     sd = stat_dtype(x.dtype)
     shape = list(normalized_shape) if need_dweight else [0]
     bias_shape = shape if mean is not None else [0]  # RMSNorm has no bias
@@ -389,31 +539,44 @@ def _setup_ln(ctx, inputs, output):
     x, normalized_shape, weight, bias, eps = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
-    ctx.normalized_shape = list(normalized_shape)
+    ctx.normalized_shape, ctx.eps = list(normalized_shape), eps
     ctx.save_for_backward(x, weight, bias, mean, rstd)
 
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient (module docstring)
+        def forward(x, weight, bias):
+            return aten_path.layer_norm(x, ctx.normalized_shape, weight, bias, ctx.eps)
+
+        dx, dw, db = _differentiable_vjp(forward, (x, weight, bias), (need[0], need[2], need[3]), dy)
+        return dx, None, dw, db, None
     need_dw = (weight is not None and need[2]) or (bias is not None and need[3])
     dx, dw, db = torch.ops.normkit.row_norm_backward(dy, x, mean, rstd, ctx.normalized_shape, weight, need_dw)
-    return dx, None, _param_grad(dw, weight, need[2]), _param_grad(db, bias, need[3]), None
+    return (dx if need[0] else None), None, _param_grad(dw, weight, need[2]), _param_grad(db, bias, need[3]), None
 
 
 def _setup_rms(ctx, inputs, output):
     x, normalized_shape, weight, eps = inputs
     _, rstd = output
     ctx.mark_non_differentiable(rstd)
-    ctx.normalized_shape = list(normalized_shape)
+    ctx.normalized_shape, ctx.eps = list(normalized_shape), eps
     ctx.save_for_backward(x, weight, rstd)
 
 
 def _rms_backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
-    need_dw = weight is not None and ctx.needs_input_grad[2]
+    need = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient (module docstring)
+        def forward(x, weight):
+            return aten_path.rms_norm(x, ctx.normalized_shape, weight, ctx.eps)
+
+        dx, dw = _differentiable_vjp(forward, (x, weight), (need[0], need[2]), dy)
+        return dx, None, dw, None
+    need_dw = weight is not None and need[2]
     dx, dw, _ = torch.ops.normkit.row_norm_backward(dy, x, None, rstd, ctx.normalized_shape, weight, need_dw)
-    return dx, None, _param_grad(dw, weight, ctx.needs_input_grad[2]), None
+    return (dx if need[0] else None), None, _param_grad(dw, weight, need[2]), None
 
 
 torch.library.register_autograd(f"{_LIB}::layer_norm", _ln_backward, setup_context=_setup_ln)

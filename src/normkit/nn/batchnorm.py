@@ -22,11 +22,11 @@ Reducing Internal Covariate Shift", ICML 2015.
 from __future__ import annotations
 
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _LazyNormBase
 
 from .. import _checks as C
 from .. import functional as F
 from ..masked import masked_batch_norm1d
+from .scripting import twin
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
 
@@ -37,6 +37,16 @@ class _BatchNormForward:
     """The forward shared by every normkit BatchNorm (mixed in before the torch.nn class)."""
 
     _accepted_dims: tuple[int, ...] = ()
+    _script_twin: type | None = None  # what torch.jit.script compiles instead (nn/scripting.py)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        if self._script_twin is None:
+            raise NotImplementedError(
+                f"torch.jit.script: {type(self).__name__}'s training forward has no TorchScript form; "
+                "use torch.jit.trace, torch.export or torch.compile, or script the model after "
+                "normkit.convert(model, to='torch') / normkit.freeze(model)"
+            )
+        return twin(self, self._script_twin)
 
     def _check_input_dim(self, input: Tensor) -> None:
         layout = " or ".join(_LAYOUTS[d] for d in self._accepted_dims)
@@ -61,7 +71,7 @@ class _BatchNormForward:
         C.check_channels(where, input, self.num_features)
         batch_stats = self._use_batch_stats()
         act = F.check_batch_norm(where, input, self.running_mean, self.running_var, self.weight, self.bias,
-                                 batch_stats, residual, act)
+                                 batch_stats, residual, act, self.eps)
         momentum = self._momentum()  # every check has passed: now state may change
         update = self.training and self.track_running_stats
         return F.batch_norm_unchecked(
@@ -90,6 +100,7 @@ class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
     """
 
     _accepted_dims = (2, 3)
+    _script_twin = nn.BatchNorm1d
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is None:
@@ -101,27 +112,50 @@ class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
     """Batch Normalization over ``(N, C, H, W)`` input; drop-in for ``torch.nn.BatchNorm2d``."""
 
     _accepted_dims = (4,)
+    _script_twin = nn.BatchNorm2d
 
 
 class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
     """Batch Normalization over ``(N, C, D, H, W)`` input; drop-in for ``torch.nn.BatchNorm3d``."""
 
     _accepted_dims = (5,)
+    _script_twin = nn.BatchNorm3d
 
 
-class LazyBatchNorm1d(_LazyNormBase, BatchNorm1d):
-    """BatchNorm1d whose ``num_features`` is inferred from the first input's ``input.size(1)``."""
+class _LazyBatchNormMixin:
+    """What normkit's lazy BatchNorms add to torch's: ``num_features`` follows a loaded state_dict.
+
+    torch's lazy load materializes the parameters from a checkpoint but leaves ``num_features`` at
+    0 (torch.nn never reads it again); normkit's forward checks the input against it.
+    """
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for key in ("weight", "running_mean"):
+            t = state_dict.get(prefix + key)
+            if self.num_features == 0 and isinstance(t, Tensor) and t.dim() == 1:
+                self.num_features = t.shape[0]
+
+
+class LazyBatchNorm1d(_LazyBatchNormMixin, nn.LazyBatchNorm1d, BatchNorm1d):
+    """BatchNorm1d whose ``num_features`` is inferred from the first input's ``input.size(1)``;
+    a ``torch.nn.LazyBatchNorm1d``, and a :class:`BatchNorm1d` once initialised."""
 
     cls_to_become = BatchNorm1d
+    _check_input_dim = _BatchNormForward._check_input_dim
 
 
-class LazyBatchNorm2d(_LazyNormBase, BatchNorm2d):
-    """BatchNorm2d whose ``num_features`` is inferred from the first input's ``input.size(1)``."""
+class LazyBatchNorm2d(_LazyBatchNormMixin, nn.LazyBatchNorm2d, BatchNorm2d):
+    """BatchNorm2d whose ``num_features`` is inferred from the first input's ``input.size(1)``;
+    a ``torch.nn.LazyBatchNorm2d``, and a :class:`BatchNorm2d` once initialised."""
 
     cls_to_become = BatchNorm2d
+    _check_input_dim = _BatchNormForward._check_input_dim
 
 
-class LazyBatchNorm3d(_LazyNormBase, BatchNorm3d):
-    """BatchNorm3d whose ``num_features`` is inferred from the first input's ``input.size(1)``."""
+class LazyBatchNorm3d(_LazyBatchNormMixin, nn.LazyBatchNorm3d, BatchNorm3d):
+    """BatchNorm3d whose ``num_features`` is inferred from the first input's ``input.size(1)``;
+    a ``torch.nn.LazyBatchNorm3d``, and a :class:`BatchNorm3d` once initialised."""
 
     cls_to_become = BatchNorm3d
+    _check_input_dim = _BatchNormForward._check_input_dim

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .. import _checks as C
 from .. import functional as F
+from .scripting import ScriptableFrozenBatchNorm, twin
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
@@ -54,6 +55,9 @@ class FrozenBatchNorm(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        return twin(self, ScriptableFrozenBatchNorm)
+
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         where = type(self).__name__
         C.check_tensor(where, "input", input)
@@ -71,9 +75,10 @@ class FrozenBatchNorm(nn.Module):
             False,
             residual,
             self.act,
+            self.eps,
         )
-        return torch.ops.normkit.batch_norm_infer(
-            input, self.running_mean, self.running_var, self.weight, self.bias, residual, self.eps, act
+        return F.batch_norm_unchecked(
+            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps, residual, act
         )
 
     def extra_repr(self) -> str:

@@ -25,6 +25,7 @@ from .. import _checks as C
 from ..reference import ACTIVATIONS
 from .batchnorm import BatchNorm2d
 from .groupnorm import GroupNorm
+from .scripting import ScriptableBatchNormAct2d, ScriptableGroupNormAct, twin
 
 __all__ = ["BatchNormAct2d", "GroupNormAct"]
 
@@ -49,6 +50,8 @@ class BatchNormAct2d(BatchNorm2d):
         self.act = _check_act(type(self).__name__, act)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
 
+    _script_twin = ScriptableBatchNormAct2d
+
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         return self._normalize(input, residual, self.act)
 
@@ -67,6 +70,9 @@ class GroupNormAct(GroupNorm):
                  act: str | None = "relu", device=None, dtype=None) -> None:
         self.act = _check_act(type(self).__name__, act)
         super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+
+    def __prepare_scriptable__(self):
+        return twin(self, ScriptableGroupNormAct)
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         return self._normalize(input, residual, self.act)

@@ -70,6 +70,7 @@ class _GhostBatchNorm(_BatchNormForward, _BatchNorm):
         self._check_input_dim(input)
         C.check_channels(where, input, self.num_features)
         F.check_batch_norm(where, input, self.running_mean, self.running_var, self.weight, self.bias, False)
+        C.check_eps(where, self.eps, True)
         n, vbs = input.shape[0], self.virtual_batch_size
         last = n - (math.ceil(n / vbs) - 1) * vbs if n else 0
         if last * math.prod(input.shape[2:]) == 1:

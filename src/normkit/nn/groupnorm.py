@@ -10,11 +10,11 @@ Reference: Wu & He, "Group Normalization", ECCV 2018.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .. import _checks as C
 from .. import functional as F
+from .scripting import twin
 
 __all__ = ["GroupNorm"]
 
@@ -22,14 +22,16 @@ __all__ = ["GroupNorm"]
 class GroupNorm(nn.GroupNorm):
     """Group Normalization; drop-in for ``torch.nn.GroupNorm(num_groups, num_channels, eps, affine)``."""
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        return twin(self, nn.GroupNorm)
+
     def _normalize(self, input: Tensor, residual: Tensor | None = None, act: str = "") -> Tensor:
         where = type(self).__name__
         C.check_tensor(where, "input", input)
         C.check_min_ndim(where, input, 2, "(N, C, *)")
         C.check_channels(where, input, self.num_channels)
         act = F.check_group_norm(where, input, self.num_groups, self.weight, self.bias, residual, act)
-        return torch.ops.normkit.group_norm(input, self.num_groups, self.weight, self.bias, residual, self.eps,
-                                            act)[0]
+        return F.group_norm_unchecked(input, self.num_groups, self.weight, self.bias, self.eps, residual, act)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._normalize(input)

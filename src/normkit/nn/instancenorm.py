@@ -20,12 +20,17 @@ from torch import Tensor, nn
 
 from .. import _checks as C
 from .. import functional as F
+from .scripting import twin
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
 class _InstanceNormForward:
     _spatial_dims: int = 0
+    _script_twin: type = nn.Module  # the torch.nn class, set per class below
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return twin(self, self._script_twin)
 
     def forward(self, input: Tensor) -> Tensor:
         where = type(self).__name__
@@ -63,15 +68,18 @@ class InstanceNorm1d(_InstanceNormForward, nn.InstanceNorm1d):
     """Instance Normalization over ``(N, C, L)``; drop-in for ``torch.nn.InstanceNorm1d``."""
 
     _spatial_dims = 1
+    _script_twin = nn.InstanceNorm1d
 
 
 class InstanceNorm2d(_InstanceNormForward, nn.InstanceNorm2d):
     """Instance Normalization over ``(N, C, H, W)``; drop-in for ``torch.nn.InstanceNorm2d``."""
 
     _spatial_dims = 2
+    _script_twin = nn.InstanceNorm2d
 
 
 class InstanceNorm3d(_InstanceNormForward, nn.InstanceNorm3d):
     """Instance Normalization over ``(N, C, D, H, W)``; drop-in for ``torch.nn.InstanceNorm3d``."""
 
     _spatial_dims = 3
+    _script_twin = nn.InstanceNorm3d

@@ -16,12 +16,16 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..masked import masked_layer_norm
+from .scripting import twin
 
 __all__ = ["LayerNorm", "RMSNorm"]
 
 
 class LayerNorm(nn.LayerNorm):
     """Layer Normalization; drop-in for ``torch.nn.LayerNorm``."""
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return twin(self, nn.LayerNorm)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """``mask`` (bool, the input's shape before ``normalized_shape``, True = real position):
@@ -37,6 +41,9 @@ class LayerNorm(nn.LayerNorm):
 
 class RMSNorm(nn.RMSNorm):
     """RMS Normalization; drop-in for ``torch.nn.RMSNorm``."""
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return twin(self, nn.RMSNorm)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)

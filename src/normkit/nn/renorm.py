@@ -4,13 +4,13 @@ Batch-Normalized Models", NeurIPS 2017).
 Training normalizes with the batch statistics but corrects them towards the running ones, so
 that training and inference compute the same function in expectation:
 
-    μ_B, σ_B = batch mean and sqrt(biased batch variance + ε)        (channel_stats kernel)
+    μ_B, σ_B = batch mean and sqrt(biased batch variance + ε)
     σ        = sqrt(running_var + ε),  μ = running_mean
     r = clip(σ_B/σ, 1/r_max, r_max),   d = clip((μ_B − μ)/σ, −d_max, d_max)   (constants: no gradient)
     x̂ = (x − μ_B)/σ_B,                 y = γ·(x̂·r + d) + β
 
-``y`` is BatchNorm's apply with ``γ' = γ·r`` and ``β' = β + γ·d``, so it runs on the same
-``channel_apply`` kernel (``scale = γ·r/σ_B``, ``shift = β + γ·d − μ_B·scale``). Because r and d
+``y`` is BatchNorm with ``γ' = γ·r`` and ``β' = β + γ·d``, so it runs as BatchNorm (the same
+route and kernels, :func:`normkit.functional.batch_norm`) with those two vectors. Because r and d
 are treated as constants, the gradient is BatchNorm's with ``γ·r`` in place of ``γ``:
 
     dx = γ·r/σ_B · (dy − mean(dy) − x̂·mean(dy·x̂))
@@ -45,8 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _checks as C
 from .. import functional as F
-from ..channel import local_stats, normalize_with_stats
-from ..ops import _dense
+from ..reference import stat_dtype
 from .batchnorm import _BatchNormForward
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -86,8 +85,13 @@ class _BatchRenorm(_BatchNormForward, _BatchNorm):
 
     def limits(self) -> tuple[float, float]:
         """``(r_max, d_max)`` in force for the next training batch (after the warm-up ramp)."""
-        done = int(self.num_batches_tracked.item()) if self.num_batches_tracked is not None else 0
-        frac = 1.0 if self.warmup_steps == 0 else min(done / self.warmup_steps, 1.0)
+        r_lim, d_lim = self._limits()
+        return float(r_lim), float(d_lim)
+
+    def _limits(self) -> tuple[Tensor, Tensor]:
+        """:meth:`limits` as 0-d tensors: no host sync, no graph break under ``torch.compile``."""
+        done = self.num_batches_tracked.to(torch.float64)
+        frac = torch.ones_like(done) if self.warmup_steps == 0 else (done / self.warmup_steps).clamp(max=1.0)
         return 1.0 + (self.r_max - 1.0) * frac, self.d_max * frac
 
     def forward(self, input: Tensor) -> Tensor:
@@ -97,27 +101,30 @@ class _BatchRenorm(_BatchNormForward, _BatchNorm):
         C.check_tensor(where, "input", input)
         self._check_input_dim(input)
         C.check_channels(where, input, self.num_features)
-        F.check_batch_norm(where, input, self.running_mean, self.running_var, self.weight, self.bias, True)
-        x = _dense(input)
-        count, mean_b, var_b = local_stats(x)
-        r_lim, d_lim = self.limits()
+        F.check_batch_norm(where, input, self.running_mean, self.running_var, self.weight, self.bias, True,
+                           eps=self.eps)
+        sd = stat_dtype(input.dtype)
         with torch.no_grad():
-            sd = mean_b.dtype
+            # the batch statistics that set r and d (aten's two-pass var_mean); the BatchNorm below
+            # computes them again, and moves the running statistics with them exactly as BatchNorm does
+            dims = [0] + list(range(2, input.dim()))
+            var_b, mean_b = torch.var_mean(input.detach().to(sd), dim=dims, correction=0)
+            r_lim, d_lim = self._limits()
             sigma = torch.sqrt(self.running_var.to(sd) + self.eps)
-            rstd_b = torch.rsqrt(var_b + self.eps)
-            r = (torch.reciprocal(rstd_b) / sigma).clamp(1.0 / r_lim, r_lim)
-            d = ((mean_b - self.running_mean.to(sd)) / sigma).clamp(-d_lim, d_lim)
+            r = (torch.sqrt(var_b + self.eps) / sigma).clamp(min=(1.0 / r_lim).to(sd), max=r_lim.to(sd))
+            d = ((mean_b - self.running_mean.to(sd)) / sigma).clamp(min=-d_lim.to(sd), max=d_lim.to(sd))
         momentum = self._momentum()  # every check has passed: now state may change
-        if count > 0:
-            with torch.no_grad():
-                F._update_running(self.running_mean, mean_b, momentum)
-                F._update_running(self.running_var, var_b * (count / (count - 1)), momentum)
         if self.weight is not None:
             weight = self.weight.to(sd) * r
             bias = self.bias.to(sd) + self.weight.to(sd) * d
         else:
             weight, bias = r, d
-        return normalize_with_stats(x, weight, bias, None, mean_b, rstd_b, count)
+        pd = self.running_mean.dtype  # the dtype of the module's per-channel tensors (torch's mixed-dtype rule)
+        weight, bias = weight.to(pd), bias.to(pd)
+        # BatchNorm with γ' = γ·r, β' = β + γ·d (r, d constants): BatchNorm's dx with weight γ',
+        # and autograd carries dγ' and dβ' on to γ and β
+        return F.batch_norm_unchecked(input, self.running_mean, self.running_var, weight, bias, True, momentum,
+                                      self.eps, None, "")
 
 
 class BatchRenorm1d(_BatchRenorm):

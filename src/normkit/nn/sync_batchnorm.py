@@ -37,6 +37,7 @@ from .. import functional as F
 from ..channel import local_stats, normalize_with_stats
 from ..ops import _dense
 from ..reference import ACTIVATIONS
+from ..route import needs_aten_path
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormForward
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
@@ -65,7 +66,7 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
     """Batch Normalization over the batches of all ranks; drop-in for ``torch.nn.SyncBatchNorm``.
 
     Args: as ``torch.nn.SyncBatchNorm(num_features, eps=1e-5, momentum=0.1, affine=True,
-    track_running_stats=True, process_group=None, device=None, dtype=None)``.
+    track_running_stats=True, process_group=None, device=None, dtype=None, *, bias=True)``.
 
     ``forward(input, residual=None)``: ``y = γ·x̂ + β (+ residual)``; input ``(N, C, *)``.
 
@@ -85,8 +86,12 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
         process_group=None,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        # ``bias`` (torch >= 2.10's keyword) is passed on only when set, so older torch still works
+        extra = {} if bias else {"bias": False}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra)
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -122,6 +127,13 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
         act = F.check_batch_norm(
             where, input, self.running_mean, self.running_var, self.weight, self.bias, False, residual, act
         )
+        C.check_eps(where, self.eps, True)
+        if needs_aten_path(input, self.weight, self.bias, residual):
+            raise NotImplementedError(
+                f"{where}: batch statistics across {D.world_size(self.process_group)} ranks under torch.func, "
+                "forward-mode AD, tracing or export are not supported (nor are they by torch.nn.SyncBatchNorm); "
+                "call the model in eval() mode, or convert it to BatchNorm for this (normkit.convert)"
+            )
         group = self.process_group
         x = _dense(input)
         count, mean, var = local_stats(x, for_merge=True)
@@ -209,6 +221,7 @@ class SyncBatchNormAct(SyncBatchNorm):
         dtype=None,
         *,
         act: str | nn.Module = "relu",
+        bias: bool = True,
     ) -> None:
         if isinstance(act, str) and act.lower() not in ACTIVATIONS:
             raise C.fail(
@@ -218,7 +231,7 @@ class SyncBatchNormAct(SyncBatchNorm):
                 repr(act),
             )
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype
+            num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, bias=bias
         )
         self.act = act
 

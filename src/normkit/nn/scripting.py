@@ -1,0 +1,87 @@
+"""What ``torch.jit.script`` compiles in place of a normkit layer.
+
+TorchScript compiles a module's ``forward`` from its Python source, and normkit's forwards (input
+checks with Python f-strings, the route to custom ops) are not TorchScript. ``torch.jit.script``
+first calls ``__prepare_scriptable__()`` on every module, and normkit's layers answer with a
+*twin* written in TorchScript: the same class of ``torch.nn`` (or, for the fused and frozen
+layers, a small scriptable class below) sharing the very same parameter and buffer tensors, so
+the scripted model has normkit's ``state_dict`` keys, trains the same parameters, and computes
+torch.nn's numbers with aten's kernels.
+
+    scripted = torch.jit.script(model)        # works with normkit layers inside
+"""
+
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor, nn
+
+__all__ = ["twin", "ScriptableBatchNormAct2d", "ScriptableGroupNormAct", "ScriptableFrozenBatchNorm"]
+
+
+def twin(module: nn.Module, cls: type) -> nn.Module:
+    """An instance of ``cls`` with ``module``'s state: the same ``__dict__`` contents, so the same
+    parameter and buffer dictionaries (tensors are shared, not copied)."""
+    out = cls.__new__(cls)
+    out.__dict__.update(module.__dict__)
+    return out
+
+
+def _act(y: Tensor, act: str) -> Tensor:
+    if act == "relu":
+        return torch.relu(y)
+    if act == "silu":
+        return TF.silu(y)
+    if act == "gelu":
+        return TF.gelu(y)
+    return y
+
+
+class ScriptableBatchNormAct2d(nn.BatchNorm2d):
+    """``act(BatchNorm2d(x) + residual)`` in TorchScript (twin of :class:`normkit.BatchNormAct2d`)."""
+
+    act: str
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:  # noqa: UP045 (TorchScript)
+        self._check_input_dim(input)
+        factor = 0.0
+        if self.momentum is not None:
+            factor = self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        y = TF.batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None,
+                          self.weight, self.bias, batch_stats, factor, self.eps)
+        if residual is not None:
+            y = y + residual
+        return _act(y, self.act)
+
+
+class ScriptableGroupNormAct(nn.GroupNorm):
+    """``act(GroupNorm(x) + residual)`` in TorchScript (twin of :class:`normkit.GroupNormAct`)."""
+
+    act: str
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:  # noqa: UP045 (TorchScript)
+        y = TF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        if residual is not None:
+            y = y + residual
+        return _act(y, self.act)
+
+
+class ScriptableFrozenBatchNorm(nn.Module):
+    """Frozen BatchNorm in TorchScript (twin of :class:`normkit.nn.frozen.FrozenBatchNorm`)."""
+
+    act: str
+    eps: float
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:  # noqa: UP045 (TorchScript)
+        y = TF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        if residual is not None:
+            y = y + residual
+        return _act(y, self.act)

@@ -1,0 +1,70 @@
+"""Which path a normkit call takes (DESIGN.md §7): one rule, applied by :mod:`normkit.functional`.
+
+Every layer — BatchNorm and its Sync, Renorm, Ghost, Frozen and masked forms, Instance, Group,
+Layer and RMS norm, the fused ones — reaches the computation through the functions of
+:mod:`normkit.functional`, and each of those asks this module one question: may normkit's
+kernels serve this call?
+
+The kernels sit behind ``torch.library`` custom ops (:mod:`normkit.ops`) whose autograd formula
+is first-order and reverse-mode. That serves plain eager training and inference and
+``torch.compile``. Everything else PyTorch can do with a function needs the function written in
+operations PyTorch itself can differentiate, batch and trace, so in these cases the call takes
+the *aten path* (:mod:`normkit.aten_path`: torch's own ``native_batch_norm``, ``native_layer_norm``,
+``native_group_norm``, ``rms_norm`` ..., with normkit's checks and state rules around them):
+
+=====================================================  =======================================
+active                                                 detected by
+=====================================================  =======================================
+a ``torch.func`` transform (grad, vjp, jacrev, jacfwd,  a functorch interpreter level is active
+jvp, hessian, vmap, functional_call under them)
+forward-mode AD (``torch.autograd.forward_ad``)        an input carries a tangent
+``torch.export`` / ``torch.onnx.export`` (dynamo)      ``torch.compiler.is_exporting()``
+``torch.jit.trace`` / legacy ``torch.onnx.export``     ``torch.jit.is_tracing()``
+``torch.jit.script``                                   modules hand TorchScript a torch.nn twin
+                                                       (``__prepare_scriptable__``)
+=====================================================  =======================================
+
+Higher-order reverse mode (``create_graph=True``: gradient penalties, MAML, Hessian-vector
+products) cannot be seen at forward time. The custom ops handle it in their backward: when
+autograd builds a graph of the backward (grad mode is on inside it), the backward recomputes the
+forward on the aten path from the saved inputs and differentiates that, so the gradient it
+returns is itself differentiable (:func:`normkit.ops._differentiable_vjp`).
+
+Everything on the aten path gives torch.nn's numbers, and raises torch.nn's errors for what
+torch.nn refuses under a transform (e.g. an in-place running-statistics update under ``vmap``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as _fwad
+from torch import Tensor
+
+try:  # torch >= 2.0: the functorch interpreter stack
+    from torch._C._functorch import maybe_current_level as _functorch_level
+except ImportError:  # pragma: no cover - very old torch
+    def _functorch_level():
+        return None
+
+__all__ = ["needs_aten_path"]
+
+
+def _has_tangent(tensors: tuple[Tensor | None, ...]) -> bool:
+    if getattr(_fwad, "_current_level", -1) < 0:  # no dual level entered: nothing can carry a tangent
+        return False
+    return any(t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def needs_aten_path(*tensors: Tensor | None) -> bool:
+    """True when the call must be computed in differentiable, traceable torch ops (module docstring).
+
+    ``tensors`` are every tensor the call reads (input, parameters, residual): forward-mode AD is
+    detected by a tangent on any of them. Costs well under a microsecond in plain eager mode.
+    """
+    if torch.compiler.is_compiling():
+        # torch.compile keeps the custom ops (one opaque node, normkit's kernels); export does not:
+        # an exported program must run, and translate to ONNX, without normkit.
+        return torch.compiler.is_exporting()
+    if torch.jit.is_tracing() or _functorch_level() is not None:
+        return True
+    return _has_tangent(tensors)
