@@ -142,7 +142,9 @@ def test_matches_torch_nn(case_name, backend_name, dtype):
             assert_as_accurate(*outputs, f"y, step {step}")
             assert outputs[0].dtype == x.dtype
             if len(case.shape) in (4, 5):
-                assert outputs[0].is_contiguous(memory_format=case.memory_format), "memory format not kept"
+                fmt = case.memory_format
+                assert outputs[0].is_contiguous(memory_format=fmt) == outputs[1].is_contiguous(memory_format=fmt), \
+                    "output memory format differs from torch.nn's"
             dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
             for out in outputs:
                 out.backward(dy.to(out.dtype))

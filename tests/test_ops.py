@@ -146,12 +146,18 @@ def test_torch_compile_fullgraph(training):
     torch.testing.assert_close(compiled_model.state_dict(), eager.state_dict())
 
 
-def test_double_backward_raises():
-    x = _x(3, 4)
+def test_double_backward_is_differentiable():
+    """create_graph=True: the backward recomputes on torch's operators, so the gradient has a gradient."""
+    x = _x(3, 4).double().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: F.layer_norm(t, (4,)), (x,))
     y = F.layer_norm(x, (4,))
     (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        g.sum().backward()
+    (gg,) = torch.autograd.grad(g.square().sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    y2 = torch.nn.functional.layer_norm(x2, (4,))
+    (g2,) = torch.autograd.grad(y2.square().sum(), x2, create_graph=True)
+    (gg2,) = torch.autograd.grad(g2.square().sum(), x2)
+    torch.testing.assert_close(gg, gg2)
 
 
 def test_torch_compile_inductor_fullgraph():

@@ -65,21 +65,23 @@ class FrozenBatchNorm(nn.Module):
             layout = " or ".join(_LAYOUTS[d] for d in self._accepted_dims)
             C.check_ndim(where, input, self._accepted_dims, layout)
         C.check_channels(where, input, self.num_features)
+        # torchvision computes in the buffers' dtype and lets type promotion mix it with the input's;
+        # here the buffers are brought to the input's parameter dtype (exact for float64 input)
+        pd = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+        mean, var, weight, bias = (t.to(pd) for t in (self.running_mean, self.running_var, self.weight, self.bias))
         act = F.check_batch_norm(
             where,
             input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
+            mean,
+            var,
+            weight,
+            bias,
             False,
             residual,
             self.act,
             self.eps,
         )
-        return F.batch_norm_unchecked(
-            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps, residual, act
-        )
+        return F.batch_norm_unchecked(input, mean, var, weight, bias, False, 0.0, self.eps, residual, act)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}" + (f", act={self.act!r}" if self.act else "")
