@@ -217,10 +217,16 @@ def test_module_error_inputs(info):
 
 
 # ----------------------------------------------------------------------------- op_db
-def _sample_call(fn, sample):
-    """``fn(sample)`` on fresh copies of every tensor (running statistics are updated in place)."""
+def _sample_call(fn, sample, dtype=None):
+    """``fn(sample)`` on fresh copies of every tensor (running statistics are updated in place),
+    floating ones converted to ``dtype`` if given."""
     def clone(a):
-        return a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+        if not isinstance(a, torch.Tensor):
+            return a
+        b = a.detach().clone()
+        if dtype is not None and b.is_floating_point():
+            b = b.to(dtype)
+        return b.requires_grad_(a.requires_grad)
 
     inp = clone(sample.input)
     args = [clone(a) for a in sample.args]
@@ -232,27 +238,50 @@ def _tensors(inp, args, kwargs):
     return [t for t in (inp, *args, *kwargs.values()) if isinstance(t, torch.Tensor)]
 
 
+def assert_close_or_closer_to_truth(ours, theirs, truth, **tol):
+    """``ours`` equals torch's result within ``tol``, or is nearer the float64 truth than torch's is.
+
+    (torch's float32 LayerNorm backward on a one-element row returns 1.2e-4 where the exact
+    gradient is 0, and normkit's is 0.)
+    """
+    for o, t, r in zip(ours, theirs, truth, strict=True):
+        if o is None or t is None:
+            assert o is None and t is None
+            continue
+        try:
+            torch.testing.assert_close(o, t, **tol, equal_nan=True)
+        except AssertionError:
+            ok = torch.isfinite(r)
+            assert ((o.double() - r).abs() <= (t.double() - r).abs() + tol["atol"])[ok].all()
+
+
+def _grads(fn, sample, dtype, k):
+    """(output, updated tensors, input/parameter gradients) of ``fn`` on ``sample`` in ``dtype``."""
+    y, *state = _sample_call(fn, sample, dtype)
+    tensors = _tensors(*state)
+    wrt = [t for t in tensors if t.requires_grad]
+    grads = ()
+    if wrt and y.requires_grad:
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64).to(dtype)
+        grads = torch.autograd.grad(y, wrt, dy, allow_unused=True)
+    return y, tensors, grads
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("op", OPS, ids=lambda op: op.name)
 def test_function_values(op, dtype, backend):
-    """Outputs, running statistics and gradients equal torch.nn.functional's for every op_db sample."""
+    """Outputs, running statistics and gradients equal torch.nn.functional's for every op_db sample
+    (or are nearer the float64 truth than torch's)."""
     ours_fn = FUNCTIONS[op.name]
     for k, sample in enumerate(op.sample_inputs("cpu", dtype, requires_grad=True)):
-        y_ref, *state_ref = _sample_call(op.op, sample)
+        theirs = _grads(op.op, sample, dtype, k)
+        truth = _grads(op.op, sample, torch.float64, k)
         with normkit.backend(backend):
-            y_ours, *state_ours = _sample_call(ours_fn, sample)
-        torch.testing.assert_close(y_ours, y_ref, **TOL[dtype], equal_nan=True)
-        t_ref, t_ours = _tensors(*state_ref), _tensors(*state_ours)
-        torch.testing.assert_close(t_ours, t_ref, **TOL[dtype], equal_nan=True)  # running stats updated alike
-        wrt = [i for i, t in enumerate(t_ref) if t.requires_grad]
-        if not wrt or not y_ref.requires_grad:
-            continue
-        dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(k), dtype=dtype)
-        g_ref = torch.autograd.grad(y_ref, [t_ref[i] for i in wrt], dy, allow_unused=True)
-        with normkit.backend(backend):
-            g_ours = torch.autograd.grad(y_ours, [t_ours[i] for i in wrt], dy, allow_unused=True)
-        torch.testing.assert_close(g_ours, g_ref, **TOL[dtype], equal_nan=True)
+            ours = _grads(ours_fn, sample, dtype, k)
+        for o, t, r in zip(ours, theirs, truth, strict=True):
+            o, t, r = (list(v) if isinstance(v, (list, tuple)) else [v] for v in (o, t, r))
+            assert_close_or_closer_to_truth(o, t, r, **TOL[dtype])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -32,7 +32,7 @@ from . import (
     ops,  # noqa: F401  (registers torch.ops.normkit)
 )
 from .reference import ACTIVATIONS
-from .route import needs_aten_path
+from .route import needs_aten_path, prefer_aten
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"]
 
@@ -42,6 +42,10 @@ def _check_act(where: str, act: str | None) -> str:
     if act not in ACTIVATIONS:
         raise C.fail(where, "act", f"one of {[a for a in ACTIVATIONS if a] + [None]}", repr(act))
     return act
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_channel_vectors(where: str, channels: int, **vectors: Tensor | None) -> None:
@@ -95,7 +99,8 @@ def batch_norm_unchecked(
     act: str,
 ) -> Tensor:
     """:func:`batch_norm` after :func:`check_batch_norm` has passed (modules call this)."""
-    if needs_aten_path(input, weight, bias, residual):
+    if needs_aten_path(input, weight, bias, residual) or prefer_aten(
+            "batch_norm_train" if training else "batch_norm_infer", input, fused=residual is not None or act != ""):
         return aten_path.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                     residual, act)
     if not training:
@@ -153,7 +158,7 @@ def check_instance_norm(where, input, running_mean, running_var, weight, bias, u
 
 
 def instance_norm_unchecked(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
-    if needs_aten_path(input, weight, bias):
+    if needs_aten_path(input, weight, bias) or prefer_aten("group_norm", input):
         return aten_path.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum,
                                        eps)
     # torch returns a contiguous output for any input layout
@@ -201,7 +206,8 @@ def check_group_norm(where, input, num_groups, weight, bias, residual=None, act=
 
 def group_norm_unchecked(input, num_groups, weight, bias, eps, residual, act) -> Tensor:
     """:func:`group_norm` after :func:`check_group_norm` has passed (modules call this)."""
-    if needs_aten_path(input, weight, bias, residual):
+    if needs_aten_path(input, weight, bias, residual) or prefer_aten("group_norm", input,
+                                                                     fused=residual is not None or act != ""):
         return aten_path.group_norm(input, num_groups, weight, bias, eps, residual, act)
     return torch.ops.normkit.group_norm(input, num_groups, weight, bias, residual, eps, act)[0]
 
@@ -254,7 +260,8 @@ def layer_norm(
 
 def layer_norm_unchecked(input, normalized_shape, weight, bias, eps) -> Tensor:
     """:func:`layer_norm` after its checks (``normalized_shape`` a list)."""
-    if needs_aten_path(input, weight, bias):
+    if needs_aten_path(input, weight, bias) or prefer_aten("layer_norm", input,
+                                                           needs_grad=_needs_grad(input, weight, bias)):
         return aten_path.layer_norm(input, normalized_shape, weight, bias, eps)
     return torch.ops.normkit.layer_norm(input, normalized_shape, weight, bias, eps)[0]
 
@@ -274,7 +281,7 @@ def rms_norm(
     shape = check_row_norm("rms_norm", input, normalized_shape, weight, None, allow_complex=True)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
-    if needs_aten_path(input, weight) or input.is_complex() or (weight is not None and weight.is_complex()) or \
-            not input.is_contiguous():
+    complex_ = input.is_complex() or (weight is not None and weight.is_complex())
+    if needs_aten_path(input, weight) or prefer_aten("rms_norm", input) or complex_ or not input.is_contiguous():
         return aten_path.rms_norm(input, shape, weight, eps)
     return torch.ops.normkit.rms_norm(input, shape, weight, eps)[0]

@@ -32,6 +32,11 @@ returns is itself differentiable (:func:`normkit.ops._differentiable_vjp`).
 
 Everything on the aten path gives torch.nn's numbers, and raises torch.nn's errors for what
 torch.nn refuses under a transform (e.g. an in-place running-statistics update under ``vmap``).
+
+Plain eager calls on the ``auto`` backend also take the aten path where aten's own CPU kernel is
+as fast as normkit's and as deterministic (:func:`prefer_aten`): a custom-op call costs tens of
+microseconds of Python dispatch that aten does not, which decides every small tensor. An
+explicitly chosen backend (``normkit.backend("cpu")``) always runs its kernels.
 """
 
 from __future__ import annotations
@@ -40,13 +45,20 @@ import torch
 import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
+from .backends import current as _backend_name
+
 try:  # torch >= 2.0: the functorch interpreter stack
     from torch._C._functorch import maybe_current_level as _functorch_level
 except ImportError:  # pragma: no cover - very old torch
     def _functorch_level():
         return None
 
-__all__ = ["needs_aten_path"]
+__all__ = ["needs_aten_path", "prefer_aten", "ATEN_BELOW"]
+
+# Below this many elements aten's CPU norms run inline on the calling thread (at::parallel_for's
+# grain size, 32768), so they are bit-identical for any thread count, and the fixed cost of a
+# custom-op call (~30-60 µs of Python dispatch) outweighs any kernel difference.
+ATEN_BELOW = 32768
 
 
 def _has_tangent(tensors: tuple[Tensor | None, ...]) -> bool:
@@ -68,3 +80,31 @@ def needs_aten_path(*tensors: Tensor | None) -> bool:
     if torch.jit.is_tracing() or _functorch_level() is not None:
         return True
     return _has_tangent(tensors)
+
+
+def prefer_aten(op: str, x: Tensor, *, fused: bool = False, needs_grad: bool = True) -> bool:
+    """Whether a plain eager call on the ``auto`` backend is better served by aten's own kernel.
+
+    ``op`` is ``"batch_norm_train"``, ``"batch_norm_infer"``, ``"group_norm"``, ``"layer_norm"``
+    or ``"rms_norm"``; ``fused`` says a residual or activation is fused (aten would need extra
+    passes); ``needs_grad`` says a backward will follow. The rule, from measurements
+    (``normkit bench``, docs/benchmarks.md):
+
+    * any op on fewer than :data:`ATEN_BELOW` elements (per-call cost; deterministic there);
+    * eval-mode BatchNorm without fusion at any size: one elementwise pass that torch runs at the
+      memory roofline, with no reduction to make results depend on the thread count;
+    * LayerNorm for inference (no backward): aten's forward is row-parallel (deterministic) and at
+      the roofline; its backward sums dγ/dβ in per-thread buffers, so training keeps normkit's.
+
+    Elsewhere — training BatchNorm, GroupNorm/InstanceNorm, RMSNorm, every fused form — normkit's
+    kernels run (faster, and bit-identical for any thread count).
+    """
+    if x.device.type != "cpu" or _backend_name() != "auto":
+        return False
+    if x.numel() < ATEN_BELOW:
+        return True
+    if op == "batch_norm_infer":
+        return not fused
+    if op == "layer_norm":
+        return not needs_grad
+    return False

@@ -1,28 +1,21 @@
 """Export models with normkit layers: ``torch.export`` and ONNX.
 
-``torch.export.export(model, args)`` works as it is: every normkit op is a ``torch.library``
-custom op with a fake kernel, so the ExportedProgram holds one ``torch.ops.normkit.*`` node per
-layer and runs normkit's kernels when called. Other runtimes do not know those ops, though:
-``torch.onnx.export`` (the dynamo exporter, the default in torch 2.13) fails with
-"No ONNX function found for normkit.batch_norm_infer".
+Plain ``torch.export.export(model, args)`` and ``torch.onnx.export(model, args, path)`` work as
+they are: while exporting (``torch.compiler.is_exporting()``) or tracing, every normkit layer
+computes through torch's own operators (:mod:`normkit.route`, :mod:`normkit.aten_path`), with
+the statistics written out in two-pass form, so the ExportedProgram holds aten ops only — it
+loads and runs without normkit, and every exporter translates it.
 
-The fix used here is a decomposition table, ``{normkit op: the same math in aten ops}``, given to
-``ExportedProgram.run_decompositions``: the normkit nodes become the reference backend's
-formulas (:mod:`normkit.reference`: two-pass mean/variance, ``x·scale + shift``, activation),
-which every exporter understands. The table is applied only on request — it is never registered
-globally, so ``torch.compile`` keeps calling normkit's own kernels.
+What remains here is for programs that do contain ``torch.ops.normkit.*`` nodes (code that calls
+the ops directly, or a graph captured some other way) and for convenience:
 
     ep = normkit.tools.export_program(model, (x,))           # torch.export + decomposition
     onnx_program = normkit.export_onnx(model, (x,), "model.onnx")
 
-Equivalent by hand::
-
-    ep = torch.export.export(model, (x,))
-    ep = ep.run_decompositions(normkit.tools.decompositions())
-    torch.onnx.export(ep, (x,), "model.onnx", dynamo=True, opset_version=18)
-
-(a ``custom_translation_table`` of onnxscript functions would also work, but would write the
-math a second time; the decomposition reuses the reference implementation.)
+``decompositions()`` is a table ``{normkit op: the same math in aten ops}`` (the reference
+backend's formulas: two-pass mean/variance, ``x·scale + shift``, activation) for
+``ExportedProgram.run_decompositions``. It is applied only on request, never registered
+globally, so ``torch.compile`` keeps calling normkit's own kernels.
 
 A model in training mode exports with batch statistics: the graph computes the batch's mean and
 variance. The running-statistics update is a buffer mutation of the ExportedProgram; the ONNX
