@@ -41,6 +41,38 @@ def check_tensor(where: str, name: str, t: torch.Tensor) -> None:
 
 
 _REDUCED = (torch.float16, torch.bfloat16)
+_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+# ----------------------------------------------------------------------------- fast paths
+# Each ``*_ok`` answers, in a few attribute reads, whether the common case holds so that none of the
+# detailed checks below can fail; when it answers False the caller runs the detailed checks, which
+# raise with the full message (or pass, for a rare case the fast path does not cover). A call on a
+# small tensor costs tens of microseconds of Python otherwise — more than the normalization.
+def vectors_ok(input: torch.Tensor, size: int, vectors: Sequence[torch.Tensor | None]) -> bool:
+    """Every given vector has shape ``(size,)``, no running statistic requires grad, one dtype that
+    suits the input (check_param_dtypes)."""
+    dtype = None
+    for t in vectors:
+        if t is None:
+            continue
+        if t.shape != (size,) or (dtype is not None and t.dtype != dtype):
+            return False
+        dtype = t.dtype
+    return dtype is None or dtype == input.dtype or (dtype == torch.float32 and input.dtype in _REDUCED)
+
+
+def batch_norm_ok(input, num_features: int, accepted_dims, weight, bias, running_mean, running_var,
+                  batch_stats: bool, eps: float) -> bool:
+    if not isinstance(input, torch.Tensor) or input.dtype not in _FLOATS or input.dim() not in accepted_dims:
+        return False
+    if input.shape[1] != num_features or not eps > 0:
+        return False
+    if running_mean is not None and (running_mean.requires_grad or running_var is None or running_var.requires_grad):
+        return False
+    if batch_stats and input.numel() == num_features:  # one value per channel (or zero channels)
+        return False
+    return vectors_ok(input, num_features, (weight, bias, running_mean, running_var))
 
 
 def check_param_dtypes(where: str, input: torch.Tensor, **params: torch.Tensor | None) -> None:

@@ -32,7 +32,7 @@ from . import (
     ops,  # noqa: F401  (registers torch.ops.normkit)
 )
 from .reference import ACTIVATIONS
-from .route import needs_aten_path, prefer_aten
+from .route import use_aten
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"]
 
@@ -99,8 +99,8 @@ def batch_norm_unchecked(
     act: str,
 ) -> Tensor:
     """:func:`batch_norm` after :func:`check_batch_norm` has passed (modules call this)."""
-    if needs_aten_path(input, weight, bias, residual) or prefer_aten(
-            "batch_norm_train" if training else "batch_norm_infer", input, fused=residual is not None or act != ""):
+    if use_aten("batch_norm_train" if training else "batch_norm_infer", input, weight, bias, residual,
+                fused=residual is not None or act != ""):
         return aten_path.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                     residual, act)
     if not training:
@@ -158,7 +158,7 @@ def check_instance_norm(where, input, running_mean, running_var, weight, bias, u
 
 
 def instance_norm_unchecked(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
-    if needs_aten_path(input, weight, bias) or prefer_aten("group_norm", input):
+    if use_aten("group_norm", input, weight, bias):
         return aten_path.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum,
                                        eps)
     # torch returns a contiguous output for any input layout
@@ -206,8 +206,7 @@ def check_group_norm(where, input, num_groups, weight, bias, residual=None, act=
 
 def group_norm_unchecked(input, num_groups, weight, bias, eps, residual, act) -> Tensor:
     """:func:`group_norm` after :func:`check_group_norm` has passed (modules call this)."""
-    if needs_aten_path(input, weight, bias, residual) or prefer_aten("group_norm", input,
-                                                                     fused=residual is not None or act != ""):
+    if use_aten("group_norm", input, weight, bias, residual, fused=residual is not None or act != ""):
         return aten_path.group_norm(input, num_groups, weight, bias, eps, residual, act)
     return torch.ops.normkit.group_norm(input, num_groups, weight, bias, residual, eps, act)[0]
 
@@ -253,15 +252,27 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Layer Normalization (Ba et al., 2016): per sample over the trailing ``normalized_shape``."""
-    shape = check_row_norm("layer_norm", input, normalized_shape, weight, bias)
-    C.check_param_dtypes("layer_norm", input, weight=weight, bias=bias)
+    shape = _row_shape_ok(input, normalized_shape, weight, bias)
+    if shape is None:
+        shape = check_row_norm("layer_norm", input, normalized_shape, weight, bias)
+        C.check_param_dtypes("layer_norm", input, weight=weight, bias=bias)
     return layer_norm_unchecked(input, shape, weight, bias, eps)
+
+
+def _row_shape_ok(input, normalized_shape, weight, bias) -> list[int] | None:
+    """``normalized_shape`` as a list when the common case of :func:`check_row_norm` holds (1-D
+    affine, matching trailing dimension, suitable dtypes), else None (run the detailed checks)."""
+    if not isinstance(input, Tensor) or input.dtype not in C._FLOATS:
+        return None
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    if len(shape) != 1 or input.dim() < 1 or input.shape[-1] != shape[0]:
+        return None
+    return shape if C.vectors_ok(input, shape[0], (weight, bias)) else None
 
 
 def layer_norm_unchecked(input, normalized_shape, weight, bias, eps) -> Tensor:
     """:func:`layer_norm` after its checks (``normalized_shape`` a list)."""
-    if needs_aten_path(input, weight, bias) or prefer_aten("layer_norm", input,
-                                                           needs_grad=_needs_grad(input, weight, bias)):
+    if use_aten("layer_norm", input, weight, bias, needs_grad=_needs_grad(input, weight, bias)):
         return aten_path.layer_norm(input, normalized_shape, weight, bias, eps)
     return torch.ops.normkit.layer_norm(input, normalized_shape, weight, bias, eps)[0]
 
@@ -282,6 +293,6 @@ def rms_norm(
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     complex_ = input.is_complex() or (weight is not None and weight.is_complex())
-    if needs_aten_path(input, weight) or prefer_aten("rms_norm", input) or complex_ or not input.is_contiguous():
+    if complex_ or not input.is_contiguous() or use_aten("rms_norm", input, weight):
         return aten_path.rms_norm(input, shape, weight, eps)
     return torch.ops.normkit.rms_norm(input, shape, weight, eps)[0]

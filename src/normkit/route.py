@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - very old torch
     def _functorch_level():
         return None
 
-__all__ = ["needs_aten_path", "prefer_aten", "ATEN_BELOW"]
+__all__ = ["needs_aten_path", "prefer_aten", "use_aten", "ATEN_BELOW"]
 
 # Below this many elements aten's CPU norms run inline on the calling thread (at::parallel_for's
 # grain size, 32768), so they are bit-identical for any thread count, and the fixed cost of a
@@ -99,12 +99,19 @@ def prefer_aten(op: str, x: Tensor, *, fused: bool = False, needs_grad: bool = T
     Elsewhere — training BatchNorm, GroupNorm/InstanceNorm, RMSNorm, every fused form — normkit's
     kernels run (faster, and bit-identical for any thread count).
     """
-    if x.device.type != "cpu" or _backend_name() != "auto":
+    if x.device.type != "cpu":
         return False
-    if x.numel() < ATEN_BELOW:
+    if not (x.numel() < ATEN_BELOW or (op == "batch_norm_infer" and not fused)
+            or (op == "layer_norm" and not needs_grad)):
+        return False
+    return _backend_name() == "auto"
+
+
+def use_aten(op: str, x: Tensor, *others: Tensor | None, fused: bool = False, needs_grad: bool = True) -> bool:
+    """:func:`needs_aten_path` or, in plain eager mode, :func:`prefer_aten`: the one question
+    :mod:`normkit.functional` asks (``others``: the other tensors the call reads)."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.is_exporting()
+    if torch.jit.is_tracing() or _functorch_level() is not None or _has_tangent((x, *others)):
         return True
-    if op == "batch_norm_infer":
-        return not fused
-    if op == "layer_norm":
-        return not needs_grad
-    return False
+    return prefer_aten(op, x, fused=fused, needs_grad=needs_grad)

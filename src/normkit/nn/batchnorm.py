@@ -53,7 +53,7 @@ class _BatchNormForward:
         C.check_ndim(type(self).__name__, input, self._accepted_dims, layout)
 
     def _use_batch_stats(self) -> bool:
-        return self.training or self.running_mean is None
+        return self.training or self._state()[2] is None
 
     def _momentum(self) -> float | Tensor:
         """The weight of this batch in the running statistics, after counting the batch."""
@@ -64,22 +64,32 @@ class _BatchNormForward:
                 return self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
         return 0.0 if self.momentum is None else self.momentum
 
+    def _state(self) -> tuple:
+        """(weight, bias, running_mean, running_var), read from the module's dictionaries directly
+        (``Module.__getattr__`` costs a microsecond a name)."""
+        p, b = self._parameters, self._buffers
+        return tuple(p[k] if k in p else b[k] if k in b else getattr(self, k, None)
+                     for k in ("weight", "bias", "running_mean", "running_var"))
+
     def _normalize(self, input: Tensor, residual: Tensor | None = None, act: str = "") -> Tensor:
-        where = type(self).__name__
-        C.check_tensor(where, "input", input)
-        self._check_input_dim(input)
-        C.check_channels(where, input, self.num_features)
-        batch_stats = self._use_batch_stats()
-        act = F.check_batch_norm(where, input, self.running_mean, self.running_var, self.weight, self.bias,
-                                 batch_stats, residual, act, self.eps)
+        weight, bias, running_mean, running_var = self._state()
+        batch_stats = self.training or running_mean is None
+        if residual is not None or act or not C.batch_norm_ok(input, self.num_features, self._accepted_dims, weight,
+                                                              bias, running_mean, running_var, batch_stats, self.eps):
+            where = type(self).__name__
+            C.check_tensor(where, "input", input)
+            self._check_input_dim(input)
+            C.check_channels(where, input, self.num_features)
+            act = F.check_batch_norm(where, input, running_mean, running_var, weight, bias, batch_stats, residual,
+                                     act, self.eps)
         momentum = self._momentum()  # every check has passed: now state may change
         update = self.training and self.track_running_stats
         return F.batch_norm_unchecked(
             input,
-            self.running_mean if update or not batch_stats else None,
-            self.running_var if update or not batch_stats else None,
-            self.weight,
-            self.bias,
+            running_mean if update or not batch_stats else None,
+            running_var if update or not batch_stats else None,
+            weight,
+            bias,
             batch_stats,
             momentum,
             self.eps,
