@@ -7,6 +7,7 @@ that every record is complete and self-consistent.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -76,3 +77,103 @@ def test_plot_is_a_png(tiny_run):
 def test_bad_shape_is_refused():
     with pytest.raises(SystemExit, match="--shape"):
         cli.main(["bench", "--shape", "bn2d=2xfoo", "--no-e2e"])
+
+
+# --- the models suite -----------------------------------------------------------------------------
+
+MODEL_RECORD_KEYS = {"op", "op_key", "group", "mode", "shape", "layout", "dtype", "device", "impls"}
+MODEL_IMPL_KEYS = {"median_ms", "min_ms", "p25_ms", "p75_ms", "max_ms", "times_ms", "speedup_vs_torch"}
+
+
+@pytest.fixture(scope="module")
+def models_run(tmp_path_factory):
+    """``--suite models`` on tiny sizes, one round. The reference backend keeps it to seconds (no
+    kernel compilation); what is checked is the machinery and that both models compute the same."""
+    import torch
+
+    import normkit
+
+    out = tmp_path_factory.mktemp("models")
+    argv = ["bench", "--suite", "models", "--quick", "--sizes", "tiny", "--rounds", "1", "--e2e-rounds", "1",
+            "--no-cold", "--threads", "1", "--json", str(out / "m.json"), "--plot", str(out / "m.png")]
+    threads = torch.get_num_threads()
+    try:
+        with normkit.backend("reference"):
+            assert cli.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads((out / "m.json").read_text()), out / "m.png"
+
+
+def test_models_suite_schema(models_run):
+    doc, png = models_run
+    assert doc["schema"] == "normkit-bench/1" and doc["suite"] == "models"
+    assert doc["skipped"] == []
+    assert doc["settings"]["sizes"] == "tiny"
+    groups = [r["group"] for r in doc["records"]]
+    assert groups.count("everyday") == 8 and groups.count("per call") == 4
+    assert groups.count("network") == 1 and groups.count("saved_bytes") == 1
+    assert "first_call" not in groups  # --no-cold
+    s = doc["summary"]
+    assert s["everyday_cases"] == 8 and s["per_call_cases"] == 4
+    ratios = [r["impls"]["normkit"]["speedup_vs_torch"] for r in doc["records"] if r["group"] == "everyday"]
+    assert s["geomean_everyday"] == pytest.approx(math.prod(ratios) ** (1 / len(ratios)))
+    for rec in doc["records"]:
+        assert MODEL_RECORD_KEYS - {"impls"} <= set(rec), rec.keys()
+        if rec["group"] == "saved_bytes":
+            continue
+        assert set(rec["impls"]) == {"torch", "normkit"}
+        for impl in rec["impls"].values():
+            assert MODEL_IMPL_KEYS <= set(impl)
+            assert len(impl["times_ms"]) == 1
+        assert rec["impls"]["torch"]["speedup_vs_torch"] == 1.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_models_suite_compares_equal_computations(models_run):
+    doc, _ = models_run
+    for rec in doc["records"]:
+        diff = rec.get("max_output_diff", rec.get("max_loss_diff"))
+        if rec["group"] != "saved_bytes":
+            assert diff is not None and diff < 1e-4, (rec["op_key"], diff)
+
+
+def test_saved_bytes_counts_what_autograd_keeps(models_run):
+    doc, _ = models_run
+    (rec,) = [r for r in doc["records"] if r["group"] == "saved_bytes"]
+    for name in ("torch", "normkit"):
+        got = rec["saved_bytes"][name]
+        assert 0 < got["distinct"] <= got["total"]
+    assert rec["ratio_normkit_vs_torch"]["distinct"] == (rec["saved_bytes"]["normkit"]["distinct"] /
+                                                         rec["saved_bytes"]["torch"]["distinct"])
+
+
+def test_saved_bytes_of_a_known_graph():
+    import torch
+
+    from normkit.bench.models import saved_bytes
+
+    # Linear saves its input (4x3 fp32) and weight (5x3); cross_entropy its log-softmax (4x5)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5, bias=False))
+    got = saved_bytes(model, torch.randn(4, 3), torch.tensor([0, 1, 2, 3]))
+    assert got["total"] >= (4 * 3 + 5 * 3 + 4 * 5) * 4
+    assert got["distinct"] <= got["total"]
+
+
+def test_first_call_in_a_fresh_process():
+    from normkit.bench import coldstart
+
+    rec = coldstart.run(rounds=1, threads=1)
+    assert rec["group"] == "first_call"
+    for name in ("torch", "normkit"):
+        im = rec["impls"][name]
+        assert len(im["runs"]) == 1
+        assert im["process_s"] >= im["import_torch_s"] + im["build_s"] + im["first_step_s"] > 0
+    assert rec["impls"]["torch"]["import_normkit_s"] < rec["impls"]["normkit"]["import_normkit_s"]
+
+
+def test_help_lists_the_models_suite(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert "--suite {ops,models}" in text and "--no-cold" in text

@@ -5,7 +5,13 @@ contenders in paired rounds (:mod:`.timing`), reports medians and spread, the sp
 torch eager, GB/s and % of the copy roofline measured in the same run (:mod:`.roofline`), then
 one training step of a small ResNet (:mod:`.e2e`).
 
+``--suite models`` (:mod:`.models`) measures everyday models instead: training steps of an MLP,
+small CNNs and a small Transformer, batch-1 inference, single tiny layers, the ResNet step,
+bytes saved for backward and the first training step in a fresh process — torch.nn vs the same
+model after ``normkit.convert(model, fuse=True)``.
+
     normkit bench                      # full run (several minutes on 2 cores)
+    normkit bench --suite models --json models.json --plot models.png
     normkit bench --quick              # about a minute: smaller shapes, fewer rounds, no compile
     normkit bench --ops bn2d,bn_relu --modes fwd+bwd --json out.json --plot out.png
     normkit bench --shape bn2d=32x128x28x28 --device cuda
@@ -22,14 +28,20 @@ import sys
 import torch
 
 _COPY = "_copy"
-HELP = "benchmark normkit's norms vs torch eager / torch.compile, with a roofline"
+HELP = "benchmark normkit's norms vs torch eager / torch.compile (roofline), or everyday models"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cases import DTYPES, MODES, OPS
 
+    p.add_argument("--suite", choices=("ops", "models"), default="ops",
+                   help="ops (default): each norm op vs torch eager/compile with a roofline; models: "
+                        "training steps and inference of everyday models, tiny layers per call, the ResNet "
+                        "step, bytes saved for backward, first call in a fresh process (torch.nn vs "
+                        "normkit.convert(fuse=True))")
     p.add_argument("--quick", action="store_true",
-                   help="about one minute: smaller shapes, 5 rounds, no compile")
+                   help="ops: about one minute: smaller shapes, 5 rounds, no compile; models: 5 rounds, "
+                        "one fresh process each")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma list of {', '.join(OPS)}")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, bwd, fwd+bwd, eval")
@@ -42,8 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=None, help="paired rounds per case (default 15, quick 5)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--no-e2e", action="store_true", help="skip the ResNet training step")
-    p.add_argument("--e2e-batch", type=int, default=None, help="ResNet batch (default 128, quick 32)")
+    p.add_argument("--e2e-batch", type=int, default=None, help="ResNet batch (ops: default 128, quick 32; models: 32)")
     p.add_argument("--e2e-rounds", type=int, default=None, help="paired ResNet steps (default 7, quick 3)")
+    p.add_argument("--sizes", choices=("full", "tiny"), default="full",
+                   help="models suite: tiny shrinks every model (a smoke test, not a benchmark)")
+    p.add_argument("--no-cold", action="store_true",
+                   help="models suite: skip the first-call measurement in fresh processes")
     p.add_argument("--copy-mb", type=int, default=256, help="size of the copy that measures bandwidth")
     p.add_argument("--threads", type=int, default=None, help="torch (and normkit) threads; default torch's")
     p.add_argument("--no-malloc-tune", action="store_true",
@@ -108,6 +124,10 @@ def _cases(args) -> list:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.suite == "models":
+        from . import models
+
+        return models.main(args)
     from tqdm import tqdm
 
     from . import e2e, report, roofline

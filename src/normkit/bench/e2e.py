@@ -55,11 +55,12 @@ class SmallResNet(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
-def run(device: str, batch: int, rounds: int, channels_last: bool = False) -> list[dict]:
+def run(device: str, batch: int, rounds: int, channels_last: bool = False,
+        widths: tuple[int, ...] = (32, 64, 128)) -> list[dict]:
     """Records for the training step (and the folded-inference row when ``normkit.fold`` exists)."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    base = SmallResNet().to(device).to(memory_format=fmt)
+    base = SmallResNet(widths).to(device).to(memory_format=fmt)
     models = {"torch": base, "normkit": normkit.convert(copy.deepcopy(base), fuse=True)}
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(batch, 3, 32, 32, generator=g).to(device).contiguous(memory_format=fmt),

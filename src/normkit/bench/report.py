@@ -10,6 +10,11 @@ JSON schema (``"schema": "normkit-bench/1"``)::
                             {"median_ms", "min_ms", "p25_ms", "p75_ms", "max_ms", "times_ms",
                              "speedup_vs_torch", "GBps", "pct_roofline"}}}, ...],
      "e2e": [{"op", "mode": "step", ..., "impls": {...}, "max_loss_diff" | "max_output_diff"}]}
+
+``--suite models`` writes the same envelope with ``"suite": "models"``, a ``"summary"``
+(``geomean_everyday``, ``geomean_per_call``) and records shaped like the e2e ones plus a
+``"group"`` (``everyday``, ``per call``, ``network``, ``saved_bytes``, ``first_call``); see
+:mod:`.models`. Its impls have no ``GBps`` / ``pct_roofline`` (a model has no roofline here).
 """
 
 from __future__ import annotations
@@ -44,18 +49,17 @@ def _cpu_name() -> str:
 
 
 def versions() -> dict:
-    import numba
+    import importlib
 
     import normkit
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numba": numba.__version__,
-           "numpy": np.__version__, "normkit": normkit.__version__}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        pass
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "normkit": normkit.__version__}
+    for optional in ("numba", "triton"):  # reported when installed
+        try:
+            out[optional] = importlib.import_module(optional).__version__
+        except ImportError:
+            pass
     return out
 
 
@@ -136,3 +140,65 @@ def markdown(records: list[dict], e2e: list[dict]) -> str:
                    f"{n['speedup_vs_torch']:.2f} | {_fmt(xc, '.2f')} | {_fmt(n.get('GBps'), '.1f')} | "
                    f"{roof} |")
     return "\n".join(out)
+
+
+def models_table(records: list[dict], summary: dict) -> str:
+    """The models suite as fixed-width text: medians in ms and torch ÷ normkit, then the summary."""
+    head = f"{'case':<24}{'group':<10}{'mode':<12}{'shape':<18}{'torch':>10}{'normkit':>10}{'x torch':>9}{'diff':>9}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        shape = "x".join(map(str, r["shape"]))
+        if r["group"] == "saved_bytes":
+            sb = r["saved_bytes"]
+            lines.append(f"{r['op'][:23]:<24}{'memory':<10}{r['mode']:<12}{shape:<18}"
+                         f"{sb['torch']['distinct'] / 2**20:>8.1f}MB{sb['normkit']['distinct'] / 2**20:>8.1f}MB"
+                         f"{r['ratio_normkit_vs_torch']['distinct']:>9.2f}  (normkit/torch, distinct storages)")
+            continue
+        t, n = r["impls"]["torch"], r["impls"]["normkit"]
+        diff = r.get("max_output_diff", r.get("max_loss_diff"))
+        lines.append(f"{r['op'][:23]:<24}{r['group'][:9]:<10}{r['mode']:<12}{shape:<18}{t['median_ms']:>10.3f}"
+                     f"{n['median_ms']:>10.3f}{n['speedup_vs_torch']:>9.2f}{_fmt(diff, '9.1e')}")
+        if r["group"] == "first_call":
+            parts = ", ".join(f"{k} {n[k]:.2f} s (torch {t[k]:.2f})" for k in
+                              ("import_normkit_s", "build_s", "first_step_s", "second_step_s"))
+            lines.append(f"    normkit: {parts}")
+    lines.append(f"geometric mean x torch: everyday {_fmt(summary['geomean_everyday'], '.2f')} "
+                 f"({summary['everyday_cases']} cases), per call {_fmt(summary['geomean_per_call'], '.2f')} "
+                 f"({summary['per_call_cases']} cases)")
+    return "\n".join(lines)
+
+
+def models_plot(path: str, records: list[dict], summary: dict, title: str) -> None:
+    """torch ÷ normkit per case (log scale, 1.0 = parity), and bytes saved for backward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in records if "impls" in r]
+    mem = [r for r in records if r["group"] == "saved_bytes"]
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 0.45 * len(timed) + 5), 6),
+                             gridspec_kw={"width_ratios": [max(len(timed), 1), 2]})
+    colors = {"everyday": "tab:blue", "per call": "tab:orange", "network": "tab:green", "first_call": "tab:red"}
+    xs = np.arange(len(timed))
+    ys = [r["impls"]["normkit"]["speedup_vs_torch"] for r in timed]
+    axes[0].bar(xs, ys, color=[colors.get(r["group"], "gray") for r in timed])
+    axes[0].axhline(1.0, color="black", lw=0.8)
+    if summary.get("geomean_everyday"):
+        axes[0].axhline(summary["geomean_everyday"], color="tab:blue", lw=0.8, ls="--",
+                        label=f"geomean everyday {summary['geomean_everyday']:.2f}")
+        axes[0].legend()
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("torch time / normkit time (median; >1: normkit faster)")
+    labels = [f"{r['op']} {r['mode']} {'x'.join(map(str, r['shape']))}" for r in timed]
+    axes[0].set_xticks(xs, labels, rotation=75, ha="right", fontsize=7)
+    axes[0].set_title(title, fontsize=9)
+    for i, r in enumerate(mem):
+        sb = r["saved_bytes"]
+        axes[1].bar([2 * i - 0.2, 2 * i + 0.2], [sb["torch"]["distinct"] / 2**20, sb["normkit"]["distinct"] / 2**20],
+                    0.4, color=["gray", "tab:blue"])
+    axes[1].set_xticks([2 * i for i in range(len(mem))], ["torch | normkit"] * len(mem), fontsize=8)
+    axes[1].set_ylabel("MB saved for backward (ResNet step)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
