@@ -234,3 +234,20 @@ def test_forward_ad_and_jvp_give_torchs_tangent():
         out = layer(fwAD.make_dual(x, t))
         assert fwAD.unpack_dual(out).tangent is not None
         torch.testing.assert_close(fwAD.unpack_dual(out).tangent, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_jit_script_trace_and_export():
+    layer = normkit.LayerNorm2d(6)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    x = _input((2, 6, 5, 4), torch.float32)
+    expected = torch_ln2d(x, layer.weight, layer.bias, 1e-6)
+    scripted = torch.jit.script(nn.Sequential(layer))
+    torch.testing.assert_close(scripted(x), expected)
+    assert scripted.state_dict().keys() == {"0.weight", "0.bias"}
+    traced = torch.jit.trace(layer, (x,))
+    torch.testing.assert_close(traced(x + 1), torch_ln2d(x + 1, layer.weight, layer.bias, 1e-6))
+    exported = torch.export.export(layer, (x,))
+    torch.testing.assert_close(exported.module()(x), expected)
+    assert not any("normkit" in str(n.target) for n in exported.graph.nodes)  # runs without normkit

@@ -9,7 +9,7 @@ backward kernels behind ``torch.library`` custom ops, plus the tools around them
     ...     y = layer(x)
 """
 
-from . import functional, ops  # noqa: F401  (ops registers torch.ops.normkit.*)
+from . import func, functional, ops  # noqa: F401  (ops registers torch.ops.normkit.*)
 from ._checks import NormInputError
 from .backends import BackendUnavailableError, backend
 from .nn import (
@@ -36,6 +36,7 @@ from .nn import (
     RMSNorm,
     SyncBatchNorm,
 )
+from .running_stats import get_nonfinite_policy, set_nonfinite_policy
 from .tools import convert, export_onnx, fold, freeze, inspect, recalibrate, unfreeze
 
 __version__ = "0.1.0"
@@ -73,6 +74,8 @@ __all__ = [
     "export_onnx",
     "inspect",
     "NormInputError",
+    "set_nonfinite_policy",
+    "get_nonfinite_policy",
     "BackendUnavailableError",
     "__version__",
 ]

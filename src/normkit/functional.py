@@ -33,6 +33,7 @@ from . import (
 )
 from .reference import ACTIVATIONS
 from .route import use_aten
+from .running_stats import batch_moments
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"]
 
@@ -97,19 +98,31 @@ def batch_norm_unchecked(
     eps: float,
     residual: Tensor | None,
     act: str,
+    *,
+    on_stats=None,
 ) -> Tensor:
-    """:func:`batch_norm` after :func:`check_batch_norm` has passed (modules call this)."""
+    """:func:`batch_norm` after :func:`check_batch_norm` has passed (modules call this).
+
+    ``on_stats(mean, var, count)``, when given, receives the batch statistics (biased variance)
+    in place of the update of ``running_mean``/``running_var`` (the modules' running-statistics
+    policy, :mod:`normkit.running_stats`); the modules then pass no running statistics.
+    """
     if use_aten("batch_norm_train" if training else "batch_norm_infer", input, weight, bias, residual,
                 fused=residual is not None or act != ""):
-        return aten_path.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                    residual, act)
+        y = aten_path.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                 residual, act)
+        if training and on_stats is not None:
+            on_stats(*batch_moments(input))  # aten computed them too, but does not return them
+        return y
     if not training:
         if running_mean is None or running_var is None:
             raise C.fail("batch_norm", "running_mean/running_var", "tensors when training=False", "None")
         return torch.ops.normkit.batch_norm_infer(input, running_mean, running_var, weight, bias, residual, eps, act)
     y, mean, var = torch.ops.normkit.batch_norm_train(input, weight, bias, residual, eps, act)
     count = input.numel() // input.shape[1] if input.shape[1] else 0
-    if count > 0 and running_mean is not None and running_var is not None:
+    if on_stats is not None:
+        on_stats(mean, var, count)
+    elif count > 0 and running_mean is not None and running_var is not None:
         with torch.no_grad():
             _update_running(running_mean, mean, momentum)
             _update_running(running_var, var * (count / max(count - 1, 1)), momentum)

@@ -7,6 +7,8 @@ parameters (``weight``, ``bias``), buffers (``running_mean``, ``running_var``,
 
 * input checks run first; a refused batch changes no buffer (torch.nn increments
   ``num_batches_tracked`` before it refuses);
+* a forward recomputed by ``torch.utils.checkpoint`` changes no buffer, and a batch with
+  non-finite statistics is skipped (:mod:`normkit.running_stats`);
 * training: ``y = γ·(x − μ_B)/sqrt(σ²_B + ε) + β`` with the batch's per-channel mean and biased
   variance; ``running_mean``/``running_var`` (unbiased) move by ``momentum``, or by
   ``1/num_batches_tracked`` (a cumulative average) when ``momentum=None``;
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 
 from .. import _checks as C
 from .. import functional as F
+from .. import running_stats
 from ..masked import masked_batch_norm1d
 from .scripting import twin
 
@@ -55,14 +58,15 @@ class _BatchNormForward:
     def _use_batch_stats(self) -> bool:
         return self.training or self._state()[2] is None
 
-    def _momentum(self) -> float | Tensor:
-        """The weight of this batch in the running statistics, after counting the batch."""
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                # a 0-d tensor in the statistics' dtype: exact, and no graph break under compile
-                return self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
-        return 0.0 if self.momentum is None else self.momentum
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        running_stats.attach(self)  # the skipped_batches counter (not in state_dict)
+
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
+        """The one place a training batch moves the running statistics and num_batches_tracked:
+        once per forward (not again when checkpointing recomputes it), finite batches only
+        (:mod:`normkit.running_stats`)."""
+        running_stats.update_running_stats(self, mean, var, count)
 
     def _state(self) -> tuple:
         """(weight, bias, running_mean, running_var), read from the module's dictionaries directly
@@ -82,19 +86,19 @@ class _BatchNormForward:
             C.check_channels(where, input, self.num_features)
             act = F.check_batch_norm(where, input, running_mean, running_var, weight, bias, batch_stats, residual,
                                      act, self.eps)
-        momentum = self._momentum()  # every check has passed: now state may change
         update = self.training and self.track_running_stats
         return F.batch_norm_unchecked(
             input,
-            running_mean if update or not batch_stats else None,
-            running_var if update or not batch_stats else None,
+            None if batch_stats else running_mean,
+            None if batch_stats else running_var,
             weight,
             bias,
             batch_stats,
-            momentum,
+            0.0,
             self.eps,
             residual,
             act,
+            on_stats=self._update_running_stats if update else None,  # after every check has passed
         )
 
     def forward(self, input: Tensor) -> Tensor:

@@ -84,19 +84,19 @@ class _GhostBatchNorm(_BatchNormForward, _BatchNorm):
         update = self.track_running_stats
         outs = []
         for chunk in input.split(vbs, dim=0) if n else (input,):
-            momentum = self._momentum()
             outs.append(
                 F.batch_norm_unchecked(
                     chunk,
-                    self.running_mean if update else None,
-                    self.running_var if update else None,
+                    None,
+                    None,
                     self.weight,
                     self.bias,
                     True,
-                    momentum,
+                    0.0,
                     self.eps,
                     None,
                     "",
+                    on_stats=self._update_running_stats if update else None,
                 )
             )
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

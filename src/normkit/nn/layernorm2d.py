@@ -25,21 +25,9 @@ from torch import Tensor, nn
 from .. import _checks as C
 from .. import ops  # noqa: F401  (registers torch.ops.normkit.layer_norm_2d)
 from ..ops_channels import permute_form
+from ..route import use_aten
 
-__all__ = ["LayerNorm2d", "layer_norm_2d"]
-
-
-def _torch_path() -> bool:
-    """Whether a transform is active that the custom op does not serve (torch.func, forward AD,
-    scripting/tracing, export): then the permute form in aten ops gives the same numbers."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
-        return True
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    if exporting is not None and exporting():
-        return True
-    if torch._C._are_functorch_transforms_active():
-        return True
-    return torch.autograd.forward_ad._current_level >= 0
+__all__ = ["LayerNorm2d", "layer_norm_2d", "ScriptableLayerNorm2d"]
 
 
 def layer_norm_2d(input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -50,7 +38,9 @@ def layer_norm_2d(input: Tensor, weight: Tensor | None = None, bias: Tensor | No
     C.check_ndim(where, input, (4,), "(N, C, H, W)")
     C.check_vector(where, "weight", weight, input.shape[1])
     C.check_vector(where, "bias", bias, input.shape[1])
-    if _torch_path():
+    if use_aten("layer_norm_2d", input, weight, bias):
+        # torch.func, forward AD, tracing, export — or a tensor too small for a kernel launch to pay
+        # (normkit.route): the permute form in torch's own operators, the same numbers
         return permute_form(input, weight, bias, eps)
     return torch.ops.normkit.layer_norm_2d(input, weight, bias, eps)[0]
 
@@ -73,3 +63,18 @@ class LayerNorm2d(nn.LayerNorm):
         C.check_ndim(type(self).__name__, input, (4,), "(N, C, H, W)")
         C.check_channels(type(self).__name__, input, self.normalized_shape[0])
         return layer_norm_2d(input, self.weight, self.bias, self.eps)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles instead: the permute form, sharing this layer's tensors."""
+        out = ScriptableLayerNorm2d.__new__(ScriptableLayerNorm2d)
+        out.__dict__.update(self.__dict__)
+        return out
+
+
+class ScriptableLayerNorm2d(nn.LayerNorm):
+    """LayerNorm2d in TorchScript (``permute → layer_norm → permute``): the twin ``torch.jit.script`` uses."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        y = nn.functional.layer_norm(input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                                     self.eps)
+        return y.permute(0, 3, 1, 2)

@@ -45,6 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _checks as C
 from .. import functional as F
+from .. import running_stats
 from ..reference import stat_dtype
 from .batchnorm import _BatchNormForward
 
@@ -94,6 +95,22 @@ class _BatchRenorm(_BatchNormForward, _BatchNorm):
         frac = torch.ones_like(done) if self.warmup_steps == 0 else (done / self.warmup_steps).clamp(max=1.0)
         return 1.0 + (self.r_max - 1.0) * frac, self.d_max * frac
 
+    def _statistics_before_update(self):
+        """(running_mean, running_var, limits) this training forward corrects towards.
+
+        A forward recomputed by activation checkpointing must compute what the original one did,
+        but the original already moved the statistics: it keeps a copy of those it used, and the
+        recomputation reuses it (the last training forward's, so a layer called once per
+        checkpointed step recomputes exactly).
+        """
+        saved = self.__dict__.get("_renorm_inputs")
+        if saved is not None and running_stats.in_recomputation():
+            return saved
+        used = (self.running_mean, self.running_var, self._limits())
+        if not torch.compiler.is_compiling():
+            self._renorm_inputs = (used[0].clone(), used[1].clone(), used[2])
+        return used
+
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or self.running_mean is None:
             return self._normalize(input)  # eval: BatchNorm with the running statistics
@@ -104,16 +121,15 @@ class _BatchRenorm(_BatchNormForward, _BatchNorm):
         F.check_batch_norm(where, input, self.running_mean, self.running_var, self.weight, self.bias, True,
                            eps=self.eps)
         sd = stat_dtype(input.dtype)
+        running_mean, running_var, (r_lim, d_lim) = self._statistics_before_update()
         with torch.no_grad():
             # the batch statistics that set r and d (aten's two-pass var_mean); the BatchNorm below
             # computes them again, and moves the running statistics with them exactly as BatchNorm does
             dims = [0] + list(range(2, input.dim()))
             var_b, mean_b = torch.var_mean(input.detach().to(sd), dim=dims, correction=0)
-            r_lim, d_lim = self._limits()
-            sigma = torch.sqrt(self.running_var.to(sd) + self.eps)
+            sigma = torch.sqrt(running_var.to(sd) + self.eps)
             r = (torch.sqrt(var_b + self.eps) / sigma).clamp(min=(1.0 / r_lim).to(sd), max=r_lim.to(sd))
-            d = ((mean_b - self.running_mean.to(sd)) / sigma).clamp(min=-d_lim.to(sd), max=d_lim.to(sd))
-        momentum = self._momentum()  # every check has passed: now state may change
+            d = ((mean_b - running_mean.to(sd)) / sigma).clamp(min=-d_lim.to(sd), max=d_lim.to(sd))
         if self.weight is not None:
             weight = self.weight.to(sd) * r
             bias = self.bias.to(sd) + self.weight.to(sd) * d
@@ -123,8 +139,8 @@ class _BatchRenorm(_BatchNormForward, _BatchNorm):
         weight, bias = weight.to(pd), bias.to(pd)
         # BatchNorm with γ' = γ·r, β' = β + γ·d (r, d constants): BatchNorm's dx with weight γ',
         # and autograd carries dγ' and dβ' on to γ and β
-        return F.batch_norm_unchecked(input, self.running_mean, self.running_var, weight, bias, True, momentum,
-                                      self.eps, None, "")
+        return F.batch_norm_unchecked(input, None, None, weight, bias, True, 0.0, self.eps, None, "",
+                                      on_stats=self._update_running_stats)
 
 
 class BatchRenorm1d(_BatchRenorm):

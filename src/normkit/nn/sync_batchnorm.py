@@ -148,11 +148,7 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
                 f"input of {C.shape_str(input)} on this rank and 1 value per channel in total over "
                 f"{D.world_size(group)} ranks",
             )
-        momentum = self._momentum()  # every check has passed: now state may change
-        if self.training and self.track_running_stats and count > 0:
-            with torch.no_grad():
-                F._update_running(self.running_mean, mean, momentum)
-                F._update_running(self.running_var, var * (count / (count - 1)), momentum)
+        self._update_running_stats(mean, var, count)  # every check has passed: now state may change
         rstd = torch.rsqrt(var + self.eps)
         return normalize_with_stats(
             x, self.weight, self.bias, residual, mean, rstd, count, act, group, sync=True
