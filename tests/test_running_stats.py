@@ -103,6 +103,22 @@ def test_checkpointed_buffers_match_torch_nn_which_counts_twice(use_reentrant):
     assert int(ours[1].num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_instance_norm_with_running_stats_is_checkpoint_safe_too(use_reentrant):
+    plain = nn.Sequential(nn.Conv2d(3, 3, 1), normkit.InstanceNorm2d(3, track_running_stats=True)).double()
+    ckpt = copy.deepcopy(plain)
+    theirs = copy.deepcopy(plain)
+    theirs[1] = nn.InstanceNorm2d(3, track_running_stats=True).double()
+    x = _batch((4, 3, 5, 6), 0).requires_grad_()
+    plain(x).sum().backward()
+    checkpoint(ckpt, x, use_reentrant=use_reentrant).sum().backward()
+    checkpoint(theirs, x, use_reentrant=use_reentrant).sum().backward()
+    for (name, a), b in zip(_buffers(plain).items(), _buffers(ckpt).values(), strict=True):
+        assert torch.equal(a, b), name
+    if use_reentrant:  # (non-reentrant recomputation stops after the last saved tensor, before torch's update)
+        assert not torch.allclose(theirs[1].running_mean, plain[1].running_mean)  # torch.nn moved twice
+
+
 def test_checkpoint_under_no_grad_forward_and_nested_backward_in_eval():
     """A forward inside a backward pass in eval mode still normalizes with the running statistics."""
     layer = normkit.BatchNorm2d(3).double().eval()

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import _checks as C
 from .. import functional as F
+from .. import running_stats
 from .scripting import twin
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
@@ -52,10 +53,15 @@ class _InstanceNormForward:
         F.check_instance_norm(where, input, self.running_mean, self.running_var, self.weight, self.bias,
                               use_input_stats)
         update = self.training and self.track_running_stats
+        running_mean, running_var = self.running_mean, self.running_var
+        if update and running_mean is not None and running_stats.in_recomputation():
+            # activation checkpointing recomputes this forward: the same computation (checkpointing
+            # compares what it saves), but its update lands on copies (normkit.running_stats)
+            running_mean, running_var = running_mean.clone(), running_var.clone()
         return F.instance_norm_unchecked(
             input,
-            self.running_mean if update or not use_input_stats else None,
-            self.running_var if update or not use_input_stats else None,
+            running_mean if update or not use_input_stats else None,
+            running_var if update or not use_input_stats else None,
             self.weight,
             self.bias,
             use_input_stats,
