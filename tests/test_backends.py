@@ -57,6 +57,7 @@ def test_selected_backend_computes_every_entry_point(isolated_registry):
         normkit.BatchNorm1d(6)(x).sum().backward()
         normkit.GroupNorm(2, 6)(x).sum().backward()
         normkit.LayerNorm(5)(x).sum().backward()
+        normkit.LayerNorm2d(6)(x.unsqueeze(-1)).sum().backward()
     assert set(spy.calls) == set(backends.OPS)
 
 
@@ -84,13 +85,13 @@ def test_auto_falls_back_and_warns_once(isolated_registry):
         raise RuntimeError("kernels failed to build")
 
     isolated_registry.register_backend("cpu", broken)
-    x = torch.randn(3, 4)
+    x = torch.randn(64, 1024)  # above normkit.route.ATEN_BELOW: auto asks the kernel backend first
     with normkit.backend("auto"):
         with pytest.warns(RuntimeWarning, match="kernels failed to build"):
-            y = normkit.BatchNorm1d(4)(x)
+            y = normkit.BatchNorm1d(1024)(x)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            normkit.BatchNorm1d(4)(x)
+            normkit.BatchNorm1d(1024)(x)
     torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))
 
 
@@ -102,13 +103,16 @@ def test_available_lists_every_backend():
 
 FORK_SCRIPT = """
 import os, warnings, torch, normkit
-x = torch.randn(8, 4, 5, 5)
-normkit.BatchNorm2d(4)(x)                      # starts the kernel thread pool in the parent
+x = torch.randn(8, 16, 16, 17)                 # above normkit.route.ATEN_BELOW: the kernel path
+normkit.BatchNorm2d(16)(x)                     # starts the kernel thread pool in the parent
 pid = os.fork()
 if pid == 0:
+    # as DataLoader workers do: torch's own OpenMP pool hangs a forked child's first parallel region
+    # (torch.nn.BatchNorm2d too, torch 2.13) unless the child runs on one thread
+    torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        y = normkit.BatchNorm2d(4)(x)           # auto: must not kill the child
+        y = normkit.BatchNorm2d(16)(x)          # auto: must not kill the child
     os._exit(0 if y.shape == x.shape else 3)
 _, status = os.waitpid(pid, 0)
 print("child exit", os.waitstatus_to_exitcode(status))
