@@ -157,7 +157,7 @@ def models_table(records: list[dict], summary: dict) -> str:
         t, n = r["impls"]["torch"], r["impls"]["normkit"]
         diff = r.get("max_output_diff", r.get("max_loss_diff"))
         lines.append(f"{r['op'][:23]:<24}{r['group'][:9]:<10}{r['mode']:<12}{shape:<18}{t['median_ms']:>10.3f}"
-                     f"{n['median_ms']:>10.3f}{n['speedup_vs_torch']:>9.2f}{_fmt(diff, '9.1e')}")
+                     f"{n['median_ms']:>10.3f}{n['speedup_vs_torch']:>9.2f}{_fmt(diff, '9.1e'):>9}")
         if r["group"] == "first_call":
             parts = ", ".join(f"{k} {n[k]:.2f} s (torch {t[k]:.2f})" for k in
                               ("import_normkit_s", "build_s", "first_step_s", "second_step_s"))

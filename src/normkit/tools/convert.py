@@ -19,6 +19,12 @@ tensors). The activation's slot becomes ``nn.Identity`` so indices, names and st
 stay valid. Activations called from a ``forward`` (not listed in a Sequential) are not seen.
 The fused layers convert back to torch only as far as torch has them: ``to="torch"`` leaves
 them alone (with a warning), since undoing the fusion would need a new activation module.
+
+``fuse=True`` also fuses patterns written in a ``forward()`` (:mod:`._fx_fuse`): in every module
+with a :class:`normkit.BatchNorm2d` child, the torchvision BasicBlock / Bottleneck tail
+``relu(bn(h) + shortcut)`` and ``relu(bn(h))``, found with ``torch.fx``, run as one fused
+BatchNorm + add + ReLU. A forward that cannot be traced is left as it is, with a warning naming
+it and the reason.
 """
 
 from __future__ import annotations
@@ -119,7 +125,8 @@ def convert(model: nn.Module, to: str = "normkit", fuse: bool = False) -> nn.Mod
         model: any ``nn.Module``; the model itself is converted when it is a norm layer.
         to: ``"normkit"`` (torch.nn → normkit) or ``"torch"`` (normkit → torch.nn).
         fuse: with ``to="normkit"``, also fuse ``norm → activation`` pairs of an
-            ``nn.Sequential`` into one layer (see the module docstring).
+            ``nn.Sequential`` into one layer, and ``relu(bn(h) [+ shortcut])`` written in a
+            ``forward()`` (see the module docstring).
     """
     if to not in ("normkit", "torch"):
         raise ValueError(f"convert: to: expected 'normkit' or 'torch', got {to!r}")
@@ -127,13 +134,18 @@ def convert(model: nn.Module, to: str = "normkit", fuse: bool = False) -> nn.Mod
         raise ValueError("convert: fuse: expected fuse=True only with to='normkit', got to='torch'")
     table = _TO_NORMKIT if to == "normkit" else _TO_TORCH
     known = set(_TO_NORMKIT) | set(_TO_TORCH)
+    done: dict[int, nn.Module] = {}  # a layer used in several places stays one layer
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
             if child is not None:
-                new = _convert_one(child, table, known)
-                if new is not child:
-                    parent._modules[name] = new
+                if id(child) not in done:
+                    done[id(child)] = _convert_one(child, table, known)
+                if done[id(child)] is not child:
+                    parent._modules[name] = done[id(child)]
     model = _convert_one(model, table, known)
     if fuse:
+        from ._fx_fuse import fuse_forward_patterns
+
         _fuse_sequentials(model)
+        fuse_forward_patterns(model)
     return model
