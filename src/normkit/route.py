@@ -53,6 +53,10 @@ except ImportError:  # pragma: no cover - very old torch
     def _functorch_level():
         return None
 
+# torch.compiler.is_exporting appeared in torch 2.5; before it, export takes the custom ops (which
+# normkit.tools.export_program decomposes)
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
 __all__ = ["needs_aten_path", "prefer_aten", "use_aten", "ATEN_BELOW"]
 
 # Below this many elements aten's CPU norms run inline on the calling thread (at::parallel_for's
@@ -76,7 +80,7 @@ def needs_aten_path(*tensors: Tensor | None) -> bool:
     if torch.compiler.is_compiling():
         # torch.compile keeps the custom ops (one opaque node, normkit's kernels); export does not:
         # an exported program must run, and translate to ONNX, without normkit.
-        return torch.compiler.is_exporting()
+        return _is_exporting()
     if torch.jit.is_tracing() or _functorch_level() is not None:
         return True
     return _has_tangent(tensors)
@@ -111,7 +115,7 @@ def use_aten(op: str, x: Tensor, *others: Tensor | None, fused: bool = False, ne
     """:func:`needs_aten_path` or, in plain eager mode, :func:`prefer_aten`: the one question
     :mod:`normkit.functional` asks (``others``: the other tensors the call reads)."""
     if torch.compiler.is_compiling():
-        return torch.compiler.is_exporting()
+        return _is_exporting()
     if torch.jit.is_tracing() or _functorch_level() is not None or _has_tangent((x, *others)):
         return True
     return prefer_aten(op, x, fused=fused, needs_grad=needs_grad)
