@@ -48,6 +48,7 @@ _TUNING: dict[str, int | None] = {
     "group_tile": 2048,           # elements per GroupNorm tile
     "elementwise_block": 1024,    # elements per program of the elementwise kernels
     "programs": None,             # programs to aim for; None = 4 per SM (CUDA) or 4 (interpreter)
+    "row_chunk": 128,             # rows of LayerNorm/RMSNorm dγ/dβ summed in fp32 before an fp64 add
     "ln2d_block_c": None,         # channels per tile of the NCHW LayerNorm2d kernels (None: up to 4096/64)
 }
 
@@ -204,6 +205,7 @@ class TritonBackend(Backend):
             dx, dw, db = self._k.row_backward(
                 x2d.contiguous(), dy2d.contiguous(), _stat(mean), _stat(rstd), _vec(weight), bool(rms),
                 bool(need_dweight), programs=self._target_programs(x2d), max_block=_TUNING["row_max_block"],
+                row_chunk=_TUNING["row_chunk"],
             )
         return dx, dw, (None if rms else db)  # RMSNorm has no bias
 

@@ -14,15 +14,27 @@ Chan's merge (Chan, Golub & LeVeque, 1979) of two partial statistics (n_a, μ_a,
     M2 = M2_a + M2_b + δ²·n_a·n_b/n
 
 Every term is a deviation from a mean, never E[x²] − E[x]², so a large common offset (x ≈ 1e4)
-costs no precision. Long reductions keep a Welford triple per lane of the tile (no cross-lane
-work inside the loop) and merge the lanes once, at the end, with the same formula in its
-two-pass form: n = Σ n_l, μ = Σ n_l μ_l / n, M2 = Σ M2_l + n_l (μ_l − μ)².
+costs no precision.
+
+Long reductions are summed in blocks and the blocks merged in fp64, so fp32 rounding does not
+build up with the reduction's length (a running fp32 merge over thousands of blocks drifts by
+about √blocks ulps). A block is LANE_STEPS tiles: each lane of the tile keeps its own fp32
+Welford triple (or fp32 sums) over at most LANE_STEPS values (no cross-lane work in the inner
+loop), then the lanes are merged with the formula in its two-pass form,
+n = Σ n_l, μ = Σ n_l μ_l / n, M2 = Σ M2_l + n_l (μ_l − μ)² (a tree over the lanes, fp32), and
+the block's (n, μ, M2) or sums join fp64 running ones. fp64 arithmetic happens once per block,
+never per element; the results are rounded to fp32 once, at the end.
 """
 
 import triton
 import triton.language as tl
 
 ACT_CODES = {"": 0, "relu": 1, "silu": 2, "gelu": 3}
+
+# Tiles a lane accumulates in fp32 before its block is reduced across lanes and merged in fp64:
+# each lane adds at most this many values in sequence, so fp32 rounding cannot build up with the
+# reduction's length, and the cross-lane reduction runs once per LANE_STEPS tiles.
+LANE_STEPS = 8
 
 # Globals read inside @triton.jit must be constexpr.
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
@@ -83,23 +95,25 @@ def welford_step(count, mean, m2, x, ok):
 
 @triton.jit
 def sum_partials_kernel(part_ptr, out_ptr, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``out[c] = Σ_p part[p, c]`` in a fixed order (deterministic; no atomics).
+    """``out[c] = Σ_p part[p, c]`` in fp64, in a fixed order (deterministic; no atomics).
 
-    The second stage of every split reduction: ``part`` is (P, C) fp32 partial sums written by P
-    programs. One program per BLOCK_C columns walks P in BLOCK_P tiles.
+    The second stage of every split reduction: ``part`` is (P, C) partial sums (fp32 or fp64)
+    written by P programs. One program per BLOCK_C columns walks P in BLOCK_P tiles; the sum is
+    kept in fp64 (one add per partial, not per element), so it does not drift with P. ``out`` is
+    fp32.
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         ok = (p < P)[:, None] & c_ok[None, :]
-        acc += tl.load(part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0)
-    tl.store(out_ptr + c, tl.sum(acc, axis=0), mask=c_ok)
+        acc += tl.load(part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0).to(tl.float64)
+    tl.store(out_ptr + c, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=c_ok)
 
 
 def sum_partials(part, out):
-    """Launch :func:`sum_partials_kernel`: ``out = part.sum(0)`` for a (P, C) fp32 ``part``."""
+    """Launch :func:`sum_partials_kernel`: ``out = part.sum(0)`` for a (P, C) fp32/fp64 ``part``."""
     p, c = part.shape
     block_c = min(triton.next_power_of_2(c), 128)
     block_p = min(triton.next_power_of_2(p), 32)

@@ -19,14 +19,17 @@ A (N, C) input is the NHWC case with S = 1.
 Split reduction. Each channel's (n, s) plane is cut into P chunks — along n (samples for NCHW,
 pixels for NHWC) and, when a small batch gives too few, along s too — and the grid is
 (channel tiles, P), so a channel does not serialize the GPU (BatchNorm at ResNet
-shapes has C = 64 channels of 3.2 M values each). Each program keeps a Welford triple per tile
-lane (no cross-lane work in its loop), merges its lanes and writes a partial (mean, M2) —
-merged in a second kernel with Chan's formula — or partial sums for the backward, summed in a
-fixed order. No atomics: same input, same bits, on every run. The statistics are computed on
+shapes has C = 64 channels of 3.2 M values each). Each program walks its chunk in blocks of
+LANE_STEPS tiles: a Welford triple (backward: two sums) per tile lane in fp32 over the block (no
+cross-lane work in the inner loop), the lanes merged, the blocks merged in fp64; it writes a
+partial (mean, M2) in fp64 — merged in fp64 in a second kernel with Chan's formula — or fp64
+partial sums for the backward, summed in fp64 in a fixed order. So the error does not grow with
+the channel's length (BatchNorm over (2, 4, 2048, 2048) reduces 2²³ values per channel). No
+atomics: same input, same bits, on every run. The statistics are computed on
 x − pivot_c (pivot_c = the channel's first value), so a large common offset (1e4 + randn)
 neither cancels in M2 nor blurs the partial means; the mean is rounded once, at the end.
 
-Limits: float16/bfloat16/float32 input (fp32 accumulation, fp32 statistics); fewer than 2³¹
+Limits: float16/bfloat16/float32 input (fp32 blocks merged in fp64, fp32 statistics); fewer than 2³¹
 elements (32-bit offsets); x, dy, residual share one dense layout (the ops layer guarantees it).
 """
 
@@ -34,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACT_CODES, activation, activation_grad, sum_partials, welford_step
+from ._common import ACT_CODES, LANE_STEPS, activation, activation_grad, chan_merge, sum_partials, welford_step
 
 
 @triton.jit
@@ -96,68 +99,85 @@ def _dz(x, dy, res_ptr, off, ok, scale, shift, HAS_RES: tl.constexpr, ACT: tl.co
 
 # ----------------------------------------------------------------------------- statistics
 @triton.jit
+def _chunk_tile(t, n_start, s_start, tiles_s, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(n0, s0) of tile t of a chunk, the chunk's tiles numbered n-major, tiles_s of them per n-row."""
+    tn = t // tiles_s
+    return n_start + tn * BLOCK_N, s_start + (t - tn * tiles_s) * BLOCK_S
+
+
+@triton.jit
 def channel_stats_partial_kernel(x_ptr, mean_part_ptr, m2_part_ptr, N, C, S, sN, sC, sS, n_per_prog,
                                  s_per_prog, S_CHUNKS,
-                                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program (t, p): (mean − pivot, M2) over chunk p of the (n, s) plane, per channel of tile t.
+                                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                                 LANE_STEPS: tl.constexpr):
+    """Program (t, p): (mean − pivot, M2) over chunk p of the (n, s) plane, per channel of tile t (fp64).
 
     pivot_c = x[0, c, 0], the same for every program: sums of x − pivot stay small, so the
     partial means keep their precision when every x is ≈ 1e4 (the "shifted data" algorithm).
+    The chunk is walked in blocks of LANE_STEPS tiles: one fp32 Welford triple per tile lane (no
+    cross-lane work in the inner loop), the lanes merged into the block's per-channel (n, μ, M2),
+    and the blocks merged in fp64 with Chan's formula.
     """
     c0 = tl.program_id(0) * BLOCK_C
     n_start, n_end, s_start, s_end = _chunk(tl.program_id(1), N, S, n_per_prog, s_per_prog, S_CHUNKS)
     c = _channel_index(c0, BLOCK_C)
     pivot = tl.load(x_ptr + c * sC, mask=c < C, other=0.0).to(tl.float32)
-    # one Welford triple per lane of the tile: the loop has no cross-lane reduction
-    count = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
-    for n0 in range(n_start, n_end, BLOCK_N):
-        for s0 in range(s_start, s_end, BLOCK_S):
+    tiles_s = tl.cdiv(s_end - s_start, BLOCK_S)
+    tiles = tl.cdiv(n_end - n_start, BLOCK_N) * tiles_s
+    n_c = tl.zeros([BLOCK_C], dtype=tl.float64)
+    mean_c = tl.zeros([BLOCK_C], dtype=tl.float64)
+    m2_c = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for t0 in range(0, tiles, LANE_STEPS):
+        count = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
+        mean = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
+        for t in range(t0, tl.minimum(t0 + LANE_STEPS, tiles)):
+            n0, s0 = _chunk_tile(t, n_start, s_start, tiles_s, BLOCK_N, BLOCK_S)
             off, ok, _ = _tile(n0, c0, s0, n_end, C, s_end, sN, sC, sS, BLOCK_N, BLOCK_C, BLOCK_S)
             x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32) - pivot
             count, mean, m2 = welford_step(count, mean, m2, x, ok)
-    # merge the lanes of each channel (Chan, two-pass over the lanes)
-    n_c = _sum_nc(count)
-    mean_c = _sum_nc(count * mean) / tl.maximum(n_c, 1.0)
-    d = mean - mean_c[None, :, None]
-    m2 = _sum_nc(m2 + count * d * d)
-    mean = mean_c
+        # merge the block's lanes per channel (Chan, two-pass over the lanes), then the block
+        n_b = _sum_nc(count)
+        mean_b = _sum_nc(count * mean) / tl.maximum(n_b, 1.0)
+        d = mean - mean_b[None, :, None]
+        m2_b = _sum_nc(m2 + count * d * d)
+        n_c, mean_c, m2_c = chan_merge(n_c, mean_c, m2_c, n_b.to(tl.float64), mean_b.to(tl.float64),
+                                       m2_b.to(tl.float64))
     out = tl.program_id(1) * C + c0 + tl.arange(0, BLOCK_C)
-    tl.store(mean_part_ptr + out, mean, mask=c0 + tl.arange(0, BLOCK_C) < C)
-    tl.store(m2_part_ptr + out, m2, mask=c0 + tl.arange(0, BLOCK_C) < C)
+    tl.store(mean_part_ptr + out, mean_c, mask=c0 + tl.arange(0, BLOCK_C) < C)
+    tl.store(m2_part_ptr + out, m2_c, mask=c0 + tl.arange(0, BLOCK_C) < C)
 
 
 @triton.jit
 def channel_stats_merge_kernel(x_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, N, C, S, sC, n_per_prog,
                                s_per_prog, S_CHUNKS, P, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Merge P partials per channel, partial p holding n_p values (its chunk of the (n, s) plane):
+    """Merge P fp64 partials per channel in fp64, partial p holding n_p values (its chunk of the plane):
 
         μ − pivot = Σ n_p·μ'_p / m,   M2 = Σ M2_p + n_p·(μ'_p − (μ − pivot))²,   σ² = M2 / m
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     total = N * S
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         ok = (p < P)[:, None] & c_ok[None, :]
-        n_p = tl.where(p < P, _chunk_count(p, N, S, n_per_prog, s_per_prog, S_CHUNKS), 0).to(tl.float32)
+        n_p = tl.where(p < P, _chunk_count(p, N, S, n_per_prog, s_per_prog, S_CHUNKS), 0).to(tl.float64)
         mean_p = tl.load(mean_part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0)
         acc += n_p[:, None] * mean_p
     shifted = tl.sum(acc, axis=0) / total
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         ok = (p < P)[:, None] & c_ok[None, :]
-        n_p = tl.where(p < P, _chunk_count(p, N, S, n_per_prog, s_per_prog, S_CHUNKS), 0).to(tl.float32)
+        n_p = tl.where(p < P, _chunk_count(p, N, S, n_per_prog, s_per_prog, S_CHUNKS), 0).to(tl.float64)
         mean_p = tl.load(mean_part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0)
         m2_p = tl.load(m2_part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0)
         d = mean_p - shifted[None, :]
         acc += tl.where(ok, m2_p + n_p[:, None] * d * d, 0.0)
-    pivot = tl.load(x_ptr + c * sC, mask=c_ok, other=0.0).to(tl.float32)
-    tl.store(mean_ptr + c, pivot + shifted, mask=c_ok)
-    tl.store(var_ptr + c, tl.maximum(tl.sum(acc, axis=0) / total, 0.0), mask=c_ok)
+    pivot = tl.load(x_ptr + c * sC, mask=c_ok, other=0.0).to(tl.float64)
+    tl.store(mean_ptr + c, (pivot + shifted).to(tl.float32), mask=c_ok)  # rounded once
+    tl.store(var_ptr + c, tl.maximum(tl.sum(acc, axis=0) / total, 0.0).to(tl.float32), mask=c_ok)
 
 
 # ----------------------------------------------------------------------------- backward reduce
@@ -166,8 +186,8 @@ def channel_backward_reduce_partial_kernel(x_ptr, dy_ptr, res_ptr, mean_ptr, rst
                                            part_ptr, N, C, S, sN, sC, sS, n_per_prog, s_per_prog, S_CHUNKS,
                                            HAS_RES: tl.constexpr,
                                            ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                                           BLOCK_S: tl.constexpr):
-    """Program (t, p): Σdz and Σdz·x̂ over chunk p, stored as part[p, 0, c] and part[p, 1, c]."""
+                                           BLOCK_S: tl.constexpr, LANE_STEPS: tl.constexpr):
+    """Program (t, p): Σdz and Σdz·x̂ over chunk p, stored (fp64) as part[p, 0, c] and part[p, 1, c]."""
     c0 = tl.program_id(0) * BLOCK_C
     n_start, n_end, s_start, s_end = _chunk(tl.program_id(1), N, S, n_per_prog, s_per_prog, S_CHUNKS)
     c = _channel_index(c0, BLOCK_C)
@@ -175,20 +195,27 @@ def channel_backward_reduce_partial_kernel(x_ptr, dy_ptr, res_ptr, mean_ptr, rst
     rstd = _per_channel(rstd_ptr, c, C)
     scale = _per_channel(scale_ptr, c, C)
     shift = _per_channel(shift_ptr, c, C)
-    acc_dz = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
-    acc_dzx = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
-    for n0 in range(n_start, n_end, BLOCK_N):
-        for s0 in range(s_start, s_end, BLOCK_S):
+    tiles_s = tl.cdiv(s_end - s_start, BLOCK_S)
+    tiles = tl.cdiv(n_end - n_start, BLOCK_N) * tiles_s
+    sum_dz = tl.zeros([BLOCK_C], dtype=tl.float64)
+    sum_dzx = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for t0 in range(0, tiles, LANE_STEPS):  # fp32 lanes over LANE_STEPS tiles, the blocks added in fp64
+        acc_dz = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
+        acc_dzx = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=tl.float32)
+        for t in range(t0, tl.minimum(t0 + LANE_STEPS, tiles)):
+            n0, s0 = _chunk_tile(t, n_start, s_start, tiles_s, BLOCK_N, BLOCK_S)
             off, ok, _ = _tile(n0, c0, s0, n_end, C, s_end, sN, sC, sS, BLOCK_N, BLOCK_C, BLOCK_S)
             x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
             dz = _dz(x, dy, res_ptr, off, ok, scale, shift, HAS_RES, ACT)  # 0 where masked (dy = 0)
             acc_dz += dz
             acc_dzx += dz * ((x - mean) * rstd)
+        sum_dz += _sum_nc(acc_dz).to(tl.float64)
+        sum_dzx += _sum_nc(acc_dzx).to(tl.float64)
     out = tl.program_id(1) * 2 * C + c0 + tl.arange(0, BLOCK_C)
     c_ok = c0 + tl.arange(0, BLOCK_C) < C
-    tl.store(part_ptr + out, _sum_nc(acc_dz), mask=c_ok)
-    tl.store(part_ptr + out + C, _sum_nc(acc_dzx), mask=c_ok)
+    tl.store(part_ptr + out, sum_dz, mask=c_ok)
+    tl.store(part_ptr + out + C, sum_dzx, mask=c_ok)
 
 
 # ----------------------------------------------------------------------------- elementwise
@@ -275,10 +302,10 @@ def channel_stats(x, *, programs, tile=2048):
     """Per-channel (mean, biased var) in fp32, shape (C,). ``programs``: how many to aim for."""
     plan = reduction_plan(x, programs, tile)
     v, chunks = plan["view"], plan["grid"][1]
-    mean_part = torch.empty(chunks, v["C"], device=x.device, dtype=torch.float32)
+    mean_part = torch.empty(chunks, v["C"], device=x.device, dtype=torch.float64)
     m2_part = torch.empty_like(mean_part)
     channel_stats_partial_kernel[plan["grid"]](x, mean_part, m2_part, *_args(v), *_split(plan),
-                                               **plan["blocks"])
+                                               LANE_STEPS=LANE_STEPS, **plan["blocks"])
     mean = torch.empty(v["C"], device=x.device, dtype=torch.float32)
     var = torch.empty_like(mean)
     block_c = min(_np2(v["C"]), 128)
@@ -294,10 +321,11 @@ def channel_backward_reduce(x, dy, residual, mean, rstd, scale, shift, act, *, p
     plan = reduction_plan(x, programs, tile)
     v, chunks = plan["view"], plan["grid"][1]
     c = v["C"]
-    part = torch.empty(chunks, 2 * c, device=x.device, dtype=torch.float32)
+    part = torch.empty(chunks, 2 * c, device=x.device, dtype=torch.float64)
     channel_backward_reduce_partial_kernel[plan["grid"]](
         x, dy, residual if residual is not None else x, mean, rstd, scale, shift, part, *_args(v),
-        *_split(plan), HAS_RES=residual is not None and act != "", ACT=ACT_CODES[act], **plan["blocks"],
+        *_split(plan), HAS_RES=residual is not None and act != "", ACT=ACT_CODES[act], LANE_STEPS=LANE_STEPS,
+        **plan["blocks"],
     )
     sums = sum_partials(part, torch.empty(2 * c, device=x.device, dtype=torch.float32))
     return sums[:c].clone(), sums[c:].clone()  # separate tensors: op outputs must not alias

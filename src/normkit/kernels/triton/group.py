@@ -18,14 +18,16 @@ BLOCK_CG channels × BLOCK_S positions) tiles, channel blocks outside, positions
 statistics are vectors of BLOCK_G. The tile shape follows the layout: NCHW takes one group
 (BLOCK_G = 1) and long runs along s; NHWC takes several groups so that a tile row spans up to
 64 adjacent channels (GroupNorm(32) on 64 channels: 32 groups of 2 channels in one 128-byte row).
-Forward: pass 1 keeps a Welford triple per tile lane over x − x_first (the shift keeps a large
-common offset from blurring the sums) and merges the lanes with Chan's formula; pass 2
-normalizes and stores.
-Backward: pass 1 forms Σg and Σg·x̂ for the group and, per channel, the sample's share of dγ/dβ,
-stored in a (N, 2, C) fp32 buffer (each program writes only its own entries); pass 2 forms dx.
-A second kernel sums the N shares in a fixed order: deterministic, no atomics.
+Forward: pass 1 walks x − x_first (the shift keeps a large common offset from blurring the sums)
+in blocks of LANE_STEPS tiles: a Welford triple per tile lane (fp32) over the block, the lanes
+merged with Chan's formula, the blocks merged in fp64 — so a 2²⁶-value group is as precise as a
+small one; pass 2 normalizes and stores.
+Backward: pass 1 forms, per channel, Σ_s dz and Σ_s dz·x̂ (fp32 lanes per block, blocks added in
+fp64) — the sample's share of dβ/dγ, stored in a (N, 2, C) fp64 buffer (each program writes
+only its own entries) — and from them the group's Σg = Σ_c γ_c·Σ_s dz and Σg·x̂ in fp64; pass 2
+forms dx. A second kernel sums the N shares in fp64 in a fixed order: deterministic, no atomics.
 
-Limits: float16/bfloat16/float32 (fp32 statistics); fewer than 2³¹ elements; a group is never
+Limits: float16/bfloat16/float32 (fp32 statistics, fp64 block merges); fewer than 2³¹ elements; a group is never
 split across programs, so with few, huge groups (small N·G) the GPU is under-used.
 """
 
@@ -33,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACT_CODES, activation, activation_grad, sum_partials, welford_step
+from ._common import ACT_CODES, LANE_STEPS, activation, activation_grad, chan_merge, sum_partials, welford_step
 
 
 @triton.jit
@@ -82,27 +84,39 @@ def _affine(ptr, chans, ok, HAS: tl.constexpr, default: tl.constexpr):
 @triton.jit
 def group_forward_kernel(x_ptr, res_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, S, G, CG, eps, sN, sC, sS,
                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
-                         BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr):
+                         BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
+                         LANE_STEPS: tl.constexpr):
     """Program (n, group block): each group's (mean, var), then y = act(x̂·γ + β + residual)."""
     n = tl.program_id(0)
     g = _groups(tl.program_id(1) * BLOCK_G, BLOCK_G)
     base = n * sN
-    # pass 1: statistics of x − pivot (the group's first value: keeps sums small for large means)
+    # pass 1: statistics of x − pivot (the group's first value: keeps sums small for large means).
+    # Blocks of LANE_STEPS tiles: one fp32 Welford triple per tile lane (no cross-lane work in the
+    # inner loop), the lanes merged into the block's (n, μ, M2), and the blocks merged in fp64.
     pivot = tl.load(x_ptr + base + g * CG * sC, mask=g < G, other=0.0).to(tl.float32)
-    # one Welford triple per lane of the tile (no cross-lane work in the loop), lanes merged after
-    count = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
-    for c0 in range(0, CG, BLOCK_CG):
-        for s0 in range(0, S, BLOCK_S):
-            off, ok = _tile(base, g, c0, s0, G, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
+    tiles_s = tl.cdiv(S, BLOCK_S)
+    tiles = tl.cdiv(CG, BLOCK_CG) * tiles_s
+    n_g = tl.zeros([BLOCK_G, 1, 1], dtype=tl.float64)
+    mean_g = tl.zeros([BLOCK_G, 1, 1], dtype=tl.float64)
+    m2_g = tl.zeros([BLOCK_G, 1, 1], dtype=tl.float64)
+    for t0 in range(0, tiles, LANE_STEPS):
+        count = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
+        mean = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
+        for t in range(t0, tl.minimum(t0 + LANE_STEPS, tiles)):
+            tc = t // tiles_s
+            off, ok = _tile(base, g, tc * BLOCK_CG, (t - tc * tiles_s) * BLOCK_S, G, CG, S, sC, sS, BLOCK_CG,
+                            BLOCK_S)
             x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32) - pivot
             count, mean, m2 = welford_step(count, mean, m2, x, ok)
-    n_g = _col(_per_group(count))
-    mean_g = _col(_per_group(count * mean)) / tl.maximum(n_g, 1.0)
-    d = mean - mean_g
-    var = tl.maximum(_col(_per_group(m2 + count * d * d)) / tl.maximum(n_g, 1.0), 0.0)
-    mean = mean_g + pivot
+        n_b = _col(_per_group(count))
+        mean_b = _col(_per_group(count * mean)) / tl.maximum(n_b, 1.0)
+        d = mean - mean_b
+        m2_b = _col(_per_group(m2 + count * d * d))
+        n_g, mean_g, m2_g = chan_merge(n_g, mean_g, m2_g, n_b.to(tl.float64), mean_b.to(tl.float64),
+                                       m2_b.to(tl.float64))
+    var = tl.maximum(m2_g / tl.maximum(n_g, 1.0), 0.0).to(tl.float32)
+    mean = (mean_g + pivot).to(tl.float32)  # rounded once
     rstd = 1.0 / tl.sqrt(var + eps)
     stat = n * G + g
     tl.store(mean_ptr + stat, mean, mask=g < G)
@@ -140,38 +154,45 @@ def group_backward_kernel(x_ptr, dy_ptr, res_ptr, w_ptr, b_ptr, mean_ptr, rstd_p
                           C, S, G, CG, sN, sC, sS, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                           HAS_RES: tl.constexpr, ACT: tl.constexpr, NEED_DW: tl.constexpr,
                           STORE_DZ: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
-                          BLOCK_S: tl.constexpr):
+                          BLOCK_S: tl.constexpr, LANE_STEPS: tl.constexpr):
     """Program (n, group block): dx (and dz) of its groups; the sample's dγ/dβ shares in part[n, 0/1, c]."""
     n = tl.program_id(0)
     g = _groups(tl.program_id(1) * BLOCK_G, BLOCK_G)
     base = n * sN
     mean = tl.load(mean_ptr + n * G + g, mask=g < G, other=0.0)
     rstd = tl.load(rstd_ptr + n * G + g, mask=g < G, other=0.0)
-    # pass 1: Σg, Σg·x̂ per group (lane-wise, reduced after the loop); per channel Σ_s dz·x̂, Σ_s dz
-    acc_g = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
-    acc_gx = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
+    # pass 1: per channel, Σ_s dz and Σ_s dz·x̂ (the sample's dβ/dγ shares) — fp32 lanes over blocks
+    # of LANE_STEPS tiles, the blocks added in fp64 — and from them the group sums
+    # Σg = Σ_c γ_c·Σ_s dz and Σg·x̂ = Σ_c γ_c·Σ_s dz·x̂, in fp64.
+    tiles_s = tl.cdiv(S, BLOCK_S)
+    sum_g = tl.zeros([BLOCK_G, 1, 1], dtype=tl.float64)
+    sum_gx = tl.zeros([BLOCK_G, 1, 1], dtype=tl.float64)
     for c0 in range(0, CG, BLOCK_CG):
         chans, c_ok = _channels(g, c0, CG, BLOCK_CG)
         w = _affine(w_ptr, chans, c_ok & (g < G), HAS_W, 1.0)
         b = _affine(b_ptr, chans, c_ok & (g < G), HAS_B, 0.0)
-        acc_dw = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
-        acc_db = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            off, ok = _tile(base, g, c0, s0, G, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
-            xhat, dz = _group_terms(x_ptr, dy_ptr, res_ptr, off, ok, mean, rstd, w, b, HAS_RES, ACT)
-            gg = dz * w
-            acc_g += gg
-            acc_gx += gg * xhat
-            if NEED_DW:
-                acc_dw += dz * xhat
-                acc_db += dz
+        dz_c = tl.zeros([BLOCK_G, BLOCK_CG, 1], dtype=tl.float64)
+        dzx_c = tl.zeros([BLOCK_G, BLOCK_CG, 1], dtype=tl.float64)
+        for t0 in range(0, tiles_s, LANE_STEPS):
+            acc_dz = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
+            acc_dzx = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
+            for t in range(t0, tl.minimum(t0 + LANE_STEPS, tiles_s)):
+                off, ok = _tile(base, g, c0, t * BLOCK_S, G, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
+                xhat, dz = _group_terms(x_ptr, dy_ptr, res_ptr, off, ok, mean, rstd, w, b, HAS_RES, ACT)
+                acc_dz += dz
+                acc_dzx += dz * xhat
+            dz_c += tl.sum(acc_dz, axis=2)[:, :, None].to(tl.float64)
+            dzx_c += tl.sum(acc_dzx, axis=2)[:, :, None].to(tl.float64)
+        w64 = w.to(tl.float64)
+        sum_g += _col(_per_group(w64 * dz_c))
+        sum_gx += _col(_per_group(w64 * dzx_c))
         if NEED_DW:
             out = part_ptr + n * 2 * C + chans
-            tl.store(out, tl.sum(acc_dw, axis=2)[:, :, None], mask=c_ok & (g < G))
-            tl.store(out + C, tl.sum(acc_db, axis=2)[:, :, None], mask=c_ok & (g < G))
+            tl.store(out, dzx_c, mask=c_ok & (g < G))
+            tl.store(out + C, dz_c, mask=c_ok & (g < G))
     size = CG * S
-    mean_g = _col(_per_group(acc_g)) / size
-    mean_gx = _col(_per_group(acc_gx)) / size
+    mean_g = (sum_g / size).to(tl.float32)
+    mean_gx = (sum_gx / size).to(tl.float32)
     # pass 2: dx
     for c0 in range(0, CG, BLOCK_CG):
         chans, c_ok = _channels(g, c0, CG, BLOCK_CG)
@@ -219,7 +240,7 @@ def group_forward(x, num_groups, weight, bias, eps, residual, act, *, tile=2048)
         x, residual if residual is not None else x, y, weight if weight is not None else x,
         bias if bias is not None else x, mean, var, p["s"], num_groups, p["cg"], eps, *p["strides"],
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None, ACT=ACT_CODES[act],
-        **p["blocks"],
+        LANE_STEPS=LANE_STEPS, **p["blocks"],
     )
     return y, mean, var
 
@@ -231,14 +252,14 @@ def group_backward(x, dy, mean, rstd, num_groups, weight, bias, residual, act, n
     n, c = p["n"], p["c"]
     dx = torch.empty_like(x)
     dz = torch.empty_like(x) if need_dz else None
-    part = torch.empty(n, 2 * c, device=x.device, dtype=torch.float32) if need_dweight else mean
+    part = torch.empty(n, 2 * c, device=x.device, dtype=torch.float64) if need_dweight else mean
     group_backward_kernel[p["grid"]](
         x, dy, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, mean, rstd, dx, dz if need_dz else dx, part,
         c, p["s"], num_groups, p["cg"], *p["strides"],
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None and act != "",
         ACT=ACT_CODES[act],
-        NEED_DW=need_dweight, STORE_DZ=need_dz, **p["blocks"],
+        NEED_DW=need_dweight, STORE_DZ=need_dz, LANE_STEPS=LANE_STEPS, **p["blocks"],
     )
     if not need_dweight:
         return dx, None, None, dz

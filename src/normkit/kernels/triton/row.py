@@ -9,19 +9,22 @@ Math (DESIGN.md §1), per row of K values, with g = dy·γ:
     both        y = x̂·γ + β,   dγ = Σ_rows dy·x̂,   dβ = Σ_rows dy
 
 Forward: one program per row. While K fits in one block (``K <= BLOCK_K``, the single-block
-path) the row is loaded once and stays in registers. Beyond that (the split path) the program
-walks the row twice — pass 1 merges per-block (mean, M2) of x − x[0] with Chan's formula (the
-shift keeps a large common offset out of the sums), pass 2 normalizes and stores — so x is read
-twice but no row length is too long.
+path) the row is loaded once and stays in registers (tree sums, two-pass variance). Beyond that
+(the split path) the program walks the row twice — pass 1 forms each block's (mean, M2) of
+x − x[0] in fp32 (the shift keeps a large common offset out of the sums) and merges the blocks
+with Chan's formula in fp64 (RMSNorm: adds the blocks' Σx² in fp64), pass 2 normalizes and
+stores — so x is read twice but no row length is too long, and the error does not grow with it.
 
 Backward: P programs (about the device's program capacity), each owning a contiguous range of
-rows. dx is formed row by row; dγ/dβ are accumulated per program — in registers on the
-single-block path, in the program's own row of a (P, K) fp32 buffer on the split path (read,
-add, write; a barrier between rows orders the threads' accesses) — and a second kernel sums
-the P partial rows in a fixed order. So the buffer is P × K, never M × K, and no atomics are
-used (deterministic).
+rows. dx is formed row by row (split rows: the two row sums per block in fp32, added in fp64).
+dγ/dβ are accumulated per program — on the single-block path in fp32 registers over at most
+ROW_CHUNK rows, each chunk then added to the program's own row of a (P, 2K) fp64 buffer; on the
+split path in the program's own row of a (P, 2K) fp32 buffer, a program then owning at most
+ROW_CHUNK rows (read, add, write; a barrier orders the threads' accesses) — and a second kernel
+sums the P partial rows in fp64 in a fixed order. So the buffer is P × 2K, never M × K, no
+fp32 sum runs over more than ROW_CHUNK rows, and no atomics are used (deterministic).
 
-Limits: float16/bfloat16/float32 (fp32 statistics); fewer than 2³¹ elements; one row per program
+Limits: float16/bfloat16/float32 (fp32 statistics, fp64 block merges); fewer than 2³¹ elements; one row per program
 in the forward (short rows with huge M launch M small programs; long rows with tiny M use few).
 """
 
@@ -51,29 +54,30 @@ def row_forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, K, eps, H
             d = tl.where(ok, x - mean, 0.0)
             var = tl.sum(d * d, axis=0) / K
     else:
-        # pass 1: Chan-merged block statistics of x − x[0] (RMS: a plain sum of squares)
+        # pass 1: per-block statistics of x − x[0] in fp32 (a tree sum over the block's lanes),
+        # merged across blocks in fp64 — Chan's formula (RMS: a sum of per-block Σx²) — so the
+        # error does not grow with the number of blocks
         pivot = tl.load(x_ptr).to(tl.float32)
-        count = 0.0
-        mean = 0.0
-        m2 = 0.0
-        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        count = tl.zeros([], tl.float64)
+        mean = tl.zeros([], tl.float64)
+        m2 = tl.zeros([], tl.float64)
         for k0 in range(0, K, BLOCK_K):
             ok = k0 + k < K
             xb = tl.load(x_ptr + k0 + k, mask=ok, other=0.0).to(tl.float32)
             if RMS:
-                acc += xb * xb
+                m2 += tl.sum(xb * xb, axis=0).to(tl.float64)
             else:
                 xb = tl.where(ok, xb - pivot, 0.0)
                 n_b = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
                 mean_b = tl.sum(xb, axis=0) / n_b
                 d = tl.where(ok, xb - mean_b, 0.0)
-                count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, tl.sum(d * d, axis=0))
+                count, mean, m2 = chan_merge(count, mean, m2, n_b.to(tl.float64), mean_b.to(tl.float64),
+                                             tl.sum(d * d, axis=0).to(tl.float64))
+        var = (m2 / K).to(tl.float32)
         if RMS:
             mean = 0.0
-            var = tl.sum(acc, axis=0) / K
         else:
-            mean += pivot
-            var = m2 / K
+            mean = (mean + pivot).to(tl.float32)  # rounded once
     rstd = 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps)
     if not RMS:
         tl.store(mean_ptr + row, mean)
@@ -106,64 +110,73 @@ def _row_terms(x_ptr, dy_ptr, w_ptr, cols, ok, mean, rstd, HAS_W: tl.constexpr):
 @triton.jit
 def row_backward_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr, M, K, rows_per_prog,
                         HAS_W: tl.constexpr, RMS: tl.constexpr, NEED_DW: tl.constexpr, SINGLE: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """Program p: dx for rows [p·rows_per_prog, …), and its partial dγ (part[p, 0]) and dβ (part[p, 1])."""
+                        BLOCK_K: tl.constexpr, ROW_CHUNK: tl.constexpr):
+    """Program p: dx for rows [p·rows_per_prog, …), and its partial dγ (part[p, 0]) and dβ (part[p, 1]).
+
+    Single-block path: dγ/dβ are summed in fp32 registers over at most ROW_CHUNK rows, then added
+    to the program's fp64 partial rows (``part`` is fp64). Split path: every row is added to the
+    program's fp32 partial rows, and the launcher gives a program at most ROW_CHUNK rows.
+    """
     p = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)
     dw_ptr = part_ptr + p * 2 * K  # this program's own partial rows: no other program writes them
     db_ptr = dw_ptr + K
     start = p * rows_per_prog
     end = tl.minimum(start + rows_per_prog, M)
-    dw_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-    db_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for row in range(start, end):
-        rstd = tl.load(rstd_ptr + row)
-        mean = 0.0
-        if not RMS:
-            mean = tl.load(mean_ptr + row)
-        base = row * K
-        if SINGLE:
-            ok = k < K
-            xhat, dy, g = _row_terms(x_ptr + base, dy_ptr + base, w_ptr, k, ok, mean, rstd, HAS_W)
-            proj = tl.sum(g * xhat, axis=0) / K
-            dx = g - xhat * proj
+    for r0 in range(start, end, ROW_CHUNK):
+        dw_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for row in range(r0, tl.minimum(r0 + ROW_CHUNK, end)):
+            rstd = tl.load(rstd_ptr + row)
+            mean = 0.0
             if not RMS:
-                dx -= tl.sum(g, axis=0) / K
-            tl.store(dx_ptr + base + k, (rstd * dx).to(dx_ptr.dtype.element_ty), mask=ok)
-            if NEED_DW:
-                dw_acc += dy * xhat
-                db_acc += dy
-        else:
-            # pass 1: the two row means mean(g·x̂) and mean(g)
-            acc_gx = tl.zeros([BLOCK_K], dtype=tl.float32)
-            acc_g = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ok = k0 + k < K
-                xhat, dy, g = _row_terms(x_ptr + base, dy_ptr + base, w_ptr, k0 + k, ok, mean, rstd, HAS_W)
-                acc_gx += g * xhat
-                acc_g += g
-            proj = tl.sum(acc_gx, axis=0) / K
-            g_mean = tl.sum(acc_g, axis=0) / K
-            # pass 2: dx, and the program's partial dγ/dβ updated in place (read, add, write)
-            for k0 in range(0, K, BLOCK_K):
-                ok = k0 + k < K
-                xhat, dy, g = _row_terms(x_ptr + base, dy_ptr + base, w_ptr, k0 + k, ok, mean, rstd, HAS_W)
+                mean = tl.load(mean_ptr + row)
+            base = row * K
+            if SINGLE:
+                ok = k < K
+                xhat, dy, g = _row_terms(x_ptr + base, dy_ptr + base, w_ptr, k, ok, mean, rstd, HAS_W)
+                proj = tl.sum(g * xhat, axis=0) / K
                 dx = g - xhat * proj
                 if not RMS:
-                    dx -= g_mean
-                tl.store(dx_ptr + base + k0 + k, (rstd * dx).to(dx_ptr.dtype.element_ty), mask=ok)
+                    dx -= tl.sum(g, axis=0) / K
+                tl.store(dx_ptr + base + k, (rstd * dx).to(dx_ptr.dtype.element_ty), mask=ok)
                 if NEED_DW:
-                    dw = tl.load(dw_ptr + k0 + k, mask=ok, other=0.0)
-                    tl.store(dw_ptr + k0 + k, dw + dy * xhat, mask=ok)
-                    db = tl.load(db_ptr + k0 + k, mask=ok, other=0.0)
-                    tl.store(db_ptr + k0 + k, db + dy, mask=ok)
-            if NEED_DW:
-                # the next row reads these partial sums back: make this row's stores visible to
-                # every thread of the program, whatever layout the compiler picks for the loads
-                tl.debug_barrier()
-    if SINGLE and NEED_DW:
-        tl.store(dw_ptr + k, dw_acc, mask=k < K)
-        tl.store(db_ptr + k, db_acc, mask=k < K)
+                    dw_acc += dy * xhat
+                    db_acc += dy
+            else:
+                # pass 1: the two row means mean(g·x̂) and mean(g): per-block fp32 sums, added in fp64
+                sum_gx = tl.zeros([], tl.float64)
+                sum_g = tl.zeros([], tl.float64)
+                for k0 in range(0, K, BLOCK_K):
+                    ok = k0 + k < K
+                    xhat, dy, g = _row_terms(x_ptr + base, dy_ptr + base, w_ptr, k0 + k, ok, mean, rstd, HAS_W)
+                    sum_gx += tl.sum(g * xhat, axis=0).to(tl.float64)
+                    sum_g += tl.sum(g, axis=0).to(tl.float64)
+                proj = (sum_gx / K).to(tl.float32)
+                g_mean = (sum_g / K).to(tl.float32)
+                # pass 2: dx, and the program's partial dγ/dβ updated in place (read, add, write)
+                for k0 in range(0, K, BLOCK_K):
+                    ok = k0 + k < K
+                    xhat, dy, g = _row_terms(x_ptr + base, dy_ptr + base, w_ptr, k0 + k, ok, mean, rstd, HAS_W)
+                    dx = g - xhat * proj
+                    if not RMS:
+                        dx -= g_mean
+                    tl.store(dx_ptr + base + k0 + k, (rstd * dx).to(dx_ptr.dtype.element_ty), mask=ok)
+                    if NEED_DW:
+                        dw = tl.load(dw_ptr + k0 + k, mask=ok, other=0.0)
+                        tl.store(dw_ptr + k0 + k, dw + dy * xhat, mask=ok)
+                        db = tl.load(db_ptr + k0 + k, mask=ok, other=0.0)
+                        tl.store(db_ptr + k0 + k, db + dy, mask=ok)
+                if NEED_DW:
+                    # the next row reads these partial sums back: make this row's stores visible to
+                    # every thread of the program, whatever layout the compiler picks for the loads
+                    tl.debug_barrier()
+        if SINGLE and NEED_DW:
+            # add this chunk's fp32 sums to the program's fp64 partial rows (read, add, write)
+            ok = k < K
+            tl.store(dw_ptr + k, tl.load(dw_ptr + k, mask=ok, other=0.0) + dw_acc.to(tl.float64), mask=ok)
+            tl.store(db_ptr + k, tl.load(db_ptr + k, mask=ok, other=0.0) + db_acc.to(tl.float64), mask=ok)
+            tl.debug_barrier()
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -188,24 +201,28 @@ def row_forward(x2d, weight, bias, eps, rms, *, max_block=8192):
     return y, mean, rstd
 
 
-def row_backward(x2d, dy2d, mean, rstd, weight, rms, need_dweight, *, programs, max_block=8192):
-    """(dx, dγ or None, dβ or None); dγ/dβ fp32 (K,) from P partial rows."""
+def row_backward(x2d, dy2d, mean, rstd, weight, rms, need_dweight, *, programs, max_block=8192, row_chunk=128):
+    """(dx, dγ or None, dβ or None); dγ/dβ fp32 (K,), summed in fp64 from P partial rows.
+
+    ``row_chunk``: rows summed in fp32 before their sum joins an fp64 one (see the kernel).
+    """
     m, k = x2d.shape
     block, single = _block(k, max_block)
     p = max(1, min(programs, m))
     rows_per_prog = triton.cdiv(m, p)
+    if need_dweight and not single:  # fp32 partial rows: at most row_chunk rows in each
+        rows_per_prog = min(rows_per_prog, row_chunk)
     p = triton.cdiv(m, rows_per_prog)
     dx = torch.empty_like(x2d)
-    # The split path adds into its partial rows, so they start at zero.
-    part = (torch.empty if single else torch.zeros)(p, 2 * k, device=x2d.device, dtype=torch.float32) \
+    # Partial rows are added to (read, add, write), so they start at zero.
+    part = torch.zeros(p, 2 * k, device=x2d.device, dtype=torch.float64 if single else torch.float32) \
         if need_dweight else rstd
     row_backward_kernel[(p,)](
         x2d, dy2d, weight if weight is not None else x2d, mean if mean is not None else rstd, rstd, dx, part,
         m, k, rows_per_prog, HAS_W=weight is not None, RMS=rms, NEED_DW=need_dweight, SINGLE=single,
-        BLOCK_K=block, num_warps=min(max(block // 256, 1), 8),
+        BLOCK_K=block, ROW_CHUNK=row_chunk, num_warps=min(max(block // 256, 1), 8),
     )
     if not need_dweight:
         return dx, None, None
-    sums = sum_partials(part.view(p * 2, k).view(p, 2 * k), torch.empty(2 * k, device=x2d.device,
-                                                                      dtype=torch.float32))
+    sums = sum_partials(part, torch.empty(2 * k, device=x2d.device, dtype=torch.float32))
     return dx, sums[:k].clone(), sums[k:].clone()  # op outputs must not alias
