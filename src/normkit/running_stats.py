@@ -53,6 +53,9 @@ except ImportError:  # pragma: no cover - very old torch
     def _functorch_level():
         return None
 
+# torch.compiler.is_exporting appeared in torch 2.5; before it, count only outside torch.compile
+_exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)
+
 POLICIES = ("skip", "torch")
 _policy = "skip"
 
@@ -235,7 +238,7 @@ def update_running_stats(layer: nn.Module, batch_mean: Tensor, batch_var: Tensor
         new_var = torch.where(finite, new_var, running_var)
     running_mean.copy_(new_mean)
     running_var.copy_(new_var)
-    if finite is not None and not (torch.compiler.is_exporting() or torch.jit.is_tracing()):
+    if finite is not None and not (_exporting() or torch.jit.is_tracing()):
         # (an exported or traced program has no place for a Python-side counter: it skips, uncounted)
         skipped = _counter(layer, finite.device)
         skipped.add_(finite.logical_not())
