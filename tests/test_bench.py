@@ -33,7 +33,7 @@ def test_json_schema(tiny_run):
     doc, _ = tiny_run
     assert doc["schema"] == "normkit-bench/1"
     assert doc["copy_bandwidth_GBps"] > 0
-    assert {"torch", "numba", "normkit"} <= set(doc["versions"])
+    assert {"torch", "cpu kernels", "normkit"} <= set(doc["versions"])
     assert doc["skipped"] == []
     # bn2d and bn_add_relu in two layouts, ln in one, four modes each
     assert len(doc["records"]) == (2 + 2 + 1) * 4

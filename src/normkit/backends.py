@@ -171,7 +171,7 @@ def scale_shift(weight, bias, mean, rstd):
 
 
 # name -> zero-argument factory returning a Backend, or raising ImportError/RuntimeError with
-# the reason it cannot be built here (e.g. numba missing). Factories run lazily, once.
+# the reason it cannot be built here (e.g. the C++ extension not built). Factories run lazily, once.
 _FACTORIES: dict[str, Callable[[], Backend]] = {}
 _INSTANCES: dict[str, Backend | str] = {}  # a Backend, or the reason building it failed
 _WARNED: set[tuple[str, str]] = set()

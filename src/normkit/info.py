@@ -25,11 +25,16 @@ def collect() -> dict[str, str]:
         "threads": str(torch.get_num_threads()),
         "requested backend": backends.current(),
     }
-    for name in ("numba", "triton"):
-        try:
-            facts[name] = __import__(name).__version__
-        except ImportError:
-            facts[name] = "not installed"
+    try:
+        facts["triton"] = __import__("triton").__version__
+    except ImportError:
+        facts["triton"] = "not installed"
+    try:
+        from normkit import _C
+
+        facts["C++ kernels"] = f"built ({_C.__file__})"
+    except ImportError as err:
+        facts["C++ kernels"] = f"not built ({err}): reinstall with a C++ compiler"
     for name, state in backends.available().items():
         if name == "triton" and state == "available" and not torch.cuda.is_available():
             state += " (no CUDA device here: CPU tensors only under TRITON_INTERPRET=1)"

@@ -3,7 +3,7 @@
 A :class:`Case` is one op at one shape, layout and dtype. For each of the four modes
 (``fwd`` = training forward, ``bwd`` = its backward alone, ``fwd+bwd``, ``eval`` = inference
 forward) it builds one *step* per contender (:mod:`.timing`): torch eager (``torch.nn``),
-``torch.compile`` of the same module, normkit (the public layers, backend ``auto``: the Numba
+``torch.compile`` of the same module, normkit (the public layers, backend ``auto``: the C++
 kernels on CPU, Triton on CUDA) and, on CUDA for LayerNorm/RMSNorm, Liger-Kernel when it is
 installed. Every contender gets its own module with the same initial state and the same input.
 """

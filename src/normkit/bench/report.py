@@ -52,10 +52,11 @@ def versions() -> dict:
     import importlib
 
     import normkit
+    from normkit import backends
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "normkit": normkit.__version__}
-    for optional in ("numba", "triton"):  # reported when installed
+           "normkit": normkit.__version__, "cpu kernels": backends.available()["cpu"]}
+    for optional in ("triton",):  # reported when installed
         try:
             out[optional] = importlib.import_module(optional).__version__
         except ImportError:

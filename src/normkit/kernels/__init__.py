@@ -1,1 +1,1 @@
-"""Hand-written kernels: ``cpu`` (Numba) and ``triton``. Arrays in, arrays out; nothing of normkit."""
+"""Hand-written kernels: ``triton`` (tensors in, out; nothing of normkit). CPU kernels: C++, ``normkit/csrc``."""

@@ -196,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
-            # the backend fallback notice (e.g. no Numba) is printed once by normkit; repeat runs need not see it
+            # the fallback notice (e.g. C++ kernels not built) is printed once by normkit; repeats need not see it
             warnings.simplefilter("once")
             entries = run_all(claims, ctx, args.out)
     finally:

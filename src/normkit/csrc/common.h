@@ -1,0 +1,243 @@
+// Shared pieces of normkit's CPU kernels: element access for the four dtypes, the activations,
+// the blocked summation every reduction uses, tensor geometry and the parallel loop.
+//
+// Numerics (DESIGN.md §4). Every reduction sums in the accumulation type A (float for
+// float32/float16/bfloat16, double for float64) over blocks of at most kChunk values, in kLanes
+// independent lanes (so the compiler vectorises the loop without reassociating anything), adds
+// the lanes in a fixed tree, and merges the block totals in double, in order. A 2048x2048 image
+// or a 2^26-value group therefore does not drift, and the order of every sum is fixed by the
+// shape alone: results are bit-identical for any thread count.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace normkit {
+
+using at::Tensor;
+
+// ----------------------------------------------------------------------------- element access
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+template <typename T> using acc_t = typename AccOf<T>::type;
+
+inline float ld(const float* p, int64_t i) { return p[i]; }
+inline double ld(const double* p, int64_t i) { return p[i]; }
+inline float ld(const c10::Half* p, int64_t i) {
+  _Float16 h;  // the compiler's IEEE half: converts with vcvtph2ps where F16C is on
+  std::memcpy(&h, reinterpret_cast<const char*>(p) + 2 * i, 2);
+  return static_cast<float>(h);
+}
+inline float ld(const c10::BFloat16* p, int64_t i) {
+  uint16_t b;
+  std::memcpy(&b, reinterpret_cast<const char*>(p) + 2 * i, 2);
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline void st(float* p, int64_t i, float v) { p[i] = v; }
+inline void st(double* p, int64_t i, double v) { p[i] = v; }
+inline void st(c10::Half* p, int64_t i, float v) {
+  _Float16 h = static_cast<_Float16>(v);  // round to nearest even
+  std::memcpy(reinterpret_cast<char*>(p) + 2 * i, &h, 2);
+}
+inline void st(c10::BFloat16* p, int64_t i, float v) {
+  // round to nearest even as torch does; NaN stays a quiet NaN (branch-free: the loop vectorises)
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  uint32_t rounded = u + 0x7FFFu + ((u >> 16) & 1u);
+  uint32_t bits = (v != v) ? (u | 0x00400000u) : rounded;
+  uint16_t b = static_cast<uint16_t>(bits >> 16);
+  std::memcpy(reinterpret_cast<char*>(p) + 2 * i, &b, 2);
+}
+
+// ----------------------------------------------------------------------------- activations
+// ACT: 0 identity, 1 ReLU, 2 SiLU, 3 GELU (exact erf form). ReLU'(0) = 0, as torch.
+enum { kIdentity = 0, kRelu = 1, kSilu = 2, kGelu = 3 };
+
+template <int ACT, typename A>
+inline A act_fwd(A z) {
+  if constexpr (ACT == kRelu) {
+    return z < A(0) ? A(0) : z;  // NaN passes through, as torch.relu
+  } else if constexpr (ACT == kSilu) {
+    return z / (A(1) + std::exp(-z));
+  } else if constexpr (ACT == kGelu) {
+    return A(0.5) * z * (A(1) + std::erf(z * A(0.70710678118654752440)));
+  } else {
+    return z;
+  }
+}
+
+// dy·act'(z)
+template <int ACT, typename A>
+inline A act_bwd(A z, A g) {
+  if constexpr (ACT == kRelu) {
+    return z > A(0) ? g : A(0);
+  } else if constexpr (ACT == kSilu) {
+    A s = A(1) / (A(1) + std::exp(-z));
+    return g * (s * (A(1) + z * (A(1) - s)));
+  } else if constexpr (ACT == kGelu) {
+    A cdf = A(0.5) * (A(1) + std::erf(z * A(0.70710678118654752440)));
+    A pdf = std::exp(A(-0.5) * z * z) * A(0.39894228040143267794);
+    return g * (cdf + z * pdf);
+  } else {
+    return g;
+  }
+}
+
+// ----------------------------------------------------------------------------- blocked sums
+constexpr int64_t kChunk = 4096;  // values summed in A before the block total goes to double
+constexpr int64_t kGrain = 32768;  // elements below which a loop runs inline (no pool hand-off)
+
+template <typename A> struct Lanes { static constexpr int value = 16; };
+template <> struct Lanes<double> { static constexpr int value = 8; };
+
+template <typename A, int L>
+inline A lane_total(A* a) {
+#pragma GCC unroll 8
+  for (int w = L / 2; w > 0; w /= 2) {
+    for (int j = 0; j < w; ++j) a[j] += a[j + w];
+  }
+  return a[0];
+}
+
+// (s1, s2) += (Σ u(i), Σ v(i)) over i in [0, len), with f(i, u, v) giving both terms: blocks of
+// kChunk values summed in A lanes, each block's total added to the double sums in order.
+template <typename A, typename F>
+inline void chunked_sums(int64_t len, F&& f, double& s1, double& s2) {
+  constexpr int L = Lanes<A>::value;
+  for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+    const int64_t c1 = std::min(len, c0 + kChunk);
+    A a[L], q[L];
+    for (int j = 0; j < L; ++j) a[j] = q[j] = A(0);
+    int64_t i = c0;
+    for (; i + L <= c1; i += L) {
+#pragma GCC unroll 16
+      for (int j = 0; j < L; ++j) {
+        A u, v;
+        f(i + j, u, v);
+        a[j] += u;
+        q[j] += v;
+      }
+    }
+    A ta = A(0), tq = A(0);
+    for (; i < c1; ++i) {
+      A u, v;
+      f(i, u, v);
+      ta += u;
+      tq += v;
+    }
+    s1 += static_cast<double>(lane_total<A, L>(a) + ta);
+    s2 += static_cast<double>(lane_total<A, L>(q) + tq);
+  }
+}
+
+// ----------------------------------------------------------------------------- geometry
+// (N, C, S, cl) of x = (N, C, *spatial). cl: the loop order is (N, S, C) — channels_last 4-D/5-D,
+// 2-D (N, C), or S == 1 — else (N, C, S) (contiguous NCHW).
+struct Geometry {
+  int64_t n, c, s;
+  bool cl;
+};
+
+inline bool channels_last_dense(const Tensor& x) {
+  return (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+         (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+}
+
+inline Geometry geometry(const Tensor& x) {
+  const bool plain = x.is_contiguous();
+  TORCH_CHECK_VALUE(plain || channels_last_dense(x), "normkit cpu backend: expected a dense tensor ",
+                    "(contiguous or channels_last), got strides ", x.strides(), " for shape ", x.sizes());
+  Geometry g;
+  g.n = x.dim() > 0 ? x.size(0) : 1;
+  g.c = x.dim() > 1 ? x.size(1) : 1;
+  g.s = x.numel() / std::max<int64_t>(g.n * g.c, 1);
+  g.cl = x.dim() == 2 || g.s == 1 || !plain;
+  return g;
+}
+
+inline at::MemoryFormat format_of(const Tensor& x) {
+  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
+  return at::MemoryFormat::Contiguous;
+}
+
+// t in x's dtype and exact strides (the kernels index x, dy and residual alike); undefined stays so.
+inline Tensor like_x(const c10::optional<Tensor>& t, const Tensor& x) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  TORCH_CHECK_VALUE(t->sizes() == x.sizes(), "normkit cpu backend: expected a tensor shaped like x ", x.sizes(),
+                    ", got ", t->sizes());
+  Tensor r = t->scalar_type() == x.scalar_type() ? *t : t->to(x.scalar_type());
+  if (r.strides() != x.strides()) r = r.contiguous(format_of(x));
+  return r;
+}
+
+// A small vector (statistics, affine) as a contiguous tensor of dtype sd with `len` values.
+inline Tensor vec(const Tensor& t, at::ScalarType sd, int64_t len, const char* what) {
+  TORCH_CHECK_VALUE(t.numel() == len, "normkit cpu backend: expected ", what, " with ", len, " values, got ",
+                    t.numel());
+  Tensor r = t.scalar_type() == sd ? t : t.to(sd);
+  return r.is_contiguous() ? r : r.contiguous();
+}
+
+inline Tensor opt_vec(const c10::optional<Tensor>& t, at::ScalarType sd, int64_t len, const char* what) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  return vec(*t, sd, len, what);
+}
+
+template <typename P>
+inline const P* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.data_ptr<P>() : nullptr;
+}
+
+// (n,) values of t (a stat-dtype vector or undefined) as A, `fill` where undefined
+template <typename T>
+std::vector<acc_t<T>> vec_or(const Tensor& t, int64_t n, acc_t<T> fill) {
+  std::vector<acc_t<T>> out(n, fill);
+  if (t.defined()) std::copy(t.data_ptr<acc_t<T>>(), t.data_ptr<acc_t<T>>() + n, out.begin());
+  return out;
+}
+
+inline at::ScalarType stat_type(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline Tensor empty_like_x(const Tensor& x) { return at::empty_like(x, format_of(x)); }
+
+// Tasks [0, n) on torch's intra-op pool; `grain` tasks or fewer run inline on the caller.
+template <typename F>
+inline void parallel(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  at::parallel_for(0, n, std::max<int64_t>(grain, 1), f);
+}
+
+inline int64_t grain_for(int64_t elements_per_task) {
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(elements_per_task, 1));
+}
+
+}  // namespace normkit
+
+// Dispatch on x's dtype (T) and the activation code (ACT).
+#define NK_DISPATCH_T(stype, ...)                                             \
+  [&] {                                                                       \
+    switch (stype) {                                                          \
+      case at::kFloat: { using T = float; return __VA_ARGS__(); }             \
+      case at::kDouble: { using T = double; return __VA_ARGS__(); }           \
+      case at::kHalf: { using T = c10::Half; return __VA_ARGS__(); }          \
+      case at::kBFloat16: { using T = c10::BFloat16; return __VA_ARGS__(); }  \
+      default: TORCH_CHECK_TYPE(false, "normkit cpu backend: dtype ", stype,  \
+                                " is not one of float32, float64, float16, bfloat16"); \
+    }                                                                         \
+  }()

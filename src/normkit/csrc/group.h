@@ -1,0 +1,270 @@
+// Row family, part 2: GroupNorm and InstanceNorm (num_groups = C); statistics per (sample, group).
+//
+// NCHW — a (sample, group) block of C/G × S values is contiguous and is the parallel unit: its
+//   statistics pass brings it into cache and the apply (dx) pass rereads it from there.
+// channels_last — a group is strided, a sample is contiguous. Per-channel accumulators run over
+//   chunks of at most kGroupChunk positions (flushed to double in chunk order), channels are
+//   added into their group in double. With at least two samples per thread the sample is the
+//   unit (statistics, then apply from cache); with fewer, chunks are the unit and their totals
+//   go through a table added in the same order — the same bits either way.
+#pragma once
+
+#include "channel.h"
+
+namespace normkit {
+
+constexpr int64_t kGroupChunk = 512;
+
+inline bool per_sample_units(int64_t N) { return N >= 2 * static_cast<int64_t>(at::get_num_threads()); }
+
+// Per-sample, per-channel (t1, t2) of the CL layout: acc(n, p0, np, a, q) accumulates positions
+// [p0, p0 + np) of sample n into A accumulators; chunk totals are added in chunk order. With
+// `fused`, each sample runs whole in one task and after(n, t1, t2) follows at once (data in
+// cache); otherwise chunks run in parallel into a table, then after() runs per sample.
+template <typename A, typename Acc, typename After>
+void cl_group_pass(int64_t N, int64_t S, int64_t C, const Acc& acc, const After& after) {
+  const int64_t nch = (S + kGroupChunk - 1) / kGroupChunk;
+  auto chunk = [&](int64_t n, int64_t j, A* a, A* q) {
+    std::fill(a, a + C, A(0));
+    std::fill(q, q + C, A(0));
+    const int64_t p0 = j * kGroupChunk;
+    acc(n, p0, std::min(kGroupChunk, S - p0), a, q);
+  };
+  if (per_sample_units(N)) {
+    parallel(N, grain_for(2 * S * C), [&](int64_t lo, int64_t hi) {
+      std::vector<A> a(C), q(C);
+      std::vector<double> t1(C), t2(C);
+      for (int64_t n = lo; n < hi; ++n) {
+        std::fill(t1.begin(), t1.end(), 0.0);
+        std::fill(t2.begin(), t2.end(), 0.0);
+        for (int64_t j = 0; j < nch; ++j) {
+          chunk(n, j, a.data(), q.data());
+          for (int64_t c = 0; c < C; ++c) {
+            t1[c] += static_cast<double>(a[c]);
+            t2[c] += static_cast<double>(q[c]);
+          }
+        }
+        after(n, t1.data(), t2.data(), true);
+      }
+    });
+    return;
+  }
+  std::vector<double> tab1(N * nch * C), tab2(N * nch * C);
+  parallel(N * nch, grain_for(kGroupChunk * C), [&](int64_t lo, int64_t hi) {
+    std::vector<A> a(C), q(C);
+    for (int64_t t = lo; t < hi; ++t) {
+      chunk(t / nch, t % nch, a.data(), q.data());
+      for (int64_t c = 0; c < C; ++c) {
+        tab1[t * C + c] = static_cast<double>(a[c]);
+        tab2[t * C + c] = static_cast<double>(q[c]);
+      }
+    }
+  });
+  std::vector<double> t1(C), t2(C);
+  for (int64_t n = 0; n < N; ++n) {
+    std::fill(t1.begin(), t1.end(), 0.0);
+    std::fill(t2.begin(), t2.end(), 0.0);
+    for (int64_t j = 0; j < nch; ++j) {
+      const double* r1 = tab1.data() + (n * nch + j) * C;
+      const double* r2 = tab2.data() + (n * nch + j) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        t1[c] += r1[c];
+        t2[c] += r2[c];
+      }
+    }
+    after(n, t1.data(), t2.data(), false);
+  }
+}
+
+// The elementwise second pass of the CL layout over all samples (split mode): f(n, p0, np).
+template <typename F>
+void cl_positions(int64_t N, int64_t S, int64_t C, const F& f) {
+  const int64_t nch = (S + kGroupChunk - 1) / kGroupChunk;
+  parallel(N * nch, grain_for(kGroupChunk * C), [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t n = t / nch, p0 = (t % nch) * kGroupChunk;
+      f(n, p0, std::min(kGroupChunk, S - p0));
+    }
+  });
+}
+
+template <typename T, int ACT>
+std::tuple<Tensor, Tensor, Tensor> group_forward_impl(const Tensor& x, int64_t G, const Tensor& w_, const Tensor& b_,
+                                                      double eps, const Tensor& res) {
+  using A = acc_t<T>;
+  using L = Loops<T, ACT>;
+  const Geometry geo = geometry(x);
+  const int64_t N = geo.n, C = geo.c, S = geo.s, cg = C / G;
+  const T* xp = x.data_ptr<T>();
+  const T* rp = ptr_or_null<T>(res);
+  Tensor y = empty_like_x(x);
+  T* yp = y.data_ptr<T>();
+  Tensor mean = at::empty({N, G}, x.options().dtype(stat_type(x)));
+  Tensor var = at::empty({N, G}, x.options().dtype(stat_type(x)));
+  A* mp = mean.data_ptr<A>();
+  A* vp = var.data_ptr<A>();
+  const auto w = vec_or<T>(w_, C, A(1));
+  const auto b = vec_or<T>(b_, C, A(0));
+  if (x.is_contiguous()) {
+    const int64_t len = cg * S;
+    parallel(N * G, grain_for(2 * len), [&](int64_t lo, int64_t hi) {
+      for (int64_t blk = lo; blk < hi; ++blk) {
+        const int64_t start = blk * len, g = blk % G;
+        const A k = ld(xp, start);  // a value of the block: the shift that keeps a large mean exact
+        double s1 = 0, s2 = 0, m, v;
+        L::span_sums(xp + start, len, k, s1, s2);
+        moments(k, s1, s2, len, m, v);
+        const A mu = static_cast<A>(m);
+        mp[blk] = mu;
+        vp[blk] = static_cast<A>(v);
+        const A rs = A(1) / std::sqrt(vp[blk] + static_cast<A>(eps));
+        for (int64_t ci = 0; ci < cg; ++ci) {
+          const int64_t c = g * cg + ci, o = start + ci * S;
+          const A aa = rs * w[c];
+          L::span_apply(xp + o, rp ? rp + o : nullptr, yp + o, S, aa, b[c] - mu * aa);
+        }
+      }
+    });
+    return {y, mean, var};
+  }
+  // channels_last: (N, S, C)
+  std::vector<A> k(N * C), scale(N * C), shift(N * C);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) k[n * C + c] = ld(xp, n * S * C + (c / cg) * cg);
+  auto apply = [&](int64_t n, int64_t p0, int64_t np) {
+    const int64_t o = (n * S + p0) * C;
+    L::pos_apply(xp + o, rp ? rp + o : nullptr, yp + o, np, C, scale.data() + n * C, shift.data() + n * C);
+  };
+  cl_group_pass<A>(N, S, C, [&](int64_t n, int64_t p0, int64_t np, A* a, A* q) {
+    L::pos_sums(xp + (n * S + p0) * C, np, C, k.data() + n * C, a, q);
+  }, [&](int64_t n, const double* t1, const double* t2, bool fused) {
+    for (int64_t g = 0; g < G; ++g) {
+      double s1 = 0, s2 = 0, m, v;
+      for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+        s1 += t1[c];
+        s2 += t2[c];
+      }
+      moments(k[n * C + g * cg], s1, s2, cg * S, m, v);
+      const A mu = static_cast<A>(m);
+      mp[n * G + g] = mu;
+      vp[n * G + g] = static_cast<A>(v);
+      const A rs = A(1) / std::sqrt(vp[n * G + g] + static_cast<A>(eps));
+      for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+        scale[n * C + c] = rs * w[c];
+        shift[n * C + c] = b[c] - mu * scale[n * C + c];
+      }
+    }
+    if (fused) apply(n, 0, S);
+  });
+  if (!per_sample_units(N)) cl_positions(N, S, C, apply);
+  return {y, mean, var};
+}
+
+template <typename T, int ACT>
+std::tuple<Tensor, Tensor, Tensor, Tensor> group_backward_impl(const Tensor& x, const Tensor& dy, const Tensor& mean,
+                                                               const Tensor& rstd, int64_t G, const Tensor& w_,
+                                                               const Tensor& b_, const Tensor& res, bool need_dw,
+                                                               bool need_dz) {
+  using A = acc_t<T>;
+  using L = Loops<T, ACT>;
+  const Geometry geo = geometry(x);
+  const int64_t N = geo.n, C = geo.c, S = geo.s, cg = C / G;
+  const double count = static_cast<double>(cg * S);
+  const T* xp = x.data_ptr<T>();
+  const T* dyp = dy.data_ptr<T>();
+  const T* rp = ptr_or_null<T>(res);
+  Tensor dx = empty_like_x(x);
+  Tensor dz = need_dz ? empty_like_x(x) : Tensor();
+  T* dxp = dx.data_ptr<T>();
+  T* dzp = need_dz ? dz.data_ptr<T>() : nullptr;
+  const A* mp = mean.data_ptr<A>();
+  const A* rsp = rstd.data_ptr<A>();
+  const auto w = vec_or<T>(w_, C, A(1));
+  const auto b = vec_or<T>(b_, C, A(0));
+  std::vector<double> sa(N * C), sb(N * C);  // Σ_s dz and Σ_s dz·x̂ per (n, c)
+  if (x.is_contiguous()) {
+    const int64_t len = cg * S;
+    parallel(N * G, grain_for(3 * len), [&](int64_t lo, int64_t hi) {
+      for (int64_t blk = lo; blk < hi; ++blk) {
+        const int64_t n = blk / G, g = blk % G, start = blk * len;
+        const A mu = mp[blk], rs = rsp[blk];
+        double sum_g = 0, sum_gx = 0;
+        for (int64_t ci = 0; ci < cg; ++ci) {
+          const int64_t c = g * cg + ci, o = start + ci * S;
+          const A aa = rs * w[c];
+          double t1 = 0, t2 = 0;
+          L::span_bwd_sums(xp + o, dyp + o, rp ? rp + o : nullptr, S, aa, b[c] - mu * aa, mu, t1, t2);
+          sa[n * C + c] = t1;
+          sb[n * C + c] = t2 * rs;
+          sum_g += w[c] * t1;
+          sum_gx += w[c] * t2 * rs;
+        }
+        const double drs = rs;
+        const A qq = static_cast<A>(-drs * drs * (sum_gx / count));
+        const A rr = static_cast<A>(-drs * (sum_g / count));
+        for (int64_t ci = 0; ci < cg; ++ci) {
+          const int64_t c = g * cg + ci, o = start + ci * S;
+          const A aa = rs * w[c];
+          L::span_bwd_dx(xp + o, dyp + o, rp ? rp + o : nullptr, dxp + o, dzp ? dzp + o : nullptr, S, aa,
+                         b[c] - mu * aa, aa, qq, mu, rr);
+        }
+      }
+    });
+  } else {
+    std::vector<A> fa(N * C), fb(N * C), m(N * C), qq(N * C), rr(N * C);
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = n * C + c, ng = n * G + c / cg;
+        m[i] = mp[ng];
+        fa[i] = rsp[ng] * w[c];
+        fb[i] = b[c] - m[i] * fa[i];
+      }
+    }
+    auto dx_pass = [&](int64_t n, int64_t p0, int64_t np) {
+      const int64_t o = (n * S + p0) * C, v = n * C;
+      L::pos_bwd_dx(xp + o, dyp + o, rp ? rp + o : nullptr, dxp + o, dzp ? dzp + o : nullptr, np, C, fa.data() + v,
+                    fb.data() + v, fa.data() + v, qq.data() + v, m.data() + v, rr.data() + v);
+    };
+    cl_group_pass<A>(N, S, C, [&](int64_t n, int64_t p0, int64_t np, A* a, A* q) {
+      const int64_t o = (n * S + p0) * C, v = n * C;
+      L::pos_bwd_sums(xp + o, dyp + o, rp ? rp + o : nullptr, np, C, fa.data() + v, fb.data() + v, m.data() + v, a,
+                      q);
+    }, [&](int64_t n, const double* t1, const double* t2, bool fused) {
+      for (int64_t g = 0; g < G; ++g) {
+        const double rs = rsp[n * G + g];
+        double mg = 0, mgx = 0;
+        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+          sa[n * C + c] = t1[c];
+          sb[n * C + c] = t2[c] * rs;
+          mg += w[c] * t1[c];
+          mgx += w[c] * t2[c] * rs;
+        }
+        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+          qq[n * C + c] = static_cast<A>(-rs * rs * (mgx / count));
+          rr[n * C + c] = static_cast<A>(-rs * (mg / count));
+        }
+      }
+      if (fused) dx_pass(n, 0, S);
+    });
+    if (!per_sample_units(N)) cl_positions(N, S, C, dx_pass);
+  }
+  Tensor dweight, dbias;
+  if (need_dw) {
+    dweight = at::empty({C}, x.options().dtype(stat_type(x)));
+    dbias = at::empty({C}, x.options().dtype(stat_type(x)));
+    A* dw = dweight.data_ptr<A>();
+    A* db = dbias.data_ptr<A>();
+    for (int64_t c = 0; c < C; ++c) {
+      double s1 = 0, s2 = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        s1 += sa[n * C + c];
+        s2 += sb[n * C + c];
+      }
+      db[c] = static_cast<A>(s1);
+      dw[c] = static_cast<A>(s2);
+    }
+  }
+  return {dx, dweight, dbias, dz};
+}
+
+}  // namespace normkit
