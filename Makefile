@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt setup.py $(wildcard src/normkit/csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt torch setuptools
+	$(PY) -m pip install --quiet -c constraints.txt torch numpy setuptools
 	$(PY) -m pip install --quiet --no-build-isolation -c constraints.txt -e ".[test,lab]"
 	$(PY) -c "import normkit.cpu_backend as c; c.CpuBackend()" \
 		|| echo "WARNING: normkit's C++ kernels are not built: the cpu backend is unavailable (normkit info)"

@@ -14,7 +14,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <pthread.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -216,10 +219,29 @@ inline at::ScalarType stat_type(const Tensor& x) {
 
 inline Tensor empty_like_x(const Tensor& x) { return at::empty_like(x, format_of(x)); }
 
+// True in a process forked from the one that loaded the kernels. torch's CPU wheels run
+// at::parallel_for on GNU OpenMP, whose thread pool does not survive fork(): a forked child
+// that enters a parallel region after its parent did waits forever (torch's own ops too, which
+// is why DataLoader workers set one thread). The kernels therefore run inline in a forked child;
+// the results are the same bits, as for any thread count.
+inline std::atomic<bool>& forked_child() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+
+inline bool register_fork_handler() {
+  static const bool done = pthread_atfork(nullptr, nullptr, [] { forked_child().store(true); }) == 0;
+  return done;
+}
+
 // Tasks [0, n) on torch's intra-op pool; `grain` tasks or fewer run inline on the caller.
 template <typename F>
 inline void parallel(int64_t n, int64_t grain, const F& f) {
   if (n <= 0) return;
+  if (n <= grain || forked_child().load(std::memory_order_relaxed)) {
+    f(0, n);
+    return;
+  }
   at::parallel_for(0, n, std::max<int64_t>(grain, 1), f);
 }
 

@@ -238,4 +238,7 @@ static struct PyModuleDef normkit_c_module = {PyModuleDef_HEAD_INIT, "_C",
                                               "normkit's CPU kernels (registers torch.ops.normkit_cpu)", -1,
                                               nullptr};
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&normkit_c_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  normkit::register_fork_handler();
+  return PyModule_Create(&normkit_c_module);
+}
