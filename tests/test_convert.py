@@ -186,7 +186,7 @@ def test_fx_fusion_survives_deepcopy_and_train_eval_switch():
     torch.manual_seed(0)
     fused = normkit.convert(resnet_like(), fuse=True)
     twin = copy.deepcopy(fused)
-    assert twin[1].forward.__self__ is twin[1]
+    assert twin[1].forward.module is twin[1] and twin[1].bn2 is not fused[1].bn2
     x = torch.randn(2, 3, 8, 8)
     for training in (True, False):
         fused.train(training)
@@ -278,3 +278,30 @@ def test_fx_fusion_with_a_hooked_or_shared_bn_is_skipped():
     finally:
         normkit.BatchNorm2d._normalize = real
     assert [act for m, act in calls if m is a.bn2] == ["", ""]  # the shared one ran plain, twice
+
+
+def test_fx_fusion_steps_aside_after_surgery_to_torch_and_pickle():
+    import io
+
+    torch.manual_seed(0)
+    ref = resnet_like()
+    fused = normkit.convert(copy.deepcopy(ref), fuse=True)
+    x = 3 + torch.randn(2, 3, 8, 8)
+    for m in (ref, fused):
+        m.eval()
+    expected = ref(x)
+    # torch.save of the whole model: the generated forward is not picklable; the class's runs
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert "forward" not in loaded[1].__dict__ or not hasattr(loaded[1].forward, "code")
+    torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
+    # a child replaced after fusion is used: the rewritten code steps aside
+    fused[1].bn2 = nn.Identity()
+    ref[1].bn2 = nn.Identity()
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+    # back to torch.nn: the class's forward, torch's layers
+    normkit.convert(fused, to="torch")
+    normkit.convert(ref, to="torch")
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)

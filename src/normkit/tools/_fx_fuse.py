@@ -11,9 +11,10 @@ each chain
 
 becomes one call ``act(BN(h) + shortcut)`` of the fused kernel (:func:`_bn_add_relu`). The module
 keeps its class, children, parameters, buffers and hooks; only its instance ``forward`` is
-replaced by the rewritten graph's code, which reads the same attributes (swapping a child later
-is still seen). The BatchNorm2d child is not changed: if the instance ``forward`` is ever lost
-(e.g. pickling the module), the original forward runs, unfused, with the same results.
+replaced (:class:`_FusedForward`) by the rewritten graph's code, which reads the same
+attributes, and which steps aside for the class's forward once a child is replaced. The
+BatchNorm2d child is not changed: when the class's forward runs (after model surgery, after
+unpickling, under TorchScript), it runs unfused, with the same results.
 
 What is not fused, so that results never change:
 
@@ -31,8 +32,8 @@ conversion time.
 
 from __future__ import annotations
 
+import copy
 import operator
-import types
 import warnings
 
 import torch
@@ -53,6 +54,38 @@ def _bn_add_relu(bn: nn.Module, x: Tensor, residual: Tensor | None) -> Tensor:
         return bn._normalize(x, residual, "relu")
     return torch.relu(bn(x) + residual)  # broadcasting or mixed dtypes: exactly what the model wrote
 
+
+
+class _FusedForward:
+    """A module's instance ``forward``: the rewritten graph's code, run on the module itself.
+
+    It runs only while the module has exactly the children it was traced with; after any child
+    is replaced, added or removed (e.g. ``convert(model, to="torch")``, model surgery) the
+    class's own forward runs. Pickling restores the class's forward (the rewritten code is
+    generated, so not importable); ``copy.deepcopy`` keeps the fusion for the copy (a shallow
+    ``copy.copy`` shares the children dict, so it computes the same).
+    """
+
+    def __init__(self, module: nn.Module, code) -> None:
+        self.module, self.code, self.children = module, code, dict(module._modules)
+
+    def __call__(self, *args, **kwargs):
+        m = self.module
+        now = m._modules
+        if now.keys() == self.children.keys() and all(now[k] is v for k, v in self.children.items()):
+            return self.code(m, *args, **kwargs)
+        return type(m).forward(m, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        new = _FusedForward.__new__(_FusedForward)
+        memo[id(self)] = new
+        new.module, new.code = copy.deepcopy(self.module, memo), self.code
+        new.children = copy.deepcopy(self.children, memo)  # the copy's own children, via memo
+        return new
+
+    def __reduce__(self):
+        # unpickled before the module's state: getattr finds the class's forward, bound
+        return (getattr, (self.module, "forward"))
 
 
 class _ShallowTracer(fx.Tracer):
@@ -170,7 +203,7 @@ def fuse_forward_patterns(model: nn.Module) -> list[str]:
         if _rewrite(module, graph, shared):
             graph.lint()
             code = fx.GraphModule(module, graph, class_name=type(module).__name__)
-            module.forward = types.MethodType(type(code).forward, module)
+            module.forward = _FusedForward(module, type(code).forward)
             rewritten.append(name)
     if failed:
         warnings.warn("normkit.convert(fuse=True): could not trace, left unfused: " + "; ".join(failed),
