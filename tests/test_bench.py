@@ -110,6 +110,7 @@ def test_models_suite_schema(models_run):
     assert doc["schema"] == "normkit-bench/1" and doc["suite"] == "models"
     assert doc["skipped"] == []
     assert doc["settings"]["sizes"] == "tiny"
+    assert doc["settings"]["normkit_backend"] == "reference"  # the fixture's choice, recorded
     groups = [r["group"] for r in doc["records"]]
     assert groups.count("everyday") == 8 and groups.count("per call") == 4
     assert groups.count("network") == 1 and groups.count("saved_bytes") == 1

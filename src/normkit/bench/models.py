@@ -285,14 +285,17 @@ def main(args) -> int:
     per_call = [r["impls"]["normkit"]["speedup_vs_torch"] for r in records if r["group"] == "per call"]
     summary_ = {"geomean_everyday": geomean(everyday), "geomean_per_call": geomean(per_call),
                 "everyday_cases": len(everyday), "per_call_cases": len(per_call)}
-    print(f"{torch.get_num_threads()} threads, device {device}" + (" (tiny sizes: not a benchmark)" if tiny else ""))
+    backend = _backend(device)
+    print(f"{torch.get_num_threads()} threads, device {device}, normkit backend {backend}"
+          + (" (tiny sizes: not a benchmark)" if tiny else ""))
     print(report.models_table(records, summary_))
     for p in problems:
         print(f"skipped: {p}", file=sys.stderr)
     doc = {"schema": report.SCHEMA, "suite": "models",
            "command": "normkit " + " ".join(sys.argv[1:]) if sys.argv else "",
            "started_utc": started, "machine": report.machine(device), "versions": report.versions(),
-           "settings": {"rounds": rounds, "quick": args.quick, "sizes": args.sizes, "fuse": True},
+           "settings": {"rounds": rounds, "quick": args.quick, "sizes": args.sizes, "fuse": True,
+                        "normkit_backend": backend},
            "summary": summary_, "records": records, "skipped": problems}
     if args.json:
         report.write_json(args.json, doc)
@@ -301,3 +304,21 @@ def main(args) -> int:
                            f"normkit bench --suite models — {doc['machine']['processor']}, "
                            f"{torch.get_num_threads()} threads")
     return 0
+
+
+def _backend(device: str) -> str:
+    """The backend normkit's kernels resolve to for an fp32 tensor here (cpu, triton or reference).
+
+    normkit may still hand a small tensor to aten's own kernel (the route); this names the
+    kernels it uses otherwise — a missing C++ extension shows here as ``reference``.
+    """
+    import warnings
+
+    from .. import backends
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return backends.resolve("channel_stats", torch.empty(2, 2, device=device)).name
+        except backends.BackendUnavailableError as err:
+            return f"none: {err}"
