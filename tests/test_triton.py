@@ -149,6 +149,9 @@ CASES = [
          tune={"channel_tile": 16, "programs": 30}),
     Case("bn_split_large_mean", "batch_norm", (8, 3, 4, 4), layout="channels_last", offset=1e4, spread=1.0,
          tune=SPLIT_BN),
+    # many blocks of LANE_STEPS tiles per program: fp32 blocks merged in fp64, forward and backward
+    Case("bn_many_blocks_nhwc", "batch_norm", (2, 3, 5, 5), layout="channels_last", residual=True, act="gelu",
+         tune={"channel_tile": 2, "programs": 2}),
     # BatchNorm fused residual + activation (train and eval, both layouts)
     Case("bn_res_relu_nchw", "batch_norm", (2, 3, 5, 7), residual=True, act="relu"),
     Case("bn_res_silu_nhwc", "batch_norm", (2, 3, 5, 7), layout="channels_last", residual=True, act="silu"),
@@ -172,6 +175,7 @@ CASES = [
     Case("gn_split_tiles_nhwc", "group_norm", (2, 6, 3, 3), layout="channels_last", groups=2,
          tune={"group_tile": 2}),
     Case("gn_res_silu_nchw", "group_norm", (2, 6, 5, 7), groups=3, residual=True, act="silu"),
+    Case("gn_many_blocks", "group_norm", (1, 4, 6, 6), groups=2, residual=True, act="silu", tune={"group_tile": 2}),
     Case("gn_res_gelu_nhwc", "group_norm", (2, 6, 5, 7), layout="channels_last", groups=3, residual=True,
          act="gelu"),
     Case("gn_relu_fp16", "group_norm", (2, 6, 5, 7), torch.float16, groups=3, act="relu"),
@@ -406,6 +410,19 @@ def test_tuned_cases_reach_the_split_paths():
                                   SPLIT_BN["channel_tile"])
     assert plan["s_chunks"] > 1 and plan["grid"][1] > plan["s_chunks"], "chunks along n and s"
     assert row._block(33, 16) == (16, False)
+    # the many_blocks cases walk several blocks of LANE_STEPS tiles per program
+    from normkit.kernels.triton import group
+    from normkit.kernels.triton._common import LANE_STEPS
+    gn = next(c for c in CASES if c.name == "gn_many_blocks")
+    gplan = group.plan(torch.empty(gn.shape, device=DEVICE), gn.groups, gn.tune["group_tile"])
+    blocks = gplan["blocks"]
+    tiles = -(-gplan["cg"] // blocks["BLOCK_CG"]) * -(-gplan["s"] // blocks["BLOCK_S"])
+    assert -(-gplan["s"] // blocks["BLOCK_S"]) > LANE_STEPS, "several blocks per channel (backward)"
+    assert tiles > 2 * LANE_STEPS, "several blocks per group (forward)"
+    bn = next(c for c in CASES if c.name == "bn_many_blocks_nhwc")
+    plan = channel.reduction_plan(torch.empty(bn.shape, device=DEVICE).contiguous(memory_format=torch.channels_last),
+                                  bn.tune["programs"], bn.tune["channel_tile"])
+    assert plan["n_per_prog"] // plan["blocks"]["BLOCK_N"] > 2 * LANE_STEPS, "several blocks per program"
 
 
 # ----------------------------------------------------------------------------- GPU compilation
