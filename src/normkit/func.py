@@ -10,11 +10,13 @@ statistics are returned instead of written:
   given parameters and buffers and returns ``(output, new_buffers)``, the buffers every
   BatchNorm would have written (``num_batches_tracked`` included), without mutating any tensor.
 
-Numbers: the output is ``torch.nn.functional.batch_norm``'s own (the same aten op, so
-bit-identical); the new statistics are torch's update ``m·μ_B + (1 − m)·running`` (unbiased
-variance) with μ_B and σ²_B accumulated in float64 as torch's CPU kernel does, so they match
-``F.batch_norm`` on clones of the buffers to the last bit or within one rounding. Everything is
-aten ops: it runs under any transform, at torch's speed rather than normkit's kernels'.
+Numbers: torch's own. In training with running statistics :func:`batch_norm` runs
+``aten._native_batch_norm_legit_functional`` — the functional form of torch's training batch
+norm that functionalization uses — so output and new statistics are bit for bit what
+``F.batch_norm`` gives and writes into clones of the buffers. Under ``vmap``, where that op has no
+batching rule, the output is ``F.batch_norm``'s and the statistics torch's update formula with
+float64 accumulation (within one rounding of torch's). Everything is aten ops: it runs under any
+transform, at torch's speed rather than normkit's kernels'.
 """
 
 from __future__ import annotations
@@ -30,6 +32,19 @@ from . import _checks as C
 from . import running_stats
 
 __all__ = ["batch_norm", "functional_call"]
+
+
+def _under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` level is active (at any depth)."""
+    stack = torch._C._functorch.get_interpreter_stack() if hasattr(torch._C, "_functorch") else None
+    return any(i.key().name == "Vmap" for i in stack or ())
+
+
+def _verify_batch_size(where: str, input: Tensor) -> None:
+    """torch's rule for training: more than one value per channel."""
+    if input.dim() >= 2 and input.numel() // max(input.shape[1], 1) == 1 and input.shape[1] > 0:
+        raise ValueError(f"{where}: Expected more than 1 value per channel when training, got input size "
+                         f"{tuple(input.shape)}")
 
 
 def _torch_update(running: Tensor, batch: Tensor, momentum: float | Tensor) -> Tensor:
@@ -66,6 +81,17 @@ def batch_norm(
                          "None")
         out = nn.functional.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
         return out, running_mean, running_var
+    if running_mean is not None and running_var is not None and not _under_vmap():
+        # torch's own functional form of its training batch norm (what functionalization runs):
+        # output and new statistics bit for bit torch's, nothing written
+        _verify_batch_size("normkit.func.batch_norm", input)
+        if isinstance(momentum, Tensor):
+            momentum = float(momentum)
+        out, _, _, new_mean, new_var = torch.ops.aten._native_batch_norm_legit_functional(
+            input, weight, bias, running_mean, running_var, True, momentum, eps)
+        return out, new_mean.detach(), new_var.detach()
+    # under vmap (where that op has no batching rule): the output by F.batch_norm, the statistics by
+    # torch's update formula with float64 accumulation, as torch's CPU kernel
     out = nn.functional.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
     if running_mean is None and running_var is None:
         return out, running_mean, running_var
