@@ -152,7 +152,7 @@ def models_table(records: list[dict], summary: dict) -> str:
         if r["group"] == "saved_bytes":
             sb = r["saved_bytes"]
             lines.append(f"{r['op'][:23]:<24}{'memory':<10}{r['mode']:<12}{shape:<18}"
-                         f"{sb['torch']['distinct'] / 2**20:>8.1f}MB{sb['normkit']['distinct'] / 2**20:>8.1f}MB"
+                         f"{sb['torch']['distinct'] / 2**20:>7.1f}MiB{sb['normkit']['distinct'] / 2**20:>7.1f}MiB"
                          f"{r['ratio_normkit_vs_torch']['distinct']:>9.2f}  (normkit/torch, distinct storages)")
             continue
         t, n = r["impls"]["torch"], r["impls"]["normkit"]
@@ -199,7 +199,7 @@ def models_plot(path: str, records: list[dict], summary: dict, title: str) -> No
         axes[1].bar([2 * i - 0.2, 2 * i + 0.2], [sb["torch"]["distinct"] / 2**20, sb["normkit"]["distinct"] / 2**20],
                     0.4, color=["gray", "tab:blue"])
     axes[1].set_xticks([2 * i for i in range(len(mem))], ["torch | normkit"] * len(mem), fontsize=8)
-    axes[1].set_ylabel("MB saved for backward (ResNet step)")
+    axes[1].set_ylabel("MiB saved for backward (ResNet step)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
