@@ -251,3 +251,17 @@ def test_jit_script_trace_and_export():
     exported = torch.export.export(layer, (x,))
     torch.testing.assert_close(exported.module()(x), expected)
     assert not any("normkit" in str(n.target) for n in exported.graph.nodes)  # runs without normkit
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_compiles_fullgraph_with_the_op(layout):
+    layer = normkit.LayerNorm2d(40)
+    x = _input((2, 40, 20, 24), torch.float32, layout=layout).requires_grad_()  # 38,400 values: the op path
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().sum().backward()
+    xe = x.detach().clone().requires_grad_()
+    ye = layer(xe)  # eager: the same op, so the compiled graph must give the same bits
+    ye.square().sum().backward()
+    assert torch.equal(y, ye) and torch.equal(x.grad, xe.grad)
+    torch.testing.assert_close(y, torch_ln2d(x.detach(), layer.weight, layer.bias, 1e-6), rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 import normkit
 from normkit import running_stats
 
-# name -> (factory(C), input shape, forward kwargs factory or None)
+# name -> (factory(C, **kwargs), input shape)
 FORMS = {
     "bn1d": (lambda c, **kw: normkit.BatchNorm1d(c, **kw), (6, 3, 5)),
     "bn2d": (lambda c, **kw: normkit.BatchNorm2d(c, **kw), (4, 3, 5, 7)),
