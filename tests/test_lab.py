@@ -165,11 +165,23 @@ def test_paired_differences_need_equal_seeds():
         paired([1, 2], [1])
 
 
-def test_every_seed():
-    assert every_seed([True, True], "x").status == PASS
-    assert every_seed([True, False], "x").status == FAIL
-    assert every_seed([True, None], "x").status == UNDECIDED
-    assert every_seed([False, None], "x").status == FAIL
+def test_every_seed_is_a_proportion_test():
+    assert every_seed([True] * 5, "x").status == PASS  # Clopper-Pearson lower bound 0.55 > 1/2
+    assert every_seed([True] * 4 + [False], "x").status == UNDECIDED  # 4 of 5: lower bound 0.34
+    assert every_seed([False] * 5, "x").status == FAIL
+    assert every_seed([True, True], "x").status == UNDECIDED  # two seeds decide nothing
+    assert every_seed([True] * 4 + [None], "x").status == UNDECIDED
+
+
+def test_proportion_bounds():
+    from normkit.lab.framework import proportion_bounds
+
+    lo, hi = proportion_bounds(5, 5)
+    assert lo == pytest.approx(0.05 ** (1 / 5), abs=1e-6) and hi == 1.0
+    lo, hi = proportion_bounds(0, 5)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.05 ** (1 / 5), abs=1e-6)
+    lo, hi = proportion_bounds(4, 5)
+    assert lo == pytest.approx(0.3426, abs=1e-3) and hi == pytest.approx(0.9898, abs=1e-3)
 
 
 # ----------------------------------------------------------------------------- censored outcomes
@@ -187,11 +199,12 @@ def test_censored_values():
 @pytest.mark.parametrize(
     "bn,none,status",
     [
-        ([60, 60], ["> 100", "> 100"], UNDECIDED),  # the issue's quick run: 100/60 < 2 says nothing
-        ([60, 70], ["> 300", "> 300"], PASS),  # 300/70 >= 2 whatever the true value
-        ([60, 70], [100, "> 300"], FAIL),  # an observed 100/60 < 2
-        (["> 300", 70], ["> 300", "> 300"], UNDECIDED),  # both censored: unknown ratio
-        ([50, 50], [200, 150], PASS),
+        ([60] * 5, ["> 100"] * 5, UNDECIDED),  # the issue's quick run: 100/60 < 2 says nothing
+        ([60, 70, 60, 50, 60], ["> 300"] * 5, PASS),  # 300/70 >= 2 whatever the true values
+        ([60, 70, 60, 50, 60], [100, 110, 90, 80, 100], FAIL),  # observed ratios < 2
+        (["> 300"] * 5, ["> 300"] * 5, UNDECIDED),  # both censored: unknown ratios
+        ([50] * 5, [200, 150, 300, 110, "> 300"], PASS),
+        ([50, 50], [200, 150], UNDECIDED),  # two seeds: too little data
     ],
 )
 def test_claim1_censored_steps(bn, none, status):
@@ -201,8 +214,8 @@ def test_claim1_censored_steps(bn, none, status):
 
 def test_claim1_reached_check_counts_censored_as_not_reached():
     check = BY_ID[1].criterion.checks[0]
-    assert check({"steps_to_target_bn": [60, "> 300"]}).status == FAIL
-    assert check({"steps_to_target_bn": [60, 80]}).status == PASS
+    assert check({"steps_to_target_bn": ["> 300"] * 5}).status == FAIL
+    assert check({"steps_to_target_bn": [60, 80, 70, 60, 90]}).status == PASS
 
 
 # ----------------------------------------------------------------------------- data
@@ -534,3 +547,31 @@ def test_an_arm_whose_layer_is_missing_is_skipped(monkeypatch):
     monkeypatch.delattr(normkit, "GhostBatchNorm1d", raising=False)
     assert not available("gbn")
     assert "GhostBatchNorm1d" in missing_note("gbn") and "not available" in missing_note("gbn")
+
+
+def test_memo_collects_worker_runs_and_takes_over_unstarted_ones():
+    """--jobs: a run a worker finished is collected; one no worker started is computed here instead."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from normkit.lab.context import Context
+
+    gate = threading.Event()
+
+    def slow(x):
+        gate.wait(10)
+        return 10 * x
+
+    def fast(x):
+        return 10 * x
+
+    with ThreadPoolExecutor(1) as ex:
+        ctx = Context(seeds=[0], executor=ex)
+        ctx.submit(("a",), slow, 1)  # the worker is busy with it
+        ctx.submit(("b",), fast, 2)  # queued behind it
+        ctx.submit(("c",), fast, 3)
+        assert ctx.memo(("c",), lambda: fast(3)) == 30 and ("c",) not in ctx._pending  # taken over
+        threading.Timer(0.2, gate.set).start()
+        assert ctx.memo(("a",), lambda: -1) == 10  # collected from the worker, not recomputed
+        assert ctx._memo[("b",)] == 20 and not ctx._pending  # done here while waiting for "a"
+        assert ctx.memo(("b",), lambda: -1) == 20

@@ -6,7 +6,9 @@ metrics the experiment will produce. Each check ends in one of four states:
 
 * ``pass`` / ``fail`` — decided: for a comparison of arms, the one-sided 95 % Student-t bound
   on the mean over seeds (of the per-seed paired differences) clears the margin, or the other
-  bound misses it (:func:`at_least`, :func:`within`);
+  bound misses it (:func:`at_least`, :func:`within`); for a per-seed yes/no, the one-sided 95 %
+  Clopper-Pearson bound on the share of seeds where it holds is above or below 1/2
+  (:func:`every_seed`);
 * ``inconclusive`` — the seeds' uncertainty straddles the margin; the check's detail gives the
   numbers, and more seeds are the remedy ("too little data");
 * ``not evaluated`` — its inputs are missing (an arm was skipped; the claim's notes say why).
@@ -242,16 +244,45 @@ def paired(a: Sequence[float], b: Sequence[float]) -> list[float]:
     return [float(x) - float(y) for x, y in zip(a, b, strict=True)]
 
 
+def _binom_tail_ge(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+
+def proportion_bounds(k: int, n: int) -> tuple[float, float]:
+    """One-sided 95 % Clopper-Pearson bounds on a proportion from ``k`` successes in ``n`` trials."""
+    if n < 1:
+        return 0.0, 1.0
+
+    def solve(f, target: float) -> float:  # f increases with p; the p where it reaches target, by bisection
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+        return (lo + hi) / 2
+
+    # lower: P(X >= k | p) = 0.05; upper: P(X <= k | p) = 0.05, i.e. P(X >= k + 1 | p) = 0.95
+    lower = 0.0 if k == 0 else solve(lambda p: _binom_tail_ge(k, n, p), 0.05)
+    upper = 1.0 if k == n else solve(lambda p: _binom_tail_ge(k + 1, n, p), 0.95)
+    return lower, upper
+
+
 def every_seed(outcomes: Sequence[bool | None], what: str) -> Result:
-    """A per-seed yes/no (None = undecided for that seed, e.g. censored): pass when every seed says yes,
-    fail when any says no, otherwise inconclusive."""
+    """A per-seed yes/no (None = undecided for that seed, e.g. censored), judged as a proportion: pass when
+    the one-sided 95 % Clopper-Pearson lower bound of P(yes) is above 1/2 (with 5 seeds: yes in all 5),
+    fail when the upper bound (counting undecided seeds as yes) is below 1/2 (no in all 5); otherwise
+    inconclusive. Two seeds decide nothing either way."""
+    n = len(outcomes)
     yes = sum(o is True for o in outcomes)
     no = sum(o is False for o in outcomes)
-    detail = f"{what}: yes in {yes}, no in {no}, undecided in {len(outcomes) - yes - no} of {len(outcomes)} seeds"
-    if no:
-        return Result(FAIL, detail)
-    if yes == len(outcomes) and outcomes:
+    lower, _ = proportion_bounds(yes, n)
+    _, upper = proportion_bounds(n - no, n)
+    detail = (f"{what}: yes in {yes}, no in {no}, undecided in {n - yes - no} of {n} seeds; 95 % bounds on "
+              f"the share of seeds where it holds [{lower:.2f}, {upper:.2f}] vs 1/2")
+    if lower > 0.5:
         return Result(PASS, detail)
+    if upper < 0.5:
+        return Result(FAIL, detail)
     return Result(UNDECIDED, "too little data: " + detail)
 
 

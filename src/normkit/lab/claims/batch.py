@@ -304,6 +304,25 @@ def _run_batch_size(ctx: Context) -> Outcome:
             total_loss = sum(loss) / len(loss)
             share = sum(inconsistency) / len(inconsistency) / total_loss if total_loss > 1.0 else None
             m[f"inconsistency_share_{setting}_b{SMALL}"] = share
+            rec = m.get(f"mech_{setting}_b{SMALL}_err_recalibrated_mean")
+            if share is None:
+                explained = "BN loses no more than a point here: nothing to explain."
+            elif share <= 0:
+                explained = ("The train/test inconsistency explains none of it: evaluated with batch statistics, "
+                             "as it was trained, the network is worse still — the loss comes from training with "
+                             "such statistics, not from the mismatch.")
+            else:
+                explained = f"The train/test inconsistency explains {100 * min(share, 1.0):.0f} % of it."
+            per_stat = (f"{values_per_statistic(setting, SMALL)}" if setting == "mlp"
+                        else f"{values_per_statistic(setting, SMALL)}–{4 * values_per_statistic(setting, SMALL)}")
+            notes.append(
+                f"{setting.upper()}, BN trained at batch {SMALL} ({per_stat} values per statistic): test error "
+                f"{m[f'mech_{setting}_b{SMALL}_err_running_mean']:.1f} % with running "
+                f"statistics, {'—' if rec is None else f'{rec:.1f} %'} recalibrated, "
+                f"{m[f'mech_{setting}_b{SMALL}_err_batch_mean']:.1f} % with each test batch's statistics; "
+                f"{m[f'err_{setting}_bn_b{NORMAL_BATCH}_mean']:.1f} % at batch {NORMAL_BATCH}; the loss with "
+                f"running statistics is {total_loss:+.1f} points. {explained}"
+            )
         for other in ("gn", "ln", "brn"):
             if other not in norms:
                 continue
