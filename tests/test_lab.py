@@ -575,3 +575,22 @@ def test_memo_collects_worker_runs_and_takes_over_unstarted_ones():
         assert ctx.memo(("a",), lambda: -1) == 10  # collected from the worker, not recomputed
         assert ctx._memo[("b",)] == 20 and not ctx._pending  # done here while waiting for "a"
         assert ctx.memo(("b",), lambda: -1) == 20
+
+
+def test_report_escapes_names_and_shows_censored_values(tmp_path):
+    from normkit.lab.report import summary_table, write_html
+
+    results = {
+        "normkit_version": "0", "quick": True, "seeds": [0, 1], "elapsed_s": 1.0, "cpu_s": 1.0, "jobs": 1,
+        "data": "<script>alert(1)</script>.npz", "device": "cpu",
+        "claims": [{
+            "id": 1, "title": "t", "claim": "c", "anchor": "a", "criterion": "k", "test": "t-bounds",
+            "checks": [{"check": "x", "passed": None, "status": UNDECIDED, "detail": "too little data: <b>"}],
+            "verdict": INCONCLUSIVE, "verdict_reason": "x: too little data", "notes": [], "setup": "s",
+            "metrics": {"steps": [60, "> 300"], "steps_mean": "> 180"}, "figure": None, "elapsed_s": 1.0,
+        }],
+    }
+    page = open(write_html(results, str(tmp_path)), encoding="utf-8").read()
+    assert "<script>alert" not in page and "&lt;script&gt;" in page and "&lt;b&gt;" in page
+    assert "&gt; 300" in page and "&gt; 180" in page and "Why inconclusive" in page
+    assert "claim 1 is inconclusive: x: too little data" in summary_table(results)

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help="the same arms, each still trained to convergence, with fewer seeds (2) and sweep points "
-        "(about 1.5 minutes on 2 cores); a check the fewer seeds cannot decide says 'too little data'",
+        "(under 2 minutes on 2 quiet cores); a check the fewer seeds cannot decide says 'too little data'",
     )
     parser.add_argument(
         "--claim",
