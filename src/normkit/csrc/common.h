@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace normkit {
@@ -81,11 +82,24 @@ inline A act_fwd(A z) {
   }
 }
 
+// g where z > 0, else +0, as a bit mask: the select `z > 0 ? g : 0` kept the lane loops of
+// chunked_sums from vectorising (3x slower); the mask vectorises and gives the same values.
+template <typename A>
+inline A keep_where_positive(A z, A g) {
+  using U = typename std::conditional<sizeof(A) == 4, uint32_t, uint64_t>::type;
+  U bits;
+  std::memcpy(&bits, &g, sizeof(A));
+  bits &= U(0) - static_cast<U>(z > A(0));
+  A out;
+  std::memcpy(&out, &bits, sizeof(A));
+  return out;
+}
+
 // dy·act'(z)
 template <int ACT, typename A>
 inline A act_bwd(A z, A g) {
   if constexpr (ACT == kRelu) {
-    return z > A(0) ? g : A(0);
+    return keep_where_positive(z, g);
   } else if constexpr (ACT == kSilu) {
     A s = A(1) / (A(1) + std::exp(-z));
     return g * (s * (A(1) + z * (A(1) - s)));
