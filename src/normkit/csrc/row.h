@@ -1,13 +1,13 @@
 // Row family, part 1: LayerNorm and RMSNorm over the rows of a contiguous (M, K) tensor.
 //
-// A row is the parallel unit. Its statistics are two blocked passes from cache (common.h):
-// mean = x0 + Σ(x − x0)/K, then Σ(x − mean)²/K (RMS: Σx²/K), then the output. The weight
+// A row is the parallel unit. Its statistics are one blocked pass of shifted sums (common.h):
+// Σ(x − x0) and Σ(x − x0)² merged in double (RMS: Σx²), then the output from cache. The weight
 // gradient sums over rows: fixed blocks of rows (about 64 blocks, at most 1024 rows each) keep
 // per-column accumulators, and their totals are added in block order in double — the same bits
 // for any thread count.
 #pragma once
 
-#include "loops.h"
+#include "channel.h"
 
 namespace normkit {
 
@@ -29,24 +29,19 @@ std::tuple<Tensor, Tensor, Tensor> row_forward_impl(const Tensor& x, const Tenso
     for (int64_t r = lo; r < hi; ++r) {
       const T* xr = xp + r * K;
       T* yr = yp + r * K;
-      A mu = A(0);
-      if (!rms) {
-        const A k0 = ld(xr, 0);
-        double s1 = 0, unused = 0;
-        chunked_sums<A>(K, [&](int64_t i, A& u, A& v) {
-          u = ld(xr, i) - k0;
-          v = A(0);
-        }, s1, unused);
-        mu = static_cast<A>(static_cast<double>(k0) + s1 / static_cast<double>(K));
-        mp[r] = mu;
-      }
-      double s2 = 0, unused = 0;
+      // one pass from memory: shifted sums Σ(x − k), Σ(x − k)² (k = x0; RMS: k = 0, Σx²)
+      const A k = rms ? A(0) : ld(xr, 0);
+      double s1 = 0, s2 = 0;
       chunked_sums<A>(K, [&](int64_t i, A& u, A& v) {
-        const A d = ld(xr, i) - mu;
-        u = d * d;
-        v = A(0);
-      }, s2, unused);
-      const A var = static_cast<A>(s2 / static_cast<double>(K));
+        const A d = ld(xr, i) - k;
+        u = d;
+        v = d * d;
+      }, s1, s2);
+      double m = 0, var_d = s2 / static_cast<double>(K);
+      if (!rms) moments(k, s1, s2, K, m, var_d);
+      const A mu = static_cast<A>(m);
+      if (!rms) mp[r] = mu;
+      const A var = static_cast<A>(var_d);
       const A rs = A(1) / std::sqrt(var + static_cast<A>(eps));
       rp[r] = rs;
       if (w && b) {
