@@ -36,9 +36,13 @@ template <typename T> using acc_t = typename AccOf<T>::type;
 inline float ld(const float* p, int64_t i) { return p[i]; }
 inline double ld(const double* p, int64_t i) { return p[i]; }
 inline float ld(const c10::Half* p, int64_t i) {
+#if defined(__FLT16_MAX__)
   _Float16 h;  // the compiler's IEEE half: converts with vcvtph2ps where F16C is on
   std::memcpy(&h, reinterpret_cast<const char*>(p) + 2 * i, 2);
   return static_cast<float>(h);
+#else
+  return static_cast<float>(p[i]);  // compilers without _Float16: c10's conversion
+#endif
 }
 inline float ld(const c10::BFloat16* p, int64_t i) {
   uint16_t b;
@@ -52,8 +56,12 @@ inline float ld(const c10::BFloat16* p, int64_t i) {
 inline void st(float* p, int64_t i, float v) { p[i] = v; }
 inline void st(double* p, int64_t i, double v) { p[i] = v; }
 inline void st(c10::Half* p, int64_t i, float v) {
+#if defined(__FLT16_MAX__)
   _Float16 h = static_cast<_Float16>(v);  // round to nearest even
   std::memcpy(reinterpret_cast<char*>(p) + 2 * i, &h, 2);
+#else
+  p[i] = c10::Half(v);
+#endif
 }
 inline void st(c10::BFloat16* p, int64_t i, float v) {
   // round to nearest even as torch does; NaN stays a quiet NaN (branch-free: the loop vectorises)
