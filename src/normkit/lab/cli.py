@@ -158,10 +158,6 @@ def main(args: argparse.Namespace) -> int:
 
     from .train import deterministic
 
-    if args.threads > 0 and "numba" not in sys.modules:
-        # numba's thread pool is sized when numba loads; a pool larger than the lab's thread count spins
-        # idle threads on a shared machine. Only a default: the user's own setting wins.
-        os.environ.setdefault("NUMBA_NUM_THREADS", str(min(args.threads, os.cpu_count() or 1)))
     deterministic(args.threads)
     seeds = list(range(args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else FULL_SEEDS)))
     claims = [BY_ID[i] for i in sorted(set(args.claim))] if args.claim else list(ALL)
