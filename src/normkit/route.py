@@ -114,8 +114,7 @@ def prefer_aten(op: str, x: Tensor, *, fused: bool = False, needs_grad: bool = T
 def use_aten(op: str, x: Tensor, *others: Tensor | None, fused: bool = False, needs_grad: bool = True) -> bool:
     """:func:`needs_aten_path` or, in plain eager mode, :func:`prefer_aten`: the one question
     :mod:`normkit.functional` asks (``others``: the other tensors the call reads)."""
-    if torch.compiler.is_compiling():
-        return _is_exporting()
-    if torch.jit.is_tracing() or _functorch_level() is not None or _has_tangent((x, *others)):
+    if needs_aten_path(x, *others):
         return True
-    return prefer_aten(op, x, fused=fused, needs_grad=needs_grad)
+    # (under torch.compile the kernels' custom ops stay: one opaque node, and no backend lookup to trace)
+    return not torch.compiler.is_compiling() and prefer_aten(op, x, fused=fused, needs_grad=needs_grad)
