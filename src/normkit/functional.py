@@ -32,7 +32,7 @@ from . import (
     ops,  # noqa: F401  (registers torch.ops.normkit)
 )
 from .reference import ACTIVATIONS
-from .route import use_aten
+from .route import needs_grad, use_aten
 from .running_stats import batch_moments
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"]
@@ -43,10 +43,6 @@ def _check_act(where: str, act: str | None) -> str:
     if act not in ACTIVATIONS:
         raise C.fail(where, "act", f"one of {[a for a in ACTIVATIONS if a] + [None]}", repr(act))
     return act
-
-
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_channel_vectors(where: str, channels: int, **vectors: Tensor | None) -> None:
@@ -285,7 +281,7 @@ def _row_shape_ok(input, normalized_shape, weight, bias) -> list[int] | None:
 
 def layer_norm_unchecked(input, normalized_shape, weight, bias, eps) -> Tensor:
     """:func:`layer_norm` after its checks (``normalized_shape`` a list)."""
-    if use_aten("layer_norm", input, weight, bias, needs_grad=_needs_grad(input, weight, bias)):
+    if use_aten("layer_norm", input, weight, bias, needs_grad=needs_grad(input, weight, bias)):
         return aten_path.layer_norm(input, normalized_shape, weight, bias, eps)
     return torch.ops.normkit.layer_norm(input, normalized_shape, weight, bias, eps)[0]
 

@@ -57,7 +57,7 @@ except ImportError:  # pragma: no cover - very old torch
 # normkit.tools.export_program decomposes)
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
-__all__ = ["needs_aten_path", "prefer_aten", "use_aten", "ATEN_BELOW"]
+__all__ = ["needs_aten_path", "prefer_aten", "use_aten", "needs_grad", "ATEN_BELOW"]
 
 # Below this many elements aten's CPU norms run inline on the calling thread (at::parallel_for's
 # grain size, 32768), so they are bit-identical for any thread count, and the fixed cost of a
@@ -118,3 +118,8 @@ def use_aten(op: str, x: Tensor, *others: Tensor | None, fused: bool = False, ne
         return True
     # (under torch.compile the kernels' custom ops stay: one opaque node, and no backend lookup to trace)
     return not torch.compiler.is_compiling() and prefer_aten(op, x, fused=fused, needs_grad=needs_grad)
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether a backward can follow this call (grad mode on and some tensor requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

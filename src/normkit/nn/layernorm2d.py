@@ -26,7 +26,7 @@ from .. import _checks as C
 from .. import ops  # noqa: F401  (registers torch.ops.normkit.layer_norm_2d)
 from .._layout import memory_format_of
 from ..ops_channels import permute_form
-from ..route import needs_aten_path, use_aten
+from ..route import needs_grad, use_aten
 
 __all__ = ["LayerNorm2d", "layer_norm_2d", "ScriptableLayerNorm2d"]
 
@@ -41,10 +41,8 @@ def layer_norm_2d(input: Tensor, weight: Tensor | None = None, bias: Tensor | No
     C.check_vector(where, "bias", bias, input.shape[1])
     # channels_last input is a LayerNorm over contiguous rows (its permute form copies nothing): the route's
     # LayerNorm rule applies (aten for inference, normkit's deterministic kernels for training)
-    if needs_aten_path(input, weight, bias) or use_aten(
-        "layer_norm" if memory_format_of(input) == torch.channels_last else "layer_norm_2d", input, weight, bias,
-        needs_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)),
-    ):
+    if use_aten("layer_norm" if memory_format_of(input) == torch.channels_last else "layer_norm_2d", input, weight,
+                bias, needs_grad=needs_grad(input, weight, bias)):
         # torch.func, forward AD, tracing, export, a tensor too small for a kernel launch to pay, or
         # channels_last inference (normkit.route): the permute form in torch's own operators, the same numbers
         return permute_form(input, weight, bias, eps)
