@@ -74,6 +74,8 @@ class CpuBackend(Backend):
         self._group_backward = k.group_backward.default
         self._ln2d_forward = k.ln2d_forward.default
         self._ln2d_backward = k.ln2d_backward.default
+        # the differentiable ops with C++ autograd that normkit.ops.eager calls directly (csrc/autograd.h)
+        self.eager_ops = hasattr(k, "bn_train")
 
     def unsupported(self, op: str, x: torch.Tensor) -> str | None:
         if op not in OPS:

@@ -27,10 +27,7 @@ import torch
 from torch import Tensor
 
 from . import _checks as C
-from . import (
-    aten_path,
-    ops,  # noqa: F401  (registers torch.ops.normkit)
-)
+from . import aten_path, ops
 from .reference import ACTIVATIONS
 from .route import needs_grad, use_aten
 from .running_stats import batch_moments
@@ -113,8 +110,9 @@ def batch_norm_unchecked(
     if not training:
         if running_mean is None or running_var is None:
             raise C.fail("batch_norm", "running_mean/running_var", "tensors when training=False", "None")
-        return torch.ops.normkit.batch_norm_infer(input, running_mean, running_var, weight, bias, residual, eps, act)
-    y, mean, var = torch.ops.normkit.batch_norm_train(input, weight, bias, residual, eps, act)
+        return ops.current_ops().batch_norm_infer(input, running_mean, running_var, weight, bias, residual, eps,
+                                                  act)
+    y, mean, var = ops.current_ops().batch_norm_train(input, weight, bias, residual, eps, act)
     count = input.numel() // input.shape[1] if input.shape[1] else 0
     if on_stats is not None:
         on_stats(mean, var, count)
@@ -173,8 +171,8 @@ def instance_norm_unchecked(input, running_mean, running_var, weight, bias, use_
     # torch returns a contiguous output for any input layout
     input = input.contiguous()
     if not use_input_stats:
-        return torch.ops.normkit.batch_norm_infer(input, running_mean, running_var, weight, bias, None, eps, "")
-    y, mean, var = torch.ops.normkit.group_norm(input, input.shape[1], weight, bias, None, eps, "")
+        return ops.current_ops().batch_norm_infer(input, running_mean, running_var, weight, bias, None, eps, "")
+    y, mean, var = ops.current_ops().group_norm(input, input.shape[1], weight, bias, None, eps, "")
     spatial = math.prod(input.shape[2:])
     if running_mean is not None and running_var is not None and input.shape[0] > 0:
         # torch averages the per-instance statistics over the batch (unbiased variance).
@@ -217,7 +215,7 @@ def group_norm_unchecked(input, num_groups, weight, bias, eps, residual, act) ->
     """:func:`group_norm` after :func:`check_group_norm` has passed (modules call this)."""
     if use_aten("group_norm", input, weight, bias, residual, fused=residual is not None or act != ""):
         return aten_path.group_norm(input, num_groups, weight, bias, eps, residual, act)
-    return torch.ops.normkit.group_norm(input, num_groups, weight, bias, residual, eps, act)[0]
+    return ops.current_ops().group_norm(input, num_groups, weight, bias, residual, eps, act)[0]
 
 
 def group_norm(
@@ -283,7 +281,7 @@ def layer_norm_unchecked(input, normalized_shape, weight, bias, eps) -> Tensor:
     """:func:`layer_norm` after its checks (``normalized_shape`` a list)."""
     if use_aten("layer_norm", input, weight, bias, needs_grad=needs_grad(input, weight, bias)):
         return aten_path.layer_norm(input, normalized_shape, weight, bias, eps)
-    return torch.ops.normkit.layer_norm(input, normalized_shape, weight, bias, eps)[0]
+    return ops.current_ops().layer_norm(input, normalized_shape, weight, bias, eps)[0]
 
 
 def rms_norm(
@@ -304,4 +302,4 @@ def rms_norm(
     complex_ = input.is_complex() or (weight is not None and weight.is_complex())
     if complex_ or not input.is_contiguous() or use_aten("rms_norm", input, weight):
         return aten_path.rms_norm(input, shape, weight, eps)
-    return torch.ops.normkit.rms_norm(input, shape, weight, eps)[0]
+    return ops.current_ops().rms_norm(input, shape, weight, eps)[0]

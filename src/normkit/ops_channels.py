@@ -30,6 +30,7 @@ from torch import Tensor
 from . import _checks as C
 from . import backends
 from ._layout import memory_format_of
+from .ops import _is_eager, eager_call, eager_function
 from .reference import stat_dtype
 
 _LIB = "normkit"
@@ -74,11 +75,15 @@ def layer_norm_2d(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm over dim 1 of ``(N, C, *spatial)`` at every position; output in ``x``'s layout."""
     _check("layer_norm_2d", x, weight, bias)
-    x = _dense(x)
-    y, mean, rstd = backends.resolve("ln2d_forward", x).ln2d_forward(x, weight, bias, eps)
+    y, mean, rstd = _forward_impl(x, weight, bias, eps)
     if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and x.numel():
         y = y.clone(memory_format=torch.preserve_format)
     return y, mean, rstd
+
+
+def _forward_impl(x, weight, bias, eps):
+    x = _dense(x)
+    return backends.resolve("ln2d_forward", x).ln2d_forward(x, weight, bias, eps)
 
 
 @layer_norm_2d.register_fake
@@ -100,15 +105,20 @@ def layer_norm_2d_backward(
         want = tuple(x.shape) if name == "dy" else stat_shape
         if tuple(t.shape) != want:
             raise C.fail("layer_norm_2d_backward", name, f"shape {want}", C.shape_str(t))
+    dx, dw, db = _backward_impl(dy, x, mean, rstd, weight, need_dweight)
+    ptr = dx.untyped_storage().data_ptr()
+    if dx.numel() and ptr in (x.untyped_storage().data_ptr(), dy.untyped_storage().data_ptr()):
+        dx = dx.clone(memory_format=torch.preserve_format)
+    return dx, dw, db
+
+
+def _backward_impl(dy, x, mean, rstd, weight, need_dweight):
     x = _dense(x)
     dy = dy.contiguous(memory_format=memory_format_of(x))
     sd = stat_dtype(x.dtype)
     dx, dw, db = backends.resolve("ln2d_backward", x).ln2d_backward(
         x, dy, _cast(mean, sd), _cast(rstd, sd), weight, need_dweight
     )
-    ptr = dx.untyped_storage().data_ptr()
-    if dx.numel() and ptr in (x.untyped_storage().data_ptr(), dy.untyped_storage().data_ptr()):
-        dx = dx.clone(memory_format=torch.preserve_format)
     empty = x.new_empty(0, dtype=sd)
     return dx, (dw if dw is not None else empty), (db if db is not None else empty.clone())
 
@@ -159,10 +169,14 @@ def _backward(ctx, dy, _dmean, _drstd):
     if torch.is_grad_enabled():  # autograd is building a graph of this backward: double backward
         return _differentiable_grads(ctx, x, weight, bias, dy)
     need_dw = (weight is not None and need[1]) or (bias is not None and need[2])
-    dx, dw, db = torch.ops.normkit.layer_norm_2d_backward(dy, x, mean, rstd, weight, need_dw)
+    backward = _backward_impl if _is_eager(ctx) else torch.ops.normkit.layer_norm_2d_backward
+    dx, dw, db = backward(dy, x, mean, rstd, weight, need_dw)
     dweight = _cast(dw, weight.dtype) if weight is not None and need[1] else None
     dbias = _cast(db, bias.dtype) if bias is not None and need[2] else None
     return (dx if need[0] else None), dweight, dbias, None
 
 
 torch.library.register_autograd(f"{_LIB}::layer_norm_2d", _backward, setup_context=_setup)
+
+# the eager path (normkit.ops.eager_function): the same forward and formulas without the dispatcher
+eager_layer_norm_2d = eager_call(eager_function("layer_norm_2d", _forward_impl, _setup, _backward), _forward_impl)

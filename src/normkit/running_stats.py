@@ -44,6 +44,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .ops import native_ops
+
 __all__ = ["update_running_stats", "next_running_stats", "batch_moments", "set_nonfinite_policy",
            "get_nonfinite_policy", "in_recomputation", "attach"]
 
@@ -137,8 +139,17 @@ def _counter(layer: nn.Module, device: torch.device) -> Tensor:
 
 
 def batch_moments(input: Tensor) -> tuple[Tensor, Tensor, int]:
-    """``(mean, biased var, count)`` per channel of ``input`` (N, C, *), accumulated in float64 as
-    torch's CPU BatchNorm kernel does (for the paths that compute the output with aten ops)."""
+    """``(mean, biased var, count)`` per channel of ``input`` (N, C, *) for the paths that compute
+    the output with aten ops, which do not return the statistics they use.
+
+    Plain eager calls on CPU take them from normkit's statistics kernel (one pass; float32 blocks
+    merged in float64, as the kernel route's own statistics); elsewhere (torch.func transforms,
+    other devices, no extension) they are accumulated in float64 in tensor ops, two-pass.
+    """
+    native = _native_stats(input)
+    if native is not None:
+        mean, var = native(input.detach())
+        return mean, var, input.numel() // input.shape[1]
     x = input.detach().to(torch.float64)
     dims = [0, *range(2, input.dim())]
     count = input.numel() // input.shape[1] if input.dim() > 1 and input.shape[1] else 0
@@ -220,6 +231,14 @@ def update_running_stats(layer: nn.Module, batch_mean: Tensor, batch_var: Tensor
         if nbt is not None:
             nbt.add_(1)
         return
+    running_mean, running_var = layer.running_mean, layer.running_var
+    native = _native_update(running_mean, running_var, nbt, batch_mean, batch_var)
+    if native is not None:  # plain eager CPU: the same arithmetic in one C++ call (csrc/autograd.h)
+        if native(running_mean, running_var, nbt, batch_mean, batch_var, count, layer.momentum, _policy == "skip"):
+            skipped = _counter(layer, batch_mean.device)
+            skipped.add_(1)
+            _warn_once(layer, skipped)
+        return
     # in place, with as few small ops as possible (this runs for every BN layer at every step). Under a
     # torch.func transform the update is torch.nn's, step for step (count, then write — which vmap
     # refuses for unbatched buffers, as it does torch.nn's): normkit.func returns the new buffers instead.
@@ -230,7 +249,6 @@ def update_running_stats(layer: nn.Module, batch_mean: Tensor, batch_var: Tensor
     momentum = layer.momentum
     if momentum is None:  # cumulative average: 0-d tensor, no host sync, no graph break under compile
         momentum = nbt.to(layer.running_mean.dtype).reciprocal() if nbt is not None else 0.0
-    running_mean, running_var = layer.running_mean, layer.running_var
     new_mean = _blend(running_mean, batch_mean, momentum)
     new_var = _blend(running_var, batch_var * (count / max(count - 1, 1)), momentum)
     if finite is not None:
@@ -244,6 +262,39 @@ def update_running_stats(layer: nn.Module, batch_mean: Tensor, batch_var: Tensor
         skipped.add_(finite.logical_not())
         if not torch.compiler.is_compiling():
             _warn_once(layer, skipped)
+
+
+_STAT_DTYPES = (torch.float32, torch.float64)
+
+
+def _native_update(running_mean: Tensor, running_var: Tensor, nbt: Tensor | None, batch_mean: Tensor,
+                   batch_var: Tensor):
+    """``torch.ops.normkit_cpu.update_running_stats`` when it can serve this update, else None.
+
+    It serves plain eager calls on CPU float32/float64 statistics with the C++ extension loaded; a
+    torch.func transform, tracing, export and torch.compile keep the tensor-op form below (they
+    must see, batch or record every operation).
+    """
+    if not (running_mean.is_cpu and batch_mean.is_cpu) or running_mean.dtype not in _STAT_DTYPES \
+            or batch_mean.dtype not in _STAT_DTYPES or running_var.dtype != running_mean.dtype \
+            or batch_var.dtype != batch_mean.dtype or (nbt is not None and not nbt.is_cpu):
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_level() is not None:
+        return None
+    kernels = native_ops()
+    return None if kernels is None else kernels.update_running_stats.default
+
+
+def _native_stats(input: Tensor):
+    """``torch.ops.normkit_cpu.channel_stats`` when it can serve :func:`batch_moments`, else None."""
+    if not input.is_cpu or input.numel() == 0 or input.dim() < 2 or _functorch_level() is not None \
+            or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    fmt = torch.channels_last if input.dim() == 4 else torch.channels_last_3d if input.dim() == 5 else None
+    if not (input.is_contiguous() or (fmt is not None and input.is_contiguous(memory_format=fmt))):
+        return None
+    kernels = native_ops()
+    return None if kernels is None else kernels.channel_stats.default
 
 
 def _warn_once(layer: nn.Module, skipped: Tensor) -> None:

@@ -233,6 +233,9 @@ TORCH_LIBRARY_IMPL(normkit_cpu, CPU, m) {
 // LayerNorm2d on NCHW input (a fragment of the normkit_cpu library)
 #include "ln2d.h"
 
+// The eager path: the differentiable ops with their autograd in C++ (a fragment of the library)
+#include "autograd.h"
+
 // `import normkit._C` loads this library, whose static initialisers above register the operators.
 static struct PyModuleDef normkit_c_module = {PyModuleDef_HEAD_INIT, "_C",
                                               "normkit's CPU kernels (registers torch.ops.normkit_cpu)", -1,

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks as C
-from .. import ops  # noqa: F401  (registers torch.ops.normkit.layer_norm_2d)
+from .. import ops
 from .._layout import memory_format_of
 from ..ops_channels import permute_form
 from ..route import needs_grad, use_aten
@@ -46,7 +46,7 @@ def layer_norm_2d(input: Tensor, weight: Tensor | None = None, bias: Tensor | No
         # torch.func, forward AD, tracing, export, a tensor too small for a kernel launch to pay, or
         # channels_last inference (normkit.route): the permute form in torch's own operators, the same numbers
         return permute_form(input, weight, bias, eps)
-    return torch.ops.normkit.layer_norm_2d(input, weight, bias, eps)[0]
+    return ops.current_ops().layer_norm_2d(input, weight, bias, eps)[0]
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -1,0 +1,417 @@
+// The eager path in C++: normkit's differentiable CPU ops with their autograd in C++.
+//
+// torch.ops.normkit.* (ops.py) are torch.library custom ops whose autograd is Python; on torch
+// 2.13 that costs about 100 µs of Python per call, and a Python autograd.Function still 25-50 µs,
+// against aten's 5. These operators are the same computations with the autograd formulas of
+// ops.py written as torch::autograd::Function, so an eager call is one dispatcher call and its
+// backward runs without Python:
+//
+//   normkit_cpu::bn_train(x, weight, bias, residual, eps, act)            -> (y, mean, var)
+//   normkit_cpu::bn_infer(x, mean, var, weight, bias, residual, eps, act) -> y
+//   normkit_cpu::gn(x, num_groups, weight, bias, residual, eps, act)      -> (y, mean, var)
+//   normkit_cpu::ln(x, normalized_shape, weight, bias, eps)               -> (y, mean, rstd)
+//   normkit_cpu::rms(x, normalized_shape, weight, eps)                    -> (y, rstd)
+//   normkit_cpu::update_running_stats(running_mean!, running_var!, num_batches_tracked!?, mean, var,
+//                                     count, momentum?, skip)             -> skipped (bool)
+//
+// Same arguments, outputs and numbers as the custom ops with the cpu backend (the statistics,
+// scale and shift are formed by the same tensor operations, the kernels are the same), and the
+// same rules: first-order gradients from the kernels; with grad mode on inside backward
+// (create_graph=True) the forward is recomputed in aten's differentiable operators from the
+// saved inputs and differentiated, so the gradient is differentiable again (ops.py,
+// _differentiable_vjp). Callers (normkit.ops.eager) have checked every argument and send only
+// non-empty CPU tensors here; torch.compile keeps the custom ops.
+//
+// update_running_stats is running_stats.update_running_stats's arithmetic in one call:
+// r ← r·(1 − m) + b·m in the statistics' dtype, op by op as the tensor expression rounds it.
+//
+// Included at the end of normkit_cpu.cpp (it calls the kernels defined there).
+#pragma once
+
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace normkit {
+namespace eager {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+inline c10::optional<Tensor> opt(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
+inline Tensor value_or_undefined(const c10::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+
+// torch::autograd::Function::apply refuses undefined tensors among its arguments ("tensor does not
+// have a device") and treats optional ones as constants, so an absent weight, bias or residual
+// travels as this 0-element tensor (none of them can legitimately be empty: the ops take
+// non-empty x) and becomes undefined again inside forward.
+inline const Tensor& absent() {
+  static const Tensor none = at::empty({0});
+  return none;
+}
+inline Tensor pass(const c10::optional<Tensor>& t) { return t.has_value() && t->defined() ? *t : absent(); }
+inline Tensor arrived(const Tensor& t) { return t.numel() == 0 ? Tensor() : t; }
+
+// x itself when dense in its layout, else a contiguous copy (ops.py, _dense)
+inline Tensor dense(const Tensor& x) {
+  const auto fmt = format_of(x);
+  return x.is_contiguous(fmt) ? x : x.contiguous();
+}
+
+inline Tensor as_layout(const Tensor& t, const Tensor& x) {
+  return t.defined() ? t.contiguous(format_of(x)) : t;
+}
+
+inline Tensor cast(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
+// A parameter's gradient in the parameter's dtype; undefined where the parameter is absent or not needed
+inline Tensor param_grad(const Tensor& g, const Tensor& param, bool needed) {
+  if (!param.defined() || !needed || !g.defined()) return Tensor();
+  return cast(g, param.scalar_type());
+}
+
+// backends.scale_shift: scale = γ·rstd, shift = β − mean·scale in the statistics' dtype
+inline std::pair<Tensor, Tensor> scale_shift(const Tensor& w, const Tensor& b, const Tensor& mean,
+                                             const Tensor& rstd) {
+  Tensor scale = w.defined() ? w.to(rstd.scalar_type()) * rstd : rstd;
+  Tensor shift = -mean * scale;
+  if (b.defined()) shift = shift + b.to(rstd.scalar_type());
+  return {scale, shift};
+}
+
+// aten_path.activation: torch's own functions (GELU the exact erf form)
+inline Tensor activation(const Tensor& y, int64_t act) {
+  switch (act) {
+    case kRelu: return at::relu(y);
+    case kSilu: return at::silu(y);
+    case kGelu: return at::gelu(y);
+    default: return y;
+  }
+}
+
+inline Tensor finish(Tensor y, const Tensor& residual, int64_t act) {
+  if (residual.defined()) y = y + residual;
+  return activation(y, act);
+}
+
+// ops._differentiable_vjp: the gradients of forward(inputs) · dy as a graph (create_graph=True);
+// zeros for a wanted input the forward does not reach, undefined where not wanted
+template <typename F>
+variable_list differentiable_vjp(F&& forward, const variable_list& inputs, const std::vector<bool>& needs,
+                                 const Tensor& dy) {
+  variable_list out(inputs.size());
+  variable_list wanted;
+  std::vector<size_t> where;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (needs[i] && inputs[i].defined() && inputs[i].requires_grad()) {
+      wanted.push_back(inputs[i]);
+      where.push_back(i);
+    }
+  }
+  if (wanted.empty()) return out;
+  at::AutoGradMode grad_on(true);
+  Tensor y = forward();
+  variable_list grads = torch::autograd::grad({y}, wanted, {dy}, /*retain_graph=*/true, /*create_graph=*/true,
+                                              /*allow_unused=*/true);
+  for (size_t j = 0; j < where.size(); ++j)
+    out[where[j]] = grads[j].defined() ? grads[j] : at::zeros_like(inputs[where[j]]);
+  return out;
+}
+
+// ----------------------------------------------------------------------------- BatchNorm
+// Saved: x, weight, bias, residual, mean, rstd, running var (eval only: the statistics the
+// differentiable recomputation needs).
+// weight_index: the weight's position among the op's tensor arguments (needs_input_grad counts only those)
+inline variable_list bn_grads(AutogradContext* ctx, const Tensor& dy, bool batch_stats, size_t weight_index) {
+  const auto saved = ctx->get_saved_variables();
+  const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &r = saved[3], &mean = saved[4], &rstd = saved[5];
+  const int64_t act = ctx->saved_data["act"].toInt();
+  const double eps = ctx->saved_data["eps"].toDouble();
+  const size_t i = weight_index;
+  const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(i),
+             need_b = ctx->needs_input_grad(i + 1), need_r = r.defined() && ctx->needs_input_grad(i + 2);
+  if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable gradient
+    const Tensor rm = batch_stats ? Tensor() : mean, rv = batch_stats ? Tensor() : saved[6];
+    return differentiable_vjp(
+        [&] { return finish(at::batch_norm(x, opt(w), opt(b), opt(rm), opt(rv), batch_stats, 0.0, eps, true), r, act); },
+        {x, w, b, r}, {need_x, need_w, need_b, need_r}, dy);
+  }
+  const Tensor xd = dense(x), dyd = as_layout(dy, xd), rd = as_layout(r, xd);
+  const auto [scale, shift] = scale_shift(w, b, mean, rstd);
+  Tensor dx, sum_dz, sum_dz_xhat, dz;
+  if (!batch_stats && act == kIdentity) {
+    // constant statistics, no activation: dx = γ·rstd·dy exactly (a NaN in x reaches dγ, not dx, as in torch)
+    std::tie(sum_dz, sum_dz_xhat) = channel_backward_reduce(xd, dyd, mean, rstd, scale, shift, opt(rd), act);
+    std::vector<int64_t> shape(xd.dim(), 1);
+    shape[1] = -1;
+    dx = as_layout((dyd.to(stat_type(xd)) * scale.reshape(shape)).to(xd.scalar_type()), xd);
+    dz = need_r ? dyd : Tensor();
+  } else {
+    std::tie(dx, sum_dz, sum_dz_xhat, dz) =
+        channel_backward(xd, dyd, mean, rstd, scale, shift, opt(rd), act, batch_stats, need_r);
+  }
+  return {need_x ? dx : Tensor(), param_grad(sum_dz_xhat, w, need_w), param_grad(sum_dz, b, need_b),
+          need_r ? dz : Tensor()};
+}
+
+struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w_, const Tensor& b_,
+                               const Tensor& r_, double eps, int64_t act) {
+    const Tensor w = arrived(w_), b = arrived(b_), r = arrived(r_);
+    const Tensor xd = dense(x);
+    auto [y, mean, var] = channel_forward(xd, opt(w), opt(b), eps, opt(as_layout(r, xd)), act);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["act"] = act;
+    ctx->save_for_backward({x, w, b, r, mean, at::rsqrt(var + eps)});
+    ctx->mark_non_differentiable({mean, var});
+    return {y, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list g = bn_grads(ctx, grads[0], true, 1);
+    return {g[0], g[1], g[2], g[3], Tensor(), Tensor()};
+  }
+};
+
+struct BatchNormInfer : public torch::autograd::Function<BatchNormInfer> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& mean, const Tensor& var,
+                               const Tensor& w_, const Tensor& b_, const Tensor& r_, double eps, int64_t act) {
+    const Tensor w = arrived(w_), b = arrived(b_), r = arrived(r_);
+    const Tensor xd = dense(x);
+    const auto sd = stat_type(xd);
+    const Tensor mean_sd = cast(mean, sd), rstd = at::rsqrt(cast(var, sd) + eps);
+    const auto [scale, shift] = scale_shift(w, b, mean_sd, rstd);
+    Tensor y = channel_apply(xd, scale, shift, opt(as_layout(r, xd)), act);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["act"] = act;
+    ctx->save_for_backward({x, w, b, r, mean_sd, rstd, var});
+    return {y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list g = bn_grads(ctx, grads[0], false, 3);
+    return {g[0], Tensor(), Tensor(), g[1], g[2], g[3], Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> bn_train(const Tensor& x, const c10::optional<Tensor>& w,
+                                            const c10::optional<Tensor>& b, const c10::optional<Tensor>& r,
+                                            double eps, int64_t act) {
+  auto out = BatchNormTrain::apply(x, pass(w), pass(b), pass(r), eps, act);
+  return {out[0], out[1], out[2]};
+}
+
+Tensor bn_infer(const Tensor& x, const Tensor& mean, const Tensor& var, const c10::optional<Tensor>& w,
+                const c10::optional<Tensor>& b, const c10::optional<Tensor>& r, double eps, int64_t act) {
+  return BatchNormInfer::apply(x, mean, var, pass(w), pass(b), pass(r),
+                               eps, act)[0];
+}
+
+// ----------------------------------------------------------------------------- GroupNorm
+struct GroupNormOp : public torch::autograd::Function<GroupNormOp> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, int64_t groups, const Tensor& w_,
+                               const Tensor& b_, const Tensor& r_, double eps, int64_t act) {
+    const Tensor w = arrived(w_), b = arrived(b_), r = arrived(r_);
+    const Tensor xd = dense(x);
+    auto [y, mean, var] = group_forward(xd, groups, opt(w), opt(b), eps, opt(as_layout(r, xd)), act);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["groups"] = groups;
+    ctx->save_for_backward({x, w, b, r, mean, at::rsqrt(var + eps)});
+    ctx->mark_non_differentiable({mean, var});
+    return {y, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &r = saved[3], &mean = saved[4], &rstd = saved[5];
+    const int64_t act = ctx->saved_data["act"].toInt(), groups = ctx->saved_data["groups"].toInt();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const Tensor& dy = grads[0];
+    // needs_input_grad counts tensor arguments only: x 0, weight 1, bias 2, residual 3
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1), need_b = ctx->needs_input_grad(2),
+               need_r = r.defined() && ctx->needs_input_grad(3);
+    if (at::GradMode::is_enabled()) {
+      auto g = differentiable_vjp([&] { return finish(at::group_norm(x, groups, opt(w), opt(b), eps), r, act); },
+                                  {x, w, b, r}, {need_x, need_w, need_b, need_r}, dy);
+      return {g[0], Tensor(), g[1], g[2], g[3], Tensor(), Tensor()};
+    }
+    const bool need_dw = (w.defined() && need_w) || (b.defined() && need_b);
+    const Tensor xd = dense(x);
+    auto [dx, dw, db, dz] = group_backward(xd, as_layout(dy, xd), mean, rstd, groups, opt(w), opt(b),
+                                           opt(as_layout(r, xd)), act, need_dw, need_r);
+    return {need_x ? dx : Tensor(), Tensor(), param_grad(dw, w, need_w), param_grad(db, b, need_b),
+            need_r ? dz : Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> gn(const Tensor& x, int64_t groups, const c10::optional<Tensor>& w,
+                                      const c10::optional<Tensor>& b, const c10::optional<Tensor>& r, double eps,
+                                      int64_t act) {
+  auto out = GroupNormOp::apply(x, groups, pass(w), pass(b), pass(r), eps,
+                                act);
+  return {out[0], out[1], out[2]};
+}
+
+// ----------------------------------------------------------------------------- LayerNorm / RMSNorm
+inline std::pair<int64_t, int64_t> rows_of(const Tensor& x, at::IntArrayRef normalized_shape) {
+  int64_t k = 1;
+  for (int64_t d : normalized_shape) k *= d;
+  return {k ? x.numel() / k : 0, k};
+}
+
+inline Tensor flat(const Tensor& t, int64_t k) { return t.defined() ? t.reshape({k}) : t; }
+
+// Saved: x, weight, bias (LayerNorm), mean (LayerNorm), rstd
+struct RowNormOp : public torch::autograd::Function<RowNormOp> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, std::vector<int64_t> normalized_shape,
+                               const Tensor& w_, const Tensor& b_, double eps, bool rms) {
+    const Tensor w = arrived(w_), b = arrived(b_);
+    const auto [m, k] = rows_of(x, normalized_shape);
+    const Tensor x2d = x.contiguous().view({m, k});
+    auto [y, mean, rstd] = row_forward(x2d, opt(flat(w, k)), opt(flat(b, k)), eps, rms);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["rms"] = rms;
+    ctx->saved_data["shape"] = normalized_shape;
+    ctx->save_for_backward({x, w, b, mean, rstd});
+    if (rms) {
+      ctx->mark_non_differentiable({rstd});
+      return {y.view(x.sizes()), rstd};
+    }
+    ctx->mark_non_differentiable({mean, rstd});
+    return {y.view(x.sizes()), mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &mean = saved[3], &rstd = saved[4];
+    const bool rms = ctx->saved_data["rms"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const std::vector<int64_t> shape = ctx->saved_data["shape"].toIntVector();
+    const Tensor& dy = grads[0];
+    // needs_input_grad counts tensor arguments only: x 0, weight 1, bias 2
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
+               need_b = !rms && ctx->needs_input_grad(2);
+    if (at::GradMode::is_enabled()) {
+      auto g = differentiable_vjp(
+          [&] {
+            return rms ? at::rms_norm(x, shape, opt(w), eps) : at::layer_norm(x, shape, opt(w), opt(b), eps, true);
+          },
+          {x, w, b}, {need_x, need_w, need_b}, dy);
+      return {g[0], Tensor(), g[1], g[2], Tensor(), Tensor()};
+    }
+    const bool need_dw = (w.defined() && need_w) || (b.defined() && need_b);
+    const auto [m, k] = rows_of(x, shape);
+    auto [dx, dw, db] = row_backward(x.contiguous().view({m, k}), dy.contiguous().view({m, k}), opt(mean), rstd,
+                                     opt(flat(w, k)), rms, need_dw);
+    const Tensor dweight = dw.defined() ? dw.view(shape) : dw, dbias = db.defined() ? db.view(shape) : db;
+    return {need_x ? dx.view(x.sizes()) : Tensor(), Tensor(), param_grad(dweight, w, need_w),
+            param_grad(dbias, b, need_b), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> ln(const Tensor& x, at::IntArrayRef normalized_shape,
+                                      const c10::optional<Tensor>& w, const c10::optional<Tensor>& b, double eps) {
+  auto out = RowNormOp::apply(x, normalized_shape.vec(), pass(w), pass(b), eps, false);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<Tensor, Tensor> rms(const Tensor& x, at::IntArrayRef normalized_shape, const c10::optional<Tensor>& w,
+                               double eps) {
+  auto out = RowNormOp::apply(x, normalized_shape.vec(), pass(w), absent(), eps, true);
+  return {out[0], out[1]};
+}
+
+// ----------------------------------------------------------------------------- running statistics
+// running_stats.update_running_stats's arithmetic, each tensor operation's rounding reproduced:
+//   var_u = var·(n/(n − 1))                 in the batch statistics' dtype B
+//   r     = r·(1 − m) + B→S(b)·m            in the running statistics' dtype S (two roundings, no FMA)
+template <typename S, typename B>
+void blend_stats(S* running_mean, S* running_var, const B* mean, const B* var, int64_t n, S keep, S take, B unbias) {
+  for (int64_t i = 0; i < n; ++i) {
+    const S m = static_cast<S>(mean[i]);
+    const S v = static_cast<S>(var[i] * unbias);
+    const S kept_mean = running_mean[i] * keep, taken_mean = m * take;
+    running_mean[i] = kept_mean + taken_mean;
+    const S kept_var = running_var[i] * keep, taken_var = v * take;
+    running_var[i] = kept_var + taken_var;
+  }
+}
+
+template <typename B>
+bool all_finite(const B* mean, const B* var, int64_t n) {
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) finite = finite && std::isfinite(mean[i]) && std::isfinite(var[i]);
+  return finite;
+}
+
+bool update_running_stats(Tensor& running_mean, Tensor& running_var, const c10::optional<Tensor>& nbt_opt,
+                          const Tensor& mean, const Tensor& var, int64_t count, c10::optional<double> momentum,
+                          bool skip) {
+  const auto S_type = running_mean.scalar_type(), B_type = mean.scalar_type();
+  const int64_t n = running_mean.numel();
+  auto floating = [](at::ScalarType t) { return t == at::kFloat || t == at::kDouble; };
+  TORCH_CHECK_VALUE(floating(S_type) && running_var.scalar_type() == S_type && floating(B_type) &&
+                        var.scalar_type() == B_type,
+                    "normkit update_running_stats: expected float32/float64 running statistics of one dtype and "
+                    "float32/float64 batch statistics of one dtype");
+  TORCH_CHECK_VALUE(running_mean.is_contiguous() && running_var.is_contiguous() && running_var.numel() == n &&
+                        mean.numel() == n && var.numel() == n && count > 0,
+                    "normkit update_running_stats: expected contiguous statistics of equal length and count > 0");
+  const Tensor m_c = mean.contiguous(), v_c = var.contiguous();
+  Tensor nbt = value_or_undefined(nbt_opt);
+  bool finite = true;
+  if (skip) {
+    AT_DISPATCH_FLOATING_TYPES(B_type, "normkit_finite",
+                               [&] { finite = all_finite(m_c.data_ptr<scalar_t>(), v_c.data_ptr<scalar_t>(), n); });
+  }
+  if (!finite) return true;  // skipped: nothing moves, num_batches_tracked included
+  if (nbt.defined()) nbt.add_(1);
+  const double unbias = static_cast<double>(count) / static_cast<double>(std::max<int64_t>(count - 1, 1));
+  AT_DISPATCH_FLOATING_TYPES(S_type, "normkit_update_running_stats", [&] {
+    using S = scalar_t;
+    S keep, take;
+    if (momentum.has_value()) {  // a Python float: 1 − m in double, each factor rounded to S by the tensor op
+      keep = static_cast<S>(1.0 - *momentum);
+      take = static_cast<S>(*momentum);
+    } else {  // cumulative average: m = 1/num_batches_tracked as an S tensor, 1 − m in S
+      take = nbt.defined() ? S(1) / static_cast<S>(nbt.item<int64_t>()) : S(0);
+      keep = S(1) - take;
+    }
+    if (B_type == at::kDouble) {
+      blend_stats<S, double>(running_mean.data_ptr<S>(), running_var.data_ptr<S>(), m_c.data_ptr<double>(),
+                             v_c.data_ptr<double>(), n, keep, take, unbias);
+    } else {
+      blend_stats<S, float>(running_mean.data_ptr<S>(), running_var.data_ptr<S>(), m_c.data_ptr<float>(),
+                            v_c.data_ptr<float>(), n, keep, take, static_cast<float>(unbias));
+    }
+  });
+  return false;
+}
+
+}  // namespace eager
+}  // namespace normkit
+
+TORCH_LIBRARY_FRAGMENT(normkit_cpu, m) {
+  m.def("bn_train(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, int act) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("bn_infer(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor? residual, float eps, "
+        "int act) -> Tensor");
+  m.def("gn(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? residual, float eps, int act) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("ln(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("rms(Tensor x, int[] normalized_shape, Tensor? weight, float eps) -> (Tensor, Tensor)");
+  m.def("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
+        "Tensor mean, Tensor var, int count, float? momentum, bool skip) -> bool");
+}
+
+// CompositeImplicitAutograd: one kernel for every dispatch key; the torch::autograd::Function inside
+// records the graph itself when an input requires grad
+TORCH_LIBRARY_IMPL(normkit_cpu, CompositeImplicitAutograd, m) {
+  m.impl("bn_train", &normkit::eager::bn_train);
+  m.impl("bn_infer", &normkit::eager::bn_infer);
+  m.impl("gn", &normkit::eager::gn);
+  m.impl("ln", &normkit::eager::ln);
+  m.impl("rms", &normkit::eager::rms);
+}
+
+TORCH_LIBRARY_IMPL(normkit_cpu, CPU, m) { m.impl("update_running_stats", &normkit::eager::update_running_stats); }
