@@ -68,8 +68,10 @@ def batch_norm(input, running_mean, running_var, weight, bias, training, momentu
                        residual, act)
     if isinstance(momentum, Tensor):
         momentum = float(momentum) if training and running_mean is not None else 0.0
-    y = TF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return _finish(y, residual, act)
+    # torch.batch_norm is what F.batch_norm calls after its Python-side checks, which ours replace
+    y = torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                         torch.backends.cudnn.enabled)
+    return y if residual is None and not act else _finish(y, residual, act)
 
 
 def _batch_norm_written_out(input, running_mean, running_var, weight, bias, momentum, eps) -> Tensor:
@@ -129,7 +131,7 @@ def layer_norm(input, normalized_shape, weight, bias, eps) -> Tensor:
         w = weight.reshape(k) if weight is not None else None
         b = bias.reshape(k) if bias is not None else None
         return _REF.row_forward(x2d, w, b, eps, False)[0].reshape(input.shape)
-    return TF.layer_norm(input, normalized_shape, weight, bias, eps)
+    return torch.layer_norm(input, normalized_shape, weight, bias, eps, torch.backends.cudnn.enabled)
 
 
 def rms_norm(input, normalized_shape, weight, eps) -> Tensor:
