@@ -188,6 +188,128 @@ inline void chunked_sums(int64_t len, F&& f, double& s1, double& s2) {
   }
 }
 
+// ----------------------------------------------------------------------------- vector access
+// kHalfLanes<A> consecutive values of T as one VecOf<A> and back: the same values as ld/st one
+// element at a time (the conversions are exact or round to nearest even alike), in one load or
+// store. The element-wise loops below written with these keep the scalar code's order of every
+// operation, so their results are the scalar code's bits; written as plain loops over ld/st they
+// did not vectorise where the compiler could not rule out aliasing between outputs and inputs.
+template <typename T> using vec_t = typename VecOf<acc_t<T>>::type;
+
+template <typename T>
+inline vec_t<T> vld(const T* p, int64_t i) {
+  using V = vec_t<T>;
+  V v;
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    std::memcpy(&v, p + i, sizeof(V));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    typedef uint16_t U16 __attribute__((vector_size(16)));
+    typedef uint32_t U32 __attribute__((vector_size(32)));
+    U16 b;
+    std::memcpy(&b, reinterpret_cast<const char*>(p) + 2 * i, sizeof(U16));
+    const U32 u = __builtin_convertvector(b, U32) << 16;
+    std::memcpy(&v, &u, sizeof(V));
+  } else {
+#if defined(__FLT16_MAX__)
+    typedef _Float16 F16 __attribute__((vector_size(16)));
+    F16 h;
+    std::memcpy(&h, reinterpret_cast<const char*>(p) + 2 * i, sizeof(F16));
+    v = __builtin_convertvector(h, V);
+#else
+    for (int j = 0; j < kHalfLanes<float>; ++j) v[j] = ld(p, i + j);
+#endif
+  }
+  return v;
+}
+
+template <typename T>
+inline void vst(T* p, int64_t i, vec_t<T> v) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    std::memcpy(p + i, &v, sizeof(v));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // st()'s rounding, lane-wise: nearest even, NaN kept quiet
+    typedef uint16_t U16 __attribute__((vector_size(16)));
+    typedef uint32_t U32 __attribute__((vector_size(32)));
+    U32 u;
+    std::memcpy(&u, &v, sizeof(U32));
+    const U32 rounded = u + 0x7FFFu + ((u >> 16) & 1u);
+    const U32 nan = (U32)(v != v);  // all ones where NaN
+    const U32 bits = (rounded & ~nan) | ((u | 0x00400000u) & nan);
+    const U16 b = __builtin_convertvector(bits >> 16, U16);
+    std::memcpy(reinterpret_cast<char*>(p) + 2 * i, &b, sizeof(U16));
+  } else {
+#if defined(__FLT16_MAX__)
+    typedef _Float16 F16 __attribute__((vector_size(16)));
+    const F16 h = __builtin_convertvector(v, F16);
+    std::memcpy(reinterpret_cast<char*>(p) + 2 * i, &h, sizeof(F16));
+#else
+    for (int j = 0; j < kHalfLanes<float>; ++j) st(p, i + j, v[j]);
+#endif
+  }
+}
+
+// kHalfLanes<A> accumulators (A) at p, as one vector
+template <typename A>
+inline typename VecOf<A>::type vacc(const A* p) {
+  typename VecOf<A>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename A>
+inline void vput(A* p, typename VecOf<A>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// lane_total<A, 2H> of the lanes (a0, a1): the same tree (a[j] += a[j + w], w = H, H/2, ..., 1),
+// each step one vector add of halves
+inline float lane_total2(VecOf<float>::type a0, VecOf<float>::type a1) {
+  typedef float V4 __attribute__((vector_size(16)));
+  const VecOf<float>::type s = a0 + a1;
+  const V4 t = __builtin_shufflevector(s, s, 0, 1, 2, 3) + __builtin_shufflevector(s, s, 4, 5, 6, 7);
+  const V4 u = t + __builtin_shufflevector(t, t, 2, 3, 2, 3);
+  return u[0] + u[1];
+}
+
+inline double lane_total2(VecOf<double>::type a0, VecOf<double>::type a1) {
+  typedef double V2 __attribute__((vector_size(16)));
+  const VecOf<double>::type s = a0 + a1;
+  const V2 t = __builtin_shufflevector(s, s, 0, 1) + __builtin_shufflevector(s, s, 2, 3);
+  return t[0] + t[1];
+}
+
+// chunked_sums with the terms of H = kHalfLanes<A> consecutive indices at a time: fv(i, u, v)
+// gives the vectors of terms of [i, i + H), fs(i, u, v) the terms of one index (the tail). The
+// same lanes, blocks and order as chunked_sums, hence the same bits.
+template <typename A, typename FV, typename FS>
+inline void chunked_vsums(int64_t len, const FV& fv, const FS& fs, double& s1, double& s2) {
+  using V = typename VecOf<A>::type;
+  constexpr int H = kHalfLanes<A>;
+  for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+    const int64_t c1 = std::min(len, c0 + kChunk);
+    V a0 = {}, a1 = {}, q0 = {}, q1 = {};
+    int64_t i = c0;
+    for (; i + 2 * H <= c1; i += 2 * H) {
+      V u, v;
+      fv(i, u, v);
+      a0 += u;
+      q0 += v;
+      fv(i + H, u, v);
+      a1 += u;
+      q1 += v;
+    }
+    A ta = A(0), tq = A(0);
+    for (; i < c1; ++i) {
+      A u, v;
+      fs(i, u, v);
+      ta += u;
+      tq += v;
+    }
+    s1 += static_cast<double>(lane_total2(a0, a1) + ta);
+    s2 += static_cast<double>(lane_total2(q0, q1) + tq);
+  }
+}
+
 // ----------------------------------------------------------------------------- geometry
 // (N, C, S, cl) of x = (N, C, *spatial). cl: the loop order is (N, S, C) — channels_last 4-D/5-D,
 // 2-D (N, C), or S == 1 — else (N, C, S) (contiguous NCHW).

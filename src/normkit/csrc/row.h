@@ -58,7 +58,56 @@ std::tuple<Tensor, Tensor, Tensor> row_forward_impl(const Tensor& x, const Tenso
   return {y, mean, rstd};
 }
 
-inline int64_t weight_rows(int64_t M) { return std::max<int64_t>(1, std::min<int64_t>(1024, (M + 63) / 64)); }
+// Rows per weight-gradient block: about 64 blocks (the parallel units), at least 16 rows (merging
+// a block's totals costs about one row's work: one-row blocks made dw 4x slower than dx at 64 rows),
+// at most 1024 (the fp32 accumulation length). A function of M alone.
+inline int64_t weight_rows(int64_t M) { return std::min<int64_t>(1024, std::max<int64_t>(16, (M + 63) / 64)); }
+
+// s[i] += t[i] (double) for i < K: one block's fp32 column totals merged into the double sums
+template <typename A>
+inline void add_block(double* __restrict__ s, const A* __restrict__ t, int64_t K) {
+  for (int64_t i = 0; i < K; ++i) s[i] += static_cast<double>(t[i]);
+}
+
+// One row of the backward: the row sums Σg, Σg·x̂ (g = dy·w, x̂ = (x − mu)·rs), then
+// dx = rs·(g − mean(g) − x̂·mean(g·x̂)), and with DW dw += dy·x̂, with DB db += dy (the row block's
+// fp32 accumulators: each column adds its rows in row order). Vector loads over the columns; the
+// restrict pointers let the compiler keep dw/db in flight across the dx stores.
+template <typename T, bool DW, bool DB>
+inline void row_bwd_row(const T* __restrict__ xr, const T* __restrict__ dr, T* __restrict__ dxr,
+                        const acc_t<T>* __restrict__ w, int64_t K, double inv_k, acc_t<T> mu, acc_t<T> rs, bool rms,
+                        acc_t<T>* __restrict__ dw, acc_t<T>* __restrict__ db) {
+  using A = acc_t<T>;
+  using V = vec_t<T>;
+  constexpr int H = kHalfLanes<A>;
+  double sg = 0, sgx = 0;
+  chunked_vsums<A>(K, [&](int64_t i, V& u, V& v) {
+    const V g = vld(dr, i) * vacc(w + i);
+    u = g;
+    v = g * ((vld(xr, i) - mu) * rs);
+  }, [&](int64_t i, A& u, A& v) {
+    const A g = ld(dr, i) * w[i];
+    u = g;
+    v = g * ((ld(xr, i) - mu) * rs);
+  }, sg, sgx);
+  const A mg = rms ? A(0) : static_cast<A>(sg * inv_k);
+  const A mgx = static_cast<A>(sgx * inv_k);
+  int64_t i = 0;
+  for (; i + H <= K; i += H) {
+    const V d = vld(dr, i);
+    const V xh = (vld(xr, i) - mu) * rs;
+    vst(dxr, i, rs * (d * vacc(w + i) - mg - xh * mgx));
+    if constexpr (DW) vput(dw + i, vacc(dw + i) + d * xh);
+    if constexpr (DB) vput(db + i, vacc(db + i) + d);
+  }
+  for (; i < K; ++i) {
+    const A d = ld(dr, i);
+    const A xh = (ld(xr, i) - mu) * rs;
+    st(dxr, i, rs * (d * w[i] - mg - xh * mgx));
+    if constexpr (DW) dw[i] += d * xh;
+    if constexpr (DB) db[i] += d;
+  }
+}
 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> row_backward_impl(const Tensor& x, const Tensor& dy, const Tensor& mean,
@@ -75,67 +124,66 @@ std::tuple<Tensor, Tensor, Tensor> row_backward_impl(const Tensor& x, const Tens
   const int64_t R = weight_rows(M);
   const int64_t nb = (M + R - 1) / R;
   const bool need_db = need_dw && !rms;
-  std::vector<double> tw(need_dw ? nb * K : 0), tb(need_db ? nb * K : 0);
-  parallel(nb, grain_for(R * K), [&](int64_t lo, int64_t hi) {
-    std::vector<A> dwl(need_dw ? K : 0), dbl(need_db ? K : 0);
-    for (int64_t j = lo; j < hi; ++j) {
-      std::fill(dwl.begin(), dwl.end(), A(0));
-      std::fill(dbl.begin(), dbl.end(), A(0));
-      for (int64_t r = j * R; r < std::min(M, (j + 1) * R); ++r) {
-        const T* xr = xp + r * K;
-        const T* dr = dyp + r * K;
-        T* dxr = dxp + r * K;
-        const A mu = rms ? A(0) : mp[r];
-        const A rs = rp[r];
-        double sg = 0, sgx = 0;
-        chunked_sums<A>(K, [&](int64_t i, A& u, A& v) {
-          const A g = ld(dr, i) * w[i];
-          u = g;
-          v = g * ((ld(xr, i) - mu) * rs);
-        }, sg, sgx);
-        const A mg = rms ? A(0) : static_cast<A>(sg / static_cast<double>(K));
-        const A mgx = static_cast<A>(sgx / static_cast<double>(K));
-        if (need_db) {
-          A* dw = dwl.data();
-          A* db = dbl.data();
-          for (int64_t i = 0; i < K; ++i) {
-            const A d = ld(dr, i);
-            const A xh = (ld(xr, i) - mu) * rs;
-            st(dxr, i, rs * (d * w[i] - mg - xh * mgx));
-            dw[i] += d * xh;
-            db[i] += d;
-          }
-        } else if (need_dw) {
-          A* dw = dwl.data();
-          for (int64_t i = 0; i < K; ++i) {
-            const A d = ld(dr, i);
-            const A xh = (ld(xr, i) - mu) * rs;
-            st(dxr, i, rs * (d * w[i] - mg - xh * mgx));
-            dw[i] += d * xh;
-          }
-        } else {
-          for (int64_t i = 0; i < K; ++i) {
-            const A xh = (ld(xr, i) - mu) * rs;
-            st(dxr, i, rs * (ld(dr, i) * w[i] - mg - xh * mgx));
-          }
-        }
-      }
-      for (int64_t i = 0; i < (need_dw ? K : 0); ++i) tw[j * K + i] = static_cast<double>(dwl[i]);
-      for (int64_t i = 0; i < (need_db ? K : 0); ++i) tb[j * K + i] = static_cast<double>(dbl[i]);
+  // Block j's fp32 column totals are added to the double sums in block order. Run inline (one
+  // thread, or a small call), each block is added as it finishes; run in parallel, the blocks
+  // leave their totals in a table, added in the same order afterwards: the same bits.
+  std::vector<double> sw(need_dw ? K : 0, 0.0), sb(need_db ? K : 0, 0.0);
+  std::vector<A> tw, tb;
+  bool tabled = false;
+  auto rows = [&](auto dw_tag, auto db_tag, int64_t r0, int64_t r1, A* dw, A* db) {
+    for (int64_t r = r0; r < r1; ++r) {
+      row_bwd_row<T, decltype(dw_tag)::value, decltype(db_tag)::value>(
+          xp + r * K, dyp + r * K, dxp + r * K, w.data(), K, 1.0 / static_cast<double>(K), rms ? A(0) : mp[r], rp[r], rms, dw, db);
     }
-  });
-  Tensor dweight, dbias;
-  auto merge = [&](const std::vector<double>& t) {
-    std::vector<double> s(K, 0.0);
-    for (int64_t j = 0; j < nb; ++j)
-      for (int64_t i = 0; i < K; ++i) s[i] += t[j * K + i];
-    Tensor out = at::empty({K}, x.options().dtype(stat_type(x)));
-    A* o = out.data_ptr<A>();
-    for (int64_t i = 0; i < K; ++i) o[i] = static_cast<A>(s[i]);
-    return out;
   };
-  if (need_dw) dweight = merge(tw);
-  if (need_db) dbias = merge(tb);
+  auto task = [&](int64_t lo, int64_t hi) {
+    if (!need_dw) {
+      rows(std::false_type{}, std::false_type{}, lo * R, std::min(M, hi * R), nullptr, nullptr);
+      return;
+    }
+    const bool whole = !tabled;
+    std::vector<A> dwl(whole ? K : 0), dbl(whole && need_db ? K : 0);
+    for (int64_t j = lo; j < hi; ++j) {
+      A* dw = whole ? dwl.data() : tw.data() + j * K;
+      A* db = need_db ? (whole ? dbl.data() : tb.data() + j * K) : nullptr;
+      std::fill(dw, dw + K, A(0));
+      if (db) std::fill(db, db + K, A(0));
+      const int64_t r0 = j * R, r1 = std::min(M, (j + 1) * R);
+      if (db) {
+        rows(std::true_type{}, std::true_type{}, r0, r1, dw, db);
+      } else {
+        rows(std::true_type{}, std::false_type{}, r0, r1, dw, nullptr);
+      }
+      if (whole) {
+        add_block(sw.data(), dw, K);
+        if (db) add_block(sb.data(), db, K);
+      }
+    }
+  };
+  const int64_t grain = grain_for(R * K);
+  if (nb <= grain || at::get_num_threads() == 1 || forked_child().load(std::memory_order_relaxed)) {
+    task(0, nb);
+  } else {
+    tabled = need_dw;
+    tw.resize(need_dw ? nb * K : 0);
+    tb.resize(need_db ? nb * K : 0);
+    parallel(nb, grain, task);
+  }
+  if (tabled) {
+    for (int64_t j = 0; j < nb; ++j) {
+      add_block(sw.data(), tw.data() + j * K, K);
+      if (need_db) add_block(sb.data(), tb.data() + j * K, K);
+    }
+  }
+  Tensor dweight, dbias;
+  auto out = [&](const std::vector<double>& s) {
+    Tensor t = at::empty({K}, x.options().dtype(stat_type(x)));
+    A* o = t.data_ptr<A>();
+    for (int64_t i = 0; i < K; ++i) o[i] = static_cast<A>(s[i]);
+    return t;
+  };
+  if (need_dw) dweight = out(sw);
+  if (need_db) dbias = out(sb);
   return {dx, dweight, dbias};
 }
 
