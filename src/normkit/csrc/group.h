@@ -169,7 +169,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_backward_impl(const Tensor& x, 
   using L = Loops<T, ACT>;
   const Geometry geo = geometry(x);
   const int64_t N = geo.n, C = geo.c, S = geo.s, cg = C / G;
-  const double count = static_cast<double>(cg * S);
+  const double inv_count = 1.0 / static_cast<double>(cg * S);
   const T* xp = x.data_ptr<T>();
   const T* dyp = dy.data_ptr<T>();
   const T* rp = ptr_or_null<T>(res);
@@ -184,30 +184,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_backward_impl(const Tensor& x, 
   std::vector<double> sa(N * C), sb(N * C);  // Σ_s dz and Σ_s dz·x̂ per (n, c)
   if (x.is_contiguous()) {
     const int64_t len = cg * S;
+    // (qq, rr) of block blk from its channel sums (sa, sb filled on the way)
+    auto sums = [&](int64_t blk, A& qq, A& rr) {
+      const int64_t n = blk / G, g = blk % G, start = blk * len;
+      const A mu = mp[blk], rs = rsp[blk];
+      double sum_g = 0, sum_gx = 0;
+      for (int64_t ci = 0; ci < cg; ++ci) {
+        const int64_t c = g * cg + ci, o = start + ci * S;
+        const A aa = rs * w[c];
+        double t1 = 0, t2 = 0;
+        L::span_bwd_sums(xp + o, dyp + o, rp ? rp + o : nullptr, S, aa, b[c] - mu * aa, mu, t1, t2);
+        sa[n * C + c] = t1;
+        sb[n * C + c] = t2 * rs;
+        sum_g += w[c] * t1;
+        sum_gx += w[c] * t2 * rs;
+      }
+      const double drs = rs;
+      qq = static_cast<A>(-drs * drs * (sum_gx * inv_count));
+      rr = static_cast<A>(-drs * (sum_g * inv_count));
+    };
+    auto apply = [&](int64_t blk, A qq, A rr) {
+      const int64_t g = blk % G, start = blk * len;
+      const A mu = mp[blk], rs = rsp[blk];
+      for (int64_t ci = 0; ci < cg; ++ci) {
+        const int64_t c = g * cg + ci, o = start + ci * S;
+        const A aa = rs * w[c];
+        L::span_bwd_dx(xp + o, dyp + o, rp ? rp + o : nullptr, dxp + o, dzp ? dzp + o : nullptr, S, aa,
+                       b[c] - mu * aa, aa, qq, mu, rr);
+      }
+    };
     parallel(N * G, grain_for(3 * len), [&](int64_t lo, int64_t hi) {
       for (int64_t blk = lo; blk < hi; ++blk) {
-        const int64_t n = blk / G, g = blk % G, start = blk * len;
-        const A mu = mp[blk], rs = rsp[blk];
-        double sum_g = 0, sum_gx = 0;
-        for (int64_t ci = 0; ci < cg; ++ci) {
-          const int64_t c = g * cg + ci, o = start + ci * S;
-          const A aa = rs * w[c];
-          double t1 = 0, t2 = 0;
-          L::span_bwd_sums(xp + o, dyp + o, rp ? rp + o : nullptr, S, aa, b[c] - mu * aa, mu, t1, t2);
-          sa[n * C + c] = t1;
-          sb[n * C + c] = t2 * rs;
-          sum_g += w[c] * t1;
-          sum_gx += w[c] * t2 * rs;
-        }
-        const double drs = rs;
-        const A qq = static_cast<A>(-drs * drs * (sum_gx / count));
-        const A rr = static_cast<A>(-drs * (sum_g / count));
-        for (int64_t ci = 0; ci < cg; ++ci) {
-          const int64_t c = g * cg + ci, o = start + ci * S;
-          const A aa = rs * w[c];
-          L::span_bwd_dx(xp + o, dyp + o, rp ? rp + o : nullptr, dxp + o, dzp ? dzp + o : nullptr, S, aa,
-                         b[c] - mu * aa, aa, qq, mu, rr);
-        }
+        A qq, rr;
+        sums(blk, qq, rr);
+        apply(blk, qq, rr);
       }
     });
   } else {
@@ -240,8 +250,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_backward_impl(const Tensor& x, 
           mgx += w[c] * t2[c] * rs;
         }
         for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
-          qq[n * C + c] = static_cast<A>(-rs * rs * (mgx / count));
-          rr[n * C + c] = static_cast<A>(-rs * (mg / count));
+          qq[n * C + c] = static_cast<A>(-rs * rs * (mgx * inv_count));
+          rr[n * C + c] = static_cast<A>(-rs * (mg * inv_count));
         }
       }
       if (fused) dx_pass(n, 0, S);

@@ -40,8 +40,13 @@ struct Loops {
   // (s1, s2) += (Σ dz, Σ dz·(x − m))
   static void span_bwd_sums(const T* x, const T* dy, const T* r, int64_t len, A fa, A fb, A m, double& s1,
                             double& s2) {
-    if (ACT == kIdentity) {
-      chunked_sums<A>(len, [&](int64_t i, A& u, A& v) {
+    if constexpr (ACT == kIdentity) {
+      using V = vec_t<T>;
+      chunked_vsums<A>(len, [&](int64_t i, V& u, V& v) {
+        const V g = vld(dy, i);
+        u = g;
+        v = g * (vld(x, i) - m);
+      }, [&](int64_t i, A& u, A& v) {
         A g = ld(dy, i);
         u = g;
         v = g * (ld(x, i) - m);
@@ -66,7 +71,7 @@ struct Loops {
   static void span_bwd_dx(const T* x, const T* dy, const T* r, T* dx, T* dz, int64_t len, A fa, A fb, A p, A q,
                           A m, A rr) {
     if (ACT == kIdentity && !dz) {
-      for (int64_t i = 0; i < len; ++i) st(dx, i, p * ld(dy, i) + q * (ld(x, i) - m) + rr);
+      span_dx(x, dy, dx, len, p, q, m, rr);
     } else if (r && dz) {
       for (int64_t i = 0; i < len; ++i) {
         A xv = ld(x, i);
@@ -94,6 +99,16 @@ struct Loops {
         st(dx, i, p * g + q * (xv - m) + rr);
       }
     }
+  }
+
+  // dx = p·dy + q·(x − m) + rr, vector loads (restrict: the stores cannot alias the loads)
+  static void span_dx(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, int64_t len, A p, A q,
+                      A m, A rr) {
+    using V = vec_t<T>;
+    constexpr int H = kHalfLanes<A>;
+    int64_t i = 0;
+    for (; i + H <= len; i += H) vst(dx, i, p * vld(dy, i) + q * (vld(x, i) - m) + rr);
+    for (; i < len; ++i) st(dx, i, p * ld(dy, i) + q * (ld(x, i) - m) + rr);
   }
 
   // ------------------------------------------------------------------------- positions (CL)

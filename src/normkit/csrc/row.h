@@ -69,29 +69,36 @@ inline void add_block(double* __restrict__ s, const A* __restrict__ t, int64_t K
   for (int64_t i = 0; i < K; ++i) s[i] += static_cast<double>(t[i]);
 }
 
-// One row of the backward: the row sums Σg, Σg·x̂ (g = dy·w, x̂ = (x − mu)·rs), then
-// dx = rs·(g − mean(g) − x̂·mean(g·x̂)), and with DW dw += dy·x̂, with DB db += dy (the row block's
-// fp32 accumulators: each column adds its rows in row order). Vector loads over the columns; the
-// restrict pointers let the compiler keep dw/db in flight across the dx stores.
-template <typename T, bool DW, bool DB>
-inline void row_bwd_row(const T* __restrict__ xr, const T* __restrict__ dr, T* __restrict__ dxr,
-                        const acc_t<T>* __restrict__ w, int64_t K, double inv_k, acc_t<T> mu, acc_t<T> rs, bool rms,
-                        acc_t<T>* __restrict__ dw, acc_t<T>* __restrict__ db) {
+// The row sums of the backward: mean(g) and mean(g·x̂) with g = dy·w, x̂ = (x − mu)·rs.
+template <typename T>
+inline void row_bwd_sums(const T* __restrict__ xr, const T* __restrict__ dr, const acc_t<T>* __restrict__ w,
+                         int64_t K, double inv_k, acc_t<T> mu, acc_t<T> rs, bool rms, acc_t<T>& mg, acc_t<T>& mgx) {
   using A = acc_t<T>;
   using V = vec_t<T>;
-  constexpr int H = kHalfLanes<A>;
   double sg = 0, sgx = 0;
   chunked_vsums<A>(K, [&](int64_t i, V& u, V& v) {
     const V g = vld(dr, i) * vacc(w + i);
     u = g;
-    v = g * ((vld(xr, i) - mu) * rs);
+    v = g * (vld(xr, i) - mu);
   }, [&](int64_t i, A& u, A& v) {
     const A g = ld(dr, i) * w[i];
     u = g;
-    v = g * ((ld(xr, i) - mu) * rs);
-  }, sg, sgx);
-  const A mg = rms ? A(0) : static_cast<A>(sg * inv_k);
-  const A mgx = static_cast<A>(sgx * inv_k);
+    v = g * (ld(xr, i) - mu);
+  }, sg, sgx);  // Σg·x̂ = rs·Σg·(x − mu): rs goes on the double total
+  mg = rms ? A(0) : static_cast<A>(sg * inv_k);
+  mgx = static_cast<A>(sgx * static_cast<double>(rs) * inv_k);
+}
+
+// dx = rs·(g − mean(g) − x̂·mean(g·x̂)) of one row, and with DW dw += dy·x̂, with DB db += dy (the
+// row block's fp32 accumulators: each column adds its rows in row order). Vector loads over the
+// columns; the restrict pointers let the compiler keep dw/db in flight across the dx stores.
+template <typename T, bool DW, bool DB>
+inline void row_bwd_dx(const T* __restrict__ xr, const T* __restrict__ dr, T* __restrict__ dxr,
+                       const acc_t<T>* __restrict__ w, int64_t K, acc_t<T> mu, acc_t<T> rs, acc_t<T> mg,
+                       acc_t<T> mgx, acc_t<T>* __restrict__ dw, acc_t<T>* __restrict__ db) {
+  using A = acc_t<T>;
+  using V = vec_t<T>;
+  constexpr int H = kHalfLanes<A>;
   int64_t i = 0;
   for (; i + H <= K; i += H) {
     const V d = vld(dr, i);
@@ -130,10 +137,14 @@ std::tuple<Tensor, Tensor, Tensor> row_backward_impl(const Tensor& x, const Tens
   std::vector<double> sw(need_dw ? K : 0, 0.0), sb(need_db ? K : 0, 0.0);
   std::vector<A> tw, tb;
   bool tabled = false;
+  const double inv_k = 1.0 / static_cast<double>(K);
   auto rows = [&](auto dw_tag, auto db_tag, int64_t r0, int64_t r1, A* dw, A* db) {
     for (int64_t r = r0; r < r1; ++r) {
-      row_bwd_row<T, decltype(dw_tag)::value, decltype(db_tag)::value>(
-          xp + r * K, dyp + r * K, dxp + r * K, w.data(), K, 1.0 / static_cast<double>(K), rms ? A(0) : mp[r], rp[r], rms, dw, db);
+      const A mu = rms ? A(0) : mp[r];
+      A mg, mgx;
+      row_bwd_sums(xp + r * K, dyp + r * K, w.data(), K, inv_k, mu, rp[r], rms, mg, mgx);
+      row_bwd_dx<T, decltype(dw_tag)::value, decltype(db_tag)::value>(xp + r * K, dyp + r * K, dxp + r * K,
+                                                                      w.data(), K, mu, rp[r], mg, mgx, dw, db);
     }
   };
   auto task = [&](int64_t lo, int64_t hi) {
