@@ -437,22 +437,29 @@ def _entry_outputs(case):
         return [y, mean, var, *back, *stats, *red, *dx, CPU.channel_apply(x, scale, shift, None, "gelu")]
     if case.startswith("gn"):
         shape, cl, groups = {"gn_cl_n2": ((2, 32, 40, 41), True, 8), "gn_cl_n8": ((8, 32, 15, 17), True, 4),
-                             "gn_nchw": ((4, 32, 30, 31), False, 8)}[case]
+                             "gn_nchw": ((4, 32, 30, 31), False, 8),
+                             "gn_nchw_plain": ((64, 32, 7, 7), False, 8)}[case]
         x, dy, res = t(shape, cl), t(shape, cl, 0.0, 21), t(shape, cl, 0.0, 22)
         c = shape[1]
         w, b = torch.linspace(0.5, 1.5, c), torch.linspace(-1, 1, c)
-        y, mean, var = CPU.group_forward(x, groups, w, b, 1e-5, res, "relu")
-        back = CPU.group_backward(x, dy, mean, torch.rsqrt(var + 1e-5), groups, w, b, res, "relu", True, True)
-        return [y, mean, var, *back]
-    rms = case == "rms"
-    x, dy = t((700, 300)), t((700, 300), False, 0.0, 21)
-    w, b = torch.linspace(0.5, 1.5, 300), None if rms else torch.linspace(-1, 1, 300)
+        act = "" if case.endswith("plain") else "relu"  # plain: the vectorised identity loops, no residual
+        res = None if case.endswith("plain") else res
+        y, mean, var = CPU.group_forward(x, groups, w, b, 1e-5, res, act)
+        back = CPU.group_backward(x, dy, mean, torch.rsqrt(var + 1e-5), groups, w, b, res, act, True, res is not None)
+        return [o for o in (y, mean, var, *back) if o is not None]
+    rms = case.startswith("rms")
+    # (700, 300): 44 weight-gradient blocks of 16 rows, K not a multiple of the vector width;
+    # (64, 768): the fewest rows that still make 4 blocks
+    m, k = (64, 768) if case.endswith("short") else (700, 300)
+    x, dy = t((m, k)), t((m, k), False, 0.0, 21)
+    w, b = torch.linspace(0.5, 1.5, k), None if rms else torch.linspace(-1, 1, k)
     y, mean, rstd = CPU.row_forward(x, w, b, 1e-5, rms)
     back = CPU.row_backward(x, dy, mean, rstd, w, rms, True)
     return [o for o in (y, mean, rstd, *back) if o is not None]
 
 
-THREAD_CASES = ["bn_nchw_c3", "bn_nchw_c16", "bn_cl_c16", "bn1d", "gn_cl_n2", "gn_cl_n8", "gn_nchw", "ln", "rms"]
+THREAD_CASES = ["bn_nchw_c3", "bn_nchw_c16", "bn_cl_c16", "bn1d", "gn_cl_n2", "gn_cl_n8", "gn_nchw", "gn_nchw_plain",
+                "ln", "rms", "ln_short"]
 
 
 @pytest.mark.parametrize("case", THREAD_CASES)
@@ -508,6 +515,28 @@ def test_layer_norm_long_row_does_not_drift():
     y = CPU.row_forward(x, None, None, 1e-5, False)[0]
     torch_y = torch.nn.functional.layer_norm(x, (2**24,), eps=1e-5)
     assert _max_err(y, truth) <= 2 * _max_err(torch_y, truth) + 1e-7
+
+
+@pytest.mark.slow
+def test_layer_norm_weight_gradient_over_many_rows_does_not_drift():
+    # dw, db sum 2**20 rows: fp32 blocks of at most 1024 rows merged in float64 stay within one
+    # float32 ulp of the output plus 1e-8 of Σ|terms|; one fp32 sum over all rows (aten's db is
+    # off by ~50 here) does not
+    g = torch.Generator().manual_seed(33)
+    m, k = 2**20, 8
+    x = 3 + torch.randn((m, k), generator=g)
+    dy = 3 + 0.5 * torch.randn((m, k), generator=g)  # a common mean: Σ dy grows like the row count
+    w = torch.linspace(0.5, 1.5, k)
+    _, mean, rstd = CPU.row_forward(x, w, None, 1e-5, False)
+    _, dw, db = CPU.row_backward(x, dy, mean, rstd, w, False, True)
+    xd, dyd = x.double(), dy.double()
+    xhat = (xd - mean.double()[:, None]) * rstd.double()[:, None]
+    for got, terms, what in ((dw, dyd * xhat, "dweight"), (db, dyd, "dbias")):
+        truth = terms.sum(0)
+        ulp = torch.finfo(torch.float32).eps * truth.abs()
+        bound = ulp + 1e-8 * terms.abs().sum(0)
+        err = (got.double() - truth).abs()
+        assert (err <= bound).all(), f"{what}: error {err.max().item():.3g} over bound {bound.min().item():.3g}"
 
 
 # ----------------------------------------------------------------------------- processes, build
