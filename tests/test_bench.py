@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from normkit import cli
+from normkit import cli, ops
 
 IMPL_KEYS = {"median_ms", "min_ms", "p25_ms", "p75_ms", "max_ms", "times_ms", "speedup_vs_torch", "GBps",
              "pct_roofline"}
@@ -173,8 +173,36 @@ def test_first_call_in_a_fresh_process():
     assert rec["impls"]["torch"]["import_normkit_s"] < rec["impls"]["normkit"]["import_normkit_s"]
 
 
-def test_help_lists_the_models_suite(capsys):
+def test_help_lists_the_models_and_route_suites(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"])
     text = capsys.readouterr().out
-    assert "--suite {ops,models}" in text and "--no-cold" in text
+    assert "--suite {ops,models,route}" in text and "--no-cold" in text and "--route-margin" in text
+
+
+# --- the route suite ------------------------------------------------------------------------------
+@pytest.mark.skipif(ops.native_ops() is None, reason="the C++ extension is not built: no kernel route to time")
+def test_route_suite_times_both_routes_and_reports_the_rule(tmp_path, capsys):
+    """``--suite route`` on tiny sizes: every op × size has both routes timed, the rule's choice
+    recorded as prefer_aten makes it, and the table marks a choice MISS exactly when it costs more
+    than the margin over the faster route."""
+    import torch
+
+    from normkit import route
+
+    out = tmp_path / "route.json"
+    assert cli.main(["bench", "--suite", "route", "--sizes", "tiny", "--rounds", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["suite"] == "route" and doc["settings"]["aten_below"] == route.ATEN_BELOW
+    rows = doc["records"]
+    assert {r["op"] for r in rows} == {"bn_train", "bn_infer", "gn", "ln_train", "ln_infer", "rms_train"}
+    for r in rows:
+        assert r["aten_us"] > 0 and r["kernel_us"] > 0
+        assert r["faster"] == ("aten" if r["aten_us"] <= r["kernel_us"] else "kernel")
+        x = torch.empty(r["shape"])
+        op = {"bn_train": "batch_norm_train", "bn_infer": "batch_norm_infer", "gn": "group_norm",
+              "ln_train": "layer_norm", "ln_infer": "layer_norm", "rms_train": "rms_norm"}[r["op"]]
+        assert r["chosen"] == ("aten" if route.prefer_aten(op, x, needs_grad=r["op"] != "ln_infer" and
+                                                         r["op"] != "bn_infer") else "kernel")
+    table = capsys.readouterr().out
+    assert table.count("MISS") == sum(r["chosen_cost"] > 1.10 for r in rows) == doc["summary"]["misses"]

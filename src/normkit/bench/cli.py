@@ -8,10 +8,12 @@ one training step of a small ResNet (:mod:`.e2e`).
 ``--suite models`` (:mod:`.models`) measures everyday models instead: training steps of an MLP,
 small CNNs and a small Transformer, batch-1 inference, single tiny layers, the ResNet step,
 bytes saved for backward and the first training step in a fresh process — torch.nn vs the same
-model after ``normkit.convert(model, fuse=True)``.
+model after ``normkit.convert(model, fuse=True)``. ``--suite route`` (:mod:`.route`) times aten's
+kernel against normkit's for each op, mode and size class and checks the route rule's choices.
 
     normkit bench                      # full run (several minutes on 2 cores)
     normkit bench --suite models --json models.json --plot models.png
+    normkit bench --suite route --json route.json
     normkit bench --quick              # about a minute: smaller shapes, fewer rounds, no compile
     normkit bench --ops bn2d,bn_relu --modes fwd+bwd --json out.json --plot out.png
     normkit bench --shape bn2d=32x128x28x28 --device cuda
@@ -34,11 +36,12 @@ HELP = "benchmark normkit's norms vs torch eager / torch.compile (roofline), or 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cases import DTYPES, MODES, OPS
 
-    p.add_argument("--suite", choices=("ops", "models"), default="ops",
+    p.add_argument("--suite", choices=("ops", "models", "route"), default="ops",
                    help="ops (default): each norm op vs torch eager/compile with a roofline; models: "
                         "training steps and inference of everyday models, tiny layers per call, the ResNet "
                         "step, bytes saved for backward, first call in a fresh process (torch.nn vs "
-                        "normkit.convert(fuse=True))")
+                        "normkit.convert(fuse=True)); route: aten's kernel vs normkit's per op, mode and size, "
+                        "against the route rule's choice")
     p.add_argument("--quick", action="store_true",
                    help="ops: about one minute: smaller shapes, 5 rounds, no compile; models: 5 rounds, "
                         "one fresh process each")
@@ -57,7 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--e2e-batch", type=int, default=None, help="ResNet batch (ops: default 128, quick 32; models: 32)")
     p.add_argument("--e2e-rounds", type=int, default=None, help="paired ResNet steps (default 7, quick 3)")
     p.add_argument("--sizes", choices=("full", "tiny"), default="full",
-                   help="models suite: tiny shrinks every model (a smoke test, not a benchmark)")
+                   help="models and route suites: tiny shrinks every case (a smoke test, not a benchmark)")
+    p.add_argument("--route-margin", type=float, default=0.10,
+                   help="route suite: mark a choice MISS when it costs more than this over the faster route")
     p.add_argument("--no-cold", action="store_true",
                    help="models suite: skip the first-call measurement in fresh processes")
     p.add_argument("--copy-mb", type=int, default=256, help="size of the copy that measures bandwidth")
@@ -128,6 +133,10 @@ def main(args: argparse.Namespace) -> int:
         from . import models
 
         return models.main(args)
+    if args.suite == "route":
+        from . import route
+
+        return route.main(args)
     from tqdm import tqdm
 
     from . import e2e, report, roofline
