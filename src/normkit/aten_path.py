@@ -33,18 +33,18 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
+from . import activations
 from .reference import ReferenceBackend, stat_dtype
 
 __all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm", "activation"]
 
 _REF = ReferenceBackend()
-_ACTIVATIONS = {"": None, "relu": torch.relu, "silu": TF.silu, "gelu": TF.gelu}
+_ACTIVATIONS = activations.REGISTRY
 
 
 def activation(y: Tensor, act: str) -> Tensor:
-    """``act(y)`` by torch's own activation functions (GELU is the exact erf form)."""
-    fn = _ACTIVATIONS[act]
-    return y if fn is None else fn(y)
+    """``act(y)`` by torch's own activation function (:mod:`normkit.activations`; exact erf GELU)."""
+    return _ACTIVATIONS[act].torch_fn(y) if act else y
 
 
 def _finish(y: Tensor, residual: Tensor | None, act: str) -> Tensor:

@@ -3,7 +3,7 @@
 The kernels are torch operators, ``torch.ops.normkit_cpu.*``, one per entry point of
 :mod:`normkit.backends`, compiled once at install into the extension ``normkit._C`` (see
 ``setup.py``) and parallel on torch's own intra-op thread pool (``torch.set_num_threads``;
-fork-safe as torch is). This module only maps arguments: the activation name to its code,
+fork-safe as torch is). This module only maps arguments: the activation name to its code (:mod:`normkit.activations`),
 empty tensors to the reference math (nothing to launch). Each operator checks what it reads
 (dense layout, vector lengths, dtype), allocates its outputs in ``x``'s memory format and
 returns ``None`` for the outputs the interface leaves out.
@@ -26,12 +26,12 @@ import importlib
 
 import torch
 
+from .activations import code as _act
 from .backends import OPS, Backend
 from .ops_channels import channel_rows as _channel_rows
-from .reference import ACTIVATIONS, ReferenceBackend
+from .reference import ReferenceBackend
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_ACT = {name: code for code, name in enumerate(ACTIVATIONS)}  # "" 0, relu 1, silu 2, gelu 3
 _REF = ReferenceBackend()  # empty tensors only
 
 
@@ -45,13 +45,6 @@ def _load_kernels():
             "install: reinstall with a C++ compiler and torch present, `pip install --no-build-isolation -e .`"
         ) from err
     return torch.ops.normkit_cpu
-
-
-def _act(act: str) -> int:
-    code = _ACT.get(act)
-    if code is None:
-        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-    return code
 
 
 class CpuBackend(Backend):

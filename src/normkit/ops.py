@@ -43,10 +43,10 @@ import torch
 from torch import Tensor
 
 from . import _checks as C
-from . import aten_path, backends
+from . import activations, aten_path, backends
 from ._layout import memory_format_of
 from .backends import scale_shift
-from .reference import ACTIVATIONS, ReferenceBackend, stat_dtype
+from .reference import ReferenceBackend, stat_dtype
 
 backends.register_backend("reference", ReferenceBackend)
 # The kernel backends load lazily, on first use: nothing compiles at import time.
@@ -674,7 +674,7 @@ _python_ops = {
     "layer_norm": _eager_op("layer_norm", _ln_impl, _setup_ln, _ln_backward),
     "rms_norm": _eager_op("rms_norm", _rms_impl, _setup_rms, _rms_backward),
 }
-_ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}  # the kernels' activation codes
+_ACT_CODES = activations.codes()  # the kernels' activation codes
 
 
 def native_ops():

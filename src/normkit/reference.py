@@ -19,10 +19,11 @@ import math
 
 import torch
 
+from . import activations
 from ._layout import memory_format_of
 from .backends import Backend
 
-ACTIVATIONS = ("", "relu", "silu", "gelu")
+ACTIVATIONS = activations.names()  # ("", "relu", "silu", "gelu"); the table is normkit.activations
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,30 +32,13 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def activation(z: torch.Tensor, act: str) -> torch.Tensor:
-    """``act(z)`` for act in :data:`ACTIVATIONS` (GELU is the exact erf form)."""
-    if act == "":
-        return z
-    if act == "relu":
-        return torch.relu(z)
-    if act == "silu":
-        return z * torch.sigmoid(z)
-    if act == "gelu":
-        return 0.5 * z * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
-    raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    """``act(z)`` by torch's own function for ``act`` (see :mod:`normkit.activations`)."""
+    return activations.get(act).torch_fn(z)
 
 
 def activation_grad(z: torch.Tensor, act: str) -> torch.Tensor:
-    """``act'(z)``, elementwise."""
-    if act == "relu":
-        return (z > 0).to(z.dtype)
-    if act == "silu":
-        s = torch.sigmoid(z)
-        return s * (1.0 + z * (1.0 - s))
-    if act == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
-        pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
-        return cdf + z * pdf
-    raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    """``act'(z)``, elementwise (the formulas of :mod:`normkit.activations`)."""
+    return activations.get(act).derivative(z)
 
 
 def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .activations import code as _code
 from .backends import OPS, Backend
 from .ops_channels import channel_rows
 from .reference import ReferenceBackend
@@ -166,7 +167,7 @@ class TritonBackend(Backend):
         if x.numel() == 0:
             return _REFERENCE.channel_apply(x, scale, shift, residual, act)
         with _on(x):
-            return self._k.channel_apply(x, _stat(scale), _stat(shift), _dense_like(residual, x), act,
+            return self._k.channel_apply(x, _stat(scale), _stat(shift), _dense_like(residual, x), _code(act),
                                          block=_TUNING["elementwise_block"])
 
     def channel_backward_reduce(self, x, dy, mean, rstd, scale, shift, residual, act):
@@ -175,7 +176,7 @@ class TritonBackend(Backend):
         with _on(x):
             return self._k.channel_backward_reduce(
                 x, _dense_like(dy, x), _dense_like(residual, x), _stat(mean), _stat(rstd), _stat(scale),
-                _stat(shift), act, programs=self._target_programs(x), tile=_TUNING["channel_tile"],
+                _stat(shift), _code(act), programs=self._target_programs(x), tile=_TUNING["channel_tile"],
             )
 
     def channel_backward_dx(self, x, dy, mean, rstd, scale, shift, residual, act, mean_dz, mean_dz_xhat,
@@ -186,7 +187,7 @@ class TritonBackend(Backend):
         with _on(x):
             return self._k.channel_backward_dx(
                 x, _dense_like(dy, x), _dense_like(residual, x), _stat(mean), _stat(rstd), _stat(scale),
-                _stat(shift), act, _stat(mean_dz), _stat(mean_dz_xhat), bool(need_dz),
+                _stat(shift), _code(act), _stat(mean_dz), _stat(mean_dz_xhat), bool(need_dz),
                 block=_TUNING["elementwise_block"],
             )
 
@@ -215,7 +216,7 @@ class TritonBackend(Backend):
             return _REFERENCE.group_forward(x, num_groups, weight, bias, eps, residual, act)
         with _on(x):
             return self._k.group_forward(x, int(num_groups), _vec(weight), _vec(bias), float(eps),
-                                         _dense_like(residual, x), act, tile=_TUNING["group_tile"])
+                                         _dense_like(residual, x), _code(act), tile=_TUNING["group_tile"])
 
     def group_backward(self, x, dy, mean, rstd, num_groups, weight, bias, residual, act, need_dweight,
                        need_dz):
@@ -225,7 +226,7 @@ class TritonBackend(Backend):
         with _on(x):
             return self._k.group_backward(
                 x, _dense_like(dy, x), _stat(mean), _stat(rstd), int(num_groups), _vec(weight), _vec(bias),
-                _dense_like(residual, x), act, bool(need_dweight), bool(need_dz), tile=_TUNING["group_tile"],
+                _dense_like(residual, x), _code(act), bool(need_dweight), bool(need_dz), tile=_TUNING["group_tile"],
             )
 
     # ------------------------------------------------------------------ LayerNorm over channels (2d)

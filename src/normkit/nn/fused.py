@@ -21,20 +21,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .. import _checks as C
-from ..reference import ACTIVATIONS
+from .. import activations
 from .batchnorm import BatchNorm2d
 from .groupnorm import GroupNorm
 from .scripting import ScriptableBatchNormAct2d, ScriptableGroupNormAct, twin
 
 __all__ = ["BatchNormAct2d", "GroupNormAct"]
-
-
-def _check_act(where: str, act: str | None) -> str:
-    name = act or ""
-    if not isinstance(name, str) or name not in ACTIVATIONS:
-        raise C.fail(where, "act", "one of 'relu', 'silu', 'gelu' or None", repr(act))
-    return name
 
 
 class BatchNormAct2d(BatchNorm2d):
@@ -47,7 +39,7 @@ class BatchNormAct2d(BatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, act: str | None = "relu",
                  device=None, dtype=None) -> None:
-        self.act = _check_act(type(self).__name__, act)
+        self.act = activations.check(type(self).__name__, act)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
 
     _script_twin = ScriptableBatchNormAct2d
@@ -68,7 +60,7 @@ class GroupNormAct(GroupNorm):
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  act: str | None = "relu", device=None, dtype=None) -> None:
-        self.act = _check_act(type(self).__name__, act)
+        self.act = activations.check(type(self).__name__, act)
         super().__init__(num_groups, num_channels, eps, affine, device, dtype)
 
     def __prepare_scriptable__(self):

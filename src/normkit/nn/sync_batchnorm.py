@@ -32,34 +32,25 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _checks as C
+from .. import activations
 from .. import distributed as D
 from .. import functional as F
 from ..channel import local_stats, normalize_with_stats
 from ..ops import _dense
-from ..reference import ACTIVATIONS
 from ..route import needs_aten_path
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormForward
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
 
-# Activation modules a fused SyncBatchNormAct computes inside the kernel (others run after it).
-_FUSABLE = {nn.ReLU: "relu", nn.SiLU: "silu"}
-
 
 def _fused_act_name(act) -> str | None:
-    """The kernel's name for ``act`` (a string or an activation module), or None if it has none."""
+    """The kernel's name for ``act`` (a string or an activation module), or None if it has none
+    (a module no fused activation reproduces exactly: it runs after the kernel)."""
     if act is None:
         return ""
     if isinstance(act, str):
         return act.lower()
-    if isinstance(act, nn.Identity):
-        return ""
-    if isinstance(act, nn.GELU) and act.approximate == "none":
-        return "gelu"
-    for cls, name in _FUSABLE.items():
-        if type(act) is cls:
-            return name
-    return None
+    return activations.from_module(act)
 
 
 class SyncBatchNorm(_BatchNormForward, _BatchNorm):
@@ -219,11 +210,11 @@ class SyncBatchNormAct(SyncBatchNorm):
         act: str | nn.Module = "relu",
         bias: bool = True,
     ) -> None:
-        if isinstance(act, str) and act.lower() not in ACTIVATIONS:
+        if isinstance(act, str) and act.lower() not in activations.names():
             raise C.fail(
                 "SyncBatchNormAct",
                 "act",
-                f"one of {[a for a in ACTIVATIONS if a]} or an nn.Module",
+                f"one of {[a for a in activations.names() if a]} or an nn.Module",
                 repr(act),
             )
         super().__init__(

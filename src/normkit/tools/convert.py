@@ -33,6 +33,7 @@ import warnings
 
 from torch import nn
 
+from .. import activations
 from .. import nn as nk
 
 __all__ = ["convert", "register_conversion"]
@@ -90,14 +91,9 @@ def _convert_one(module: nn.Module, table: dict, known: set) -> nn.Module:
 
 
 def _activation_name(module: nn.Module) -> str | None:
-    """"relu"/"silu"/"gelu" for an activation module a fused layer reproduces exactly, else None."""
-    if type(module) is nn.ReLU:
-        return "relu"
-    if type(module) is nn.SiLU:
-        return "silu"
-    if type(module) is nn.GELU and module.approximate == "none":
-        return "gelu"
-    return None
+    """"relu"/"silu"/"gelu" for an activation module a fused layer reproduces exactly, else None
+    (``nn.Identity`` too: there is nothing to fuse)."""
+    return activations.from_module(module) or None
 
 
 def _fuse_sequentials(model: nn.Module) -> None:

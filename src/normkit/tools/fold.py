@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from .. import activations
+
 __all__ = ["fold", "FoldReport", "is_batch_norm_like"]
 
 log = logging.getLogger("normkit.fold")
@@ -46,7 +48,6 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _FOLD_TARGETS = _CONVS + _CONV_TRANSPOSES + (nn.Linear,)
 _NORM_LEAVES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
-_ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
 
 
 @dataclass
@@ -87,10 +88,9 @@ def _activation_of(bn: nn.Module) -> tuple[nn.Module | None, str | None]:
     if act is None or act == "":
         return None, None
     if isinstance(act, str):
-        cls = _ACTIVATIONS.get(act)
-        if cls is None:
+        if act not in activations.names():
             return None, f"fused activation {act!r} has no torch.nn module to keep"
-        return cls(), None
+        return activations.to_module(act), None
     if isinstance(act, nn.Module):
         return copy.deepcopy(act), None
     return None, f"fused activation {act!r} is not a name or an nn.Module"

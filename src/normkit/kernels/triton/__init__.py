@@ -1,7 +1,8 @@
 """Triton kernels and their launchers for the two kernel families (DESIGN.md §1).
 
 Only tensors, sizes, strides and compile-time flags cross this boundary; nothing of normkit is
-imported here. ``normkit.triton_backend`` adapts these launchers to the backend interface.
+imported here. ``normkit.triton_backend`` adapts these launchers to the backend interface; ``act``
+is the integer activation code of ``_common`` (``normkit.activations`` holds the names).
 
     channel   BatchNorm family: split per-channel statistics, apply, backward reduce / dx
     row       LayerNorm and RMSNorm over the rows of an (M, K) matrix

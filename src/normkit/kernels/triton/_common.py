@@ -1,6 +1,7 @@
 """Pieces shared by the Triton kernels: the fused activations and the statistics merge.
 
-Activations (``ACT`` is a compile-time constant, so an unused branch costs nothing):
+Activations (``ACT`` is a compile-time constant, so an unused branch costs nothing; the launchers
+take the code, which ``normkit.activations`` maps from the activation's name):
 
     0 identity   a(z) = z                          a'(z) = 1
     1 relu       a(z) = max(z, 0)                  a'(z) = [z > 0]
@@ -28,8 +29,6 @@ never per element; the results are rounded to fp32 once, at the end.
 
 import triton
 import triton.language as tl
-
-ACT_CODES = {"": 0, "relu": 1, "silu": 2, "gelu": 3}
 
 # Tiles a lane accumulates in fp32 before its block is reduced across lanes and merged in fp64:
 # each lane adds at most this many values in sequence, so fp32 rounding cannot build up with the

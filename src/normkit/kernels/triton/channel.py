@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACT_CODES, LANE_STEPS, activation, activation_grad, chan_merge, sum_partials, welford_step
+from ._common import LANE_STEPS, activation, activation_grad, chan_merge, sum_partials, welford_step
 
 
 @triton.jit
@@ -324,7 +324,7 @@ def channel_backward_reduce(x, dy, residual, mean, rstd, scale, shift, act, *, p
     part = torch.empty(chunks, 2 * c, device=x.device, dtype=torch.float64)
     channel_backward_reduce_partial_kernel[plan["grid"]](
         x, dy, residual if residual is not None else x, mean, rstd, scale, shift, part, *_args(v),
-        *_split(plan), HAS_RES=residual is not None and act != "", ACT=ACT_CODES[act], LANE_STEPS=LANE_STEPS,
+        *_split(plan), HAS_RES=residual is not None and act != 0, ACT=act, LANE_STEPS=LANE_STEPS,
         **plan["blocks"],
     )
     sums = sum_partials(part, torch.empty(2 * c, device=x.device, dtype=torch.float32))
@@ -345,11 +345,11 @@ def elementwise_plan(x, block):
 
 
 def channel_apply(x, scale, shift, residual, act, *, block=1024):
-    """y = act(x·scale + shift + residual) in x's dtype and memory format."""
+    """y = act(x·scale + shift + residual) in x's dtype and memory format (``act``: the code, 0 = identity)."""
     v, blocks, grid = elementwise_plan(x, block)
     y = torch.empty_like(x)
     channel_apply_kernel[grid](x, residual if residual is not None else x, y, scale, shift, *_args(v),
-                               HAS_RES=residual is not None, ACT=ACT_CODES[act], **blocks)
+                               HAS_RES=residual is not None, ACT=act, **blocks)
     return y
 
 
@@ -361,7 +361,7 @@ def channel_backward_dx(x, dy, residual, mean, rstd, scale, shift, act, mean_dz,
     dz = torch.empty_like(x) if need_dz else None
     channel_backward_dx_kernel[grid](
         x, dy, residual if residual is not None else x, dx, dz if need_dz else dx, mean, rstd, scale, shift,
-        mean_dz, mean_dzx, *_args(v), HAS_RES=residual is not None and act != "", ACT=ACT_CODES[act],
+        mean_dz, mean_dzx, *_args(v), HAS_RES=residual is not None and act != 0, ACT=act,
         STORE_DZ=need_dz,
         **blocks,
     )

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACT_CODES, LANE_STEPS, activation, activation_grad, chan_merge, sum_partials, welford_step
+from ._common import LANE_STEPS, activation, activation_grad, chan_merge, sum_partials, welford_step
 
 
 @triton.jit
@@ -239,7 +239,7 @@ def group_forward(x, num_groups, weight, bias, eps, residual, act, *, tile=2048)
     group_forward_kernel[p["grid"]](
         x, residual if residual is not None else x, y, weight if weight is not None else x,
         bias if bias is not None else x, mean, var, p["s"], num_groups, p["cg"], eps, *p["strides"],
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None, ACT=ACT_CODES[act],
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None, ACT=act,
         LANE_STEPS=LANE_STEPS, **p["blocks"],
     )
     return y, mean, var
@@ -257,8 +257,8 @@ def group_backward(x, dy, mean, rstd, num_groups, weight, bias, residual, act, n
         x, dy, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, mean, rstd, dx, dz if need_dz else dx, part,
         c, p["s"], num_groups, p["cg"], *p["strides"],
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None and act != "",
-        ACT=ACT_CODES[act],
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None and act != 0,
+        ACT=act,
         NEED_DW=need_dweight, STORE_DZ=need_dz, LANE_STEPS=LANE_STEPS, **p["blocks"],
     )
     if not need_dweight:
