@@ -8,6 +8,9 @@ figures for routing between aten and normkit's kernels; layer-level timings add 
 custom-op overhead of both.
 
     PYTHONPATH=src python scripts/bench_cpu_kernels.py [ROUNDS [THREADS [NAME_FILTER]]]
+
+NAME_FILTER "bwd-only" runs the backward kernels alone (row_backward, group_backward vs aten's
+native_layer_norm_backward / native_group_norm_backward) at everyday sizes.
 """
 
 from __future__ import annotations
@@ -142,6 +145,33 @@ def rms(name, shape):
     pair(name, aten, nk)
 
 
+def row_bwd(name, shape, rms=False, need_dw=True):
+    """The backward kernel alone: row_backward vs aten.native_layer_norm_backward with the same
+    outputs asked for (RMSNorm has no aten kernel: LayerNorm's backward is the yardstick)."""
+    x, dy = tensor(shape), tensor(shape, False, 0.0)
+    k = shape[-1]
+    w, b = 1 + 0.1 * torch.randn(k), torch.zeros(k)
+    _, am, ars = A.native_layer_norm(x, [k], w, b, 1e-5)
+    _, m, rs = B.row_forward(x, w, None, 1e-5, rms)
+    mask = [True, need_dw, need_dw]
+    pair(name, lambda: A.native_layer_norm_backward(dy, x, [k], am, ars, w, b, mask),
+         lambda: B.row_backward(x, dy, m, rs, w, rms, need_dw))
+
+
+def gn_bwd(name, shape, groups, cl=False, affine=True):
+    """The backward kernel alone: group_backward vs aten.native_group_norm_backward."""
+    x, dy = tensor(shape, cl), tensor(shape, cl, 0.0)
+    n, c = shape[:2]
+    hw = x.numel() // (n * c)
+    w, b = (1 + 0.1 * torch.randn(c), torch.zeros(c)) if affine else (None, None)
+    _, am, ars = A.native_group_norm(x, w, b, n, c, hw, groups, 1e-5)
+    _, m, v = B.group_forward(x, groups, w, b, 1e-5, None, "")
+    rs = torch.rsqrt(v + 1e-5)
+    mask = [True, affine, affine]
+    pair(name, lambda: A.native_group_norm_backward(dy, x, am, ars, w, n, c, hw, groups, mask),
+         lambda: B.group_backward(x, dy, m, rs, groups, w, b, None, "", affine, False))
+
+
 print("threads", torch.get_num_threads(), "rounds", ROUNDS)
 # per call, tiny tensors
 bn_eval("tiny BN eval 1x256", (1, 256))
@@ -162,3 +192,14 @@ bn_train("BN1d train fwd+bwd 8192x1024", (8192, 1024))
 ln("LN fwd+bwd 8192x1024", (8192, 1024))
 ln("LN fwd 8192x1024", (8192, 1024), grad=False)
 rms("RMSNorm fwd+bwd 8192x1024 (aten: F.rms_norm autograd)", (8192, 1024))
+# backward kernels alone, everyday sizes (name filter: bwd-only)
+for M, K in ((2048, 128), (256, 1024), (8192, 32), (64, 768), (16384, 64)):
+    row_bwd(f"bwd-only LN dx+dw+db {M}x{K}", (M, K))
+    row_bwd(f"bwd-only LN dx {M}x{K}", (M, K), need_dw=False)
+    row_bwd(f"bwd-only RMS dx+dw {M}x{K} vs LN", (M, K), rms=True)
+    row_bwd(f"bwd-only RMS dx {M}x{K} vs LN", (M, K), rms=True, need_dw=False)
+for (N, C, H, W), G in (((32, 32, 14, 14), 8), ((8, 64, 56, 56), 32), ((64, 128, 7, 7), 32), ((2, 256, 32, 32), 32)):
+    for cl in (False, True):
+        for affine in (True, False):
+            gn_bwd(f"bwd-only GN({G}) {N}x{C}x{H}x{W} {'CL' if cl else 'NCHW'}{'' if affine else ' no affine'}",
+                   (N, C, H, W), G, cl, affine)
