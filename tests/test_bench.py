@@ -202,7 +202,9 @@ def test_route_suite_times_both_routes_and_reports_the_rule(tmp_path, capsys):
         x = torch.empty(r["shape"])
         op = {"bn_train": "batch_norm_train", "bn_infer": "batch_norm_infer", "gn": "group_norm",
               "ln_train": "layer_norm", "ln_infer": "layer_norm", "rms_train": "rms_norm"}[r["op"]]
-        assert r["chosen"] == ("aten" if route.prefer_aten(op, x, needs_grad=r["op"] != "ln_infer" and
-                                                         r["op"] != "bn_infer") else "kernel")
+        grad = not r["op"].endswith("infer")
+        assert r["chosen"] == ("aten" if route.prefer_aten(op, x, needs_grad=grad) else "kernel")
+        assert r["aten_admissible"] == route.aten_admissible(op, x, needs_grad=grad)
+        assert r["miss"] == (r["aten_admissible"] and r["chosen_cost"] > 1.10)
     table = capsys.readouterr().out
-    assert table.count("MISS") == sum(r["chosen_cost"] > 1.10 for r in rows) == doc["summary"]["misses"]
+    assert table.count("MISS") == sum(r["miss"] for r in rows) == doc["summary"]["misses"]

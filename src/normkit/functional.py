@@ -101,7 +101,8 @@ def batch_norm_unchecked(
     policy, :mod:`normkit.running_stats`); the modules then pass no running statistics.
     """
     if use_aten("batch_norm_train" if training else "batch_norm_infer", input, weight, bias, residual,
-                fused=residual is not None or act != ""):
+                fused=residual is not None or act != "",
+                needs_grad=not training and input.dim() <= 2 and needs_grad(input, weight, bias)):
         y = aten_path.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                  residual, act)
         if training and on_stats is not None:
@@ -279,7 +280,7 @@ def _row_shape_ok(input, normalized_shape, weight, bias) -> list[int] | None:
 
 def layer_norm_unchecked(input, normalized_shape, weight, bias, eps) -> Tensor:
     """:func:`layer_norm` after its checks (``normalized_shape`` a list)."""
-    if use_aten("layer_norm", input, weight, bias, needs_grad=needs_grad(input, weight, bias)):
+    if use_aten("layer_norm", input, weight, bias):
         return aten_path.layer_norm(input, normalized_shape, weight, bias, eps)
     return ops.current_ops().layer_norm(input, normalized_shape, weight, bias, eps)[0]
 

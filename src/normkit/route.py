@@ -34,9 +34,9 @@ Everything on the aten path gives torch.nn's numbers, and raises torch.nn's erro
 torch.nn refuses under a transform (e.g. an in-place running-statistics update under ``vmap``).
 
 Plain eager calls on the ``auto`` backend also take the aten path where aten's own CPU kernel is
-as fast as normkit's and as deterministic (:func:`prefer_aten`): a custom-op call costs tens of
-microseconds of Python dispatch that aten does not, which decides every small tensor. An
-explicitly chosen backend (``normkit.backend("cpu")``) always runs its kernels.
+as fast as normkit's and as deterministic — the same bits for any thread count
+(:func:`prefer_aten`). An explicitly chosen backend (``normkit.backend("cpu")``) always runs its
+kernels.
 """
 
 from __future__ import annotations
@@ -57,11 +57,10 @@ except ImportError:  # pragma: no cover - very old torch
 # normkit.tools.export_program decomposes)
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
-__all__ = ["needs_aten_path", "prefer_aten", "use_aten", "needs_grad", "ATEN_BELOW"]
+__all__ = ["needs_aten_path", "prefer_aten", "aten_admissible", "use_aten", "needs_grad", "ATEN_BELOW"]
 
-# Below this many elements aten's CPU norms run inline on the calling thread (at::parallel_for's
-# grain size, 32768), so they are bit-identical for any thread count, and the fixed cost of a
-# custom-op call (~30-60 µs of Python dispatch) outweighs any kernel difference.
+# Training BatchNorm on NCHW input below this many elements runs on aten's kernel: there the fixed
+# cost of a call decides, and aten's channel-parallel BatchNorm is bit-identical for any thread count.
 ATEN_BELOW = 32768
 
 
@@ -89,26 +88,49 @@ def needs_aten_path(*tensors: Tensor | None) -> bool:
 def prefer_aten(op: str, x: Tensor, *, fused: bool = False, needs_grad: bool = True) -> bool:
     """Whether a plain eager call on the ``auto`` backend is better served by aten's own kernel.
 
-    ``op`` is ``"batch_norm_train"``, ``"batch_norm_infer"``, ``"group_norm"``, ``"layer_norm"``
-    or ``"rms_norm"``; ``fused`` says a residual or activation is fused (aten would need extra
-    passes); ``needs_grad`` says a backward will follow. The rule, from measurements
-    (``normkit bench``, docs/benchmarks.md):
+    ``op`` is ``"batch_norm_train"``, ``"batch_norm_infer"``, ``"group_norm"`` (GroupNorm and
+    InstanceNorm), ``"layer_norm"``, ``"layer_norm_2d"`` or ``"rms_norm"``; ``fused`` says a
+    residual or activation is fused (aten would need extra passes); ``needs_grad`` says a backward
+    can follow. Three conditions:
 
-    * any op on fewer than :data:`ATEN_BELOW` elements (per-call cost; deterministic there);
-    * eval-mode BatchNorm without fusion at any size: one elementwise pass that torch runs at the
-      memory roofline, with no reduction to make results depend on the thread count;
-    * LayerNorm for inference (no backward): aten's forward is row-parallel (deterministic) and at
-      the roofline; its backward sums dγ/dβ in per-thread buffers, so training keeps normkit's.
+    1. **The same bits for any thread count**, forward and backward (normkit's kernels guarantee
+       it; the route must not take it away). Measured on torch 2.13 (tests/test_route.py checks
+       it): aten's CPU BatchNorm on ``(N, C)`` or channels_last input splits its sums across
+       threads (the forward too, from 64×256 up); LayerNorm's backward sums dγ/dβ in per-thread
+       buffers; GroupNorm's backward dx changes with the thread count even on a 2×32×8×8 tensor.
+       BatchNorm on NCHW input, forward and backward (channel-parallel), is thread-count
+       independent, and eval BatchNorm on ≥3-D input in any layout.
+    2. **The same bits with and without grad**: a forward under ``torch.no_grad()`` (inference,
+       or the first pass of reentrant checkpointing) computes what the same forward with grad
+       computes. So the route depends on whether a backward follows only for eval BatchNorm, whose
+       kernel route computes its forward with aten's kernel too (``csrc/autograd.h``): eval
+       BatchNorm on ``(N, C)`` input runs on aten without a backward and on normkit's op, with
+       aten's forward and normkit's thread-count independent dγ/dβ, with one.
+    3. **Speed** (``normkit bench --suite route``, docs/benchmarks.md): where 1 and 2 allow aten,
+       it wins eval BatchNorm (one pass at the roofline, no Python around a kernel call) and
+       training BatchNorm below :data:`ATEN_BELOW` elements; normkit's kernels win training above
+       it, every fused form, and RMSNorm at every size (aten's is composite).
 
-    Elsewhere — training BatchNorm, GroupNorm/InstanceNorm, RMSNorm, every fused form — normkit's
-    kernels run (faster, and bit-identical for any thread count).
+    Hence aten for unfused eval BatchNorm on ≥3-D input (on 2-D input without a backward) and
+    unfused training BatchNorm on NCHW input below :data:`ATEN_BELOW`; normkit's kernels for
+    everything else.
     """
-    if x.device.type != "cpu":
+    if not aten_admissible(op, x, fused=fused, needs_grad=needs_grad):
         return False
-    if not (x.numel() < ATEN_BELOW or (op == "batch_norm_infer" and not fused)
-            or (op == "layer_norm" and not needs_grad)):
+    if op == "batch_norm_train" and x.numel() >= ATEN_BELOW:
         return False
     return _backend_name() == "auto"
+
+
+def aten_admissible(op: str, x: Tensor, *, fused: bool = False, needs_grad: bool = True) -> bool:
+    """Conditions 1 and 2 of :func:`prefer_aten`: aten's kernel gives the same bits for any thread
+    count, with or without grad, here (unfused BatchNorm on CPU: eval on ≥3-D input or without a
+    backward; training on ≥3-D NCHW input)."""
+    if fused or x.device.type != "cpu":
+        return False
+    if op == "batch_norm_infer":
+        return x.dim() > 2 or not needs_grad
+    return op == "batch_norm_train" and x.dim() > 2 and x.is_contiguous()
 
 
 def use_aten(op: str, x: Tensor, *others: Tensor | None, fused: bool = False, needs_grad: bool = True) -> bool:

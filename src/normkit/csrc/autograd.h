@@ -179,8 +179,15 @@ struct BatchNormInfer : public torch::autograd::Function<BatchNormInfer> {
     const Tensor xd = dense(x);
     const auto sd = stat_type(xd);
     const Tensor mean_sd = cast(mean, sd), rstd = at::rsqrt(cast(var, sd) + eps);
-    const auto [scale, shift] = scale_shift(w, b, mean_sd, rstd);
-    Tensor y = channel_apply(xd, scale, shift, opt(as_layout(r, xd)), act);
+    Tensor y;
+    if (act == kIdentity && !r.defined()) {
+      // unfused: aten's eval kernel, so the output is torch.nn's to the bit whichever route runs it (and
+      // with or without a backward); the backward below is normkit's (thread-count independent dγ/dβ)
+      y = at::batch_norm(xd, opt(w), opt(b), mean, var, false, 0.0, eps, false);
+    } else {
+      const auto [scale, shift] = scale_shift(w, b, mean_sd, rstd);
+      y = channel_apply(xd, scale, shift, opt(as_layout(r, xd)), act);
+    }
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;
     ctx->save_for_backward({x, w, b, r, mean_sd, rstd, var});

@@ -19,14 +19,12 @@ Arguments and state are ``torch.nn.LayerNorm(num_channels)``'s (``weight``/``bia
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .. import _checks as C
 from .. import ops
-from .._layout import memory_format_of
 from ..ops_channels import permute_form
-from ..route import needs_grad, use_aten
+from ..route import use_aten
 
 __all__ = ["LayerNorm2d", "layer_norm_2d", "ScriptableLayerNorm2d"]
 
@@ -39,12 +37,8 @@ def layer_norm_2d(input: Tensor, weight: Tensor | None = None, bias: Tensor | No
     C.check_ndim(where, input, (4,), "(N, C, H, W)")
     C.check_vector(where, "weight", weight, input.shape[1])
     C.check_vector(where, "bias", bias, input.shape[1])
-    # channels_last input is a LayerNorm over contiguous rows (its permute form copies nothing): the route's
-    # LayerNorm rule applies (aten for inference, normkit's deterministic kernels for training)
-    if use_aten("layer_norm" if memory_format_of(input) == torch.channels_last else "layer_norm_2d", input, weight,
-                bias, needs_grad=needs_grad(input, weight, bias)):
-        # torch.func, forward AD, tracing, export, a tensor too small for a kernel launch to pay, or
-        # channels_last inference (normkit.route): the permute form in torch's own operators, the same numbers
+    if use_aten("layer_norm_2d", input, weight, bias):
+        # torch.func, forward AD, tracing, export (normkit.route): the permute form in torch's own operators
         return permute_form(input, weight, bias, eps)
     return ops.current_ops().layer_norm_2d(input, weight, bias, eps)[0]
 
