@@ -54,8 +54,13 @@ def _extensions():
                 self.extensions = []  # nothing to copy or package
 
     # -g0: no debug info (it doubles the compile time of this one translation unit)
-    cxx = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno", *_isa_flags()]
-    ext = CppExtension("normkit._C", SOURCES, extra_compile_args={"cxx": cxx})
+    # -fopenmp: at::parallel_for is an inline template that only runs in parallel where _OPENMP is
+    # defined in *this* translation unit; without the flag every kernel ran on one thread whatever
+    # torch.set_num_threads said. Linux wheels of torch ship GNU OpenMP (torch/lib/libgomp.so.1),
+    # which the loader then shares with this extension: one thread pool, one thread count.
+    omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno", *omp, *_isa_flags()]
+    ext = CppExtension("normkit._C", SOURCES, extra_compile_args={"cxx": cxx}, extra_link_args=omp)
     return [ext], {"build_ext": OptionalBuild.with_options(use_ninja=True)}
 
 
