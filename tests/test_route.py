@@ -92,7 +92,8 @@ def test_rule_picks_aten_only_where_it_is_thread_and_grad_independent(op, shape,
             assert route.prefer_aten(op, x, needs_grad=False) is True
     with normkit.backend("cpu"):  # an explicit backend always runs its kernels
         assert route.prefer_aten(op, x) is False
-    assert route.prefer_aten(op, x, fused=True) is False
+    # fused: aten would need extra passes, except eval BatchNorm (its op computes torch.nn's sequence anyway)
+    assert route.prefer_aten(op, x, fused=True) is (expected and op == "batch_norm_infer")
     channels_last = torch.empty(8, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     assert route.prefer_aten("batch_norm_train", channels_last) is False
 
@@ -149,3 +150,23 @@ def test_eval_batchnorm_is_torch_nn_to_the_bit_on_every_route(shape):
     assert torch.equal(ours(x.clone().requires_grad_()), expected)
     with normkit.backend("cpu"):
         assert torch.equal(ours(x), expected)
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_fused_eval_batchnorm_is_torch_nn_bn_add_act_to_the_bit(act, residual, grad):
+    """Fused eval BatchNorm (+ residual) + activation gives torch.nn's BN → add → activation bits."""
+    torch.manual_seed(1)
+    bn = torch.nn.BatchNorm2d(8).eval()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    x = (3 + torch.randn(2, 8, 5, 5)).requires_grad_(grad)
+    r = torch.randn(2, 8, 5, 5) if residual else None
+    fn = {"relu": torch.relu, "silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[act]
+    expected = fn(bn(x) + r if residual else bn(x))
+    for backend in ("auto", "cpu"):
+        with normkit.backend(backend):
+            got = normkit.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                                training=False, residual=r, act=act)
+        assert torch.equal(got, expected), backend

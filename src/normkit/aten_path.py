@@ -47,7 +47,8 @@ def activation(y: Tensor, act: str) -> Tensor:
     return _ACTIVATIONS[act].torch_fn(y) if act else y
 
 
-def _finish(y: Tensor, residual: Tensor | None, act: str) -> Tensor:
+def finish(y: Tensor, residual: Tensor | None, act: str) -> Tensor:
+    """``act(y + residual)`` in torch's ops, out of place: the tail of torch.nn's BN → add → activation."""
     if residual is not None:
         y = y + residual
     return activation(y, act)
@@ -64,14 +65,14 @@ def batch_norm(input, running_mean, running_var, weight, bias, training, momentu
     (:func:`_batch_norm_written_out`, module docstring).
     """
     if training and _tracing():
-        return _finish(_batch_norm_written_out(input, running_mean, running_var, weight, bias, momentum, eps),
+        return finish(_batch_norm_written_out(input, running_mean, running_var, weight, bias, momentum, eps),
                        residual, act)
     if isinstance(momentum, Tensor):
         momentum = float(momentum) if training and running_mean is not None else 0.0
     # torch.batch_norm is what F.batch_norm calls after its Python-side checks, which ours replace
     y = torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
                          torch.backends.cudnn.enabled)
-    return y if residual is None and not act else _finish(y, residual, act)
+    return y if residual is None and not act else finish(y, residual, act)
 
 
 def _batch_norm_written_out(input, running_mean, running_var, weight, bias, momentum, eps) -> Tensor:
@@ -114,7 +115,7 @@ def group_norm(input, num_groups, weight, bias, eps, residual, act) -> Tensor:
     tracing/exporting)."""
     if _tracing():
         return _REF.group_forward(input, num_groups, weight, bias, eps, residual, act)[0]
-    return _finish(TF.group_norm(input, num_groups, weight, bias, eps), residual, act)
+    return finish(TF.group_norm(input, num_groups, weight, bias, eps), residual, act)
 
 
 def _rows(input: Tensor, normalized_shape) -> tuple[Tensor, int]:

@@ -224,10 +224,11 @@ def batch_norm_infer(
 
 def _bn_infer_impl(x, mean, var, weight, bias, residual, eps, act):
     x = _dense(x)
-    if not act and residual is None and _on_native(x):
-        # unfused on the cpu backend: aten's eval kernel (one pass at the roofline), as the C++ eager op
-        # does, so eval outputs are torch.nn's to the bit on every route (csrc/autograd.h, BatchNormInfer)
-        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+    if _on_native(x):
+        # on the cpu backend torch.nn's own sequence, aten's eval BatchNorm → + residual → activation, as the
+        # C++ eager op computes it: eval outputs are torch.nn's to the bit on every route (csrc/autograd.h)
+        y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+        return aten_path.finish(y, residual, act)
     residual = _as_layout(residual, x)
     sd = stat_dtype(x.dtype)
     rstd = torch.rsqrt(_cast(var, sd) + eps)

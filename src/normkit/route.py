@@ -103,16 +103,17 @@ def prefer_aten(op: str, x: Tensor, *, fused: bool = False, needs_grad: bool = T
     2. **The same bits with and without grad**: a forward under ``torch.no_grad()`` (inference,
        or the first pass of reentrant checkpointing) computes what the same forward with grad
        computes. So the route depends on whether a backward follows only for eval BatchNorm, whose
-       kernel route computes its forward with aten's kernel too (``csrc/autograd.h``): eval
-       BatchNorm on ``(N, C)`` input runs on aten without a backward and on normkit's op, with
-       aten's forward and normkit's thread-count independent dγ/dβ, with one.
+       kernel route computes its forward as torch.nn does too (aten's eval kernel → + residual →
+       activation, ``csrc/autograd.h``): eval BatchNorm on ``(N, C)`` input runs on aten without a
+       backward and on normkit's op, with that forward and normkit's thread-count independent
+       dγ/dβ, with one. Eval outputs are therefore torch.nn's to the bit, fused layers included.
     3. **Speed** (``normkit bench --suite route``, docs/benchmarks.md): where 1 and 2 allow aten,
        it wins eval BatchNorm (one pass at the roofline, no Python around a kernel call) and
        training BatchNorm below :data:`ATEN_BELOW` elements; normkit's kernels win training above
-       it, every fused form, and RMSNorm at every size (aten's is composite).
+       it, every fused training form, and RMSNorm at every size (aten's is composite).
 
-    Hence aten for unfused eval BatchNorm on ≥3-D input (on 2-D input without a backward) and
-    unfused training BatchNorm on NCHW input below :data:`ATEN_BELOW`; normkit's kernels for
+    Hence aten for eval BatchNorm, fused or not, on ≥3-D input (on 2-D input without a backward)
+    and unfused training BatchNorm on NCHW input below :data:`ATEN_BELOW`; normkit's kernels for
     everything else.
     """
     if not aten_admissible(op, x, fused=fused, needs_grad=needs_grad):
@@ -124,13 +125,13 @@ def prefer_aten(op: str, x: Tensor, *, fused: bool = False, needs_grad: bool = T
 
 def aten_admissible(op: str, x: Tensor, *, fused: bool = False, needs_grad: bool = True) -> bool:
     """Conditions 1 and 2 of :func:`prefer_aten`: aten's kernel gives the same bits for any thread
-    count, with or without grad, here (unfused BatchNorm on CPU: eval on ≥3-D input or without a
-    backward; training on ≥3-D NCHW input)."""
-    if fused or x.device.type != "cpu":
+    count, with or without grad, here (BatchNorm on CPU: eval on ≥3-D input or without a backward,
+    fused or not; unfused training on ≥3-D NCHW input)."""
+    if x.device.type != "cpu":
         return False
-    if op == "batch_norm_infer":
+    if op == "batch_norm_infer":  # fused too: normkit's op computes torch.nn's BN → add → act sequence as well
         return x.dim() > 2 or not needs_grad
-    return op == "batch_norm_train" and x.dim() > 2 and x.is_contiguous()
+    return op == "batch_norm_train" and not fused and x.dim() > 2 and x.is_contiguous()
 
 
 def use_aten(op: str, x: Tensor, *others: Tensor | None, fused: bool = False, needs_grad: bool = True) -> bool:

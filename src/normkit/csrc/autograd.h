@@ -118,19 +118,22 @@ variable_list differentiable_vjp(F&& forward, const variable_list& inputs, const
 }
 
 // ----------------------------------------------------------------------------- BatchNorm
-// Saved: x, weight, bias, residual, mean, rstd, running var (eval only: the statistics the
-// differentiable recomputation needs).
+// Saved: x, weight, bias, residual, then training: the batch mean and rstd; eval: the running mean
+// and variance as given (rstd is formed here, in the backward, which most eval calls never run).
 // weight_index: the weight's position among the op's tensor arguments (needs_input_grad counts only those)
 inline variable_list bn_grads(AutogradContext* ctx, const Tensor& dy, bool batch_stats, size_t weight_index) {
   const auto saved = ctx->get_saved_variables();
-  const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &r = saved[3], &mean = saved[4], &rstd = saved[5];
+  const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &r = saved[3];
   const int64_t act = ctx->saved_data["act"].toInt();
   const double eps = ctx->saved_data["eps"].toDouble();
+  const auto sd = stat_type(x);
+  const Tensor mean = batch_stats ? saved[4] : cast(saved[4], sd);
+  const Tensor rstd = batch_stats ? saved[5] : at::rsqrt(cast(saved[5], sd) + eps);
   const size_t i = weight_index;
   const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(i),
              need_b = ctx->needs_input_grad(i + 1), need_r = r.defined() && ctx->needs_input_grad(i + 2);
   if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable gradient
-    const Tensor rm = batch_stats ? Tensor() : mean, rv = batch_stats ? Tensor() : saved[6];
+    const Tensor rm = batch_stats ? Tensor() : mean, rv = batch_stats ? Tensor() : saved[5];
     return differentiable_vjp(
         [&] { return finish(at::batch_norm(x, opt(w), opt(b), opt(rm), opt(rv), batch_stats, 0.0, eps, true), r, act); },
         {x, w, b, r}, {need_x, need_w, need_b, need_r}, dy);
@@ -176,21 +179,20 @@ struct BatchNormInfer : public torch::autograd::Function<BatchNormInfer> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& mean, const Tensor& var,
                                const Tensor& w_, const Tensor& b_, const Tensor& r_, double eps, int64_t act) {
     const Tensor w = arrived(w_), b = arrived(b_), r = arrived(r_);
-    const Tensor xd = dense(x);
-    const auto sd = stat_type(xd);
-    const Tensor mean_sd = cast(mean, sd), rstd = at::rsqrt(cast(var, sd) + eps);
-    Tensor y;
-    if (act == kIdentity && !r.defined()) {
-      // unfused: aten's eval kernel, so the output is torch.nn's to the bit whichever route runs it (and
-      // with or without a backward); the backward below is normkit's (thread-count independent dγ/dβ)
-      y = at::batch_norm(xd, opt(w), opt(b), mean, var, false, 0.0, eps, false);
-    } else {
-      const auto [scale, shift] = scale_shift(w, b, mean_sd, rstd);
-      y = channel_apply(xd, scale, shift, opt(as_layout(r, xd)), act);
+    // torch.nn's own sequence, BatchNorm (aten's eval kernel) → + residual → activation (in place), so
+    // eval outputs are torch.nn's to the bit on every route, fused or not, with or without a backward
+    // (normkit.route); the backward is normkit's kernel (thread-count independent dγ/dβ)
+    Tensor y = at::batch_norm(dense(x), opt(w), opt(b), mean, var, false, 0.0, eps, false);
+    if (r.defined()) y.add_(r);
+    switch (act) {
+      case kRelu: y.relu_(); break;
+      case kSilu: at::silu_(y); break;
+      case kGelu: at::gelu_(y); break;
+      default: break;
     }
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;
-    ctx->save_for_backward({x, w, b, r, mean_sd, rstd, var});
+    ctx->save_for_backward({x, w, b, r, mean, var});
     return {y};
   }
 
