@@ -159,7 +159,7 @@ def main(args) -> int:
     for r in rows:
         r["miss"] = r["aten_admissible"] and r["chosen_cost"] > margin
         misses += r["miss"]
-        note = "MISS" if r["miss"] else "" if r["aten_admissible"] else "(aten not thread/grad-independent here)"
+        note = "MISS" if r["miss"] else "" if r["aten_admissible"] else "(aten not admissible)"
         print(f"{r['op']:10s} {'x'.join(map(str, r['shape'])):>16s} {r['aten_us']:10.1f} {r['kernel_us']:10.1f}  "
               f"{r['faster']:>7s} {r['ratio']:5.2f}x  {r['chosen']:>7s}  {note}")
     print(f"{misses} of {len(rows)} choices cost more than {args.route_margin:.0%} over the faster admissible route")
