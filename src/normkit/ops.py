@@ -688,10 +688,17 @@ def native_ops():
     return torch.ops.normkit_cpu if getattr(backends._instance("cpu"), "eager_ops", False) else None
 
 
+def _native_for(x: Tensor):
+    """The C++ eager ops (``torch.ops.normkit_cpu``) when they serve this call, else None: a non-empty
+    CPU tensor under the ``auto`` or ``cpu`` backend (the kernels the cpu backend would run), the
+    extension loaded."""
+    if x.is_cpu and x.numel() > 0 and backends.current() in ("auto", "cpu"):
+        return native_ops()
+    return None
+
+
 def _on_native(x: Tensor) -> bool:
-    """Whether the C++ eager ops serve this call: a non-empty CPU tensor under the ``auto`` or ``cpu``
-    backend (the kernels the cpu backend would run), the extension loaded."""
-    return x.is_cpu and x.numel() > 0 and backends.current() in ("auto", "cpu") and native_ops() is not None
+    return _native_for(x) is not None
 
 
 class _EagerOps:
@@ -706,32 +713,32 @@ class _EagerOps:
 
     @staticmethod
     def batch_norm_train(x, weight, bias, residual, eps, act):
-        if _on_native(x):
-            return native_ops().bn_train.default(x, weight, bias, residual, eps, _ACT_CODES[act])
+        if (k := _native_for(x)) is not None:
+            return k.bn_train.default(x, weight, bias, residual, eps, _ACT_CODES[act])
         return _python_ops["batch_norm_train"](x, weight, bias, residual, eps, act)
 
     @staticmethod
     def batch_norm_infer(x, mean, var, weight, bias, residual, eps, act):
-        if _on_native(x):
-            return native_ops().bn_infer.default(x, mean, var, weight, bias, residual, eps, _ACT_CODES[act])
+        if (k := _native_for(x)) is not None:
+            return k.bn_infer.default(x, mean, var, weight, bias, residual, eps, _ACT_CODES[act])
         return _python_ops["batch_norm_infer"](x, mean, var, weight, bias, residual, eps, act)
 
     @staticmethod
     def group_norm(x, num_groups, weight, bias, residual, eps, act):
-        if _on_native(x):
-            return native_ops().gn.default(x, num_groups, weight, bias, residual, eps, _ACT_CODES[act])
+        if (k := _native_for(x)) is not None:
+            return k.gn.default(x, num_groups, weight, bias, residual, eps, _ACT_CODES[act])
         return _python_ops["group_norm"](x, num_groups, weight, bias, residual, eps, act)
 
     @staticmethod
     def layer_norm(x, normalized_shape, weight, bias, eps):
-        if _on_native(x):
-            return native_ops().ln.default(x, normalized_shape, weight, bias, eps)
+        if (k := _native_for(x)) is not None:
+            return k.ln.default(x, normalized_shape, weight, bias, eps)
         return _python_ops["layer_norm"](x, normalized_shape, weight, bias, eps)
 
     @staticmethod
     def rms_norm(x, normalized_shape, weight, eps):
-        if _on_native(x):
-            return native_ops().rms.default(x, normalized_shape, weight, eps)
+        if (k := _native_for(x)) is not None:
+            return k.rms.default(x, normalized_shape, weight, eps)
         return _python_ops["rms_norm"](x, normalized_shape, weight, eps)
 
     # layer_norm_2d: set below, once normkit.ops_channels has defined it

@@ -72,6 +72,8 @@ class _BatchNormForward:
         """(weight, bias, running_mean, running_var), read from the module's dictionaries directly
         (``Module.__getattr__`` costs a microsecond a name)."""
         p, b = self._parameters, self._buffers
+        if "weight" in p and "bias" in p and "running_mean" in b and "running_var" in b:  # every torch.nn BN
+            return p["weight"], p["bias"], b["running_mean"], b["running_var"]
         return tuple(p[k] if k in p else b[k] if k in b else getattr(self, k, None)
                      for k in ("weight", "bias", "running_mean", "running_var"))
 
