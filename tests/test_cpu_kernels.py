@@ -422,15 +422,20 @@ def _entry_outputs(case):
         return _tensor(shape, cl, torch.float32, offset, seed)
 
     if case.startswith("bn"):
+        # bn_cl_c19_nores: channels_last with vector lanes and a scalar tail per position, ReLU
+        # without a residual (the fused BN+ReLU training path), no dz output
         shape, cl = {"bn_nchw_c3": ((4, 3, 70, 70), False), "bn_nchw_c16": ((4, 16, 33, 35), False),
-                     "bn_cl_c16": ((8, 16, 33, 35), True), "bn1d": ((1500, 64), False)}[case]
+                     "bn_cl_c16": ((8, 16, 33, 35), True), "bn_cl_c19_nores": ((8, 19, 33, 35), True),
+                     "bn1d": ((1500, 64), False)}[case]
         x, dy, res = t(shape, cl), t(shape, cl, 0.0, 21), t(shape, cl, 0.0, 22)
+        res = None if case.endswith("nores") else res
         c = shape[1]
         w, b = torch.linspace(0.5, 1.5, c), torch.linspace(-1, 1, c)
         y, mean, var = CPU.channel_forward(x, w, b, 1e-5, res, "relu")
         rstd = torch.rsqrt(var + 1e-5)
         scale, shift = w * rstd, b - mean * w * rstd
-        back = CPU.channel_backward(x, dy, mean, rstd, scale, shift, res, "relu", True, True)
+        back = CPU.channel_backward(x, dy, mean, rstd, scale, shift, res, "relu", True, res is not None)
+        back = [o for o in back if o is not None]
         stats = CPU.channel_stats(x)
         red = CPU.channel_backward_reduce(x, dy, mean, rstd, scale, shift, res, "silu")
         dx = CPU.channel_backward_dx(x, dy, mean, rstd, scale, shift, res, "silu", red[0], red[1], True)
@@ -458,8 +463,8 @@ def _entry_outputs(case):
     return [o for o in (y, mean, rstd, *back) if o is not None]
 
 
-THREAD_CASES = ["bn_nchw_c3", "bn_nchw_c16", "bn_cl_c16", "bn1d", "gn_cl_n2", "gn_cl_n8", "gn_nchw", "gn_nchw_plain",
-                "ln", "rms", "ln_short"]
+THREAD_CASES = ["bn_nchw_c3", "bn_nchw_c16", "bn_cl_c16", "bn_cl_c19_nores", "bn1d", "gn_cl_n2", "gn_cl_n8",
+                "gn_nchw", "gn_nchw_plain", "ln", "rms", "ln_short"]
 
 
 @pytest.mark.parametrize("case", THREAD_CASES)
@@ -475,6 +480,33 @@ def test_bit_identical_for_any_thread_count(case):
     assert len(one) == len(two)
     for i, (a, b) in enumerate(zip(one, two, strict=True)):
         assert torch.equal(a, b), f"{case}: output {i} differs between 1 and 2 threads"
+
+
+# ----------------------------------------------------------------------------- streamed outputs
+# channels_last outputs of 8 MiB or more (float32/float64) are written with non-temporal stores:
+# the same values as the cached stores that write a smaller tensor. The element passes are
+# per-position functions, so the big tensor's output must equal, bit for bit, the outputs of its
+# (small, not streamed) slices along N.
+@pytest.mark.parametrize("dtype, n", [(torch.float32, 40), (torch.float64, 20)])
+@pytest.mark.parametrize("act", ["", "relu", "silu"])
+@pytest.mark.parametrize("with_res", [False, True])
+def test_streamed_outputs_equal_cached_outputs(dtype, n, act, with_res):
+    shape = (n, 64, 32, 32)  # 10.5 MB
+    x, dy = _tensor(shape, True, dtype, 3.0, 40), _tensor(shape, True, dtype, 0.0, 41)
+    res = _tensor(shape, True, dtype, 0.0, 42) if with_res else None
+    g = torch.Generator().manual_seed(43)
+    scale, shift = 1 + 0.1 * torch.randn(64, generator=g, dtype=dtype), 0.1 * torch.randn(64, generator=g, dtype=dtype)
+    mean, rstd = 3 + 0.1 * torch.randn(64, generator=g, dtype=dtype), 2 + torch.rand(64, generator=g, dtype=dtype)
+    mdz, mdzx = 0.1 * torch.randn(64, generator=g, dtype=dtype), 0.1 * torch.randn(64, generator=g, dtype=dtype)
+    y = CPU.channel_apply(x, scale, shift, res, act)
+    dx = CPU.channel_backward_dx(x, dy, mean, rstd, scale, shift, res, act, mdz, mdzx, False)[0]
+    for lo in range(0, n, 8):
+        part = slice(lo, lo + 8)
+        r = res[part] if with_res else None
+        assert torch.equal(y[part], CPU.channel_apply(x[part], scale, shift, r, act)), f"y, samples {lo}.."
+        want = CPU.channel_backward_dx(x[part], dy[part], mean, rstd, scale, shift, r, act, mdz, mdzx, False)[0]
+        assert torch.equal(dx[part], want), f"dx, samples {lo}.."
+    assert y.is_contiguous(memory_format=CL) and dx.is_contiguous(memory_format=CL)
 
 
 # ----------------------------------------------------------------------------- long reductions

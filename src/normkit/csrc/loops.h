@@ -54,6 +54,40 @@ inline typename VecOf<A>::type vact_bwd(typename VecOf<A>::type z, typename VecO
   }
 }
 
+// vst bypassing the caches (a non-temporal store), for float and double at 32-byte aligned
+// addresses (the caller checks); stream_fence() orders them before the pass returns.
+#if defined(__AVX__)
+template <typename T>
+constexpr bool kCanStream = std::is_same_v<T, float> || std::is_same_v<T, double>;
+#else
+template <typename T>
+constexpr bool kCanStream = false;
+#endif
+
+template <typename T>
+inline void vst_stream(T* p, int64_t i, vec_t<T> v) {
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m256 f;
+    std::memcpy(&f, &v, sizeof(f));
+    _mm256_stream_ps(p + i, f);
+    return;
+  } else if constexpr (std::is_same_v<T, double>) {
+    __m256d f;
+    std::memcpy(&f, &v, sizeof(f));
+    _mm256_stream_pd(p + i, f);
+    return;
+  }
+#endif
+  vst(p, i, v);
+}
+
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
 template <typename T, int ACT>
 struct Loops {
   using A = acc_t<T>;
@@ -179,7 +213,18 @@ struct Loops {
   }
 
   static void pos_apply(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ y, int64_t np, int64_t C,
-                        const A* __restrict__ a, const A* __restrict__ b) {
+                        const A* __restrict__ a, const A* __restrict__ b, bool stream = false) {
+    if constexpr (kCanStream<T>) {
+      if (stream && streamable(y, C)) {
+        if (r) {
+          pos_apply_impl<true, true>(x, r, y, np, C, a, b);
+        } else {
+          pos_apply_impl<false, true>(x, r, y, np, C, a, b);
+        }
+        stream_fence();
+        return;
+      }
+    }
     if (r) {
       pos_apply_impl<true>(x, r, y, np, C, a, b);
     } else {
@@ -187,7 +232,12 @@ struct Loops {
     }
   }
 
-  template <bool RES>
+  // y 32-byte aligned and whole vectors per position: every vector store may bypass the cache
+  static bool streamable(const T* y, int64_t C) {
+    return C % H == 0 && reinterpret_cast<uintptr_t>(y) % 32 == 0;
+  }
+
+  template <bool RES, bool NT = false>
   static void pos_apply_impl(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ y, int64_t np,
                              int64_t C, const A* __restrict__ a, const A* __restrict__ b) {
     for (int64_t s = 0; s < np; ++s) {
@@ -196,7 +246,11 @@ struct Loops {
       for (; c + H <= C; c += H) {
         V z = vld(x + o, c) * vacc(a + c) + vacc(b + c);
         if constexpr (RES) z = z + vld(r + o, c);
-        vst(y + o, c, vact_fwd<ACT, A>(z));
+        if constexpr (NT) {
+          vst_stream(y + o, c, vact_fwd<ACT, A>(z));
+        } else {
+          vst(y + o, c, vact_fwd<ACT, A>(z));
+        }
       }
       for (; c < C; ++c) {
         A z = ld(x + o, c) * a[c] + b[c];
@@ -252,7 +306,18 @@ struct Loops {
   static void pos_bwd_dx(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ r,
                          T* __restrict__ dx, T* __restrict__ dz, int64_t np, int64_t C, const A* __restrict__ fa,
                          const A* __restrict__ fb, const A* __restrict__ p, const A* __restrict__ q,
-                         const A* __restrict__ m, const A* __restrict__ rr) {
+                         const A* __restrict__ m, const A* __restrict__ rr, bool stream = false) {
+    if constexpr (kCanStream<T>) {
+      if (stream && !dz && streamable(dx, C)) {
+        if (ACT != kIdentity && r) {
+          pos_bwd_dx_impl<true, false, true>(x, dy, r, dx, dz, np, C, fa, fb, p, q, m, rr);
+        } else {
+          pos_bwd_dx_impl<false, false, true>(x, dy, r, dx, dz, np, C, fa, fb, p, q, m, rr);
+        }
+        stream_fence();
+        return;
+      }
+    }
     if (ACT == kIdentity && !dz) {
       pos_bwd_dx_impl<false, false>(x, dy, r, dx, dz, np, C, fa, fb, p, q, m, rr);
     } else if (r && dz) {
@@ -267,7 +332,7 @@ struct Loops {
   }
 
   // dz = dy·act'(x·fa + fb + r) (ACT == kIdentity: dy, r unused), dx = p·dz + q·(x − m) + rr
-  template <bool RES, bool DZ>
+  template <bool RES, bool DZ, bool NT = false>
   static void pos_bwd_dx_impl(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ r,
                               T* __restrict__ dx, T* __restrict__ dz, int64_t np, int64_t C,
                               const A* __restrict__ fa, const A* __restrict__ fb, const A* __restrict__ p,
@@ -283,7 +348,12 @@ struct Loops {
           if constexpr (RES) z = z + vld(r + o, c);
           g = vact_bwd<ACT, A>(z, g);
         }
-        vst(dx + o, c, vacc(p + c) * g + vacc(q + c) * (xv - vacc(m + c)) + vacc(rr + c));
+        const V d = vacc(p + c) * g + vacc(q + c) * (xv - vacc(m + c)) + vacc(rr + c);
+        if constexpr (NT) {
+          vst_stream(dx + o, c, d);
+        } else {
+          vst(dx + o, c, d);
+        }
         if constexpr (DZ) vst(dz + o, c, g);
       }
       for (; c < C; ++c) {
