@@ -6,8 +6,9 @@ medians, ratio = torch ÷ normkit (> 1: normkit faster).
 
     PYTHONPATH=src:tests python scripts/bench_gradient_penalty.py [norm=gn] [threads=1] [batch=128]
 
-(batch 128 puts the critic's activations above normkit.route.ATEN_BELOW, so the kernels and their
-differentiable backward run; at batch 32 the layers take torch's own operators.)
+(GroupNorm runs normkit's kernels at every size — the C++ eager ops, whose backward recomputes the
+forward through aten when create_graph is on; with norm=bn, NCHW batches below
+normkit.route.ATEN_BELOW take torch's own operators.)
 """
 
 from __future__ import annotations
