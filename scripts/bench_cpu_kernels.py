@@ -9,7 +9,8 @@ custom-op overhead of both.
 
     PYTHONPATH=src python scripts/bench_cpu_kernels.py [ROUNDS [THREADS [NAME_FILTER]]]
 
-NAME_FILTER "bwd-only" runs the backward kernels alone (row_backward, group_backward vs aten's
+NAME_FILTER runs the cases whose name contains it (or one of its "|"-separated parts, e.g.
+"train fwd+bwd CL|fused"); "bwd-only" runs the backward kernels alone (row_backward, group_backward vs aten's
 native_layer_norm_backward / native_group_norm_backward) at everyday sizes.
 """
 
@@ -39,7 +40,7 @@ def timeit(fn, n):
 
 
 def pair(name, f_aten, f_nk, target=0.02):
-    if ONLY and ONLY not in name:
+    if ONLY and not any(part in name for part in ONLY.split("|")):
         return
     for f in (f_aten, f_nk, f_aten, f_nk):
         f()
@@ -63,25 +64,35 @@ def tensor(shape, cl=False, offset=3.0):
     return t.contiguous(memory_format=torch.channels_last) if cl else t
 
 
-def bn_train(name, shape, cl=False, act=""):
+def bn_train(name, shape, cl=False, act="", part=""):
+    """part "": forward + backward; "fwd" / "bwd": that half alone (the backward's inputs made once)."""
     x, dy = tensor(shape, cl), tensor(shape, cl, 0.0)
     c = shape[1]
     w, b = torch.ones(c), torch.zeros(c)
 
-    def aten():
+    def aten_fwd():
         y, m, rs = A.native_batch_norm(x, w, b, None, None, True, 0.1, 1e-5)
-        g = dy
-        if act == "relu":
-            y = A.relu(y)
-            g = A.threshold_backward(dy, y, 0)
+        return (A.relu(y) if act == "relu" else y), m, rs
+
+    def aten_bwd(y, m, rs):
+        g = A.threshold_backward(dy, y, 0) if act == "relu" else dy
         A.native_batch_norm_backward(g, x, w, None, None, m, rs, True, 1e-5, [True, True, True])
 
-    def nk():
+    def nk_fwd():
         y, m, v = B.channel_forward(x, w, b, 1e-5, None, act)
         rs = torch.rsqrt(v + 1e-5)
-        B.channel_backward(x, dy, m, rs, w * rs, b - m * w * rs, None, act, True, False)
+        return m, rs, w * rs, b - m * w * rs
 
-    pair(name, aten, nk)
+    def nk_bwd(m, rs, scale, shift):
+        B.channel_backward(x, dy, m, rs, scale, shift, None, act, True, False)
+
+    if part == "fwd":
+        pair(name, aten_fwd, nk_fwd)
+    elif part == "bwd":
+        a_saved, n_saved = aten_fwd(), nk_fwd()
+        pair(name, lambda: aten_bwd(*a_saved), lambda: nk_bwd(*n_saved))
+    else:
+        pair(name, lambda: aten_bwd(*aten_fwd()), lambda: nk_bwd(*nk_fwd()))
 
 
 def bn_eval(name, shape, cl=False):
@@ -186,6 +197,8 @@ bn_eval("BN2d eval NCHW", S)
 bn_eval("BN2d eval CL", S, cl=True)
 bn_train("BN+ReLU fused fwd+bwd NCHW (aten BN,relu)", S, act="relu")
 bn_train("BN+ReLU fused fwd+bwd CL (aten BN,relu)", S, cl=True, act="relu")
+bn_train("BN+ReLU fused fwd CL (aten BN,relu)", S, cl=True, act="relu", part="fwd")
+bn_train("BN+ReLU fused bwd CL (aten relu',BN')", S, cl=True, act="relu", part="bwd")
 gn_train("GN(32) fwd+bwd CL", S, 32, cl=True)
 gn_train("GN(32) fwd+bwd NCHW", S, 32)
 bn_train("BN1d train fwd+bwd 8192x1024", (8192, 1024))
