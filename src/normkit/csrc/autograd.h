@@ -63,6 +63,15 @@ inline Tensor as_layout(const Tensor& t, const Tensor& x) {
 
 inline Tensor cast(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
+// Whether autograd has anything to record (grad mode on and some input requiring grad); when not, the
+// entry points below compute without a torch::autograd::Function (a few µs a call on small tensors)
+inline bool records(const Tensor& x, const c10::optional<Tensor>& a = c10::nullopt,
+                    const c10::optional<Tensor>& b = c10::nullopt, const c10::optional<Tensor>& c = c10::nullopt) {
+  if (!at::GradMode::is_enabled()) return false;
+  auto wants = [](const c10::optional<Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); };
+  return x.requires_grad() || wants(a) || wants(b) || wants(c);
+}
+
 // A parameter's gradient in the parameter's dtype; undefined where the parameter is absent or not needed
 inline Tensor param_grad(const Tensor& g, const Tensor& param, bool needed) {
   if (!param.defined() || !needed || !g.defined()) return Tensor();
@@ -175,21 +184,27 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
   }
 };
 
+// torch.nn's own sequence, BatchNorm (aten's eval kernel) → + residual → activation (in place), so eval
+// outputs are torch.nn's to the bit on every route, fused or not, with or without a backward
+// (normkit.route); the backward is normkit's kernel (thread-count independent dγ/dβ)
+inline Tensor infer_forward(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& w, const Tensor& b,
+                            const Tensor& r, double eps, int64_t act) {
+  Tensor y = at::batch_norm(dense(x), opt(w), opt(b), mean, var, false, 0.0, eps, false);
+  if (r.defined()) y.add_(r);
+  switch (act) {
+    case kRelu: y.relu_(); break;
+    case kSilu: at::silu_(y); break;
+    case kGelu: at::gelu_(y); break;
+    default: break;
+  }
+  return y;
+}
+
 struct BatchNormInfer : public torch::autograd::Function<BatchNormInfer> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& mean, const Tensor& var,
                                const Tensor& w_, const Tensor& b_, const Tensor& r_, double eps, int64_t act) {
     const Tensor w = arrived(w_), b = arrived(b_), r = arrived(r_);
-    // torch.nn's own sequence, BatchNorm (aten's eval kernel) → + residual → activation (in place), so
-    // eval outputs are torch.nn's to the bit on every route, fused or not, with or without a backward
-    // (normkit.route); the backward is normkit's kernel (thread-count independent dγ/dβ)
-    Tensor y = at::batch_norm(dense(x), opt(w), opt(b), mean, var, false, 0.0, eps, false);
-    if (r.defined()) y.add_(r);
-    switch (act) {
-      case kRelu: y.relu_(); break;
-      case kSilu: at::silu_(y); break;
-      case kGelu: at::gelu_(y); break;
-      default: break;
-    }
+    Tensor y = infer_forward(x, mean, var, w, b, r, eps, act);
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;
     ctx->save_for_backward({x, w, b, r, mean, var});
@@ -205,14 +220,20 @@ struct BatchNormInfer : public torch::autograd::Function<BatchNormInfer> {
 std::tuple<Tensor, Tensor, Tensor> bn_train(const Tensor& x, const c10::optional<Tensor>& w,
                                             const c10::optional<Tensor>& b, const c10::optional<Tensor>& r,
                                             double eps, int64_t act) {
+  if (!records(x, w, b, r)) {
+    const Tensor xd = dense(x);
+    return channel_forward(xd, w, b, eps, opt(as_layout(value_or_undefined(r), xd)), act);
+  }
   auto out = BatchNormTrain::apply(x, pass(w), pass(b), pass(r), eps, act);
   return {out[0], out[1], out[2]};
 }
 
 Tensor bn_infer(const Tensor& x, const Tensor& mean, const Tensor& var, const c10::optional<Tensor>& w,
                 const c10::optional<Tensor>& b, const c10::optional<Tensor>& r, double eps, int64_t act) {
-  return BatchNormInfer::apply(x, mean, var, pass(w), pass(b), pass(r),
-                               eps, act)[0];
+  if (!records(x, w, b, r)) {
+    return infer_forward(x, mean, var, value_or_undefined(w), value_or_undefined(b), value_or_undefined(r), eps, act);
+  }
+  return BatchNormInfer::apply(x, mean, var, pass(w), pass(b), pass(r), eps, act)[0];
 }
 
 // ----------------------------------------------------------------------------- GroupNorm
@@ -256,6 +277,10 @@ struct GroupNormOp : public torch::autograd::Function<GroupNormOp> {
 std::tuple<Tensor, Tensor, Tensor> gn(const Tensor& x, int64_t groups, const c10::optional<Tensor>& w,
                                       const c10::optional<Tensor>& b, const c10::optional<Tensor>& r, double eps,
                                       int64_t act) {
+  if (!records(x, w, b, r)) {
+    const Tensor xd = dense(x);
+    return group_forward(xd, groups, w, b, eps, opt(as_layout(value_or_undefined(r), xd)), act);
+  }
   auto out = GroupNormOp::apply(x, groups, pass(w), pass(b), pass(r), eps,
                                 act);
   return {out[0], out[1], out[2]};
@@ -320,12 +345,24 @@ struct RowNormOp : public torch::autograd::Function<RowNormOp> {
 
 std::tuple<Tensor, Tensor, Tensor> ln(const Tensor& x, at::IntArrayRef normalized_shape,
                                       const c10::optional<Tensor>& w, const c10::optional<Tensor>& b, double eps) {
+  if (!records(x, w, b)) {
+    const auto [m, k] = rows_of(x, normalized_shape);
+    auto [y, mean, rstd] = row_forward(x.contiguous().view({m, k}), opt(flat(value_or_undefined(w), k)),
+                                       opt(flat(value_or_undefined(b), k)), eps, false);
+    return {y.view(x.sizes()), mean, rstd};
+  }
   auto out = RowNormOp::apply(x, normalized_shape.vec(), pass(w), pass(b), eps, false);
   return {out[0], out[1], out[2]};
 }
 
 std::tuple<Tensor, Tensor> rms(const Tensor& x, at::IntArrayRef normalized_shape, const c10::optional<Tensor>& w,
                                double eps) {
+  if (!records(x, w)) {
+    const auto [m, k] = rows_of(x, normalized_shape);
+    auto [y, mean, rstd] = row_forward(x.contiguous().view({m, k}), opt(flat(value_or_undefined(w), k)),
+                                       c10::nullopt, eps, true);
+    return {y.view(x.sizes()), rstd};
+  }
   auto out = RowNormOp::apply(x, normalized_shape.vec(), pass(w), absent(), eps, true);
   return {out[0], out[1]};
 }
