@@ -129,7 +129,19 @@ BAD = {
     "gn_int": (lambda: normkit.GroupNormAct(2, 4, act=1), "act"),
     "residual_shape": (lambda: normkit.BatchNormAct2d(4)(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 2)),
                        "residual"),
+    # the forward's fast path (no detailed checks) must still refuse these
+    "gn_residual_shape": (lambda: normkit.GroupNormAct(2, 4)(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3)),
+                          "residual"),
+    "bn_integer_residual": (lambda: normkit.BatchNormAct2d(4)(torch.randn(2, 4, 3, 3),
+                                                              torch.ones(2, 4, 3, 3, dtype=torch.long)), "residual"),
+    "bn_act_set_later": (lambda: _with_act(normkit.BatchNormAct2d(4), "tanh")(torch.randn(2, 4, 3, 3)), "act"),
+    "gn_act_set_later": (lambda: _with_act(normkit.GroupNormAct(2, 4), "elu")(torch.randn(2, 4, 3, 3)), "act"),
 }
+
+
+def _with_act(layer, act):
+    layer.act = act
+    return layer
 
 
 @pytest.mark.parametrize("case", BAD)

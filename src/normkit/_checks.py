@@ -75,6 +75,15 @@ def batch_norm_ok(input, num_features: int, accepted_dims, weight, bias, running
     return vectors_ok(input, num_features, (weight, bias, running_mean, running_var))
 
 
+def fused_args_ok(input: torch.Tensor, residual: torch.Tensor | None, act: str | None, names) -> bool:
+    """The fused form's extra arguments pass their checks: ``act`` one of ``names`` (or None), and
+    ``residual`` None or a floating tensor of the input's shape (check_same_shape)."""
+    if (act or "") not in names:
+        return False
+    return residual is None or (isinstance(residual, torch.Tensor) and residual.dtype in _FLOATS
+                                and residual.shape == input.shape)
+
+
 def check_param_dtypes(where: str, input: torch.Tensor, **params: torch.Tensor | None) -> None:
     """The per-channel tensors share one dtype: the input's, or float32 for float16/bfloat16 input.
 

@@ -29,6 +29,7 @@ from .. import _checks as C
 from .. import functional as F
 from .. import running_stats
 from ..masked import masked_batch_norm1d
+from ..reference import ACTIVATIONS
 from .scripting import twin
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
@@ -80,14 +81,16 @@ class _BatchNormForward:
     def _normalize(self, input: Tensor, residual: Tensor | None = None, act: str = "") -> Tensor:
         weight, bias, running_mean, running_var = self._state()
         batch_stats = self.training or running_mean is None
-        if residual is not None or act or not C.batch_norm_ok(input, self.num_features, self._accepted_dims, weight,
-                                                              bias, running_mean, running_var, batch_stats, self.eps):
+        if not (C.batch_norm_ok(input, self.num_features, self._accepted_dims, weight, bias, running_mean,
+                                running_var, batch_stats, self.eps)
+                and (residual is None and not act or C.fused_args_ok(input, residual, act, ACTIVATIONS))):
             where = type(self).__name__
             C.check_tensor(where, "input", input)
             self._check_input_dim(input)
             C.check_channels(where, input, self.num_features)
             act = F.check_batch_norm(where, input, running_mean, running_var, weight, bias, batch_stats, residual,
                                      act, self.eps)
+        act = act or ""
         update = self.training and self.track_running_stats
         return F.batch_norm_unchecked(
             input,

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .. import _checks as C
 from .. import functional as F
+from ..reference import ACTIVATIONS
 from .scripting import twin
 
 __all__ = ["GroupNorm"]
@@ -28,16 +29,16 @@ class GroupNorm(nn.GroupNorm):
     def _normalize(self, input: Tensor, residual: Tensor | None = None, act: str = "") -> Tensor:
         p = self._parameters
         weight, bias = p.get("weight"), p.get("bias")
-        fast = residual is None and not act and isinstance(input, Tensor) and input.dtype in C._FLOATS and \
-            input.dim() >= 2 and input.shape[1] == self.num_channels and C.vectors_ok(input, self.num_channels,
-                                                                                          (weight, bias))
+        fast = isinstance(input, Tensor) and input.dtype in C._FLOATS and input.dim() >= 2 and \
+            input.shape[1] == self.num_channels and C.vectors_ok(input, self.num_channels, (weight, bias)) and \
+            (residual is None and not act or C.fused_args_ok(input, residual, act, ACTIVATIONS))
         if not fast:
             where = type(self).__name__
             C.check_tensor(where, "input", input)
             C.check_min_ndim(where, input, 2, "(N, C, *)")
             C.check_channels(where, input, self.num_channels)
             act = F.check_group_norm(where, input, self.num_groups, self.weight, self.bias, residual, act)
-        return F.group_norm_unchecked(input, self.num_groups, weight, bias, self.eps, residual, act)
+        return F.group_norm_unchecked(input, self.num_groups, weight, bias, self.eps, residual, act or "")
 
     def forward(self, input: Tensor) -> Tensor:
         return self._normalize(input)
