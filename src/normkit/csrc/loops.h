@@ -271,6 +271,32 @@ struct Loops {
     }
   }
 
+  // dy·act'(z) at channels c.. of the position starting at o, z = x·fa + fb (+ r): the gradient through the
+  // activation, shared by the backward's sums and dx passes (vector of H channels, and one channel)
+  template <bool RES>
+  static inline V vgrad(const V& xv, const T* __restrict__ dy, const T* __restrict__ r, int64_t o, int64_t c,
+                        const A* __restrict__ fa, const A* __restrict__ fb) {
+    V g = vld(dy + o, c);
+    if constexpr (ACT != kIdentity) {
+      V z = xv * vacc(fa + c) + vacc(fb + c);
+      if constexpr (RES) z = z + vld(r + o, c);
+      g = vact_bwd<ACT, A>(z, g);
+    }
+    return g;
+  }
+
+  template <bool RES>
+  static inline A grad(A xv, const T* __restrict__ dy, const T* __restrict__ r, int64_t o, int64_t c,
+                       const A* __restrict__ fa, const A* __restrict__ fb) {
+    A g = ld(dy + o, c);
+    if constexpr (ACT != kIdentity) {
+      A z = xv * fa[c] + fb[c];
+      if constexpr (RES) z = z + ld(r + o, c);
+      g = act_bwd<ACT>(z, g);
+    }
+    return g;
+  }
+
   template <bool RES>
   static void pos_bwd_sums_impl(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ r,
                                 int64_t np, int64_t C, const A* __restrict__ fa, const A* __restrict__ fb,
@@ -280,23 +306,13 @@ struct Loops {
       int64_t c = 0;
       for (; c + H <= C; c += H) {
         const V xv = vld(x + o, c);
-        V g = vld(dy + o, c);
-        if constexpr (ACT != kIdentity) {
-          V z = xv * vacc(fa + c) + vacc(fb + c);
-          if constexpr (RES) z = z + vld(r + o, c);
-          g = vact_bwd<ACT, A>(z, g);
-        }
+        const V g = vgrad<RES>(xv, dy, r, o, c, fa, fb);
         vput(a + c, vacc(a + c) + g);
         vput(q + c, vacc(q + c) + g * (xv - vacc(m + c)));
       }
       for (; c < C; ++c) {
         const A xv = ld(x + o, c);
-        A g = ld(dy + o, c);
-        if constexpr (ACT != kIdentity) {
-          A z = xv * fa[c] + fb[c];
-          if constexpr (RES) z = z + ld(r + o, c);
-          g = act_bwd<ACT>(z, g);
-        }
+        const A g = grad<RES>(xv, dy, r, o, c, fa, fb);
         a[c] += g;
         q[c] += g * (xv - m[c]);
       }
@@ -342,12 +358,7 @@ struct Loops {
       int64_t c = 0;
       for (; c + H <= C; c += H) {
         const V xv = vld(x + o, c);
-        V g = vld(dy + o, c);
-        if constexpr (ACT != kIdentity) {
-          V z = xv * vacc(fa + c) + vacc(fb + c);
-          if constexpr (RES) z = z + vld(r + o, c);
-          g = vact_bwd<ACT, A>(z, g);
-        }
+        const V g = vgrad<RES>(xv, dy, r, o, c, fa, fb);
         const V d = vacc(p + c) * g + vacc(q + c) * (xv - vacc(m + c)) + vacc(rr + c);
         if constexpr (NT) {
           vst_stream(dx + o, c, d);
@@ -358,12 +369,7 @@ struct Loops {
       }
       for (; c < C; ++c) {
         const A xv = ld(x + o, c);
-        A g = ld(dy + o, c);
-        if constexpr (ACT != kIdentity) {
-          A z = xv * fa[c] + fb[c];
-          if constexpr (RES) z = z + ld(r + o, c);
-          g = act_bwd<ACT>(z, g);
-        }
+        const A g = grad<RES>(xv, dy, r, o, c, fa, fb);
         st(dx + o, c, p[c] * g + q[c] * (xv - m[c]) + rr[c]);
         if constexpr (DZ) st(dz + o, c, g);
       }
