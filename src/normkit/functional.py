@@ -102,7 +102,7 @@ def batch_norm_unchecked(
     """
     if use_aten("batch_norm_train" if training else "batch_norm_infer", input, weight, bias, residual,
                 fused=residual is not None or act != "",
-                needs_grad=not training and input.dim() <= 2 and needs_grad(input, weight, bias)):
+                needs_grad=not training and needs_grad(input, weight, bias)):
         y = aten_path.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                  residual, act)
         if training and on_stats is not None:

@@ -224,7 +224,7 @@ def batch_norm_infer(
 
 def _bn_infer_impl(x, mean, var, weight, bias, residual, eps, act):
     x = _dense(x)
-    if _on_native(x):
+    if _native_for(x) is not None:
         # on the cpu backend torch.nn's own sequence, aten's eval BatchNorm → + residual → activation, as the
         # C++ eager op computes it: eval outputs are torch.nn's to the bit on every route (csrc/autograd.h)
         y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
@@ -695,10 +695,6 @@ def _native_for(x: Tensor):
     if x.is_cpu and x.numel() > 0 and backends.current() in ("auto", "cpu"):
         return native_ops()
     return None
-
-
-def _on_native(x: Tensor) -> bool:
-    return _native_for(x) is not None
 
 
 class _EagerOps:

@@ -44,6 +44,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from ._layout import memory_format_of
 from .ops import native_ops
 
 __all__ = ["update_running_stats", "next_running_stats", "batch_moments", "set_nonfinite_policy",
@@ -279,22 +280,24 @@ def _native_update(running_mean: Tensor, running_var: Tensor, nbt: Tensor | None
             or batch_mean.dtype not in _STAT_DTYPES or running_var.dtype != running_mean.dtype \
             or batch_var.dtype != batch_mean.dtype or (nbt is not None and not nbt.is_cpu):
         return None
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_level() is not None:
-        return None
-    kernels = native_ops()
+    kernels = native_ops() if _plain_eager() else None
     return None if kernels is None else kernels.update_running_stats.default
 
 
 def _native_stats(input: Tensor):
     """``torch.ops.normkit_cpu.channel_stats`` when it can serve :func:`batch_moments`, else None."""
-    if not input.is_cpu or input.numel() == 0 or input.dim() < 2 or _functorch_level() is not None \
-            or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if not input.is_cpu or input.numel() == 0 or input.dim() < 2 or not _plain_eager():
         return None
-    fmt = torch.channels_last if input.dim() == 4 else torch.channels_last_3d if input.dim() == 5 else None
-    if not (input.is_contiguous() or (fmt is not None and input.is_contiguous(memory_format=fmt))):
+    if not input.is_contiguous(memory_format=memory_format_of(input)):  # the kernel reads dense layouts only
         return None
     kernels = native_ops()
     return None if kernels is None else kernels.channel_stats.default
+
+
+def _plain_eager() -> bool:
+    """No torch.func transform, tracing, export or torch.compile: the C++ calls may serve (they would
+    hide their operations from all of these)."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_level() is not None)
 
 
 def _warn_once(layer: nn.Module, skipped: Tensor) -> None:

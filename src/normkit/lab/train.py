@@ -98,6 +98,22 @@ class History:
         return next((s for s, a in zip(self.steps, self.test_acc, strict=False) if a >= target), None)
 
 
+def _sgd_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
+              hist: History) -> bool:
+    """One cross-entropy step, its loss appended to ``hist``; False, and ``hist.diverged`` set, without
+    stepping when the loss is not finite or above :data:`DIVERGED_LOSS`."""
+    opt.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(xb), yb)
+    value = loss.item()
+    hist.losses.append(value)
+    if not math.isfinite(value) or value > DIVERGED_LOSS:
+        hist.diverged = True
+        return False
+    loss.backward()
+    opt.step()
+    return True
+
+
 def train_classifier(
     model: nn.Module,
     data: ImageData,
@@ -123,15 +139,8 @@ def train_classifier(
         xb, yb = data.xtr[idx], data.ytr[idx]
         if on_step is not None:
             on_step(step, model, xb, yb)
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(xb), yb)
-        value = loss.item()
-        hist.losses.append(value)
-        if not math.isfinite(value) or value > DIVERGED_LOSS:
-            hist.diverged = True
+        if not _sgd_step(model, opt, xb, yb, hist):
             break
-        loss.backward()
-        opt.step()
         if eval_every and step % eval_every == 0 and step != steps:
             hist.steps.append(step)
             hist.test_acc.append(accuracy(model, data.xte, data.yte))
@@ -194,15 +203,8 @@ def train_to_plateau(
     model.train()
     step = 0
     for step, idx in enumerate(batches(n, batch_size, max_steps, generator), start=1):
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(data.xtr[idx]), data.ytr[idx])
-        value = loss.item()
-        hist.losses.append(value)
-        if not math.isfinite(value) or value > DIVERGED_LOSS:
-            hist.diverged = True
+        if not _sgd_step(model, opt, data.xtr[idx], data.ytr[idx], hist):
             break
-        loss.backward()
-        opt.step()
         if step % every == 0 or step == max_steps:
             hist.steps.append(step)
             hist.test_acc.append(accuracy(model, data.xte, data.yte))
