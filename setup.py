@@ -18,7 +18,8 @@ import warnings
 
 from setuptools import setup
 
-SOURCES = ["src/normkit/csrc/normkit_cpu.cpp"]
+# two translation units, compiled in parallel: the kernels and operators, and the layers' one-call forwards
+SOURCES = ["src/normkit/csrc/normkit_cpu.cpp", "src/normkit/csrc/layers.cpp"]
 
 
 def _isa_flags() -> list[str]:

@@ -27,12 +27,14 @@ import torch
 from torch import Tensor
 
 from . import _checks as C
-from . import aten_path, ops
+from . import _fast, activations, aten_path, ops
 from .reference import ACTIVATIONS
 from .route import needs_grad, use_aten
 from .running_stats import batch_moments
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"]
+
+_ACT_CODES = activations.codes()
 
 
 def _check_act(where: str, act: str | None) -> str:
@@ -230,6 +232,11 @@ def group_norm(
     act: str | None = None,
 ) -> Tensor:
     """Group Normalization (Wu & He, 2018): statistics per (sample, group of C/G channels)."""
+    code = _ACT_CODES.get(act or "")
+    if code is not None and isinstance(input, Tensor) and input.dim() >= 2:
+        y = _fast.group_norm(input, num_groups, input.shape[1], weight, bias, eps, residual, code)
+        if y is not None:
+            return y
     act = check_group_norm("group_norm", input, num_groups, weight, bias, residual, act)
     return group_norm_unchecked(input, num_groups, weight, bias, eps, residual, act)
 
@@ -260,6 +267,9 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Layer Normalization (Ba et al., 2016): per sample over the trailing ``normalized_shape``."""
+    y = _fast.layer_norm(input, normalized_shape, weight, bias, eps)
+    if y is not None:
+        return y
     shape = _row_shape_ok(input, normalized_shape, weight, bias)
     if shape is None:
         shape = check_row_norm("layer_norm", input, normalized_shape, weight, bias)
@@ -297,6 +307,9 @@ def rms_norm(
     accepts) and channels_last input (whose layout torch keeps) are computed by torch's own op.
     torch accepts any floating weight dtype here, and so does normkit.
     """
+    y = _fast.rms_norm(input, normalized_shape, weight, eps)
+    if y is not None:
+        return y
     shape = check_row_norm("rms_norm", input, normalized_shape, weight, None, allow_complex=True)
     if eps is None:
         eps = torch.finfo(input.dtype).eps

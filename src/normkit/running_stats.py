@@ -139,6 +139,19 @@ def _counter(layer: nn.Module, device: torch.device) -> Tensor:
     return counter
 
 
+def count_skipped(layer: nn.Module, device: torch.device) -> None:
+    """A batch with non-finite statistics moved nothing: count it in ``layer.skipped_batches`` and warn
+    (once per layer). For the update paths that decide on the host (the C++ ones)."""
+    skipped = _counter(layer, device)
+    skipped.add_(1)
+    _warn_once(layer, skipped)
+
+
+def skip_nonfinite() -> bool:
+    """Whether the policy in force skips batches with non-finite statistics."""
+    return _policy == "skip"
+
+
 def batch_moments(input: Tensor) -> tuple[Tensor, Tensor, int]:
     """``(mean, biased var, count)`` per channel of ``input`` (N, C, *) for the paths that compute
     the output with aten ops, which do not return the statistics they use.
@@ -236,9 +249,7 @@ def update_running_stats(layer: nn.Module, batch_mean: Tensor, batch_var: Tensor
     native = _native_update(running_mean, running_var, nbt, batch_mean, batch_var)
     if native is not None:  # plain eager CPU: the same arithmetic in one C++ call (csrc/autograd.h)
         if native(running_mean, running_var, nbt, batch_mean, batch_var, count, layer.momentum, _policy == "skip"):
-            skipped = _counter(layer, batch_mean.device)
-            skipped.add_(1)
-            _warn_once(layer, skipped)
+            count_skipped(layer, batch_mean.device)
         return
     # in place, with as few small ops as possible (this runs for every BN layer at every step). Under a
     # torch.func transform the update is torch.nn's, step for step (count, then write — which vmap

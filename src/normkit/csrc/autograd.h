@@ -31,6 +31,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "eager.h"
+
 namespace normkit {
 namespace eager {
 
@@ -433,6 +435,8 @@ bool update_running_stats(Tensor& running_mean, Tensor& running_var, const c10::
   });
   return false;
 }
+
+std::tuple<Tensor, Tensor> batch_moments(const Tensor& x) { return channel_stats(x); }
 
 }  // namespace eager
 }  // namespace normkit

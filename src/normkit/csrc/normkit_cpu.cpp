@@ -236,10 +236,12 @@ TORCH_LIBRARY_IMPL(normkit_cpu, CPU, m) {
 // The eager path: the differentiable ops with their autograd in C++ (a fragment of the library)
 #include "autograd.h"
 
-// `import normkit._C` loads this library, whose static initialisers above register the operators.
-static struct PyModuleDef normkit_c_module = {PyModuleDef_HEAD_INIT, "_C",
-                                              "normkit's CPU kernels (registers torch.ops.normkit_cpu)", -1,
-                                              nullptr};
+// `import normkit._C` loads this library, whose static initialisers above register the operators; the
+// module's own functions are the layers' one-call forwards (layers.cpp).
+static struct PyModuleDef normkit_c_module = {
+    PyModuleDef_HEAD_INIT, "_C",
+    "normkit's CPU kernels (registers torch.ops.normkit_cpu) and the layers' one-call forwards", -1,
+    normkit::layer_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   normkit::register_fork_handler();

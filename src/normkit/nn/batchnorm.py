@@ -23,11 +23,13 @@ Reducing Internal Covariate Shift", ICML 2015.
 
 from __future__ import annotations
 
+import functools
+
 from torch import Tensor, nn
 
 from .. import _checks as C
+from .. import _fast, activations, running_stats
 from .. import functional as F
-from .. import running_stats
 from ..masked import masked_batch_norm1d
 from ..reference import ACTIVATIONS
 from .scripting import twin
@@ -35,6 +37,13 @@ from .scripting import twin
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
 
 _LAYOUTS = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+_ACT_CODES = activations.codes()
+
+
+@functools.cache
+def _dims_mask(layer_type: type) -> int:
+    """The layer's accepted input ranks as a bit mask (bit d: d-D input), for the one-call forward."""
+    return sum(1 << d for d in layer_type._accepted_dims)
 
 
 class _BatchNormForward:
@@ -81,6 +90,18 @@ class _BatchNormForward:
     def _normalize(self, input: Tensor, residual: Tensor | None = None, act: str = "") -> Tensor:
         weight, bias, running_mean, running_var = self._state()
         batch_stats = self.training or running_mean is None
+        update = self.training and self.track_running_stats
+        code = _ACT_CODES.get(act or "")
+        if code is not None:  # the common case in one C++ call (normkit._fast), else the Python path below
+            served = _fast.batch_norm(input, weight, bias, running_mean, running_var,
+                                      self._buffers.get("num_batches_tracked"), _dims_mask(type(self)),
+                                      self.num_features, batch_stats, update, self.momentum, self.eps, residual,
+                                      code, running_stats.skip_nonfinite())
+            if served is not None:
+                y, skipped = served
+                if skipped:
+                    running_stats.count_skipped(self, running_mean.device)
+                return y
         if not (C.batch_norm_ok(input, self.num_features, self._accepted_dims, weight, bias, running_mean,
                                 running_var, batch_stats, self.eps)
                 and (residual is None and not act or C.fused_args_ok(input, residual, act, ACTIVATIONS))):
@@ -91,7 +112,6 @@ class _BatchNormForward:
             act = F.check_batch_norm(where, input, running_mean, running_var, weight, bias, batch_stats, residual,
                                      act, self.eps)
         act = act or ""
-        update = self.training and self.track_running_stats
         return F.batch_norm_unchecked(
             input,
             None if batch_stats else running_mean,

@@ -13,11 +13,14 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import _checks as C
+from .. import _fast, activations
 from .. import functional as F
 from ..reference import ACTIVATIONS
 from .scripting import twin
 
 __all__ = ["GroupNorm"]
+
+_ACT_CODES = activations.codes()
 
 
 class GroupNorm(nn.GroupNorm):
@@ -29,6 +32,11 @@ class GroupNorm(nn.GroupNorm):
     def _normalize(self, input: Tensor, residual: Tensor | None = None, act: str = "") -> Tensor:
         p = self._parameters
         weight, bias = p.get("weight"), p.get("bias")
+        code = _ACT_CODES.get(act or "")
+        if code is not None:  # the common case in one C++ call (normkit._fast), else the Python path below
+            y = _fast.group_norm(input, self.num_groups, self.num_channels, weight, bias, self.eps, residual, code)
+            if y is not None:
+                return y
         fast = isinstance(input, Tensor) and input.dtype in C._FLOATS and input.dim() >= 2 and \
             input.shape[1] == self.num_channels and C.vectors_ok(input, self.num_channels, (weight, bias)) and \
             (residual is None and not act or C.fused_args_ok(input, residual, act, ACTIVATIONS))

@@ -1,0 +1,345 @@
+// The layers' forward in one call: normkit._C.{batch_norm, group_norm, layer_norm, rms_norm}.
+//
+// Why: a normkit layer's forward in Python — the fast checks, the route, the op call through the
+// dispatcher, the running-statistics update — cost 15-60 µs a call, where torch.nn's whole forward on a
+// small tensor costs 8-50 µs (issue 12: BatchNorm1d 64×256 training forward 85 µs against torch's 55).
+// These functions do the same work in C++, called straight from Python (METH_FASTCALL, no argument
+// parser, no dispatcher), and compute with exactly the functions the Python path reaches: the eager ops
+// of autograd.h, aten's batch_norm where normkit.route sends BatchNorm to aten, and
+// eager::update_running_stats. So a served call gives the Python path's bits, and its errors.
+//
+// Each returns None for anything but the plain common case, and the caller (normkit/_fast.py, then the
+// layer) takes the Python path, which checks in detail and raises the clear error, or serves the rare
+// case (a tensor subclass, a torch.func transform, tracing, a dispatch or function mode, an empty
+// tensor, a mismatched dtype, a saved-tensor hook around a BatchNorm update...). Nothing is touched
+// before every check has passed, so "not served" leaves no trace.
+//
+//   batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, dims_mask, channels,
+//              batch_stats, update, momentum, eps, residual, act, skip_nonfinite, backend, aten_below)
+//                                                  -> (y, skipped) | None
+//   group_norm(x, num_groups, channels, weight, bias, eps, residual, act, backend)   -> y | None
+//   layer_norm(x, normalized_shape, weight, bias, eps, backend)                      -> y | None
+//   rms_norm(x, normalized_shape, weight, eps, backend)                              -> y | None
+//
+// backend: 0 "auto" (the route may choose aten, normkit.route.prefer_aten), 1 "cpu" (the kernels);
+// Python has already refused other backends, torch.compile and forward-mode AD.
+#include "eager.h"
+
+#include <ATen/ATen.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/SavedTensorHooks.h>
+#include <ATen/TracerMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <limits>
+
+namespace normkit {
+namespace {
+
+using at::Tensor;
+
+// ----------------------------------------------------------------------------- what may be served
+// No tracer, functorch transform, Python dispatch mode or torch function mode is active: each of these
+// must see torch's operations (normkit.route sends the call to the aten path, or the mode intercepts it).
+// (A functorch transform includes its front-mode key in the thread's dispatch keys while a level is
+// active: ATen/functorch/DynamicLayer.cpp; its own header needs a JSON library torch does not ship.)
+bool plain_eager() {
+  return !at::tracer::impl::is_dispatch_enabled() &&
+         !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
+         !c10::impl::TorchDispatchModeTLS::any_modes_set() && !at::impl::torch_function_mode_enabled();
+}
+
+// The dispatch keys of a plain dense CPU tensor, with autograd (any tensor made outside inference mode)
+// and without (an inference tensor). A wrapper, subclass with __torch_dispatch__, sparse, conjugate or
+// negative-bit tensor has other keys.
+bool plain_keys(const Tensor& t) {
+  static const c10::DispatchKeySet with_autograd = at::empty({0}).key_set();
+  static const c10::DispatchKeySet inference = [] {
+    c10::InferenceMode guard;
+    return at::empty({0}).key_set();
+  }();
+  const auto keys = t.key_set();
+  return keys == with_autograd || keys == inference;
+}
+
+bool floating(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+bool reduced(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// One positional argument: None -> an undefined tensor; a torch.Tensor or nn.Parameter (not a subclass,
+// which may override __torch_function__) holding a plain CPU tensor -> that tensor; else not served.
+bool tensor_arg(PyObject* obj, Tensor& out) {
+  if (obj == Py_None) return true;
+  if (!THPVariable_CheckExact(obj)) return false;
+  const Tensor& t = THPVariable_Unpack(obj);
+  if (!t.defined() || !plain_keys(t)) return false;
+  out = t;
+  return true;
+}
+
+bool int_arg(PyObject* obj, int64_t& out) {
+  if (!PyLong_Check(obj)) return false;
+  out = PyLong_AsLongLong(obj);
+  if (out == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  return true;
+}
+
+// a Python float or int (not a bool, a tensor or anything else with __float__)
+bool float_arg(PyObject* obj, double& out) {
+  if (PyBool_Check(obj) || !(PyFloat_Check(obj) || PyLong_Check(obj))) return false;
+  out = PyFloat_AsDouble(obj);
+  if (out == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  return true;
+}
+
+bool bool_arg(PyObject* obj, bool& out) {
+  if (!PyBool_Check(obj)) return false;
+  out = obj == Py_True;
+  return true;
+}
+
+// normalized_shape as one trailing size: an int, or a tuple/list/torch.Size of one int
+bool last_size_arg(PyObject* obj, int64_t& out) {
+  if (PyLong_Check(obj)) return int_arg(obj, out);
+  if ((PyTuple_Check(obj) || PyList_Check(obj)) && PySequence_Size(obj) == 1) {
+    PyObject* item = PyTuple_Check(obj) ? PyTuple_GET_ITEM(obj, 0) : PyList_GET_ITEM(obj, 0);
+    return int_arg(item, out);
+  }
+  return false;
+}
+
+// normkit._checks.vectors_ok: each given vector is (size,), one dtype among them, the input's or float32
+// beside float16/bfloat16 input
+bool vectors_ok(const Tensor& x, int64_t size, std::initializer_list<const Tensor*> vectors) {
+  c10::optional<at::ScalarType> dtype;
+  for (const Tensor* t : vectors) {
+    if (!t->defined()) continue;
+    if (t->dim() != 1 || t->size(0) != size) return false;
+    if (dtype.has_value() && t->scalar_type() != *dtype) return false;
+    dtype = t->scalar_type();
+  }
+  return !dtype.has_value() || *dtype == x.scalar_type() || (*dtype == at::kFloat && reduced(x.scalar_type()));
+}
+
+// normkit._checks.fused_args_ok: the residual, if any, is floating with the input's shape; act a known code
+bool fused_ok(const Tensor& x, const Tensor& residual, int64_t act) {
+  if (act < 0 || act > 3) return false;
+  return !residual.defined() || (floating(residual.scalar_type()) && residual.sizes() == x.sizes());
+}
+
+bool wants_grad(std::initializer_list<const Tensor*> tensors) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : tensors)
+    if (t->defined() && t->requires_grad()) return true;
+  return false;
+}
+
+c10::optional<Tensor> opt(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
+
+// aten_path.finish: act(y + residual), out of place, in torch's own functions (GELU the exact erf form)
+Tensor finish(Tensor y, const Tensor& residual, int64_t act) {
+  if (residual.defined()) y = y + residual;
+  switch (act) {
+    case 1: return at::relu(y);
+    case 2: return at::silu(y);
+    case 3: return at::gelu(y);
+    default: return y;
+  }
+}
+
+PyObject* wrap(Tensor t) { return THPVariable_Wrap(std::move(t)); }
+
+PyObject* not_served() { Py_RETURN_NONE; }
+
+// ----------------------------------------------------------------------------- BatchNorm
+// The forward of normkit's BatchNorm layers (nn/batchnorm.py _normalize) with its route
+// (normkit.route.prefer_aten) and running-statistics update (normkit.running_stats.update_running_stats).
+PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 17) return not_served();
+  Tensor x, w, b, rm, rv, nbt, r;
+  int64_t dims_mask, channels, act, backend, aten_below;
+  bool batch_stats, update, skip;
+  double eps;
+  c10::optional<double> momentum;
+  if (!(tensor_arg(args[0], x) && tensor_arg(args[1], w) && tensor_arg(args[2], b) && tensor_arg(args[3], rm) &&
+        tensor_arg(args[4], rv) && tensor_arg(args[5], nbt) && int_arg(args[6], dims_mask) &&
+        int_arg(args[7], channels) && bool_arg(args[8], batch_stats) && bool_arg(args[9], update) &&
+        float_arg(args[11], eps) && tensor_arg(args[12], r) && int_arg(args[13], act) && bool_arg(args[14], skip) &&
+        int_arg(args[15], backend) && int_arg(args[16], aten_below)))
+    return not_served();
+  if (args[10] != Py_None) {
+    double m;
+    if (!float_arg(args[10], m)) return not_served();
+    momentum = m;
+  }
+  // the checks of normkit._checks.batch_norm_ok and fused_args_ok
+  if (!x.defined() || !floating(x.scalar_type()) || x.dim() < 2 || x.dim() > 30 || !((dims_mask >> x.dim()) & 1))
+    return not_served();
+  if (x.size(1) != channels || !(eps > 0) || x.numel() == 0 || (backend != 0 && backend != 1)) return not_served();
+  if (rm.defined() != rv.defined() || (rm.defined() && (rm.requires_grad() || rv.requires_grad())))
+    return not_served();
+  if (!batch_stats && !rm.defined()) return not_served();
+  if (batch_stats && x.numel() == channels) return not_served();  // one value per channel: the clear error
+  if (!vectors_ok(x, channels, {&w, &b, &rm, &rv}) || !fused_ok(x, r, act)) return not_served();
+  if (!plain_eager()) return not_served();
+  // the update (eager::update_running_stats takes float32/float64 statistics) and the recomputation rule
+  update = update && batch_stats && rm.defined();
+  if (update) {
+    const auto st = rm.scalar_type();
+    if ((st != at::kFloat && st != at::kDouble) || (nbt.defined() && nbt.scalar_type() != at::kLong))
+      return not_served();
+    // a forward inside a backward pass recomputes one that ran (reentrant checkpointing): no update. Under
+    // a saved-tensor hook the Python side decides (non-reentrant checkpointing's recomputation hook).
+    if (torch::autograd::get_current_graph_task_id() != -1) {
+      update = false;
+    } else if (!at::SavedTensorDefaultHooks::get_tls_state().stack.empty()) {
+      return not_served();
+    }
+  }
+
+  const bool fused = r.defined() || act != 0;
+  const bool cudnn = at::globalContext().userEnabledCuDNN();
+  Tensor y;
+  bool skipped = false;
+  {
+    pybind11::gil_scoped_release no_gil;  // torch's own ops release it too: other Python threads run meanwhile
+    if (batch_stats) {
+      // normkit.route: aten for unfused training on NCHW input below ATEN_BELOW elements
+      const bool aten = backend == 0 && !fused && x.dim() > 2 && x.is_contiguous() && x.numel() < aten_below;
+      Tensor mean, var;
+      if (aten) {
+        y = at::batch_norm(x, opt(w), opt(b), {}, {}, true, 0.0, eps, cudnn);
+        if (update) std::tie(mean, var) = eager::batch_moments(x.detach());
+      } else {
+        std::tie(y, mean, var) = eager::bn_train(x, opt(w), opt(b), opt(r), eps, act);
+      }
+      if (update) {
+        skipped = eager::update_running_stats(rm, rv, opt(nbt), mean.detach(), var.detach(),
+                                              x.numel() / channels, momentum, skip);
+      }
+    } else {
+      // normkit.route: aten for eval on ≥3-D input, or 2-D input with no backward to follow
+      const bool admissible = x.dim() > 2 || !wants_grad({&x, &w, &b, &r});
+      if (backend == 0 && admissible) {
+        y = finish(at::batch_norm(x, opt(w), opt(b), rm, rv, false, 0.0, eps, cudnn), r, act);
+      } else {
+        y = eager::bn_infer(x, rm, rv, opt(w), opt(b), opt(r), eps, act);
+      }
+    }
+  }
+  PyObject* out = wrap(std::move(y));
+  if (out == nullptr) return nullptr;
+  return Py_BuildValue("(NO)", out, skipped ? Py_True : Py_False);
+  END_HANDLE_TH_ERRORS
+}
+
+// ----------------------------------------------------------------------------- GroupNorm
+// nn/groupnorm.py _normalize and functional.group_norm (the route never sends GroupNorm to aten on CPU)
+PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 9) return not_served();
+  Tensor x, w, b, r;
+  int64_t groups, channels, act, backend;
+  double eps;
+  if (!(tensor_arg(args[0], x) && int_arg(args[1], groups) && int_arg(args[2], channels) && tensor_arg(args[3], w) &&
+        tensor_arg(args[4], b) && float_arg(args[5], eps) && tensor_arg(args[6], r) && int_arg(args[7], act) &&
+        int_arg(args[8], backend)))
+    return not_served();
+  if (!x.defined() || !floating(x.scalar_type()) || x.dim() < 2 || x.size(1) != channels || x.numel() == 0)
+    return not_served();
+  if (groups <= 0 || channels % groups != 0 || (backend != 0 && backend != 1)) return not_served();
+  if (!vectors_ok(x, channels, {&w, &b}) || !fused_ok(x, r, act) || !plain_eager()) return not_served();
+  Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    y = std::get<0>(eager::gn(x, groups, opt(w), opt(b), opt(r), eps, act));
+  }
+  return wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+// ----------------------------------------------------------------------------- LayerNorm / RMSNorm
+// functional.layer_norm with a one-dimensional normalized_shape (the route never sends it to aten)
+PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 6) return not_served();
+  Tensor x, w, b;
+  int64_t k, backend;
+  double eps;
+  if (!(tensor_arg(args[0], x) && last_size_arg(args[1], k) && tensor_arg(args[2], w) && tensor_arg(args[3], b) &&
+        float_arg(args[4], eps) && int_arg(args[5], backend)))
+    return not_served();
+  if (!x.defined() || !floating(x.scalar_type()) || x.dim() < 1 || x.size(-1) != k || x.numel() == 0)
+    return not_served();
+  if ((backend != 0 && backend != 1) || !vectors_ok(x, k, {&w, &b}) || !plain_eager()) return not_served();
+  Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    y = std::get<0>(eager::ln(x, {k}, opt(w), opt(b), eps));
+  }
+  return wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+double dtype_eps(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return std::numeric_limits<double>::epsilon();
+    case at::kHalf: return static_cast<double>(std::numeric_limits<c10::Half>::epsilon());
+    case at::kBFloat16: return static_cast<double>(std::numeric_limits<c10::BFloat16>::epsilon());
+    default: return std::numeric_limits<float>::epsilon();
+  }
+}
+
+// functional.rms_norm on contiguous real input with a one-dimensional normalized_shape; eps None is
+// torch.finfo(x.dtype).eps. The weight may have any floating dtype (torch accepts it, so does the kernel).
+PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 5) return not_served();
+  Tensor x, w;
+  int64_t k, backend;
+  double eps = 0;
+  if (!(tensor_arg(args[0], x) && last_size_arg(args[1], k) && tensor_arg(args[2], w) &&
+        (args[3] == Py_None || float_arg(args[3], eps)) && int_arg(args[4], backend)))
+    return not_served();
+  if (!x.defined() || !floating(x.scalar_type()) || x.dim() < 1 || x.size(-1) != k || x.numel() == 0 ||
+      !x.is_contiguous())
+    return not_served();
+  if (w.defined() && (!floating(w.scalar_type()) || w.dim() != 1 || w.size(0) != k)) return not_served();
+  if ((backend != 0 && backend != 1) || !plain_eager()) return not_served();
+  if (args[3] == Py_None) eps = dtype_eps(x.scalar_type());
+  Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    y = std::get<0>(eager::rms(x, {k}, opt(w), eps));
+  }
+  return wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+}  // namespace
+
+PyMethodDef layer_methods[] = {
+    {"batch_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(batch_norm)), METH_FASTCALL,
+     "BatchNorm layers' forward in one call (csrc/layers.cpp); None when not served"},
+    {"group_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(group_norm)), METH_FASTCALL,
+     "GroupNorm's forward in one call (csrc/layers.cpp); None when not served"},
+    {"layer_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(layer_norm)), METH_FASTCALL,
+     "LayerNorm's forward in one call (csrc/layers.cpp); None when not served"},
+    {"rms_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(rms_norm)), METH_FASTCALL,
+     "RMSNorm's forward in one call (csrc/layers.cpp); None when not served"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace normkit

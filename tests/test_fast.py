@@ -1,0 +1,309 @@
+"""The layers' one-call forwards (csrc/layers.cpp through normkit._fast) against the Python path.
+
+A served call must be the Python path's computation to the bit — outputs, gradients, strides,
+running statistics, ``num_batches_tracked``, ``skipped_batches`` — because it calls the same
+functions; and every case it does not recognise as the plain common case must fall through to the
+Python path (which raises the clear error or serves the case). A spy on ``normkit._C`` records
+whether each call was served, so the equality tests cannot pass by comparing the Python path
+with itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import normkit
+from normkit import _fast
+from normkit import functional as NF
+
+pytestmark = pytest.mark.skipif(not _fast._entries(), reason="the C++ extension is not built")
+
+ACTS = [None, "relu", "silu", "gelu"]
+
+
+class _Spy:
+    """``normkit._C`` with each layer function's answers recorded: True served, False not."""
+
+    def __init__(self, real):
+        self.real, self.served = real, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.real, name)
+
+        def call(*args):
+            out = fn(*args)
+            self.served.append(out is not None)
+            return out
+
+        return call
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    s = _Spy(_fast._entries())
+    monkeypatch.setattr(_fast, "_C", s)
+    return s
+
+
+def _python_path(monkeypatch):
+    monkeypatch.setattr(_fast, "_C", False)
+
+
+def _state(layer):
+    out = {k: v.clone() for k, v in layer.state_dict().items()}
+    sb = layer.__dict__.get("skipped_batches")
+    if sb is not None:
+        out["skipped_batches"] = sb.clone()
+    return out
+
+
+def _run(layer, x, *, residual=None, grad=True, steps=2):
+    """Outputs of ``steps`` forwards, the gradients of the last (when ``grad``) and the final state."""
+    outs, grads = [], []
+    for _ in range(steps):
+        xi = x.detach().clone().requires_grad_(grad)
+        ri = None if residual is None else residual.detach().clone().requires_grad_(grad)
+        args = (xi,) if ri is None else (xi, ri)
+        with torch.set_grad_enabled(grad):
+            y = layer(*args)
+        outs.append(y.detach())
+        if grad:
+            for p in layer.parameters():
+                p.grad = None
+            y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape))
+            grads = [xi.grad, *(p.grad for p in layer.parameters()), *([] if ri is None else [ri.grad])]
+    return outs, grads, _state(layer)
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for u, v in zip(a, b, strict=True):
+        if u is None or v is None:
+            assert u is None and v is None
+            continue
+        assert u.dtype == v.dtype and u.shape == v.shape and u.stride() == v.stride()
+        assert torch.equal(u.isnan(), v.isnan()) and torch.equal(u.nan_to_num(), v.nan_to_num())
+
+
+def _compare(make, x, monkeypatch, spy, *, residual=None, grad=True, train=True, served=True):
+    """The layer from ``make()`` on the one-call forward and on the Python path: the same bits."""
+    torch.manual_seed(0)
+    fast_layer = make()
+    with torch.no_grad():  # non-trivial parameters and statistics
+        for t in (*fast_layer.parameters(), *fast_layer.buffers()):
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, dtype=torch.float64) + 0.5)
+    slow_layer = copy.deepcopy(fast_layer)
+    fast_layer.train(train), slow_layer.train(train)
+    got = _run(fast_layer, x, residual=residual, grad=grad)
+    assert spy.served and all(spy.served) == served and any(spy.served) == served
+    _python_path(monkeypatch)
+    want = _run(slow_layer, x, residual=residual, grad=grad)
+    _same(got[0], want[0])
+    _same(got[1], want[1])
+    assert got[2].keys() == want[2].keys()
+    _same(list(got[2].values()), list(want[2].values()))
+
+
+def _x(*shape, dtype=torch.float32, channels_last=False, offset=3.0):
+    x = (offset + 0.5 * torch.randn(*shape, dtype=torch.float64)).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+BN_CASES = [
+    (lambda: normkit.BatchNorm1d(7), (8, 7), False),
+    (lambda: normkit.BatchNorm1d(6), (4, 6, 33), False),
+    (lambda: normkit.BatchNorm2d(5), (3, 5, 7, 9), False),
+    (lambda: normkit.BatchNorm2d(5), (3, 5, 7, 9), True),
+    (lambda: normkit.BatchNorm2d(16), (8, 16, 16, 17), False),  # above route.ATEN_BELOW: the kernel
+    (lambda: normkit.BatchNorm3d(3), (2, 3, 4, 5, 3), True),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("make,shape,channels_last", BN_CASES)
+def test_batch_norm_layers_match_the_python_path(make, shape, channels_last, train, grad, backend, monkeypatch, spy):
+    with normkit.backend(backend):
+        _compare(make, _x(*shape, channels_last=channels_last), monkeypatch, spy, grad=grad, train=train)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_batch_norm_matches_the_python_path(act, residual, train, channels_last, monkeypatch, spy):
+    x = _x(4, 6, 5, 7, channels_last=channels_last)
+    r = _x(4, 6, 5, 7, offset=-1.0) if residual else None
+    _compare(lambda: normkit.BatchNormAct2d(6, act=act), x, monkeypatch, spy, residual=r, train=train)
+
+
+@pytest.mark.parametrize("options", [dict(momentum=None), dict(momentum=0.37), dict(track_running_stats=False),
+                                     dict(affine=False), dict(eps=1e-3)])
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_options_match_the_python_path(options, train, monkeypatch, spy):
+    _compare(lambda: normkit.BatchNorm2d(5, **options), _x(3, 5, 4, 4), monkeypatch, spy, train=train)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_dtypes_match_the_python_path(dtype, train, monkeypatch, spy):
+    # float32 statistics and parameters beside reduced-precision input, as torch.nn allows
+    params = torch.float64 if dtype == torch.float64 else torch.float32
+    _compare(lambda: normkit.BatchNorm2d(5, dtype=params), _x(3, 5, 4, 6, dtype=dtype), monkeypatch, spy,
+             train=train)
+
+
+def test_a_non_finite_batch_is_skipped_and_counted_as_on_the_python_path(monkeypatch, spy):
+    x = _x(4, 3, 5, 5)
+    x[1, 2, 3, 3] = float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _compare(lambda: normkit.BatchNorm2d(3), x, monkeypatch, spy)
+
+
+def test_the_skip_warns_once_per_layer(spy):
+    layer = normkit.BatchNorm1d(4)
+    x = torch.full((8, 4), float("nan"))
+    with pytest.warns(RuntimeWarning):
+        layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)
+    assert all(spy.served) and int(layer.skipped_batches) == 2 and int(layer.num_batches_tracked) == 0
+
+
+# ----------------------------------------------------------------------------- GroupNorm, LayerNorm, RMSNorm
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("affine", [False, True])
+def test_group_norm_matches_the_python_path(act, channels_last, affine, monkeypatch, spy):
+    x = _x(3, 8, 5, 7, channels_last=channels_last)
+    if act is None:
+        make = lambda: normkit.GroupNorm(4, 8, affine=affine)  # noqa: E731
+        _compare(make, x, monkeypatch, spy)
+    else:
+        make = lambda: normkit.GroupNormAct(4, 8, affine=affine, act=act)  # noqa: E731
+        _compare(make, x, monkeypatch, spy, residual=_x(3, 8, 5, 7, offset=-1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 33), (2, 5, 64), (3, 1023)])
+@pytest.mark.parametrize("options", [{}, dict(elementwise_affine=False), dict(bias=False)])
+def test_layer_norm_matches_the_python_path(dtype, shape, options, monkeypatch, spy):
+    params = torch.float32 if dtype == torch.bfloat16 else dtype
+    _compare(lambda: normkit.LayerNorm(shape[-1], dtype=params, **options), _x(*shape, dtype=dtype), monkeypatch,
+             spy)
+
+
+def test_layer_norm_of_a_non_contiguous_input_matches_the_python_path(monkeypatch, spy):
+    x = _x(33, 6).t()  # (6, 33) transposed
+    _compare(lambda: normkit.LayerNorm(6), x.t().contiguous().t().t(), monkeypatch, spy)
+    _compare(lambda: normkit.LayerNorm(6), x.t(), monkeypatch, spy)
+
+
+@pytest.mark.parametrize("eps", [None, 1e-6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_the_python_path(eps, dtype, monkeypatch, spy):
+    _compare(lambda: normkit.RMSNorm(64, eps=eps, dtype=dtype), _x(4, 3, 64, dtype=dtype), monkeypatch, spy)
+
+
+def test_the_functions_are_served_too(spy):
+    x, w, b = _x(4, 8, 5), torch.rand(8), torch.rand(8)
+    for served, want in [
+        (NF.layer_norm(x, 5, None, None), torch.nn.functional.layer_norm(x, [5])),
+        (NF.group_norm(x, 2, w, b), torch.nn.functional.group_norm(x, 2, w, b)),
+        (NF.rms_norm(x, [5]), torch.nn.functional.rms_norm(x, [5])),
+    ]:
+        torch.testing.assert_close(served, want)
+    assert spy.served == [True, True, True]
+
+
+# ----------------------------------------------------------------------------- what is not served
+def test_bad_input_is_not_served_and_raises_the_clear_error_leaving_the_buffers(spy):
+    layer = normkit.BatchNorm2d(4)
+    before = _state(layer)
+    for bad, message in [(torch.randn(2, 5, 3, 3), "num_features"), (torch.randn(1, 4, 1, 1), "more than 1 value"),
+                         (torch.randn(2, 4, 3), "4D input"), (torch.randn(2, 4, 3, 3).int(), "floating-point")]:
+        with pytest.raises(normkit.NormInputError, match=message):
+            layer(bad)
+    assert spy.served == [False] * 4
+    _same(list(_state(layer).values()), list(before.values()))
+    with pytest.raises(normkit.NormInputError, match="normalized_shape"):
+        normkit.LayerNorm(6)(torch.randn(2, 5))
+    with pytest.raises(normkit.NormInputError, match="num_groups"):
+        NF.group_norm(torch.randn(2, 6, 3), 4)
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_transforms_modes_tracing_subclasses_and_empty_tensors_are_not_served(spy):
+    layer = normkit.BatchNorm2d(3).eval()
+    x = torch.randn(2, 3, 4, 4)
+    want = torch.nn.functional.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias)
+
+    def never_served(call):
+        spy.served.clear()
+        call()
+        assert spy.served and not any(spy.served)
+
+    never_served(lambda: torch.func.vmap(layer)(x.unsqueeze(0)))
+    never_served(lambda: torch.func.grad(lambda t: layer(t).sum())(x))
+    with _Recorder() as rec:
+        never_served(lambda: layer(x))
+    assert rec.ops  # the mode saw torch's operations
+    with torch.device("cpu"):  # a torch function mode
+        never_served(lambda: layer(x))
+    never_served(lambda: torch.jit.trace(layer, x, check_trace=False))
+    never_served(lambda: torch.testing.assert_close(layer(x.as_subclass(_Subclass)), want))
+    never_served(lambda: layer(torch.randn(0, 3, 4, 4)))
+
+
+def test_forward_mode_ad_and_other_backends_are_not_served(spy):
+    layer = normkit.LayerNorm(5)
+    x = torch.randn(3, 5)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        y = layer(fwAD.make_dual(x, torch.ones_like(x)))
+        assert fwAD.unpack_dual(y).tangent is not None
+    with normkit.backend("reference"):
+        layer(x)
+    assert spy.served == []  # refused before the C++ call
+
+
+def test_a_training_update_under_a_saved_tensor_hook_is_left_to_the_python_path(spy):
+    layer = normkit.BatchNorm1d(4)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        layer(torch.randn(8, 4, requires_grad=True)).sum().backward()
+        layer.eval()(torch.randn(8, 4, requires_grad=True)).sum().backward()
+    assert spy.served == [False, True] and int(layer.num_batches_tracked) == 1
+
+
+def test_a_recomputed_forward_is_served_without_moving_the_statistics(spy):
+    layer = normkit.BatchNorm1d(4)
+    x = torch.randn(8, 4, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=True)
+    y.sum().backward()  # the forward runs again inside the backward pass
+    assert spy.served == [True, True] and int(layer.num_batches_tracked) == 1
