@@ -46,12 +46,12 @@ class _Spy:
 @pytest.fixture
 def spy(monkeypatch):
     s = _Spy(_fast._entries())
-    monkeypatch.setattr(_fast, "_C", s)
+    monkeypatch.setattr(_fast, "_entries", lambda: s)
     return s
 
 
 def _python_path(monkeypatch):
-    monkeypatch.setattr(_fast, "_C", False)
+    monkeypatch.setattr(_fast, "_entries", lambda: False)
 
 
 def _state(layer):

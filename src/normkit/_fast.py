@@ -27,22 +27,24 @@ __all__ = ["batch_norm", "group_norm", "layer_norm", "rms_norm"]
 
 _is_compiling = torch.compiler.is_compiling
 _BACKEND_CODES = {"auto": 0, "cpu": 1}
-_C = None  # normkit._C once loaded with its layer functions, False when unavailable
+_loaded: tuple[object, object] = (None, False)  # (the cpu backend instance, normkit._C or False) last seen
 
 
 def _entries():
-    """``normkit._C`` when the cpu backend is the C++ extension with the layer functions, else False."""
-    global _C
-    if _C is None:
-        from .ops import native_ops
+    """``normkit._C`` when the registered ``cpu`` backend is the C++ extension with the layer functions,
+    else False. Asked on every call (a dictionary read): ``register_backend("cpu", ...)`` may replace it."""
+    global _loaded
+    cpu = backends._INSTANCES.get("cpu") or backends._instance("cpu")  # builds (loads) it once
+    if _loaded[0] is cpu:
+        return _loaded[1]
+    module = False
+    if getattr(cpu, "eager_ops", False):  # the extension's backend (cpu_backend.CpuBackend), loaded
+        import importlib
 
-        module = None
-        if native_ops() is not None:  # loads the extension through the cpu backend, once
-            import importlib
-
-            module = importlib.import_module("normkit._C")
-        _C = module if module is not None and hasattr(module, "batch_norm") else False
-    return _C
+        module = importlib.import_module("normkit._C")
+        module = module if hasattr(module, "batch_norm") else False
+    _loaded = (cpu, module)
+    return module
 
 
 def _backend() -> int:
@@ -62,7 +64,7 @@ def batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, 
     statistics and moved nothing (the caller counts it).
     """
     code = _backend()
-    if code < 0 or not (c := _C or _entries()):
+    if code < 0 or not (c := _entries()):
         return None
     return c.batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, dims_mask, channels,
                         batch_stats, update, momentum, eps, residual, act, skip_nonfinite, code,
@@ -71,20 +73,20 @@ def batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, 
 
 def group_norm(x, num_groups: int, channels: int, weight, bias, eps: float, residual, act: int) -> Tensor | None:
     code = _backend()
-    if code < 0 or not (c := _C or _entries()):
+    if code < 0 or not (c := _entries()):
         return None
     return c.group_norm(x, num_groups, channels, weight, bias, eps, residual, act, code)
 
 
 def layer_norm(x, normalized_shape, weight, bias, eps: float) -> Tensor | None:
     code = _backend()
-    if code < 0 or not (c := _C or _entries()):
+    if code < 0 or not (c := _entries()):
         return None
     return c.layer_norm(x, normalized_shape, weight, bias, eps, code)
 
 
 def rms_norm(x, normalized_shape, weight, eps: float | None) -> Tensor | None:
     code = _backend()
-    if code < 0 or not (c := _C or _entries()):
+    if code < 0 or not (c := _entries()):
         return None
     return c.rms_norm(x, normalized_shape, weight, eps, code)

@@ -173,6 +173,7 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
     const Tensor w = arrived(w_), b = arrived(b_), r = arrived(r_);
     const Tensor xd = dense(x);
     auto [y, mean, var] = channel_forward(xd, opt(w), opt(b), eps, opt(as_layout(r, xd)), act);
+    ctx->set_materialize_grads(false);  // mean/var outputs get no gradient: no zeros made for them
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;
     ctx->save_for_backward({x, w, b, r, mean, at::rsqrt(var + eps)});
@@ -181,6 +182,7 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(6);  // no gradient reached y
     variable_list g = bn_grads(ctx, grads[0], true, 1);
     return {g[0], g[1], g[2], g[3], Tensor(), Tensor()};
   }
@@ -207,6 +209,7 @@ struct BatchNormInfer : public torch::autograd::Function<BatchNormInfer> {
                                const Tensor& w_, const Tensor& b_, const Tensor& r_, double eps, int64_t act) {
     const Tensor w = arrived(w_), b = arrived(b_), r = arrived(r_);
     Tensor y = infer_forward(x, mean, var, w, b, r, eps, act);
+    ctx->set_materialize_grads(false);  // mean/var outputs get no gradient: no zeros made for them
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;
     ctx->save_for_backward({x, w, b, r, mean, var});
@@ -214,6 +217,7 @@ struct BatchNormInfer : public torch::autograd::Function<BatchNormInfer> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(8);
     variable_list g = bn_grads(ctx, grads[0], false, 3);
     return {g[0], Tensor(), Tensor(), g[1], g[2], g[3], Tensor(), Tensor()};
   }
@@ -245,6 +249,7 @@ struct GroupNormOp : public torch::autograd::Function<GroupNormOp> {
     const Tensor w = arrived(w_), b = arrived(b_), r = arrived(r_);
     const Tensor xd = dense(x);
     auto [y, mean, var] = group_forward(xd, groups, opt(w), opt(b), eps, opt(as_layout(r, xd)), act);
+    ctx->set_materialize_grads(false);  // mean/var outputs get no gradient: no zeros made for them
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;
     ctx->saved_data["groups"] = groups;
@@ -254,6 +259,7 @@ struct GroupNormOp : public torch::autograd::Function<GroupNormOp> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(7);
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &r = saved[3], &mean = saved[4], &rstd = saved[5];
     const int64_t act = ctx->saved_data["act"].toInt(), groups = ctx->saved_data["groups"].toInt();
@@ -305,6 +311,7 @@ struct RowNormOp : public torch::autograd::Function<RowNormOp> {
     const auto [m, k] = rows_of(x, normalized_shape);
     const Tensor x2d = x.contiguous().view({m, k});
     auto [y, mean, rstd] = row_forward(x2d, opt(flat(w, k)), opt(flat(b, k)), eps, rms);
+    ctx->set_materialize_grads(false);  // mean/var outputs get no gradient: no zeros made for them
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["rms"] = rms;
     ctx->saved_data["shape"] = normalized_shape;
@@ -318,6 +325,7 @@ struct RowNormOp : public torch::autograd::Function<RowNormOp> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(6);
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &mean = saved[3], &rstd = saved[4];
     const bool rms = ctx->saved_data["rms"].toBool();

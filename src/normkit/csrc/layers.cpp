@@ -159,6 +159,16 @@ Tensor finish(Tensor y, const Tensor& residual, int64_t act) {
   }
 }
 
+Tensor finish_in_place(Tensor y, const Tensor& residual, int64_t act) {
+  if (residual.defined()) y.add_(residual);
+  switch (act) {
+    case 1: return y.relu_();
+    case 2: return at::silu_(y);
+    case 3: return at::gelu_(y);
+    default: return y;
+  }
+}
+
 PyObject* wrap(Tensor t) { return THPVariable_Wrap(std::move(t)); }
 
 PyObject* not_served() { Py_RETURN_NONE; }
@@ -232,9 +242,12 @@ PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       }
     } else {
       // normkit.route: aten for eval on ≥3-D input, or 2-D input with no backward to follow
-      const bool admissible = x.dim() > 2 || !wants_grad({&x, &w, &b, &r});
-      if (backend == 0 && admissible) {
-        y = finish(at::batch_norm(x, opt(w), opt(b), rm, rv, false, 0.0, eps, cudnn), r, act);
+      const bool grad = wants_grad({&x, &w, &b, &r});
+      if (backend == 0 && (x.dim() > 2 || !grad)) {
+        y = at::batch_norm(x, opt(w), opt(b), rm, rv, false, 0.0, eps, cudnn);
+        // without a backward, the residual and the activation go in place on the fresh output (the same
+        // values: the in-place forms are the same kernels), saving an allocation and a pass per op
+        y = grad ? finish(y, r, act) : finish_in_place(y, r, act);
       } else {
         y = eager::bn_infer(x, rm, rv, opt(w), opt(b), opt(r), eps, act);
       }

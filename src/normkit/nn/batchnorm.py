@@ -23,8 +23,6 @@ Reducing Internal Covariate Shift", ICML 2015.
 
 from __future__ import annotations
 
-import functools
-
 from torch import Tensor, nn
 
 from .. import _checks as C
@@ -40,17 +38,20 @@ _LAYOUTS = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"
 _ACT_CODES = activations.codes()
 
 
-@functools.cache
-def _dims_mask(layer_type: type) -> int:
-    """The layer's accepted input ranks as a bit mask (bit d: d-D input), for the one-call forward."""
-    return sum(1 << d for d in layer_type._accepted_dims)
-
-
 class _BatchNormForward:
     """The forward shared by every normkit BatchNorm (mixed in before the torch.nn class)."""
 
     _accepted_dims: tuple[int, ...] = ()
     _script_twin: type | None = None  # what torch.jit.script compiles instead (nn/scripting.py)
+    # for the one-call forward (normkit._fast): the accepted input ranks as a bit mask (bit d: d-D input),
+    # and whether the class moves its statistics by the standard update (no subclass override)
+    _dims_mask = 0
+    _one_call_update = True
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._dims_mask = sum(1 << d for d in cls._accepted_dims)
+        cls._one_call_update = cls._update_running_stats is _BatchNormForward._update_running_stats
 
     def __prepare_scriptable__(self) -> nn.Module:
         if self._script_twin is None:
@@ -92,11 +93,13 @@ class _BatchNormForward:
         batch_stats = self.training or running_mean is None
         update = self.training and self.track_running_stats
         code = _ACT_CODES.get(act or "")
-        if code is not None:  # the common case in one C++ call (normkit._fast), else the Python path below
+        # the common case in one C++ call (normkit._fast), else the Python path below; an update that
+        # someone intercepts (normkit.func.functional_call patches _update_running_stats) stays in Python
+        if code is not None and self._one_call_update and not (update and "_update_running_stats" in self.__dict__):
             served = _fast.batch_norm(input, weight, bias, running_mean, running_var,
-                                      self._buffers.get("num_batches_tracked"), _dims_mask(type(self)),
-                                      self.num_features, batch_stats, update, self.momentum, self.eps, residual,
-                                      code, running_stats.skip_nonfinite())
+                                      self._buffers.get("num_batches_tracked"), self._dims_mask, self.num_features,
+                                      batch_stats, update, self.momentum, self.eps, residual, code,
+                                      running_stats.skip_nonfinite())
             if served is not None:
                 y, skipped = served
                 if skipped:
