@@ -80,14 +80,44 @@ inline Tensor param_grad(const Tensor& g, const Tensor& param, bool needed) {
   return cast(g, param.scalar_type());
 }
 
-// backends.scale_shift: scale = γ·rstd, shift = β − mean·scale in the statistics' dtype
+// backends.scale_shift: scale = γ·rstd, shift = β − mean·scale in the statistics' dtype. For dense float32/
+// float64 vectors of one dtype (every layer's case) one loop over the channels does it: the tensor
+// expression's operations (a product, a negation, a product, a sum) are each exactly rounded, so the
+// loop gives their bits (-ffp-contract=off: no fused multiply-add) without four small aten calls.
 inline std::pair<Tensor, Tensor> scale_shift(const Tensor& w, const Tensor& b, const Tensor& mean,
                                              const Tensor& rstd) {
-  Tensor scale = w.defined() ? w.to(rstd.scalar_type()) * rstd : rstd;
+  const auto sd = rstd.scalar_type();
+  const int64_t n = rstd.numel();
+  auto fits = [&](const Tensor& t) {
+    return !t.defined() || (t.scalar_type() == sd && t.is_contiguous() && t.numel() == n && t.is_cpu());
+  };
+  if ((sd == at::kFloat || sd == at::kDouble) && rstd.dim() == 1 && rstd.is_contiguous() && mean.defined() &&
+      fits(mean) && fits(w) && fits(b)) {
+    Tensor scale = at::empty_like(rstd), shift = at::empty_like(rstd);
+    AT_DISPATCH_FLOATING_TYPES(sd, "normkit_scale_shift", [&] {
+      using S = scalar_t;
+      const S *r = rstd.data_ptr<S>(), *m = mean.data_ptr<S>();
+      const S* g = w.defined() ? w.data_ptr<S>() : nullptr;
+      const S* be = b.defined() ? b.data_ptr<S>() : nullptr;
+      S *sc = scale.data_ptr<S>(), *sh = shift.data_ptr<S>();
+      for (int64_t i = 0; i < n; ++i) {
+        const S k = g ? g[i] * r[i] : r[i];
+        const S h = -m[i] * k;
+        sc[i] = k;
+        sh[i] = be ? h + be[i] : h;
+      }
+    });
+    return {scale, shift};
+  }
+  Tensor scale = w.defined() ? w.to(sd) * rstd : rstd;
   Tensor shift = -mean * scale;
-  if (b.defined()) shift = shift + b.to(rstd.scalar_type());
+  if (b.defined()) shift = shift + b.to(sd);
   return {scale, shift};
 }
+
+// rsqrt(var + eps) as the tensor expression computes it, with one allocation (the in-place form is the
+// same kernel)
+inline Tensor rstd_of(const Tensor& var, double eps) { return (var + eps).rsqrt_(); }
 
 // aten_path.activation: torch's own functions (GELU the exact erf form)
 inline Tensor activation(const Tensor& y, int64_t act) {
@@ -139,7 +169,7 @@ inline variable_list bn_grads(AutogradContext* ctx, const Tensor& dy, bool batch
   const double eps = ctx->saved_data["eps"].toDouble();
   const auto sd = stat_type(x);
   const Tensor mean = batch_stats ? saved[4] : cast(saved[4], sd);
-  const Tensor rstd = batch_stats ? saved[5] : at::rsqrt(cast(saved[5], sd) + eps);
+  const Tensor rstd = batch_stats ? saved[5] : rstd_of(cast(saved[5], sd), eps);
   const size_t i = weight_index;
   const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(i),
              need_b = ctx->needs_input_grad(i + 1), need_r = r.defined() && ctx->needs_input_grad(i + 2);
@@ -176,7 +206,7 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
     ctx->set_materialize_grads(false);  // mean/var outputs get no gradient: no zeros made for them
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;
-    ctx->save_for_backward({x, w, b, r, mean, at::rsqrt(var + eps)});
+    ctx->save_for_backward({x, w, b, r, mean, rstd_of(var, eps)});
     ctx->mark_non_differentiable({mean, var});
     return {y, mean, var};
   }
@@ -253,7 +283,7 @@ struct GroupNormOp : public torch::autograd::Function<GroupNormOp> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;
     ctx->saved_data["groups"] = groups;
-    ctx->save_for_backward({x, w, b, r, mean, at::rsqrt(var + eps)});
+    ctx->save_for_backward({x, w, b, r, mean, rstd_of(var, eps)});
     ctx->mark_non_differentiable({mean, var});
     return {y, mean, var};
   }
@@ -301,7 +331,17 @@ inline std::pair<int64_t, int64_t> rows_of(const Tensor& x, at::IntArrayRef norm
   return {k ? x.numel() / k : 0, k};
 }
 
-inline Tensor flat(const Tensor& t, int64_t k) { return t.defined() ? t.reshape({k}) : t; }
+// The kernels read rows of k values from a contiguous tensor of any rank: x itself when it is one whose
+// last dimension is the row (a one-dimensional normalized_shape), else a contiguous (m, k) copy or view.
+// (Each view is a new TensorImpl, about a microsecond: a small LayerNorm's forward + backward made ten.)
+inline Tensor as_rows(const Tensor& x, int64_t m, int64_t k) {
+  return x.is_contiguous() && x.dim() >= 1 && x.size(-1) == k ? x : x.contiguous().view({m, k});
+}
+inline Tensor shaped_like(const Tensor& t, const Tensor& x) { return t.sizes() == x.sizes() ? t : t.view(x.sizes()); }
+inline Tensor flat(const Tensor& t, int64_t k) { return t.defined() && t.dim() != 1 ? t.reshape({k}) : t; }
+inline Tensor shaped(const Tensor& t, const std::vector<int64_t>& shape) {
+  return t.defined() && shape.size() != 1 ? t.view(shape) : t;
+}
 
 // Saved: x, weight, bias (LayerNorm), mean (LayerNorm), rstd
 struct RowNormOp : public torch::autograd::Function<RowNormOp> {
@@ -309,8 +349,7 @@ struct RowNormOp : public torch::autograd::Function<RowNormOp> {
                                const Tensor& w_, const Tensor& b_, double eps, bool rms) {
     const Tensor w = arrived(w_), b = arrived(b_);
     const auto [m, k] = rows_of(x, normalized_shape);
-    const Tensor x2d = x.contiguous().view({m, k});
-    auto [y, mean, rstd] = row_forward(x2d, opt(flat(w, k)), opt(flat(b, k)), eps, rms);
+    auto [y, mean, rstd] = row_forward(as_rows(x, m, k), opt(flat(w, k)), opt(flat(b, k)), eps, rms);
     ctx->set_materialize_grads(false);  // mean/var outputs get no gradient: no zeros made for them
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["rms"] = rms;
@@ -318,10 +357,10 @@ struct RowNormOp : public torch::autograd::Function<RowNormOp> {
     ctx->save_for_backward({x, w, b, mean, rstd});
     if (rms) {
       ctx->mark_non_differentiable({rstd});
-      return {y.view(x.sizes()), rstd};
+      return {shaped_like(y, x), rstd};
     }
     ctx->mark_non_differentiable({mean, rstd});
-    return {y.view(x.sizes()), mean, rstd};
+    return {shaped_like(y, x), mean, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -345,10 +384,10 @@ struct RowNormOp : public torch::autograd::Function<RowNormOp> {
     }
     const bool need_dw = (w.defined() && need_w) || (b.defined() && need_b);
     const auto [m, k] = rows_of(x, shape);
-    auto [dx, dw, db] = row_backward(x.contiguous().view({m, k}), dy.contiguous().view({m, k}), opt(mean), rstd,
-                                     opt(flat(w, k)), rms, need_dw);
-    const Tensor dweight = dw.defined() ? dw.view(shape) : dw, dbias = db.defined() ? db.view(shape) : db;
-    return {need_x ? dx.view(x.sizes()) : Tensor(), Tensor(), param_grad(dweight, w, need_w),
+    auto [dx, dw, db] = row_backward(as_rows(x, m, k), as_rows(dy, m, k), opt(mean), rstd, opt(flat(w, k)), rms,
+                                     need_dw);
+    const Tensor dweight = shaped(dw, shape), dbias = shaped(db, shape);
+    return {need_x ? shaped_like(dx, x) : Tensor(), Tensor(), param_grad(dweight, w, need_w),
             param_grad(dbias, b, need_b), Tensor(), Tensor()};
   }
 };
@@ -357,9 +396,9 @@ std::tuple<Tensor, Tensor, Tensor> ln(const Tensor& x, at::IntArrayRef normalize
                                       const c10::optional<Tensor>& w, const c10::optional<Tensor>& b, double eps) {
   if (!records(x, w, b)) {
     const auto [m, k] = rows_of(x, normalized_shape);
-    auto [y, mean, rstd] = row_forward(x.contiguous().view({m, k}), opt(flat(value_or_undefined(w), k)),
+    auto [y, mean, rstd] = row_forward(as_rows(x, m, k), opt(flat(value_or_undefined(w), k)),
                                        opt(flat(value_or_undefined(b), k)), eps, false);
-    return {y.view(x.sizes()), mean, rstd};
+    return {shaped_like(y, x), mean, rstd};
   }
   auto out = RowNormOp::apply(x, normalized_shape.vec(), pass(w), pass(b), eps, false);
   return {out[0], out[1], out[2]};
@@ -369,9 +408,9 @@ std::tuple<Tensor, Tensor> rms(const Tensor& x, at::IntArrayRef normalized_shape
                                double eps) {
   if (!records(x, w)) {
     const auto [m, k] = rows_of(x, normalized_shape);
-    auto [y, mean, rstd] = row_forward(x.contiguous().view({m, k}), opt(flat(value_or_undefined(w), k)),
-                                       c10::nullopt, eps, true);
-    return {y.view(x.sizes()), rstd};
+    auto [y, mean, rstd] = row_forward(as_rows(x, m, k), opt(flat(value_or_undefined(w), k)), c10::nullopt, eps,
+                                       true);
+    return {shaped_like(y, x), rstd};
   }
   auto out = RowNormOp::apply(x, normalized_shape.vec(), pass(w), absent(), eps, true);
   return {out[0], out[1]};

@@ -132,15 +132,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> channel_backward(const Tensor& x, con
 
 void check_rows(const Tensor& x) {
   check_x(x);
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "normkit cpu backend: expected a contiguous (M, K) tensor, got ",
-                    "shape ", x.sizes(), " strides ", x.strides());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.is_contiguous(),
+                    "normkit cpu backend: expected a contiguous (..., K) tensor (rows of K values), got shape ",
+                    x.sizes(), " strides ", x.strides());
 }
 
 std::tuple<Tensor, Tensor, Tensor> row_forward(const Tensor& x, const optional<Tensor>& weight,
                                                const optional<Tensor>& bias, double eps, bool rms) {
   check_rows(x);
   const auto sd = stat_type(x);
-  const int64_t K = x.size(1);
+  const int64_t K = x.size(-1);
   Tensor w = opt_vec(weight, sd, K, "weight"), b = opt_vec(bias, sd, K, "bias");
   return NK_DISPATCH_T(x.scalar_type(), [&] { return row_forward_impl<T>(x, w, b, eps, rms); });
 }
@@ -150,7 +151,7 @@ std::tuple<Tensor, Tensor, Tensor> row_backward(const Tensor& x, const Tensor& d
                                                 bool need_dweight) {
   check_rows(x);
   const auto sd = stat_type(x);
-  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t K = x.size(-1), M = x.numel() / K;
   TORCH_CHECK_VALUE(rms || (mean.has_value() && mean->defined()), "normkit cpu backend: LayerNorm needs the mean");
   Tensor dy = like_x(dy_, x);
   Tensor m = rms ? Tensor() : vec(*mean, sd, M, "mean");

@@ -1,4 +1,4 @@
-// Row family, part 1: LayerNorm and RMSNorm over the rows of a contiguous (M, K) tensor.
+// Row family, part 1: LayerNorm and RMSNorm over the rows of a contiguous (..., K) tensor (M rows).
 //
 // A row is the parallel unit. Its statistics are one blocked pass of shifted sums (common.h):
 // Σ(x − x0) and Σ(x − x0)² merged in double (RMS: Σx²), then the output from cache. The weight
@@ -15,7 +15,7 @@ template <typename T>
 std::tuple<Tensor, Tensor, Tensor> row_forward_impl(const Tensor& x, const Tensor& w_, const Tensor& b_, double eps,
                                                     bool rms) {
   using A = acc_t<T>;
-  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t K = x.size(-1), M = x.numel() / K;  // rows: every dimension but the last
   const T* xp = x.data_ptr<T>();
   Tensor y = at::empty_like(x);
   T* yp = y.data_ptr<T>();
@@ -123,7 +123,7 @@ template <typename T>
 std::tuple<Tensor, Tensor, Tensor> row_backward_impl(const Tensor& x, const Tensor& dy, const Tensor& mean,
                                                      const Tensor& rstd, const Tensor& w_, bool rms, bool need_dw) {
   using A = acc_t<T>;
-  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t K = x.size(-1), M = x.numel() / K;  // rows: every dimension but the last
   const T* xp = x.data_ptr<T>();
   const T* dyp = dy.data_ptr<T>();
   Tensor dx = at::empty_like(x);
