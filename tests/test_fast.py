@@ -307,3 +307,49 @@ def test_a_recomputed_forward_is_served_without_moving_the_statistics(spy):
     y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=True)
     y.sum().backward()  # the forward runs again inside the backward pass
     assert spy.served == [True, True] and int(layer.num_batches_tracked) == 1
+
+
+LAYERS = [
+    (lambda: normkit.BatchNorm2d(4), (2, 4, 5, 5)),
+    (lambda: normkit.BatchNormAct2d(4), (2, 4, 5, 5)),
+    (lambda: normkit.LayerNorm(8), (3, 6, 8)),
+    (lambda: normkit.GroupNorm(2, 4), (2, 4, 5)),
+    (lambda: normkit.RMSNorm(8), (3, 8)),
+]
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("make,shape", LAYERS)
+def test_inference_mode_is_served_with_the_python_paths_bits(make, shape, train, monkeypatch, spy):
+    torch.manual_seed(0)
+    layer = make().train(train)
+    twin = copy.deepcopy(layer)
+    x = _x(*shape)
+    with torch.inference_mode():
+        got = layer(x)
+        assert spy.served == [True] and got.is_inference()
+        _python_path(monkeypatch)
+        want = twin(x)
+    _same([got], [want])
+    _same(list(_state(layer).values()), list(_state(twin).values()))
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("make,shape", LAYERS)
+def test_autocast_is_served_with_the_python_paths_bits(make, shape, train, monkeypatch, spy):
+    # under CPU autocast a Linear hands the norm bfloat16 activations; the layer's float32 parameters stay
+    torch.manual_seed(0)
+    layer = make().train(train)
+    twin = copy.deepcopy(layer)
+    h = _x(*shape).to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(h)
+        assert spy.served == [True]
+        _python_path(monkeypatch)
+        want = twin(h)
+    assert got.dtype == want.dtype == torch.bfloat16
+    _same([got], [want])
+    g1 = torch.autograd.grad(got.float().square().sum(), [h, *layer.parameters()])
+    g2 = torch.autograd.grad(want.float().square().sum(), [h, *twin.parameters()])
+    _same(list(g1), list(g2))
+    _same(list(_state(layer).values()), list(_state(twin).values()))
