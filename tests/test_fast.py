@@ -353,3 +353,22 @@ def test_autocast_is_served_with_the_python_paths_bits(make, shape, train, monke
     g2 = torch.autograd.grad(want.float().square().sum(), [h, *twin.parameters()])
     _same(list(g1), list(g2))
     _same(list(_state(layer).values()), list(_state(twin).values()))
+
+
+@pytest.mark.parametrize("make,shape", LAYERS)
+def test_gradients_that_arrive_expanded_or_transposed(make, shape, monkeypatch, spy):
+    # a mean over a dimension hands back an expanded gradient; a transpose a non-contiguous one
+    torch.manual_seed(0)
+    layer = make()
+    twin = copy.deepcopy(layer)
+    x = _x(*shape).requires_grad_()
+
+    def grads(module):
+        y = module(x)
+        loss = y.mean(dim=0).sum() + y.transpose(0, -1).cumsum(0).square().mean()
+        return torch.autograd.grad(loss, [x, *module.parameters()])
+
+    got = grads(layer)
+    assert spy.served == [True]
+    _python_path(monkeypatch)
+    _same(list(got), list(grads(twin)))

@@ -384,8 +384,10 @@ struct RowNormOp : public torch::autograd::Function<RowNormOp> {
     }
     const bool need_dw = (w.defined() && need_w) || (b.defined() && need_b);
     const auto [m, k] = rows_of(x, shape);
-    auto [dx, dw, db] = row_backward(as_rows(x, m, k), as_rows(dy, m, k), opt(mean), rstd, opt(flat(w, k)), rms,
-                                     need_dw);
+    const Tensor xr = as_rows(x, m, k);
+    Tensor dyr = dy.contiguous();  // (an expanded or transposed gradient arrives as well)
+    if (dyr.sizes() != xr.sizes()) dyr = dyr.view(xr.sizes());
+    auto [dx, dw, db] = row_backward(xr, dyr, opt(mean), rstd, opt(flat(w, k)), rms, need_dw);
     const Tensor dweight = shaped(dw, shape), dbias = shaped(db, shape);
     return {need_x ? shaped_like(dx, x) : Tensor(), Tensor(), param_grad(dweight, w, need_w),
             param_grad(dbias, b, need_b), Tensor(), Tensor()};
