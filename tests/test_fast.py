@@ -125,6 +125,8 @@ BN_CASES = [
     (lambda: normkit.BatchNorm2d(5), (3, 5, 7, 9), True),
     (lambda: normkit.BatchNorm2d(16), (8, 16, 16, 17), False),  # above route.ATEN_BELOW: the kernel
     (lambda: normkit.BatchNorm3d(3), (2, 3, 4, 5, 3), True),
+    (lambda: normkit.BatchNormAct1d(7, act="silu"), (8, 7), False),
+    (lambda: normkit.BatchNormAct3d(3), (2, 3, 4, 5, 3), False),
 ]
 
 

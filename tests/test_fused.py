@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -197,3 +199,56 @@ def test_convert_fuse_matches_and_keeps_state():
 def test_convert_fuse_needs_to_normkit():
     with pytest.raises(ValueError, match="fuse"):
         normkit.convert(_model(), to="torch", fuse=True)
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu", None])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("dims,shape", [(1, (16, 7)), (1, (4, 7, 9)), (3, (2, 7, 3, 4, 5))])
+@pytest.mark.parametrize("residual", [False, True])
+def test_batch_norm_act_1d_3d_match_unfused(dims, shape, act, train, residual):
+    torch.manual_seed(0)
+    ref = (nn.BatchNorm1d if dims == 1 else nn.BatchNorm3d)(7).double()
+    fused = (normkit.BatchNormAct1d if dims == 1 else normkit.BatchNormAct3d)(7, act=act)
+    with torch.no_grad():
+        ref.weight.copy_(1 + 0.3 * torch.randn(7))
+        ref.bias.copy_(0.3 * torch.randn(7))
+        ref.running_mean.uniform_(2.5, 3.5)
+        ref.running_var.uniform_(0.2, 0.4)
+    fused.load_state_dict(ref.state_dict())
+    ref.train(train), fused.train(train)
+    g = torch.Generator().manual_seed(1)
+    x0 = 3 + 0.5 * torch.randn(shape, generator=g)
+    r0 = 0.5 * torch.randn(shape, generator=g) if residual else None
+    x, xd = x0.clone().requires_grad_(), x0.double().requires_grad_()
+    r, rd = (r0.clone().requires_grad_(), r0.double().requires_grad_()) if residual else (None, None)
+    y = fused(x, r)
+    want = TORCH_ACT[act](ref(xd) + (rd if residual else 0))
+    torch.testing.assert_close(y, want.float(), rtol=1e-5, atol=1e-5)
+    dy = torch.randn(shape, generator=g)
+    y.backward(dy)
+    want.backward(dy.double())
+    torch.testing.assert_close(x.grad, xd.grad.float(), rtol=1e-5, atol=1e-5)
+    if residual:
+        torch.testing.assert_close(r.grad, rd.grad.float(), rtol=1e-5, atol=1e-5)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(fused, name).grad, getattr(ref, name).grad.float(), rtol=1e-5,
+                                   atol=1e-4)
+    for name, buf in ref.named_buffers():
+        torch.testing.assert_close(dict(fused.named_buffers())[name], buf.to(dict(fused.named_buffers())[name].dtype),
+                                   rtol=1e-5, atol=1e-6)
+    assert isinstance(fused, nn.BatchNorm1d if dims == 1 else nn.BatchNorm3d)
+    assert list(fused.state_dict()) == list(ref.state_dict())
+
+
+def test_convert_fuses_an_mlps_batch_norm_1d_and_scripts():
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 6), nn.BatchNorm1d(6),
+                        nn.GELU(), nn.Linear(6, 3))
+    model = normkit.convert(copy.deepcopy(ref), fuse=True)
+    assert [type(m).__name__ for m in model][1:6] == ["BatchNormAct1d", "Identity", "Linear", "BatchNormAct1d",
+                                                      "Identity"]
+    assert [model[1].act, model[4].act] == ["relu", "gelu"]
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
+    scripted = torch.jit.script(model.eval())
+    torch.testing.assert_close(scripted(x), ref.eval()(x), rtol=1e-4, atol=1e-5)

@@ -9,7 +9,7 @@ from .batchnorm import (
     LazyBatchNorm3d,
 )
 from .frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
-from .fused import BatchNormAct2d, GroupNormAct
+from .fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, GroupNormAct
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from .groupnorm import GroupNorm
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
@@ -43,6 +43,8 @@ __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "BatchNormAct1d",
     "BatchNormAct2d",
+    "BatchNormAct3d",
     "GroupNormAct",
 ]

@@ -1,6 +1,6 @@
 """Fused normalization + activation layers: ``y = act(norm(x) + residual)`` in one pass.
 
-``BatchNormAct2d`` is a :class:`normkit.BatchNorm2d` and ``GroupNormAct`` a
+``BatchNormAct1d/2d/3d`` are :class:`normkit.BatchNorm1d/2d/3d` and ``GroupNormAct`` a
 :class:`normkit.GroupNorm` whose forward also adds an optional ``residual`` and applies
 ``act`` (``"relu"``, ``"silu"``, ``"gelu"`` — exact erf GELU — or ``None``) inside the same
 kernel pass that normalizes, with a backward that recomputes the pre-activation
@@ -22,19 +22,22 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import activations
-from .batchnorm import BatchNorm2d
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .groupnorm import GroupNorm
-from .scripting import ScriptableBatchNormAct2d, ScriptableGroupNormAct, twin
+from .scripting import (
+    ScriptableBatchNormAct1d,
+    ScriptableBatchNormAct2d,
+    ScriptableBatchNormAct3d,
+    ScriptableGroupNormAct,
+    twin,
+)
 
-__all__ = ["BatchNormAct2d", "GroupNormAct"]
+__all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "GroupNormAct"]
 
 
-class BatchNormAct2d(BatchNorm2d):
-    """``act(BatchNorm2d(x) + residual)`` over ``(N, C, H, W)``, fused; state as ``torch.nn.BatchNorm2d``.
-
-    Args: those of ``torch.nn.BatchNorm2d`` plus ``act`` (``"relu"`` default, ``"silu"``,
-    ``"gelu"``, ``None``). ``forward(x, residual=None)``: ``residual`` has ``x``'s shape.
-    """
+class _BatchNormAct:
+    """``act(BatchNorm(x) + residual)``: the constructor's ``act`` and the fused forward, mixed in before a
+    normkit BatchNorm class (whose state and checks stay exactly its own)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, act: str | None = "relu",
@@ -42,13 +45,39 @@ class BatchNormAct2d(BatchNorm2d):
         self.act = activations.check(type(self).__name__, act)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
 
-    _script_twin = ScriptableBatchNormAct2d
-
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         return self._normalize(input, residual, self.act)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act={self.act or None!r}"
+
+
+class BatchNormAct1d(_BatchNormAct, BatchNorm1d):
+    """``act(BatchNorm1d(x) + residual)`` over ``(N, C)`` or ``(N, C, L)``, fused; state as
+    ``torch.nn.BatchNorm1d`` (an MLP's ``Linear → BatchNorm1d → ReLU``).
+
+    Args: those of ``torch.nn.BatchNorm1d`` plus ``act`` (``"relu"`` default, ``"silu"``,
+    ``"gelu"``, ``None``). ``forward(x, residual=None)``: ``residual`` has ``x``'s shape.
+    """
+
+    _script_twin = ScriptableBatchNormAct1d
+
+
+class BatchNormAct2d(_BatchNormAct, BatchNorm2d):
+    """``act(BatchNorm2d(x) + residual)`` over ``(N, C, H, W)``, fused; state as ``torch.nn.BatchNorm2d``.
+
+    Args: those of ``torch.nn.BatchNorm2d`` plus ``act`` (``"relu"`` default, ``"silu"``,
+    ``"gelu"``, ``None``). ``forward(x, residual=None)``: ``residual`` has ``x``'s shape.
+    """
+
+    _script_twin = ScriptableBatchNormAct2d
+
+
+class BatchNormAct3d(_BatchNormAct, BatchNorm3d):
+    """``act(BatchNorm3d(x) + residual)`` over ``(N, C, D, H, W)``, fused; state as
+    ``torch.nn.BatchNorm3d``. Arguments as :class:`BatchNormAct2d`."""
+
+    _script_twin = ScriptableBatchNormAct3d
 
 
 class GroupNormAct(GroupNorm):

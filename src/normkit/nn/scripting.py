@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-__all__ = ["twin", "ScriptableBatchNormAct2d", "ScriptableGroupNormAct", "ScriptableFrozenBatchNorm"]
+__all__ = ["twin", "ScriptableBatchNormAct1d", "ScriptableBatchNormAct2d", "ScriptableBatchNormAct3d",
+           "ScriptableGroupNormAct", "ScriptableFrozenBatchNorm"]
 
 
 def twin(module: nn.Module, cls: type) -> nn.Module:
@@ -60,6 +61,20 @@ class ScriptableBatchNormAct2d(nn.BatchNorm2d):
         if residual is not None:
             y = y + residual
         return _act(y, self.act)
+
+
+class ScriptableBatchNormAct1d(nn.BatchNorm1d):
+    """Twin of :class:`normkit.BatchNormAct1d` (BatchNormAct2d's forward; ``_check_input_dim`` is 1d's)."""
+
+    act: str
+    forward = ScriptableBatchNormAct2d.forward
+
+
+class ScriptableBatchNormAct3d(nn.BatchNorm3d):
+    """Twin of :class:`normkit.BatchNormAct3d`."""
+
+    act: str
+    forward = ScriptableBatchNormAct2d.forward
 
 
 class ScriptableGroupNormAct(nn.GroupNorm):

@@ -12,9 +12,9 @@ no such layer).
 
 Other issues extend the table with :func:`register_conversion` (e.g. fused layers).
 
-``convert(model, fuse=True)`` also fuses, inside every ``nn.Sequential``, a BatchNorm2d or
+``convert(model, fuse=True)`` also fuses, inside every ``nn.Sequential``, a BatchNorm1d/2d/3d or
 GroupNorm directly followed by ``nn.ReLU``, ``nn.SiLU`` or ``nn.GELU(approximate="none")`` into
-:class:`normkit.BatchNormAct2d` / :class:`normkit.GroupNormAct` (same parameter and buffer
+:class:`normkit.BatchNormAct1d/2d/3d` / :class:`normkit.GroupNormAct` (same parameter and buffer
 tensors). The activation's slot becomes ``nn.Identity`` so indices, names and state_dict keys
 stay valid. Activations called from a ``forward`` (not listed in a Sequential) are not seen.
 The fused layers convert back to torch only as far as torch has them: ``to="torch"`` leaves
@@ -97,9 +97,10 @@ def _activation_name(module: nn.Module) -> str | None:
 
 
 def _fuse_sequentials(model: nn.Module) -> None:
-    from ..nn.fused import BatchNormAct2d, GroupNormAct  # late: fused layers import the nn package
+    from ..nn.fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, GroupNormAct  # late: import cycle
 
-    fusable = {nk.BatchNorm2d: BatchNormAct2d, nk.GroupNorm: GroupNormAct}
+    fusable = {nk.BatchNorm1d: BatchNormAct1d, nk.BatchNorm2d: BatchNormAct2d, nk.BatchNorm3d: BatchNormAct3d,
+               nk.GroupNorm: GroupNormAct}
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for first, second in zip(names, names[1:], strict=False):
