@@ -374,3 +374,16 @@ def test_gradients_that_arrive_expanded_or_transposed(make, shape, monkeypatch, 
     assert spy.served == [True]
     _python_path(monkeypatch)
     _same(list(got), list(grads(twin)))
+
+
+def test_the_profiler_names_each_served_layer(spy):
+    layers = [normkit.BatchNorm1d(4), normkit.GroupNorm(2, 4), normkit.LayerNorm(4), normkit.RMSNorm(4)]
+    x = torch.randn(8, 4, 3)
+    with torch.profiler.profile() as prof:
+        normkit.BatchNorm1d(4)(x)
+        layers[1](x)
+        layers[2](x.transpose(1, 2))
+        layers[3](x.transpose(1, 2).contiguous())
+    keys = {e.key for e in prof.key_averages()}
+    assert all(spy.served)
+    assert {"normkit::batch_norm", "normkit::group_norm", "normkit::layer_norm", "normkit::rms_norm"} <= keys

@@ -29,6 +29,7 @@
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/SavedTensorHooks.h>
 #include <ATen/TracerMode.h>
+#include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
@@ -178,6 +179,7 @@ PyObject* not_served() { Py_RETURN_NONE; }
 // (normkit.route.prefer_aten) and running-statistics update (normkit.running_stats.update_running_stats).
 PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
+  RECORD_FUNCTION("normkit::batch_norm", std::vector<c10::IValue>());  // the layer's name in torch.profiler
   if (nargs != 17) return not_served();
   Tensor x, w, b, rm, rv, nbt, r;
   int64_t dims_mask, channels, act, backend, aten_below;
@@ -263,6 +265,7 @@ PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // nn/groupnorm.py _normalize and functional.group_norm (the route never sends GroupNorm to aten on CPU)
 PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
+  RECORD_FUNCTION("normkit::group_norm", std::vector<c10::IValue>());  // the layer's name in torch.profiler
   if (nargs != 9) return not_served();
   Tensor x, w, b, r;
   int64_t groups, channels, act, backend;
@@ -288,6 +291,7 @@ PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // functional.layer_norm with a one-dimensional normalized_shape (the route never sends it to aten)
 PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
+  RECORD_FUNCTION("normkit::layer_norm", std::vector<c10::IValue>());  // the layer's name in torch.profiler
   if (nargs != 6) return not_served();
   Tensor x, w, b;
   int64_t k, backend;
@@ -320,6 +324,7 @@ double dtype_eps(at::ScalarType t) {
 // torch.finfo(x.dtype).eps. The weight may have any floating dtype (torch accepts it, so does the kernel).
 PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
+  RECORD_FUNCTION("normkit::rms_norm", std::vector<c10::IValue>());  // the layer's name in torch.profiler
   if (nargs != 5) return not_served();
   Tensor x, w;
   int64_t k, backend;
