@@ -37,6 +37,10 @@ Plain eager calls on the ``auto`` backend also take the aten path where aten's o
 as fast as normkit's and as deterministic — the same bits for any thread count
 (:func:`prefer_aten`). An explicitly chosen backend (``normkit.backend("cpu")``) always runs its
 kernels.
+
+The layers' one-call forwards (``csrc/layers.cpp``, :mod:`normkit._fast`) apply the same rule in C++
+for the calls they serve (with :data:`ATEN_BELOW` passed in); ``tests/test_fast.py`` compares their
+results with this module's path bit for bit on both sides of every condition.
 """
 
 from __future__ import annotations
