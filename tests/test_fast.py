@@ -207,6 +207,28 @@ def test_layer_norm_matches_the_python_path(dtype, shape, options, monkeypatch, 
              spy)
 
 
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("make,shape,channels_last", [
+    (lambda a: normkit.InstanceNorm1d(5, affine=a), (3, 5, 17), False),
+    (lambda a: normkit.InstanceNorm2d(5, affine=a), (3, 5, 7, 6), False),
+    (lambda a: normkit.InstanceNorm2d(5, affine=a), (3, 5, 7, 6), True),
+    (lambda a: normkit.InstanceNorm3d(5, affine=a), (2, 5, 3, 4, 5), False),
+])
+def test_instance_norm_matches_the_python_path(make, shape, channels_last, affine, train, monkeypatch, spy):
+    _compare(lambda: make(affine), _x(*shape, channels_last=channels_last), monkeypatch, spy, train=train)
+
+
+def test_instance_norm_with_running_statistics_or_one_value_per_instance_is_left_to_the_python_path(spy):
+    normkit.InstanceNorm2d(3, track_running_stats=True)(torch.randn(2, 3, 4, 4))
+    with pytest.raises(normkit.NormInputError, match="more than 1 spatial element"):
+        normkit.InstanceNorm2d(3)(torch.randn(2, 3, 1, 1))
+    assert spy.served == []
+    x = torch.randn(3, 4, 4)  # unbatched: the Python path unsqueezes it and calls forward again, served there
+    torch.testing.assert_close(normkit.InstanceNorm2d(3)(x), torch.nn.InstanceNorm2d(3)(x))
+    assert spy.served == [True]
+
+
 def test_layer_norm_of_a_non_contiguous_input_matches_the_python_path(monkeypatch, spy):
     x = _x(33, 6).t()  # (6, 33) transposed
     _compare(lambda: normkit.LayerNorm(6), x.t().contiguous().t().t(), monkeypatch, spy)
