@@ -342,12 +342,16 @@ LAYERS = [
 ]
 
 
+def _layer_and_twin(make, train=True):
+    torch.manual_seed(0)
+    layer = make().train(train)
+    return layer, copy.deepcopy(layer)
+
+
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("make,shape", LAYERS)
 def test_inference_mode_is_served_with_the_python_paths_bits(make, shape, train, monkeypatch, spy):
-    torch.manual_seed(0)
-    layer = make().train(train)
-    twin = copy.deepcopy(layer)
+    layer, twin = _layer_and_twin(make, train)
     x = _x(*shape)
     with torch.inference_mode():
         got = layer(x)
@@ -362,9 +366,7 @@ def test_inference_mode_is_served_with_the_python_paths_bits(make, shape, train,
 @pytest.mark.parametrize("make,shape", LAYERS)
 def test_autocast_is_served_with_the_python_paths_bits(make, shape, train, monkeypatch, spy):
     # under CPU autocast a Linear hands the norm bfloat16 activations; the layer's float32 parameters stay
-    torch.manual_seed(0)
-    layer = make().train(train)
-    twin = copy.deepcopy(layer)
+    layer, twin = _layer_and_twin(make, train)
     h = _x(*shape).to(torch.bfloat16).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = layer(h)
@@ -382,9 +384,7 @@ def test_autocast_is_served_with_the_python_paths_bits(make, shape, train, monke
 @pytest.mark.parametrize("make,shape", LAYERS)
 def test_gradients_that_arrive_expanded_or_transposed(make, shape, monkeypatch, spy):
     # a mean over a dimension hands back an expanded gradient; a transpose a non-contiguous one
-    torch.manual_seed(0)
-    layer = make()
-    twin = copy.deepcopy(layer)
+    layer, twin = _layer_and_twin(make)
     x = _x(*shape).requires_grad_()
 
     def grads(module):
