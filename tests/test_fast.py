@@ -229,6 +229,24 @@ def test_instance_norm_with_running_statistics_or_one_value_per_instance_is_left
     assert spy.served == [True]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("options", [{}, dict(elementwise_affine=False), dict(bias=False)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layer_norm_2d_matches_the_python_path(channels_last, options, dtype, monkeypatch, spy):
+    params = torch.float32 if dtype == torch.bfloat16 else dtype
+    _compare(lambda: normkit.LayerNorm2d(6, dtype=params, **options),
+             _x(3, 6, 5, 7, dtype=dtype, channels_last=channels_last), monkeypatch, spy)
+
+
+def test_layer_norm_2d_served_is_twice_differentiable(spy):
+    layer = normkit.LayerNorm2d(3).double()
+    x = (2 + torch.randn(2, 3, 2, 3, dtype=torch.float64)).requires_grad_()
+    for t in (x, x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()):
+        assert torch.autograd.gradcheck(lambda t, w, b: layer(t), (t, layer.weight, layer.bias))
+        assert torch.autograd.gradgradcheck(lambda t, w, b: layer(t), (t, layer.weight, layer.bias))
+    assert spy.served and all(spy.served)
+
+
 def test_layer_norm_of_a_non_contiguous_input_matches_the_python_path(monkeypatch, spy):
     x = _x(33, 6).t()  # (6, 33) transposed
     _compare(lambda: normkit.LayerNorm(6), x.t().contiguous().t().t(), monkeypatch, spy)
@@ -339,6 +357,7 @@ LAYERS = [
     (lambda: normkit.LayerNorm(8), (3, 6, 8)),
     (lambda: normkit.GroupNorm(2, 4), (2, 4, 5)),
     (lambda: normkit.RMSNorm(8), (3, 8)),
+    (lambda: normkit.LayerNorm2d(4), (2, 4, 3, 5)),
 ]
 
 

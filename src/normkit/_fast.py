@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import backends, route
 
-__all__ = ["batch_norm", "group_norm", "layer_norm", "rms_norm"]
+__all__ = ["batch_norm", "group_norm", "layer_norm", "layer_norm_2d", "rms_norm"]
 
 _is_compiling = torch.compiler.is_compiling
 _BACKEND_CODES = {"auto": 0, "cpu": 1}
@@ -42,7 +42,7 @@ def _entries():
         import importlib
 
         module = importlib.import_module("normkit._C")
-        module = module if hasattr(module, "batch_norm") else False
+        module = module if hasattr(module, "layer_norm_2d") else False
     _loaded = (cpu, module)
     return module
 
@@ -83,6 +83,13 @@ def layer_norm(x, normalized_shape, weight, bias, eps: float) -> Tensor | None:
     if code < 0 or not (c := _entries()):
         return None
     return c.layer_norm(x, normalized_shape, weight, bias, eps, code)
+
+
+def layer_norm_2d(x, weight, bias, channels: int, eps: float) -> Tensor | None:
+    code = _backend()
+    if code < 0 or not (c := _entries()):
+        return None
+    return c.layer_norm_2d(x, weight, bias, channels, eps, code)
 
 
 def rms_norm(x, normalized_shape, weight, eps: float | None) -> Tensor | None:

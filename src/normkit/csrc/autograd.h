@@ -418,6 +418,94 @@ std::tuple<Tensor, Tensor> rms(const Tensor& x, at::IntArrayRef normalized_shape
   return {out[0], out[1]};
 }
 
+// ----------------------------------------------------------------------------- LayerNorm2d
+// ops_channels.layer_norm_2d on the cpu backend (cpu_backend.ln2d_forward/ln2d_backward): LayerNorm over dim 1
+// of (N, C, *spatial) at every position. Where the channels are the fastest dimension (channels_last, or
+// one position) the tensor is a contiguous (..., C) matrix of rows: the row kernels; NCHW: ln2d's kernels
+// over strided channels. Output in x's layout; mean and rstd (N, *spatial).
+inline std::vector<int64_t> channels_last_order(int64_t dim) {  // (0, 2, ..., dim − 1, 1)
+  std::vector<int64_t> perm{0};
+  for (int64_t d = 2; d < dim; ++d) perm.push_back(d);
+  perm.push_back(1);
+  return perm;
+}
+
+inline std::vector<int64_t> channels_first_order(int64_t dim) {  // its inverse
+  std::vector<int64_t> perm{0, dim - 1};
+  for (int64_t d = 1; d < dim - 1; ++d) perm.push_back(d);
+  return perm;
+}
+
+inline std::vector<int64_t> stat_shape(const Tensor& x) {
+  std::vector<int64_t> shape{x.size(0)};
+  for (int64_t d = 2; d < x.dim(); ++d) shape.push_back(x.size(d));
+  return shape;
+}
+
+// xd dense in its layout (dense())
+inline std::tuple<Tensor, Tensor, Tensor> ln2d_forward(const Tensor& xd, const Tensor& w, const Tensor& b, double eps) {
+  const Tensor rows = xd.permute(channels_last_order(xd.dim()));
+  if (!rows.is_contiguous()) return ln2d::forward(xd, opt(w), opt(b), eps);
+  auto [y, mean, rstd] = row_forward(rows, opt(w), opt(b), eps, false);
+  const auto shape = stat_shape(xd);
+  return {y.permute(channels_first_order(xd.dim())), mean.view(shape), rstd.view(shape)};
+}
+
+inline std::tuple<Tensor, Tensor, Tensor> ln2d_backward(const Tensor& xd, const Tensor& dy_, const Tensor& mean,
+                                                        const Tensor& rstd, const Tensor& w, bool need_dw) {
+  const Tensor dy = dy_.contiguous(format_of(xd));  // ops_channels._backward_impl: dy in x's layout
+  const auto to_rows = channels_last_order(xd.dim());
+  const Tensor rows = xd.permute(to_rows);
+  if (!rows.is_contiguous()) return ln2d::backward(xd, dy, mean, rstd, opt(w), need_dw);
+  // (cpu_backend.ln2d_backward: dy with x's strides, else channels_last-contiguous)
+  const Tensor dy_rows = (dy.strides() == xd.strides() ? dy : dy.contiguous(format_of(xd))).permute(to_rows);
+  auto [dx, dw, db] = row_backward(rows, dy_rows.contiguous(), mean.reshape(-1), rstd.reshape(-1), opt(w), false,
+                                   need_dw);
+  return {dx.permute(channels_first_order(xd.dim())), dw, db};
+}
+
+// Saved: x, weight, bias, mean, rstd
+struct LayerNorm2dOp : public torch::autograd::Function<LayerNorm2dOp> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w_, const Tensor& b_, double eps) {
+    const Tensor w = arrived(w_), b = arrived(b_);
+    auto [y, mean, rstd] = ln2d_forward(dense(x), w, b, eps);
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["eps"] = eps;
+    ctx->save_for_backward({x, w, b, mean, rstd});
+    ctx->mark_non_differentiable({mean, rstd});
+    return {y, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(4);
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &mean = saved[3], &rstd = saved[4];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const Tensor& dy = grads[0];
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1), need_b = ctx->needs_input_grad(2);
+    if (at::GradMode::is_enabled()) {  // create_graph=True: ops_channels.permute_form, differentiated
+      auto g = differentiable_vjp(
+          [&] {
+            return at::layer_norm(x.permute(channels_last_order(x.dim())), {x.size(1)}, opt(w), opt(b), eps, true)
+                .permute(channels_first_order(x.dim()));
+          },
+          {x, w, b}, {need_x, need_w, need_b}, dy);
+      return {g[0], g[1], g[2], Tensor()};
+    }
+    const bool need_dw = (w.defined() && need_w) || (b.defined() && need_b);
+    const auto sd = stat_type(x);
+    auto [dx, dw, db] = ln2d_backward(dense(x), dy, cast(mean, sd), cast(rstd, sd), w, need_dw);
+    return {need_x ? dx : Tensor(), param_grad(dw, w, need_w), param_grad(db, b, need_b), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> ln2d(const Tensor& x, const c10::optional<Tensor>& w,
+                                        const c10::optional<Tensor>& b, double eps) {
+  if (!records(x, w, b)) return ln2d_forward(dense(x), value_or_undefined(w), value_or_undefined(b), eps);
+  auto out = LayerNorm2dOp::apply(x, pass(w), pass(b), eps);
+  return {out[0], out[1], out[2]};
+}
+
 // ----------------------------------------------------------------------------- running statistics
 // running_stats.update_running_stats's arithmetic, each tensor operation's rounding reproduced:
 //   var_u = var·(n/(n − 1))                 in the batch statistics' dtype B

@@ -26,6 +26,8 @@ std::tuple<Tensor, Tensor, Tensor> ln(const Tensor& x, at::IntArrayRef normalize
                                       const c10::optional<Tensor>& w, const c10::optional<Tensor>& b, double eps);
 std::tuple<Tensor, Tensor> rms(const Tensor& x, at::IntArrayRef normalized_shape, const c10::optional<Tensor>& w,
                                double eps);
+std::tuple<Tensor, Tensor, Tensor> ln2d(const Tensor& x, const c10::optional<Tensor>& w,
+                                        const c10::optional<Tensor>& b, double eps);
 bool update_running_stats(Tensor& running_mean, Tensor& running_var, const c10::optional<Tensor>& nbt,
                           const Tensor& mean, const Tensor& var, int64_t count, c10::optional<double> momentum,
                           bool skip);

@@ -1,4 +1,4 @@
-// The layers' forward in one call: normkit._C.{batch_norm, group_norm, layer_norm, rms_norm}.
+// The layers' forward in one call: normkit._C.{batch_norm, group_norm, layer_norm, layer_norm_2d, rms_norm}.
 //
 // Why: a normkit layer's forward in Python — the fast checks, the route, the op call through the
 // dispatcher, the running-statistics update — cost 15-60 µs a call, where torch.nn's whole forward on a
@@ -19,6 +19,7 @@
 //                                                  -> (y, skipped) | None
 //   group_norm(x, num_groups, channels, weight, bias, eps, residual, act, backend)   -> y | None
 //   layer_norm(x, normalized_shape, weight, bias, eps, backend)                      -> y | None
+//   layer_norm_2d(x, weight, bias, channels, eps, backend)                           -> y | None
 //   rms_norm(x, normalized_shape, weight, eps, backend)                              -> y | None
 //
 // backend: 0 "auto" (the route may choose aten, normkit.route.prefer_aten), 1 "cpu" (the kernels);
@@ -311,6 +312,30 @@ PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// nn/layernorm2d.py LayerNorm2d.forward: (N, C, H, W) input, NCHW or channels_last (the route never sends it
+// to aten)
+PyObject* layer_norm_2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  RECORD_FUNCTION("normkit::layer_norm_2d", std::vector<c10::IValue>());
+  if (nargs != 6) return not_served();
+  Tensor x, w, b;
+  int64_t channels, backend;
+  double eps;
+  if (!(tensor_arg(args[0], x) && tensor_arg(args[1], w) && tensor_arg(args[2], b) && int_arg(args[3], channels) &&
+        float_arg(args[4], eps) && int_arg(args[5], backend)))
+    return not_served();
+  if (!x.defined() || !floating(x.scalar_type()) || x.dim() != 4 || x.size(1) != channels || x.numel() == 0)
+    return not_served();
+  if ((backend != 0 && backend != 1) || !vectors_ok(x, channels, {&w, &b}) || !plain_eager()) return not_served();
+  Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    y = std::get<0>(eager::ln2d(x, opt(w), opt(b), eps));
+  }
+  return wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
 double dtype_eps(at::ScalarType t) {
   switch (t) {
     case at::kDouble: return std::numeric_limits<double>::epsilon();
@@ -356,6 +381,8 @@ PyMethodDef layer_methods[] = {
      "GroupNorm's forward in one call (csrc/layers.cpp); None when not served"},
     {"layer_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(layer_norm)), METH_FASTCALL,
      "LayerNorm's forward in one call (csrc/layers.cpp); None when not served"},
+    {"layer_norm_2d", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(layer_norm_2d)), METH_FASTCALL,
+     "LayerNorm2d's forward in one call (csrc/layers.cpp); None when not served"},
     {"rms_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(rms_norm)), METH_FASTCALL,
      "RMSNorm's forward in one call (csrc/layers.cpp); None when not served"},
     {nullptr, nullptr, 0, nullptr}};
