@@ -247,6 +247,18 @@ def test_layer_norm_2d_served_is_twice_differentiable(spy):
     assert spy.served and all(spy.served)
 
 
+@pytest.mark.parametrize("shape,normalized", [((4, 6, 5), [6, 5]), ((2, 3, 4, 5), (3, 4, 5)), ((7, 33), 33)])
+@pytest.mark.parametrize("options", [{}, dict(elementwise_affine=False), dict(bias=False)])
+def test_layer_norm_over_several_dimensions_matches_the_python_path(shape, normalized, options, monkeypatch, spy):
+    _compare(lambda: normkit.LayerNorm(normalized, **options), _x(*shape), monkeypatch, spy)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("shape", [(8, 5), (4, 5, 6), (2, 5, 3, 4)])
+def test_sync_batch_norm_without_a_process_group_matches_the_python_path(shape, train, monkeypatch, spy):
+    _compare(lambda: normkit.SyncBatchNorm(5), _x(*shape), monkeypatch, spy, train=train)
+
+
 def test_layer_norm_of_a_non_contiguous_input_matches_the_python_path(monkeypatch, spy):
     x = _x(33, 6).t()  # (6, 33) transposed
     _compare(lambda: normkit.LayerNorm(6), x.t().contiguous().t().t(), monkeypatch, spy)

@@ -331,16 +331,13 @@ inline std::pair<int64_t, int64_t> rows_of(const Tensor& x, at::IntArrayRef norm
   return {k ? x.numel() / k : 0, k};
 }
 
-// The kernels read rows of k values from a contiguous tensor of any rank: x itself when it is one whose
-// last dimension is the row (a one-dimensional normalized_shape), else a contiguous (m, k) copy or view.
-// (Each view is a new TensorImpl, about a microsecond: a small LayerNorm's forward + backward made ten.)
-inline Tensor as_rows(const Tensor& x, int64_t m, int64_t k) {
-  return x.is_contiguous() && x.dim() >= 1 && x.size(-1) == k ? x : x.contiguous().view({m, k});
-}
+// The kernels read rows of k values (the normalized trailing dimensions) from a contiguous tensor of any
+// shape, and take the weight and bias as k contiguous values whatever their shape: no view is made (each is a
+// new TensorImpl, about a microsecond; a small LayerNorm's forward + backward used to make ten).
+inline Tensor contiguous(const Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 inline Tensor shaped_like(const Tensor& t, const Tensor& x) { return t.sizes() == x.sizes() ? t : t.view(x.sizes()); }
-inline Tensor flat(const Tensor& t, int64_t k) { return t.defined() && t.dim() != 1 ? t.reshape({k}) : t; }
 inline Tensor shaped(const Tensor& t, const std::vector<int64_t>& shape) {
-  return t.defined() && shape.size() != 1 ? t.view(shape) : t;
+  return t.defined() && t.sizes() != at::IntArrayRef(shape) ? t.view(shape) : t;
 }
 
 // Saved: x, weight, bias (LayerNorm), mean (LayerNorm), rstd
@@ -348,8 +345,8 @@ struct RowNormOp : public torch::autograd::Function<RowNormOp> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, std::vector<int64_t> normalized_shape,
                                const Tensor& w_, const Tensor& b_, double eps, bool rms) {
     const Tensor w = arrived(w_), b = arrived(b_);
-    const auto [m, k] = rows_of(x, normalized_shape);
-    auto [y, mean, rstd] = row_forward(as_rows(x, m, k), opt(flat(w, k)), opt(flat(b, k)), eps, rms);
+    const int64_t k = rows_of(x, normalized_shape).second;
+    auto [y, mean, rstd] = rows_forward(contiguous(x), k, opt(w), opt(b), eps, rms);
     ctx->set_materialize_grads(false);  // mean/var outputs get no gradient: no zeros made for them
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["rms"] = rms;
@@ -383,11 +380,9 @@ struct RowNormOp : public torch::autograd::Function<RowNormOp> {
       return {g[0], Tensor(), g[1], g[2], Tensor(), Tensor()};
     }
     const bool need_dw = (w.defined() && need_w) || (b.defined() && need_b);
-    const auto [m, k] = rows_of(x, shape);
-    const Tensor xr = as_rows(x, m, k);
-    Tensor dyr = dy.contiguous();  // (an expanded or transposed gradient arrives as well)
-    if (dyr.sizes() != xr.sizes()) dyr = dyr.view(xr.sizes());
-    auto [dx, dw, db] = row_backward(xr, dyr, opt(mean), rstd, opt(flat(w, k)), rms, need_dw);
+    const int64_t k = rows_of(x, shape).second;
+    // (an expanded or transposed gradient arrives as well)
+    auto [dx, dw, db] = rows_backward(contiguous(x), k, contiguous(dy), opt(mean), rstd, opt(w), rms, need_dw);
     const Tensor dweight = shaped(dw, shape), dbias = shaped(db, shape);
     return {need_x ? shaped_like(dx, x) : Tensor(), Tensor(), param_grad(dweight, w, need_w),
             param_grad(dbias, b, need_b), Tensor(), Tensor()};
@@ -397,9 +392,8 @@ struct RowNormOp : public torch::autograd::Function<RowNormOp> {
 std::tuple<Tensor, Tensor, Tensor> ln(const Tensor& x, at::IntArrayRef normalized_shape,
                                       const c10::optional<Tensor>& w, const c10::optional<Tensor>& b, double eps) {
   if (!records(x, w, b)) {
-    const auto [m, k] = rows_of(x, normalized_shape);
-    auto [y, mean, rstd] = row_forward(as_rows(x, m, k), opt(flat(value_or_undefined(w), k)),
-                                       opt(flat(value_or_undefined(b), k)), eps, false);
+    const int64_t k = rows_of(x, normalized_shape).second;
+    auto [y, mean, rstd] = rows_forward(contiguous(x), k, w, b, eps, false);
     return {shaped_like(y, x), mean, rstd};
   }
   auto out = RowNormOp::apply(x, normalized_shape.vec(), pass(w), pass(b), eps, false);
@@ -409,9 +403,8 @@ std::tuple<Tensor, Tensor, Tensor> ln(const Tensor& x, at::IntArrayRef normalize
 std::tuple<Tensor, Tensor> rms(const Tensor& x, at::IntArrayRef normalized_shape, const c10::optional<Tensor>& w,
                                double eps) {
   if (!records(x, w)) {
-    const auto [m, k] = rows_of(x, normalized_shape);
-    auto [y, mean, rstd] = row_forward(as_rows(x, m, k), opt(flat(value_or_undefined(w), k)), c10::nullopt, eps,
-                                       true);
+    const int64_t k = rows_of(x, normalized_shape).second;
+    auto [y, mean, rstd] = rows_forward(contiguous(x), k, w, c10::nullopt, eps, true);
     return {shaped_like(y, x), rstd};
   }
   auto out = RowNormOp::apply(x, normalized_shape.vec(), pass(w), absent(), eps, true);

@@ -10,6 +10,18 @@
 #include <tuple>
 
 namespace normkit {
+
+// the row kernels' entry points (normkit_cpu.cpp): rows of K values of a contiguous x
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward(const at::Tensor& x, int64_t K,
+                                                            const c10::optional<at::Tensor>& weight,
+                                                            const c10::optional<at::Tensor>& bias, double eps,
+                                                            bool rms);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_backward(const at::Tensor& x, int64_t K, const at::Tensor& dy,
+                                                             const c10::optional<at::Tensor>& mean,
+                                                             const at::Tensor& rstd,
+                                                             const c10::optional<at::Tensor>& weight, bool rms,
+                                                             bool need_dweight);
+
 namespace eager {
 
 using at::Tensor;

@@ -122,6 +122,26 @@ bool last_size_arg(PyObject* obj, int64_t& out) {
   return false;
 }
 
+// normalized_shape as the trailing sizes: an int, or a non-empty tuple/list/torch.Size of ints
+bool shape_arg(PyObject* obj, std::vector<int64_t>& out) {
+  out.clear();
+  int64_t k;
+  if (PyLong_Check(obj)) {
+    if (!int_arg(obj, k)) return false;
+    out.push_back(k);
+    return true;
+  }
+  if (!(PyTuple_Check(obj) || PyList_Check(obj))) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+  if (n < 1) return false;
+  PyObject** items = PySequence_Fast_ITEMS(obj);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!int_arg(items[i], k)) return false;
+    out.push_back(k);
+  }
+  return true;
+}
+
 // normkit._checks.vectors_ok: each given vector is (size,), one dtype among them, the input's or float32
 // beside float16/bfloat16 input
 bool vectors_ok(const Tensor& x, int64_t size, std::initializer_list<const Tensor*> vectors) {
@@ -130,6 +150,20 @@ bool vectors_ok(const Tensor& x, int64_t size, std::initializer_list<const Tenso
     if (!t->defined()) continue;
     if (t->dim() != 1 || t->size(0) != size) return false;
     if (dtype.has_value() && t->scalar_type() != *dtype) return false;
+    dtype = t->scalar_type();
+  }
+  return !dtype.has_value() || *dtype == x.scalar_type() || (*dtype == at::kFloat && reduced(x.scalar_type()));
+}
+
+// normkit.functional.check_row_norm + check_param_dtypes: x's trailing sizes are `shape`, each given parameter
+// has exactly that shape, one dtype among them, the input's or float32 beside float16/bfloat16 input
+bool row_params_ok(const Tensor& x, const std::vector<int64_t>& shape, std::initializer_list<const Tensor*> params) {
+  const int64_t k = static_cast<int64_t>(shape.size());
+  if (x.dim() < k || x.sizes().slice(x.dim() - k) != at::IntArrayRef(shape)) return false;
+  c10::optional<at::ScalarType> dtype;
+  for (const Tensor* t : params) {
+    if (!t->defined()) continue;
+    if (t->sizes() != at::IntArrayRef(shape) || (dtype.has_value() && t->scalar_type() != *dtype)) return false;
     dtype = t->scalar_type();
   }
   return !dtype.has_value() || *dtype == x.scalar_type() || (*dtype == at::kFloat && reduced(x.scalar_type()));
@@ -289,24 +323,25 @@ PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // ----------------------------------------------------------------------------- LayerNorm / RMSNorm
-// functional.layer_norm with a one-dimensional normalized_shape (the route never sends it to aten)
+// functional.layer_norm (the route never sends it to aten)
 PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   RECORD_FUNCTION("normkit::layer_norm", std::vector<c10::IValue>());  // the layer's name in torch.profiler
   if (nargs != 6) return not_served();
   Tensor x, w, b;
-  int64_t k, backend;
+  std::vector<int64_t> shape;
+  int64_t backend;
   double eps;
-  if (!(tensor_arg(args[0], x) && last_size_arg(args[1], k) && tensor_arg(args[2], w) && tensor_arg(args[3], b) &&
+  if (!(tensor_arg(args[0], x) && shape_arg(args[1], shape) && tensor_arg(args[2], w) && tensor_arg(args[3], b) &&
         float_arg(args[4], eps) && int_arg(args[5], backend)))
     return not_served();
-  if (!x.defined() || !floating(x.scalar_type()) || x.dim() < 1 || x.size(-1) != k || x.numel() == 0)
+  if (!x.defined() || !floating(x.scalar_type()) || x.numel() == 0 || !row_params_ok(x, shape, {&w, &b}))
     return not_served();
-  if ((backend != 0 && backend != 1) || !vectors_ok(x, k, {&w, &b}) || !plain_eager()) return not_served();
+  if ((backend != 0 && backend != 1) || !plain_eager()) return not_served();
   Tensor y;
   {
     pybind11::gil_scoped_release no_gil;
-    y = std::get<0>(eager::ln(x, {k}, opt(w), opt(b), eps));
+    y = std::get<0>(eager::ln(x, shape, opt(w), opt(b), eps));
   }
   return wrap(std::move(y));
   END_HANDLE_TH_ERRORS

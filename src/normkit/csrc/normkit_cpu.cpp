@@ -130,34 +130,54 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> channel_backward(const Tensor& x, con
   });
 }
 
-void check_rows(const Tensor& x) {
+void check_rows(const Tensor& x, int64_t K) {
   check_x(x);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.is_contiguous(),
-                    "normkit cpu backend: expected a contiguous (..., K) tensor (rows of K values), got shape ",
-                    x.sizes(), " strides ", x.strides());
+  TORCH_CHECK_VALUE(x.is_contiguous() && K > 0 && x.numel() % K == 0,
+                    "normkit cpu backend: expected a contiguous tensor of rows of ", K, " values, got shape ", x.sizes(),
+                    " strides ", x.strides());
 }
 
-std::tuple<Tensor, Tensor, Tensor> row_forward(const Tensor& x, const optional<Tensor>& weight,
-                                               const optional<Tensor>& bias, double eps, bool rms) {
-  check_rows(x);
+}  // namespace
+
+// LayerNorm/RMSNorm over rows of K values of a contiguous x: its trailing dimensions that hold K values (the
+// eager ops pass a multi-dimensional normalized_shape's product), or its last dimension (the operators)
+std::tuple<Tensor, Tensor, Tensor> rows_forward(const Tensor& x, int64_t K, const c10::optional<Tensor>& weight,
+                                                const c10::optional<Tensor>& bias, double eps, bool rms) {
+  check_rows(x, K);
   const auto sd = stat_type(x);
-  const int64_t K = x.size(-1);
   Tensor w = opt_vec(weight, sd, K, "weight"), b = opt_vec(bias, sd, K, "bias");
-  return NK_DISPATCH_T(x.scalar_type(), [&] { return row_forward_impl<T>(x, w, b, eps, rms); });
+  return NK_DISPATCH_T(x.scalar_type(), [&] { return row_forward_impl<T>(x, K, w, b, eps, rms); });
 }
 
-std::tuple<Tensor, Tensor, Tensor> row_backward(const Tensor& x, const Tensor& dy_, const optional<Tensor>& mean,
-                                                const Tensor& rstd, const optional<Tensor>& weight, bool rms,
-                                                bool need_dweight) {
-  check_rows(x);
+std::tuple<Tensor, Tensor, Tensor> rows_backward(const Tensor& x, int64_t K, const Tensor& dy_,
+                                                 const c10::optional<Tensor>& mean, const Tensor& rstd,
+                                                 const c10::optional<Tensor>& weight, bool rms, bool need_dweight) {
+  check_rows(x, K);
   const auto sd = stat_type(x);
-  const int64_t K = x.size(-1), M = x.numel() / K;
+  const int64_t M = x.numel() / K;
   TORCH_CHECK_VALUE(rms || (mean.has_value() && mean->defined()), "normkit cpu backend: LayerNorm needs the mean");
   Tensor dy = like_x(dy_, x);
   Tensor m = rms ? Tensor() : vec(*mean, sd, M, "mean");
   Tensor rs = vec(rstd, sd, M, "rstd");
   Tensor w = opt_vec(weight, sd, K, "weight");
-  return NK_DISPATCH_T(x.scalar_type(), [&] { return row_backward_impl<T>(x, dy, m, rs, w, rms, need_dweight); });
+  return NK_DISPATCH_T(x.scalar_type(), [&] { return row_backward_impl<T>(x, K, dy, m, rs, w, rms, need_dweight); });
+}
+
+namespace {
+
+std::tuple<Tensor, Tensor, Tensor> row_forward(const Tensor& x, const optional<Tensor>& weight,
+                                               const optional<Tensor>& bias, double eps, bool rms) {
+  check_x(x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, "normkit cpu backend: expected a (..., K) tensor, got shape ", x.sizes());
+  return rows_forward(x, x.size(-1), weight, bias, eps, rms);
+}
+
+std::tuple<Tensor, Tensor, Tensor> row_backward(const Tensor& x, const Tensor& dy, const optional<Tensor>& mean,
+                                                const Tensor& rstd, const optional<Tensor>& weight, bool rms,
+                                                bool need_dweight) {
+  check_x(x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, "normkit cpu backend: expected a (..., K) tensor, got shape ", x.sizes());
+  return rows_backward(x, x.size(-1), dy, mean, rstd, weight, rms, need_dweight);
 }
 
 void check_groups(const Tensor& x, int64_t G) {

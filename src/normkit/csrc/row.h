@@ -1,4 +1,4 @@
-// Row family, part 1: LayerNorm and RMSNorm over the rows of a contiguous (..., K) tensor (M rows).
+// Row family, part 1: LayerNorm and RMSNorm over the rows of K values of a contiguous tensor (M rows).
 //
 // A row is the parallel unit. Its statistics are one blocked pass of shifted sums (common.h):
 // Σ(x − x0) and Σ(x − x0)² merged in double (RMS: Σx²), then the output from cache. The weight
@@ -12,10 +12,10 @@
 namespace normkit {
 
 template <typename T>
-std::tuple<Tensor, Tensor, Tensor> row_forward_impl(const Tensor& x, const Tensor& w_, const Tensor& b_, double eps,
-                                                    bool rms) {
+std::tuple<Tensor, Tensor, Tensor> row_forward_impl(const Tensor& x, int64_t K, const Tensor& w_, const Tensor& b_,
+                                                    double eps, bool rms) {
   using A = acc_t<T>;
-  const int64_t K = x.size(-1), M = x.numel() / K;  // rows: every dimension but the last
+  const int64_t M = x.numel() / K;  // rows of K values (the trailing dimensions that hold K values)
   const T* xp = x.data_ptr<T>();
   Tensor y = at::empty_like(x);
   T* yp = y.data_ptr<T>();
@@ -120,10 +120,10 @@ inline void row_bwd_dx(const T* __restrict__ xr, const T* __restrict__ dr, T* __
 }
 
 template <typename T>
-std::tuple<Tensor, Tensor, Tensor> row_backward_impl(const Tensor& x, const Tensor& dy, const Tensor& mean,
+std::tuple<Tensor, Tensor, Tensor> row_backward_impl(const Tensor& x, int64_t K, const Tensor& dy, const Tensor& mean,
                                                      const Tensor& rstd, const Tensor& w_, bool rms, bool need_dw) {
   using A = acc_t<T>;
-  const int64_t K = x.size(-1), M = x.numel() / K;  // rows: every dimension but the last
+  const int64_t M = x.numel() / K;
   const T* xp = x.data_ptr<T>();
   const T* dyp = dy.data_ptr<T>();
   Tensor dx = at::empty_like(x);

@@ -85,6 +85,9 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra)
         self.process_group = process_group
 
+    # any (N, C, *) input (the fast checks and the one-call forward take up to 8-D; more goes the detailed way)
+    _accepted_dims = tuple(range(2, 9))
+
     def _check_input_dim(self, input: Tensor) -> None:
         C.check_min_ndim(type(self).__name__, input, 2, "(N, C, *)")
 
