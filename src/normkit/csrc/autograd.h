@@ -29,6 +29,7 @@
 #pragma once
 
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "eager.h"
@@ -340,75 +341,86 @@ inline Tensor shaped(const Tensor& t, const std::vector<int64_t>& shape) {
   return t.defined() && t.sizes() != at::IntArrayRef(shape) ? t.view(shape) : t;
 }
 
-// Saved: x, weight, bias (LayerNorm), mean (LayerNorm), rstd
-struct RowNormOp : public torch::autograd::Function<RowNormOp> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, std::vector<int64_t> normalized_shape,
-                               const Tensor& w_, const Tensor& b_, double eps, bool rms) {
-    const Tensor w = arrived(w_), b = arrived(b_);
-    const int64_t k = rows_of(x, normalized_shape).second;
-    auto [y, mean, rstd] = rows_forward(contiguous(x), k, opt(w), opt(b), eps, rms);
-    ctx->set_materialize_grads(false);  // mean/var outputs get no gradient: no zeros made for them
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["rms"] = rms;
-    ctx->saved_data["shape"] = normalized_shape;
-    ctx->save_for_backward({x, w, b, mean, rstd});
-    if (rms) {
-      ctx->mark_non_differentiable({rstd});
-      return {shaped_like(y, x), rstd};
-    }
-    ctx->mark_non_differentiable({mean, rstd});
-    return {shaped_like(y, x), mean, rstd};
+// The backward of ln and rms as a hand-written autograd node, as aten's generated nodes are: a
+// torch::autograd::Function's bookkeeping (input and output infos, a string-keyed map of constants,
+// _wrap_outputs) cost about 4 µs of every small LayerNorm forward with grad, as much as the kernel.
+// Edges: x 0, weight 1, bias 2 (an absent weight or bias has an invalid edge).
+struct RowNormBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable x_, w_, b_, mean_, rstd_;
+  std::vector<int64_t> shape_;
+  double eps_ = 0;
+  bool rms_ = false;
+
+  std::string name() const override {
+    return rms_ ? "normkit::eager::RMSNormBackward" : "normkit::eager::LayerNormBackward";
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(6);
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &mean = saved[3], &rstd = saved[4];
-    const bool rms = ctx->saved_data["rms"].toBool();
-    const double eps = ctx->saved_data["eps"].toDouble();
-    const std::vector<int64_t> shape = ctx->saved_data["shape"].toIntVector();
+  void release_variables() override {
+    x_.reset_data();
+    w_.reset_data();
+    b_.reset_data();
+    mean_.reset_data();
+    rstd_.reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(3);
     const Tensor& dy = grads[0];
-    // needs_input_grad counts tensor arguments only: x 0, weight 1, bias 2
-    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
-               need_b = !rms && ctx->needs_input_grad(2);
-    if (at::GradMode::is_enabled()) {
-      auto g = differentiable_vjp(
+    if (!dy.defined()) return out;  // no gradient reached y
+    const auto self = getptr();
+    const Tensor x = x_.unpack(self), w = w_.unpack(self), b = b_.unpack(self);
+    const bool need_x = task_should_compute_output(0), need_w = w.defined() && task_should_compute_output(1),
+               need_b = b.defined() && task_should_compute_output(2);
+    if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable gradient (ops._differentiable_vjp)
+      return differentiable_vjp(
           [&] {
-            return rms ? at::rms_norm(x, shape, opt(w), eps) : at::layer_norm(x, shape, opt(w), opt(b), eps, true);
+            return rms_ ? at::rms_norm(x, shape_, opt(w), eps_) : at::layer_norm(x, shape_, opt(w), opt(b), eps_, true);
           },
           {x, w, b}, {need_x, need_w, need_b}, dy);
-      return {g[0], Tensor(), g[1], g[2], Tensor(), Tensor()};
     }
-    const bool need_dw = (w.defined() && need_w) || (b.defined() && need_b);
-    const int64_t k = rows_of(x, shape).second;
+    const Tensor mean = mean_.unpack(self), rstd = rstd_.unpack(self);
+    const int64_t k = rows_of(x, shape_).second;
     // (an expanded or transposed gradient arrives as well)
-    auto [dx, dw, db] = rows_backward(contiguous(x), k, contiguous(dy), opt(mean), rstd, opt(w), rms, need_dw);
-    const Tensor dweight = shaped(dw, shape), dbias = shaped(db, shape);
-    return {need_x ? shaped_like(dx, x) : Tensor(), Tensor(), param_grad(dweight, w, need_w),
-            param_grad(dbias, b, need_b), Tensor(), Tensor()};
+    auto [dx, dw, db] = rows_backward(contiguous(x), k, contiguous(dy), opt(mean), rstd, opt(w), rms_, need_w || need_b);
+    if (need_x) out[0] = shaped_like(dx, x);
+    out[1] = param_grad(shaped(dw, shape_), w, need_w);
+    out[2] = param_grad(shaped(db, shape_), b, need_b);
+    return out;
   }
 };
 
+// LayerNorm (rms false) or RMSNorm (rms true, b undefined) over the trailing normalized_shape:
+// (y, mean (undefined for RMSNorm), rstd), with a RowNormBackward node behind y when autograd records
+inline std::tuple<Tensor, Tensor, Tensor> row_norm(const Tensor& x, at::IntArrayRef normalized_shape, const Tensor& w,
+                                                   const Tensor& b, double eps, bool rms) {
+  const int64_t k = rows_of(x, normalized_shape).second;
+  auto [y, mean, rstd] = rows_forward(contiguous(x), k, opt(w), opt(b), eps, rms);
+  y = shaped_like(y, x);
+  if (records(x, opt(w), opt(b))) {
+    auto node = c10::make_intrusive<RowNormBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, w, b));
+    node->x_ = torch::autograd::SavedVariable(x, false);
+    node->w_ = torch::autograd::SavedVariable(w, false);
+    node->b_ = torch::autograd::SavedVariable(b, false);
+    node->mean_ = torch::autograd::SavedVariable(mean, false);
+    node->rstd_ = torch::autograd::SavedVariable(rstd, false);
+    node->shape_ = normalized_shape.vec();
+    node->eps_ = eps;
+    node->rms_ = rms;
+    torch::autograd::set_history(y, node);
+  }
+  return {y, mean, rstd};
+}
+
 std::tuple<Tensor, Tensor, Tensor> ln(const Tensor& x, at::IntArrayRef normalized_shape,
                                       const c10::optional<Tensor>& w, const c10::optional<Tensor>& b, double eps) {
-  if (!records(x, w, b)) {
-    const int64_t k = rows_of(x, normalized_shape).second;
-    auto [y, mean, rstd] = rows_forward(contiguous(x), k, w, b, eps, false);
-    return {shaped_like(y, x), mean, rstd};
-  }
-  auto out = RowNormOp::apply(x, normalized_shape.vec(), pass(w), pass(b), eps, false);
-  return {out[0], out[1], out[2]};
+  return row_norm(x, normalized_shape, value_or_undefined(w), value_or_undefined(b), eps, false);
 }
 
 std::tuple<Tensor, Tensor> rms(const Tensor& x, at::IntArrayRef normalized_shape, const c10::optional<Tensor>& w,
                                double eps) {
-  if (!records(x, w)) {
-    const int64_t k = rows_of(x, normalized_shape).second;
-    auto [y, mean, rstd] = rows_forward(contiguous(x), k, w, c10::nullopt, eps, true);
-    return {shaped_like(y, x), rstd};
-  }
-  auto out = RowNormOp::apply(x, normalized_shape.vec(), pass(w), absent(), eps, true);
-  return {out[0], out[1]};
+  auto [y, mean, rstd] = row_norm(x, normalized_shape, value_or_undefined(w), Tensor(), eps, true);
+  return {y, rstd};
 }
 
 // ----------------------------------------------------------------------------- LayerNorm2d
