@@ -3,14 +3,15 @@
 // torch.ops.normkit.* (ops.py) are torch.library custom ops whose autograd is Python; on torch
 // 2.13 that costs about 100 µs of Python per call, and a Python autograd.Function still 25-50 µs,
 // against aten's 5. These operators are the same computations with the autograd formulas of
-// ops.py written as torch::autograd::Function, so an eager call is one dispatcher call and its
-// backward runs without Python:
+// ops.py written as hand-written autograd nodes (as aten's generated ones), so an eager call is one
+// dispatcher call (or one call from csrc/layers.cpp) and its backward runs without Python:
 //
 //   normkit_cpu::bn_train(x, weight, bias, residual, eps, act)            -> (y, mean, var)
 //   normkit_cpu::bn_infer(x, mean, var, weight, bias, residual, eps, act) -> y
 //   normkit_cpu::gn(x, num_groups, weight, bias, residual, eps, act)      -> (y, mean, var)
 //   normkit_cpu::ln(x, normalized_shape, weight, bias, eps)               -> (y, mean, rstd)
 //   normkit_cpu::rms(x, normalized_shape, weight, eps)                    -> (y, rstd)
+//   eager::ln2d(x, weight, bias, eps)                                     -> (y, mean, rstd)  (LayerNorm2d)
 //   normkit_cpu::update_running_stats(running_mean!, running_var!, num_batches_tracked!?, mean, var,
 //                                     count, momentum?, skip)             -> skipped (bool)
 //
@@ -37,22 +38,10 @@
 namespace normkit {
 namespace eager {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 inline c10::optional<Tensor> opt(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
 inline Tensor value_or_undefined(const c10::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
-
-// torch::autograd::Function::apply refuses undefined tensors among its arguments ("tensor does not
-// have a device") and treats optional ones as constants, so an absent weight, bias or residual
-// travels as this 0-element tensor (none of them can legitimately be empty: the ops take
-// non-empty x) and becomes undefined again inside forward.
-inline const Tensor& absent() {
-  static const Tensor none = at::empty({0});
-  return none;
-}
-inline Tensor pass(const c10::optional<Tensor>& t) { return t.has_value() && t->defined() ? *t : absent(); }
-inline Tensor arrived(const Tensor& t) { return t.numel() == 0 ? Tensor() : t; }
 
 // x itself when dense in its layout, else a contiguous copy (ops.py, _dense)
 inline Tensor dense(const Tensor& x) {
@@ -67,7 +56,7 @@ inline Tensor as_layout(const Tensor& t, const Tensor& x) {
 inline Tensor cast(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
 // Whether autograd has anything to record (grad mode on and some input requiring grad); when not, the
-// entry points below compute without a torch::autograd::Function (a few µs a call on small tensors)
+// entry points below compute without building an autograd node
 inline bool records(const Tensor& x, const c10::optional<Tensor>& a = c10::nullopt,
                     const c10::optional<Tensor>& b = c10::nullopt, const c10::optional<Tensor>& c = c10::nullopt) {
   if (!at::GradMode::is_enabled()) return false;
@@ -159,27 +148,45 @@ variable_list differentiable_vjp(F&& forward, const variable_list& inputs, const
   return out;
 }
 
+// ----------------------------------------------------------------------------- the autograd nodes
+// Each op's backward is a hand-written autograd node, as aten's generated nodes are: a
+// torch::autograd::Function's bookkeeping (input and output infos, a string-keyed map of constants,
+// _wrap_outputs) cost about 4 µs of every small forward with grad, as much as the kernel. The forward
+// computes under no-grad (the tensor ops inside it must not record graphs of their own), then hangs the
+// node behind y. Edges are the differentiable inputs in order (x, weight, bias, residual); an absent one
+// has an invalid edge. The running statistics of eval BatchNorm have none (they never require grad).
+using torch::autograd::SavedVariable;
+
+template <typename NodeT, typename... Inputs>
+c10::intrusive_ptr<NodeT> attach(const Tensor& y, const Inputs&... inputs) {
+  auto node = c10::make_intrusive<NodeT>();
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
+  torch::autograd::set_history(y, node);
+  return node;
+}
+
+// the gradient a node returns for its edge i: undefined unless that input exists and this graph task wants it
+inline bool wanted(const torch::autograd::Node& node, size_t i, const Tensor& input) {
+  return input.defined() && node.task_should_compute_output(i);
+}
+
 // ----------------------------------------------------------------------------- BatchNorm
-// Saved: x, weight, bias, residual, then training: the batch mean and rstd; eval: the running mean
-// and variance as given (rstd is formed here, in the backward, which most eval calls never run).
-// weight_index: the weight's position among the op's tensor arguments (needs_input_grad counts only those)
-inline variable_list bn_grads(AutogradContext* ctx, const Tensor& dy, bool batch_stats, size_t weight_index) {
-  const auto saved = ctx->get_saved_variables();
-  const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &r = saved[3];
-  const int64_t act = ctx->saved_data["act"].toInt();
-  const double eps = ctx->saved_data["eps"].toDouble();
-  const auto sd = stat_type(x);
-  const Tensor mean = batch_stats ? saved[4] : cast(saved[4], sd);
-  const Tensor rstd = batch_stats ? saved[5] : rstd_of(cast(saved[5], sd), eps);
-  const size_t i = weight_index;
-  const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(i),
-             need_b = ctx->needs_input_grad(i + 1), need_r = r.defined() && ctx->needs_input_grad(i + 2);
+// The gradients (dx, dγ, dβ, dresidual) of y = act(γ·(x − mean)·rstd + β + residual): training with the batch
+// mean and rstd; eval (batch_stats false) with the running mean and variance as given (rstd is formed
+// here, in the backward, which most eval calls never run)
+inline variable_list bn_grads(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& r,
+                              const Tensor& saved_mean, const Tensor& saved_stat, const Tensor& dy, bool batch_stats,
+                              int64_t act, double eps, const std::vector<bool>& needs) {
+  const bool need_x = needs[0], need_w = needs[1], need_b = needs[2], need_r = needs[3];
   if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable gradient
-    const Tensor rm = batch_stats ? Tensor() : mean, rv = batch_stats ? Tensor() : saved[5];
+    const Tensor rm = batch_stats ? Tensor() : saved_mean, rv = batch_stats ? Tensor() : saved_stat;
     return differentiable_vjp(
         [&] { return finish(at::batch_norm(x, opt(w), opt(b), opt(rm), opt(rv), batch_stats, 0.0, eps, true), r, act); },
-        {x, w, b, r}, {need_x, need_w, need_b, need_r}, dy);
+        {x, w, b, r}, needs, dy);
   }
+  const auto sd = stat_type(x);
+  const Tensor mean = batch_stats ? saved_mean : cast(saved_mean, sd);
+  const Tensor rstd = batch_stats ? saved_stat : rstd_of(cast(saved_stat, sd), eps);
   const Tensor xd = dense(x), dyd = as_layout(dy, xd), rd = as_layout(r, xd);
   const auto [scale, shift] = scale_shift(w, b, mean, rstd);
   Tensor dx, sum_dz, sum_dz_xhat, dz;
@@ -198,26 +205,43 @@ inline variable_list bn_grads(AutogradContext* ctx, const Tensor& dy, bool batch
           need_r ? dz : Tensor()};
 }
 
-struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w_, const Tensor& b_,
-                               const Tensor& r_, double eps, int64_t act) {
-    const Tensor w = arrived(w_), b = arrived(b_), r = arrived(r_);
-    const Tensor xd = dense(x);
-    auto [y, mean, var] = channel_forward(xd, opt(w), opt(b), eps, opt(as_layout(r, xd)), act);
-    ctx->set_materialize_grads(false);  // mean/var outputs get no gradient: no zeros made for them
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["act"] = act;
-    ctx->save_for_backward({x, w, b, r, mean, rstd_of(var, eps)});
-    ctx->mark_non_differentiable({mean, var});
-    return {y, mean, var};
+// Saved: x, weight, bias, residual, and the batch mean and rstd (training) or the running mean and variance (eval)
+struct BatchNormBackward : public torch::autograd::Node {
+  SavedVariable x_, w_, b_, r_, mean_, stat_;
+  double eps_ = 0;
+  int64_t act_ = 0;
+  bool batch_stats_ = true;
+
+  std::string name() const override {
+    return batch_stats_ ? "normkit::eager::BatchNormBackward" : "normkit::eager::BatchNormEvalBackward";
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(6);  // no gradient reached y
-    variable_list g = bn_grads(ctx, grads[0], true, 1);
-    return {g[0], g[1], g[2], g[3], Tensor(), Tensor()};
+  void release_variables() override {
+    for (SavedVariable* v : {&x_, &w_, &b_, &r_, &mean_, &stat_}) v->reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined()) return variable_list(4);  // no gradient reached y
+    const auto self = getptr();
+    const Tensor x = x_.unpack(self), w = w_.unpack(self), b = b_.unpack(self), r = r_.unpack(self);
+    const std::vector<bool> needs{wanted(*this, 0, x), wanted(*this, 1, w), wanted(*this, 2, b), wanted(*this, 3, r)};
+    return bn_grads(x, w, b, r, mean_.unpack(self), stat_.unpack(self), grads[0], batch_stats_, act_, eps_, needs);
   }
 };
+
+inline void record_batch_norm(const Tensor& y, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& r,
+                              const Tensor& mean, const Tensor& stat, double eps, int64_t act, bool batch_stats) {
+  auto node = attach<BatchNormBackward>(y, x, w, b, r);
+  node->x_ = SavedVariable(x, false);
+  node->w_ = SavedVariable(w, false);
+  node->b_ = SavedVariable(b, false);
+  node->r_ = SavedVariable(r, false);
+  node->mean_ = SavedVariable(mean, false);
+  node->stat_ = SavedVariable(stat, false);
+  node->eps_ = eps;
+  node->act_ = act;
+  node->batch_stats_ = batch_stats;
+}
 
 // torch.nn's own sequence, BatchNorm (aten's eval kernel) → + residual → activation (in place), so eval
 // outputs are torch.nn's to the bit on every route, fused or not, with or without a backward
@@ -235,94 +259,86 @@ inline Tensor infer_forward(const Tensor& x, const Tensor& mean, const Tensor& v
   return y;
 }
 
-struct BatchNormInfer : public torch::autograd::Function<BatchNormInfer> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& mean, const Tensor& var,
-                               const Tensor& w_, const Tensor& b_, const Tensor& r_, double eps, int64_t act) {
-    const Tensor w = arrived(w_), b = arrived(b_), r = arrived(r_);
-    Tensor y = infer_forward(x, mean, var, w, b, r, eps, act);
-    ctx->set_materialize_grads(false);  // mean/var outputs get no gradient: no zeros made for them
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["act"] = act;
-    ctx->save_for_backward({x, w, b, r, mean, var});
-    return {y};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(8);
-    variable_list g = bn_grads(ctx, grads[0], false, 3);
-    return {g[0], Tensor(), Tensor(), g[1], g[2], g[3], Tensor(), Tensor()};
-  }
-};
-
-std::tuple<Tensor, Tensor, Tensor> bn_train(const Tensor& x, const c10::optional<Tensor>& w,
-                                            const c10::optional<Tensor>& b, const c10::optional<Tensor>& r,
+std::tuple<Tensor, Tensor, Tensor> bn_train(const Tensor& x, const c10::optional<Tensor>& w_,
+                                            const c10::optional<Tensor>& b_, const c10::optional<Tensor>& r_,
                                             double eps, int64_t act) {
-  if (!records(x, w, b, r)) {
+  const Tensor w = value_or_undefined(w_), b = value_or_undefined(b_), r = value_or_undefined(r_);
+  const bool record = records(x, w_, b_, r_);
+  Tensor y, mean, var;
+  {
+    at::AutoGradMode no_grad(false);
     const Tensor xd = dense(x);
-    return channel_forward(xd, w, b, eps, opt(as_layout(value_or_undefined(r), xd)), act);
+    std::tie(y, mean, var) = channel_forward(xd, w_, b_, eps, opt(as_layout(r, xd)), act);
+    if (record) record_batch_norm(y, x, w, b, r, mean, rstd_of(var, eps), eps, act, true);
   }
-  auto out = BatchNormTrain::apply(x, pass(w), pass(b), pass(r), eps, act);
-  return {out[0], out[1], out[2]};
+  return {y, mean, var};
 }
 
-Tensor bn_infer(const Tensor& x, const Tensor& mean, const Tensor& var, const c10::optional<Tensor>& w,
-                const c10::optional<Tensor>& b, const c10::optional<Tensor>& r, double eps, int64_t act) {
-  if (!records(x, w, b, r)) {
-    return infer_forward(x, mean, var, value_or_undefined(w), value_or_undefined(b), value_or_undefined(r), eps, act);
-  }
-  return BatchNormInfer::apply(x, mean, var, pass(w), pass(b), pass(r), eps, act)[0];
+Tensor bn_infer(const Tensor& x, const Tensor& mean, const Tensor& var, const c10::optional<Tensor>& w_,
+                const c10::optional<Tensor>& b_, const c10::optional<Tensor>& r_, double eps, int64_t act) {
+  const Tensor w = value_or_undefined(w_), b = value_or_undefined(b_), r = value_or_undefined(r_);
+  const bool record = records(x, w_, b_, r_);
+  at::AutoGradMode no_grad(false);
+  Tensor y = infer_forward(x, mean, var, w, b, r, eps, act);
+  if (record) record_batch_norm(y, x, w, b, r, mean, var, eps, act, false);
+  return y;
 }
 
 // ----------------------------------------------------------------------------- GroupNorm
-struct GroupNormOp : public torch::autograd::Function<GroupNormOp> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, int64_t groups, const Tensor& w_,
-                               const Tensor& b_, const Tensor& r_, double eps, int64_t act) {
-    const Tensor w = arrived(w_), b = arrived(b_), r = arrived(r_);
-    const Tensor xd = dense(x);
-    auto [y, mean, var] = group_forward(xd, groups, opt(w), opt(b), eps, opt(as_layout(r, xd)), act);
-    ctx->set_materialize_grads(false);  // mean/var outputs get no gradient: no zeros made for them
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["act"] = act;
-    ctx->saved_data["groups"] = groups;
-    ctx->save_for_backward({x, w, b, r, mean, rstd_of(var, eps)});
-    ctx->mark_non_differentiable({mean, var});
-    return {y, mean, var};
+// Saved: x, weight, bias, residual, the (N, G) mean and rstd
+struct GroupNormBackward : public torch::autograd::Node {
+  SavedVariable x_, w_, b_, r_, mean_, rstd_;
+  double eps_ = 0;
+  int64_t act_ = 0, groups_ = 1;
+
+  std::string name() const override { return "normkit::eager::GroupNormBackward"; }
+
+  void release_variables() override {
+    for (SavedVariable* v : {&x_, &w_, &b_, &r_, &mean_, &rstd_}) v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(7);
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &r = saved[3], &mean = saved[4], &rstd = saved[5];
-    const int64_t act = ctx->saved_data["act"].toInt(), groups = ctx->saved_data["groups"].toInt();
-    const double eps = ctx->saved_data["eps"].toDouble();
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined()) return variable_list(4);
+    const auto self = getptr();
+    const Tensor x = x_.unpack(self), w = w_.unpack(self), b = b_.unpack(self), r = r_.unpack(self);
     const Tensor& dy = grads[0];
-    // needs_input_grad counts tensor arguments only: x 0, weight 1, bias 2, residual 3
-    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1), need_b = ctx->needs_input_grad(2),
-               need_r = r.defined() && ctx->needs_input_grad(3);
+    const bool need_x = wanted(*this, 0, x), need_w = wanted(*this, 1, w), need_b = wanted(*this, 2, b),
+               need_r = wanted(*this, 3, r);
     if (at::GradMode::is_enabled()) {
-      auto g = differentiable_vjp([&] { return finish(at::group_norm(x, groups, opt(w), opt(b), eps), r, act); },
-                                  {x, w, b, r}, {need_x, need_w, need_b, need_r}, dy);
-      return {g[0], Tensor(), g[1], g[2], g[3], Tensor(), Tensor()};
+      return differentiable_vjp([&] { return finish(at::group_norm(x, groups_, opt(w), opt(b), eps_), r, act_); },
+                                {x, w, b, r}, {need_x, need_w, need_b, need_r}, dy);
     }
-    const bool need_dw = (w.defined() && need_w) || (b.defined() && need_b);
     const Tensor xd = dense(x);
-    auto [dx, dw, db, dz] = group_backward(xd, as_layout(dy, xd), mean, rstd, groups, opt(w), opt(b),
-                                           opt(as_layout(r, xd)), act, need_dw, need_r);
-    return {need_x ? dx : Tensor(), Tensor(), param_grad(dw, w, need_w), param_grad(db, b, need_b),
-            need_r ? dz : Tensor(), Tensor(), Tensor()};
+    auto [dx, dw, db, dz] = group_backward(xd, as_layout(dy, xd), mean_.unpack(self), rstd_.unpack(self), groups_,
+                                           opt(w), opt(b), opt(as_layout(r, xd)), act_, need_w || need_b, need_r);
+    return {need_x ? dx : Tensor(), param_grad(dw, w, need_w), param_grad(db, b, need_b), need_r ? dz : Tensor()};
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> gn(const Tensor& x, int64_t groups, const c10::optional<Tensor>& w,
-                                      const c10::optional<Tensor>& b, const c10::optional<Tensor>& r, double eps,
+std::tuple<Tensor, Tensor, Tensor> gn(const Tensor& x, int64_t groups, const c10::optional<Tensor>& w_,
+                                      const c10::optional<Tensor>& b_, const c10::optional<Tensor>& r_, double eps,
                                       int64_t act) {
-  if (!records(x, w, b, r)) {
+  const Tensor w = value_or_undefined(w_), b = value_or_undefined(b_), r = value_or_undefined(r_);
+  const bool record = records(x, w_, b_, r_);
+  Tensor y, mean, var;
+  {
+    at::AutoGradMode no_grad(false);
     const Tensor xd = dense(x);
-    return group_forward(xd, groups, w, b, eps, opt(as_layout(value_or_undefined(r), xd)), act);
+    std::tie(y, mean, var) = group_forward(xd, groups, w_, b_, eps, opt(as_layout(r, xd)), act);
+    if (record) {
+      auto node = attach<GroupNormBackward>(y, x, w, b, r);
+      node->x_ = SavedVariable(x, false);
+      node->w_ = SavedVariable(w, false);
+      node->b_ = SavedVariable(b, false);
+      node->r_ = SavedVariable(r, false);
+      node->mean_ = SavedVariable(mean, false);
+      node->rstd_ = SavedVariable(rstd_of(var, eps), false);
+      node->eps_ = eps;
+      node->act_ = act;
+      node->groups_ = groups;
+    }
   }
-  auto out = GroupNormOp::apply(x, groups, pass(w), pass(b), pass(r), eps,
-                                act);
-  return {out[0], out[1], out[2]};
+  return {y, mean, var};
 }
 
 // ----------------------------------------------------------------------------- LayerNorm / RMSNorm
@@ -341,12 +357,9 @@ inline Tensor shaped(const Tensor& t, const std::vector<int64_t>& shape) {
   return t.defined() && t.sizes() != at::IntArrayRef(shape) ? t.view(shape) : t;
 }
 
-// The backward of ln and rms as a hand-written autograd node, as aten's generated nodes are: a
-// torch::autograd::Function's bookkeeping (input and output infos, a string-keyed map of constants,
-// _wrap_outputs) cost about 4 µs of every small LayerNorm forward with grad, as much as the kernel.
-// Edges: x 0, weight 1, bias 2 (an absent weight or bias has an invalid edge).
+// The backward of ln and rms. Edges: x 0, weight 1, bias 2.
 struct RowNormBackward : public torch::autograd::Node {
-  torch::autograd::SavedVariable x_, w_, b_, mean_, rstd_;
+  SavedVariable x_, w_, b_, mean_, rstd_;
   std::vector<int64_t> shape_;
   double eps_ = 0;
   bool rms_ = false;
@@ -356,11 +369,7 @@ struct RowNormBackward : public torch::autograd::Node {
   }
 
   void release_variables() override {
-    x_.reset_data();
-    w_.reset_data();
-    b_.reset_data();
-    mean_.reset_data();
-    rstd_.reset_data();
+    for (SavedVariable* v : {&x_, &w_, &b_, &mean_, &rstd_}) v->reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -369,8 +378,7 @@ struct RowNormBackward : public torch::autograd::Node {
     if (!dy.defined()) return out;  // no gradient reached y
     const auto self = getptr();
     const Tensor x = x_.unpack(self), w = w_.unpack(self), b = b_.unpack(self);
-    const bool need_x = task_should_compute_output(0), need_w = w.defined() && task_should_compute_output(1),
-               need_b = b.defined() && task_should_compute_output(2);
+    const bool need_x = wanted(*this, 0, x), need_w = wanted(*this, 1, w), need_b = wanted(*this, 2, b);
     if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable gradient (ops._differentiable_vjp)
       return differentiable_vjp(
           [&] {
@@ -394,20 +402,20 @@ struct RowNormBackward : public torch::autograd::Node {
 inline std::tuple<Tensor, Tensor, Tensor> row_norm(const Tensor& x, at::IntArrayRef normalized_shape, const Tensor& w,
                                                    const Tensor& b, double eps, bool rms) {
   const int64_t k = rows_of(x, normalized_shape).second;
+  const bool record = records(x, opt(w), opt(b));
+  at::AutoGradMode no_grad(false);
   auto [y, mean, rstd] = rows_forward(contiguous(x), k, opt(w), opt(b), eps, rms);
   y = shaped_like(y, x);
-  if (records(x, opt(w), opt(b))) {
-    auto node = c10::make_intrusive<RowNormBackward>();
-    node->set_next_edges(torch::autograd::collect_next_edges(x, w, b));
-    node->x_ = torch::autograd::SavedVariable(x, false);
-    node->w_ = torch::autograd::SavedVariable(w, false);
-    node->b_ = torch::autograd::SavedVariable(b, false);
-    node->mean_ = torch::autograd::SavedVariable(mean, false);
-    node->rstd_ = torch::autograd::SavedVariable(rstd, false);
+  if (record) {
+    auto node = attach<RowNormBackward>(y, x, w, b);
+    node->x_ = SavedVariable(x, false);
+    node->w_ = SavedVariable(w, false);
+    node->b_ = SavedVariable(b, false);
+    node->mean_ = SavedVariable(mean, false);
+    node->rstd_ = SavedVariable(rstd, false);
     node->shape_ = normalized_shape.vec();
     node->eps_ = eps;
     node->rms_ = rms;
-    torch::autograd::set_history(y, node);
   }
   return {y, mean, rstd};
 }
@@ -469,46 +477,54 @@ inline std::tuple<Tensor, Tensor, Tensor> ln2d_backward(const Tensor& xd, const 
   return {dx.permute(channels_first_order(xd.dim())), dw, db};
 }
 
-// Saved: x, weight, bias, mean, rstd
-struct LayerNorm2dOp : public torch::autograd::Function<LayerNorm2dOp> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w_, const Tensor& b_, double eps) {
-    const Tensor w = arrived(w_), b = arrived(b_);
-    auto [y, mean, rstd] = ln2d_forward(dense(x), w, b, eps);
-    ctx->set_materialize_grads(false);
-    ctx->saved_data["eps"] = eps;
-    ctx->save_for_backward({x, w, b, mean, rstd});
-    ctx->mark_non_differentiable({mean, rstd});
-    return {y, mean, rstd};
+// Saved: x, weight, bias, mean, rstd. Edges: x 0, weight 1, bias 2.
+struct LayerNorm2dBackward : public torch::autograd::Node {
+  SavedVariable x_, w_, b_, mean_, rstd_;
+  double eps_ = 0;
+
+  std::string name() const override { return "normkit::eager::LayerNorm2dBackward"; }
+
+  void release_variables() override {
+    for (SavedVariable* v : {&x_, &w_, &b_, &mean_, &rstd_}) v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(4);
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &mean = saved[3], &rstd = saved[4];
-    const double eps = ctx->saved_data["eps"].toDouble();
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined()) return variable_list(3);
+    const auto self = getptr();
+    const Tensor x = x_.unpack(self), w = w_.unpack(self), b = b_.unpack(self);
     const Tensor& dy = grads[0];
-    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1), need_b = ctx->needs_input_grad(2);
+    const bool need_x = wanted(*this, 0, x), need_w = wanted(*this, 1, w), need_b = wanted(*this, 2, b);
     if (at::GradMode::is_enabled()) {  // create_graph=True: ops_channels.permute_form, differentiated
-      auto g = differentiable_vjp(
+      return differentiable_vjp(
           [&] {
-            return at::layer_norm(x.permute(channels_last_order(x.dim())), {x.size(1)}, opt(w), opt(b), eps, true)
+            return at::layer_norm(x.permute(channels_last_order(x.dim())), {x.size(1)}, opt(w), opt(b), eps_, true)
                 .permute(channels_first_order(x.dim()));
           },
           {x, w, b}, {need_x, need_w, need_b}, dy);
-      return {g[0], g[1], g[2], Tensor()};
     }
-    const bool need_dw = (w.defined() && need_w) || (b.defined() && need_b);
     const auto sd = stat_type(x);
-    auto [dx, dw, db] = ln2d_backward(dense(x), dy, cast(mean, sd), cast(rstd, sd), w, need_dw);
-    return {need_x ? dx : Tensor(), param_grad(dw, w, need_w), param_grad(db, b, need_b), Tensor()};
+    auto [dx, dw, db] = ln2d_backward(dense(x), dy, cast(mean_.unpack(self), sd), cast(rstd_.unpack(self), sd), w,
+                                      need_w || need_b);
+    return {need_x ? dx : Tensor(), param_grad(dw, w, need_w), param_grad(db, b, need_b)};
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> ln2d(const Tensor& x, const c10::optional<Tensor>& w,
-                                        const c10::optional<Tensor>& b, double eps) {
-  if (!records(x, w, b)) return ln2d_forward(dense(x), value_or_undefined(w), value_or_undefined(b), eps);
-  auto out = LayerNorm2dOp::apply(x, pass(w), pass(b), eps);
-  return {out[0], out[1], out[2]};
+std::tuple<Tensor, Tensor, Tensor> ln2d(const Tensor& x, const c10::optional<Tensor>& w_,
+                                        const c10::optional<Tensor>& b_, double eps) {
+  const Tensor w = value_or_undefined(w_), b = value_or_undefined(b_);
+  const bool record = records(x, w_, b_);
+  at::AutoGradMode no_grad(false);
+  auto [y, mean, rstd] = ln2d_forward(dense(x), w, b, eps);
+  if (record) {
+    auto node = attach<LayerNorm2dBackward>(y, x, w, b);
+    node->x_ = SavedVariable(x, false);
+    node->w_ = SavedVariable(w, false);
+    node->b_ = SavedVariable(b, false);
+    node->mean_ = SavedVariable(mean, false);
+    node->rstd_ = SavedVariable(rstd, false);
+    node->eps_ = eps;
+  }
+  return {y, mean, rstd};
 }
 
 // ----------------------------------------------------------------------------- running statistics
@@ -596,7 +612,7 @@ TORCH_LIBRARY_FRAGMENT(normkit_cpu, m) {
         "Tensor mean, Tensor var, int count, float? momentum, bool skip) -> bool");
 }
 
-// CompositeImplicitAutograd: one kernel for every dispatch key; the torch::autograd::Function inside
+// CompositeImplicitAutograd: one kernel for every dispatch key; the autograd node it hangs behind y
 // records the graph itself when an input requires grad
 TORCH_LIBRARY_IMPL(normkit_cpu, CompositeImplicitAutograd, m) {
   m.impl("bn_train", &normkit::eager::bn_train);
