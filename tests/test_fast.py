@@ -440,3 +440,41 @@ def test_the_profiler_names_each_served_layer(spy):
     keys = {e.key for e in prof.key_averages()}
     assert all(spy.served)
     assert {"normkit::batch_norm", "normkit::group_norm", "normkit::layer_norm", "normkit::rms_norm"} <= keys
+
+
+NODES = [
+    (lambda: normkit.BatchNorm1d(6), (8, 6), "BatchNormBackward"),
+    (lambda: normkit.BatchNorm1d(4).eval(), (8, 4), "BatchNormEvalBackward"),  # 2-D with grad: the kernel route
+    (lambda: normkit.GroupNorm(2, 4), (3, 4, 5), "GroupNormBackward"),
+    (lambda: normkit.LayerNorm(6), (3, 5, 6), "LayerNormBackward"),
+    (lambda: normkit.RMSNorm(6), (3, 5, 6), "RMSNormBackward"),
+    (lambda: normkit.LayerNorm2d(4), (2, 4, 3, 3), "LayerNorm2dBackward"),
+]
+
+
+@pytest.mark.parametrize("make,shape,node", NODES)
+def test_the_autograd_nodes_behave_like_torchs(make, shape, node, spy):
+    """The hand-written nodes (csrc/autograd.h): named, hookable, honouring a graph task's wanted inputs,
+    refusing a second backward through a freed graph and an in-place change of a saved input."""
+    torch.manual_seed(0)
+    layer = make()
+    x = _x(*shape).requires_grad_()
+    y = layer(x)
+    assert y.grad_fn.name() == f"normkit::eager::{node}"
+    dy = torch.randn_like(y)
+    (gw,) = torch.autograd.grad(y, [layer.weight], dy, retain_graph=True)  # dx not computed, dγ the same
+    assert torch.equal(gw, torch.autograd.grad(y, [x, layer.weight], dy, retain_graph=True)[1])
+    calls = []
+    y.grad_fn.register_prehook(lambda grads: calls.append("pre"))
+    y.grad_fn.register_hook(lambda grads_in, grads_out: calls.append("post"))
+    y.backward(dy)
+    assert calls == ["pre", "post"]
+    with pytest.raises(RuntimeError, match="second time"):
+        y.backward(dy)
+    z = x.detach().clone().requires_grad_()
+    h = z * 1
+    out = layer(h)
+    h.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    assert spy.served and all(spy.served)
