@@ -271,6 +271,47 @@ def test_rms_norm_matches_the_python_path(eps, dtype, monkeypatch, spy):
     _compare(lambda: normkit.RMSNorm(64, eps=eps, dtype=dtype), _x(4, 3, 64, dtype=dtype), monkeypatch, spy)
 
 
+@pytest.mark.parametrize("act", [None, "relu"])
+@pytest.mark.parametrize("shape", [(8, 5), (4, 5, 6), (2, 5, 3, 4)])
+@pytest.mark.parametrize("mode", ["eval", "train without running statistics"])
+def test_functional_batch_norm_without_an_update_matches_the_python_path(shape, mode, act, monkeypatch, spy):
+    torch.manual_seed(0)
+    x = _x(*shape).requires_grad_()
+    w, b = (torch.rand(5) + 0.5).requires_grad_(), torch.rand(5).requires_grad_()
+    rm, rv = torch.rand(5), torch.rand(5) + 0.5
+    train = mode != "eval"
+
+    def run():
+        y = NF.batch_norm(x, None if train else rm, None if train else rv, w, b, train, act=act)
+        return [y, *torch.autograd.grad(y.square().sum(), [x, w, b])]
+
+    got = run()
+    assert spy.served == [True]
+    _python_path(monkeypatch)
+    _same(got, run())
+
+
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_eval_with_only_the_residual_requiring_grad_takes_the_python_paths_route(act, monkeypatch, spy):
+    layer = normkit.BatchNormAct1d(5, act=act).eval().requires_grad_(False)
+    x, r = _x(8, 5), _x(8, 5, offset=-3.0).requires_grad_()
+
+    def run():
+        y = layer(x, r)
+        return [y, *torch.autograd.grad(y.square().sum(), [r])]
+
+    got = run()
+    assert spy.served == [True]
+    _python_path(monkeypatch)
+    _same(got, run())
+
+
+def test_functional_batch_norm_that_moves_running_statistics_stays_in_python(spy):
+    rm, rv = torch.zeros(5), torch.ones(5)
+    NF.batch_norm(torch.randn(8, 5), rm, rv, training=True)
+    assert spy.served == [] and not torch.equal(rm, torch.zeros(5))
+
+
 def test_the_functions_are_served_too(spy):
     x, w, b = _x(4, 8, 5), torch.rand(8), torch.rand(8)
     for served, want in [

@@ -35,6 +35,7 @@ from .running_stats import batch_moments
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"]
 
 _ACT_CODES = activations.codes()
+_ANY_RANK = sum(1 << d for d in range(2, 9))  # (N, C, *) up to 8-D, as a bit mask of accepted ranks
 
 
 def _check_act(where: str, act: str | None) -> str:
@@ -144,6 +145,15 @@ def batch_norm(
     ``y = act(γ·(x − μ)/sqrt(σ² + ε) + β + residual)`` with the batch statistics per channel
     (biased variance) when ``training``, else ``running_mean``/``running_var``.
     """
+    code = _ACT_CODES.get(act or "")
+    if code is not None and (not training or running_mean is None) and isinstance(input, Tensor) and input.dim() >= 2:
+        # no running statistics to move: the common case in one C++ call (normkit._fast); a training call
+        # with running statistics stays here (the aten route moves them by aten's formula, the kernel route
+        # by this module's _update_running)
+        served = _fast.batch_norm(input, weight, bias, running_mean, running_var, None, _ANY_RANK, input.shape[1],
+                                  training, False, None, eps, residual, code, False)
+        if served is not None:
+            return served[0]
     if isinstance(input, Tensor) and input.dim() < 2 and input.numel() == 0:
         # torch accepts an empty 1-D input (and returns it): nothing to normalize
         return aten_path.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,

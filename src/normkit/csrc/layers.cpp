@@ -279,12 +279,12 @@ PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       }
     } else {
       // normkit.route: aten for eval on ≥3-D input, or 2-D input with no backward to follow
-      const bool grad = wants_grad({&x, &w, &b, &r});
+      const bool grad = wants_grad({&x, &w, &b});  // (route.prefer_aten asks about these three)
       if (backend == 0 && (x.dim() > 2 || !grad)) {
         y = at::batch_norm(x, opt(w), opt(b), rm, rv, false, 0.0, eps, cudnn);
         // without a backward, the residual and the activation go in place on the fresh output (the same
         // values: the in-place forms are the same kernels), saving an allocation and a pass per op
-        y = grad ? finish(y, r, act) : finish_in_place(y, r, act);
+        y = wants_grad({&x, &w, &b, &r}) ? finish(y, r, act) : finish_in_place(y, r, act);
       } else {
         y = eager::bn_infer(x, rm, rv, opt(w), opt(b), opt(r), eps, act);
       }
