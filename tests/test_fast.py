@@ -519,3 +519,26 @@ def test_the_autograd_nodes_behave_like_torchs(make, shape, node, spy):
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
     assert spy.served and all(spy.served)
+
+
+IN_PLACE_CASES = [(make, shape, cl) for make, shape in LAYERS + [(lambda: normkit.GroupNorm(2, 4), (2, 4, 3, 5))]
+                  for cl in ([False, True] if len(shape) == 4 else [False])]
+
+
+@pytest.mark.parametrize("make,shape,channels_last", IN_PLACE_CASES)
+def test_an_output_can_be_changed_in_place_with_grad(make, shape, channels_last, monkeypatch, spy):
+    """A layer's output is a tensor of its own, not a view made under no-grad: y.relu_() (and other in-place
+    ops after the layer) work with autograd as after torch.nn's layers, and give the Python path's gradients."""
+    layer, twin = _layer_and_twin(make)
+    x = _x(*shape, channels_last=channels_last).requires_grad_()
+
+    def run(module):
+        y = module(x)
+        y.relu_()
+        return [y.detach(), *torch.autograd.grad(y.square().sum(), [x, *module.parameters()])]
+
+    got = run(layer)
+    assert spy.served == [True]
+    _python_path(monkeypatch)
+    _same(got, run(twin))
+

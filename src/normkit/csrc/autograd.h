@@ -455,13 +455,17 @@ inline std::vector<int64_t> stat_shape(const Tensor& x) {
   return shape;
 }
 
-// xd dense in its layout (dense())
+// xd dense in its layout (dense()). The row kernels write into the rows of a tensor allocated in x's layout, so
+// y and dx are tensors of their own, not views of a permuted result (autograd refuses in-place changes to a
+// view made under no-grad, and y.relu_() after a LayerNorm2d must work)
 inline std::tuple<Tensor, Tensor, Tensor> ln2d_forward(const Tensor& xd, const Tensor& w, const Tensor& b, double eps) {
-  const Tensor rows = xd.permute(channels_last_order(xd.dim()));
+  const auto to_rows = channels_last_order(xd.dim());
+  const Tensor rows = xd.permute(to_rows);
   if (!rows.is_contiguous()) return ln2d::forward(xd, opt(w), opt(b), eps);
-  auto [y, mean, rstd] = row_forward(rows, opt(w), opt(b), eps, false);
+  const Tensor y = at::empty_like(xd);
+  auto [unused, mean, rstd] = rows_forward(rows, xd.size(1), opt(w), opt(b), eps, false, y.permute(to_rows));
   const auto shape = stat_shape(xd);
-  return {y.permute(channels_first_order(xd.dim())), mean.view(shape), rstd.view(shape)};
+  return {y, mean.view(shape), rstd.view(shape)};
 }
 
 inline std::tuple<Tensor, Tensor, Tensor> ln2d_backward(const Tensor& xd, const Tensor& dy_, const Tensor& mean,
@@ -472,9 +476,10 @@ inline std::tuple<Tensor, Tensor, Tensor> ln2d_backward(const Tensor& xd, const 
   if (!rows.is_contiguous()) return ln2d::backward(xd, dy, mean, rstd, opt(w), need_dw);
   // (cpu_backend.ln2d_backward: dy with x's strides, else channels_last-contiguous)
   const Tensor dy_rows = (dy.strides() == xd.strides() ? dy : dy.contiguous(format_of(xd))).permute(to_rows);
-  auto [dx, dw, db] = row_backward(rows, dy_rows.contiguous(), mean.reshape(-1), rstd.reshape(-1), opt(w), false,
-                                   need_dw);
-  return {dx.permute(channels_first_order(xd.dim())), dw, db};
+  const Tensor dx = at::empty_like(xd);
+  auto [unused, dw, db] = rows_backward(rows, xd.size(1), dy_rows.contiguous(), mean.reshape(-1), rstd.reshape(-1),
+                                        opt(w), false, need_dw, dx.permute(to_rows));
+  return {dx, dw, db};
 }
 
 // Saved: x, weight, bias, mean, rstd. Edges: x 0, weight 1, bias 2.

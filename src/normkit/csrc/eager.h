@@ -11,16 +11,16 @@
 
 namespace normkit {
 
-// the row kernels' entry points (normkit_cpu.cpp): rows of K values of a contiguous x
+// the row kernels' entry points (normkit_cpu.cpp): rows of K values of a contiguous x, written to `out` when given
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward(const at::Tensor& x, int64_t K,
                                                             const c10::optional<at::Tensor>& weight,
                                                             const c10::optional<at::Tensor>& bias, double eps,
-                                                            bool rms);
+                                                            bool rms, const at::Tensor& out = at::Tensor());
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_backward(const at::Tensor& x, int64_t K, const at::Tensor& dy,
                                                              const c10::optional<at::Tensor>& mean,
                                                              const at::Tensor& rstd,
                                                              const c10::optional<at::Tensor>& weight, bool rms,
-                                                             bool need_dweight);
+                                                             bool need_dweight, const at::Tensor& out = at::Tensor());
 
 namespace eager {
 

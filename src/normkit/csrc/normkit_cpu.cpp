@@ -130,6 +130,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> channel_backward(const Tensor& x, con
   });
 }
 
+void check_out(const Tensor& out, const Tensor& x) {
+  TORCH_CHECK_VALUE(!out.defined() || (out.is_contiguous() && out.sizes() == x.sizes() &&
+                                       out.scalar_type() == x.scalar_type() && out.device() == x.device()),
+                    "normkit cpu backend: expected an output tensor like x");
+}
+
 void check_rows(const Tensor& x, int64_t K) {
   check_x(x);
   TORCH_CHECK_VALUE(x.is_contiguous() && K > 0 && x.numel() % K == 0,
@@ -140,19 +146,25 @@ void check_rows(const Tensor& x, int64_t K) {
 }  // namespace
 
 // LayerNorm/RMSNorm over rows of K values of a contiguous x: its trailing dimensions that hold K values (the
-// eager ops pass a multi-dimensional normalized_shape's product), or its last dimension (the operators)
+// eager ops pass a multi-dimensional normalized_shape's product), or its last dimension (the operators).
+// `out`, when given, is a contiguous tensor of x's size the output is written to (LayerNorm2d hands in the
+// channels_last result's rows, so that the result is not a view).
 std::tuple<Tensor, Tensor, Tensor> rows_forward(const Tensor& x, int64_t K, const c10::optional<Tensor>& weight,
-                                                const c10::optional<Tensor>& bias, double eps, bool rms) {
+                                                const c10::optional<Tensor>& bias, double eps, bool rms,
+                                                const Tensor& out) {
   check_rows(x, K);
+  check_out(out, x);
   const auto sd = stat_type(x);
   Tensor w = opt_vec(weight, sd, K, "weight"), b = opt_vec(bias, sd, K, "bias");
-  return NK_DISPATCH_T(x.scalar_type(), [&] { return row_forward_impl<T>(x, K, w, b, eps, rms); });
+  return NK_DISPATCH_T(x.scalar_type(), [&] { return row_forward_impl<T>(x, K, w, b, eps, rms, out); });
 }
 
 std::tuple<Tensor, Tensor, Tensor> rows_backward(const Tensor& x, int64_t K, const Tensor& dy_,
                                                  const c10::optional<Tensor>& mean, const Tensor& rstd,
-                                                 const c10::optional<Tensor>& weight, bool rms, bool need_dweight) {
+                                                 const c10::optional<Tensor>& weight, bool rms, bool need_dweight,
+                                                 const Tensor& out) {
   check_rows(x, K);
+  check_out(out, x);
   const auto sd = stat_type(x);
   const int64_t M = x.numel() / K;
   TORCH_CHECK_VALUE(rms || (mean.has_value() && mean->defined()), "normkit cpu backend: LayerNorm needs the mean");
@@ -160,7 +172,8 @@ std::tuple<Tensor, Tensor, Tensor> rows_backward(const Tensor& x, int64_t K, con
   Tensor m = rms ? Tensor() : vec(*mean, sd, M, "mean");
   Tensor rs = vec(rstd, sd, M, "rstd");
   Tensor w = opt_vec(weight, sd, K, "weight");
-  return NK_DISPATCH_T(x.scalar_type(), [&] { return row_backward_impl<T>(x, K, dy, m, rs, w, rms, need_dweight); });
+  return NK_DISPATCH_T(x.scalar_type(),
+                       [&] { return row_backward_impl<T>(x, K, dy, m, rs, w, rms, need_dweight, out); });
 }
 
 namespace {
@@ -169,7 +182,7 @@ std::tuple<Tensor, Tensor, Tensor> row_forward(const Tensor& x, const optional<T
                                                const optional<Tensor>& bias, double eps, bool rms) {
   check_x(x);
   TORCH_CHECK_VALUE(x.dim() >= 1, "normkit cpu backend: expected a (..., K) tensor, got shape ", x.sizes());
-  return rows_forward(x, x.size(-1), weight, bias, eps, rms);
+  return rows_forward(x, x.size(-1), weight, bias, eps, rms, Tensor());
 }
 
 std::tuple<Tensor, Tensor, Tensor> row_backward(const Tensor& x, const Tensor& dy, const optional<Tensor>& mean,
@@ -177,7 +190,7 @@ std::tuple<Tensor, Tensor, Tensor> row_backward(const Tensor& x, const Tensor& d
                                                 bool need_dweight) {
   check_x(x);
   TORCH_CHECK_VALUE(x.dim() >= 1, "normkit cpu backend: expected a (..., K) tensor, got shape ", x.sizes());
-  return rows_backward(x, x.size(-1), dy, mean, rstd, weight, rms, need_dweight);
+  return rows_backward(x, x.size(-1), dy, mean, rstd, weight, rms, need_dweight, Tensor());
 }
 
 void check_groups(const Tensor& x, int64_t G) {

@@ -13,11 +13,11 @@ namespace normkit {
 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> row_forward_impl(const Tensor& x, int64_t K, const Tensor& w_, const Tensor& b_,
-                                                    double eps, bool rms) {
+                                                    double eps, bool rms, Tensor y) {
   using A = acc_t<T>;
   const int64_t M = x.numel() / K;  // rows of K values (the trailing dimensions that hold K values)
   const T* xp = x.data_ptr<T>();
-  Tensor y = at::empty_like(x);
+  if (!y.defined()) y = at::empty_like(x);
   T* yp = y.data_ptr<T>();
   Tensor mean = rms ? Tensor() : at::empty({M}, x.options().dtype(stat_type(x)));
   Tensor rstd = at::empty({M}, x.options().dtype(stat_type(x)));
@@ -121,12 +121,13 @@ inline void row_bwd_dx(const T* __restrict__ xr, const T* __restrict__ dr, T* __
 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> row_backward_impl(const Tensor& x, int64_t K, const Tensor& dy, const Tensor& mean,
-                                                     const Tensor& rstd, const Tensor& w_, bool rms, bool need_dw) {
+                                                     const Tensor& rstd, const Tensor& w_, bool rms, bool need_dw,
+                                                     Tensor dx) {
   using A = acc_t<T>;
   const int64_t M = x.numel() / K;
   const T* xp = x.data_ptr<T>();
   const T* dyp = dy.data_ptr<T>();
-  Tensor dx = at::empty_like(x);
+  if (!dx.defined()) dx = at::empty_like(x);
   T* dxp = dx.data_ptr<T>();
   const A* mp = rms ? nullptr : mean.data_ptr<A>();
   const A* rp = rstd.data_ptr<A>();
