@@ -218,3 +218,28 @@ def test_functional_matches_torch_functional():
     torch.testing.assert_close(F.layer_norm(x, (5, 7), lw, lw), tF.layer_norm(x, (5, 7), lw, lw))
     torch.testing.assert_close(F.rms_norm(x, (5, 7), lw), tF.rms_norm(x, (5, 7), lw))
     torch.testing.assert_close(F.rms_norm(x, [7], eps=0.1), tF.rms_norm(x, [7], eps=0.1))
+
+
+_IN_PLACE_LAYERS = [lambda: normkit.BatchNorm2d(4), lambda: normkit.BatchNorm2d(4).eval(),
+                    lambda: normkit.BatchNormAct2d(4), lambda: normkit.GroupNorm(2, 4),
+                    lambda: normkit.InstanceNorm2d(4), lambda: normkit.LayerNorm(3), lambda: normkit.RMSNorm(3),
+                    lambda: normkit.LayerNorm2d(4)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("make", _IN_PLACE_LAYERS)
+def test_an_in_place_op_after_any_layer_works_with_grad(make, channels_last, backend):
+    """Every layer's output is a tensor of its own, as torch.nn's are: autograd refuses an in-place op on
+    a view returned by an autograd Function, and the reference backend (the path without the C++
+    extension) computes some outputs as views of reshaped rows."""
+    layer = make()
+    x = torch.randn(2, 4, 3, 3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with normkit.backend(backend):
+        y = layer(x)
+        y.relu_()
+        y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

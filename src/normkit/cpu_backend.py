@@ -26,6 +26,7 @@ import importlib
 
 import torch
 
+from ._layout import own_tensor
 from .activations import code as _act
 from .backends import OPS, Backend
 from .ops_channels import channel_rows as _channel_rows
@@ -151,7 +152,7 @@ class CpuBackend(Backend):
         x2d, restore = rows
         y2d, mean, rstd = self._row_forward(x2d, weight, bias, float(eps), False)
         stat_shape = (x.shape[0], *x.shape[2:])
-        return _own(restore(y2d)), mean.view(stat_shape), rstd.view(stat_shape)
+        return own_tensor(restore(y2d)), mean.view(stat_shape), rstd.view(stat_shape)
 
     def ln2d_backward(self, x, dy, mean, rstd, weight, need_dweight):
         if x.numel() == 0:
@@ -163,13 +164,7 @@ class CpuBackend(Backend):
         dy_rows = _channel_rows(dy if dy.stride() == x.stride() else dy.contiguous(memory_format=_format(x)))
         dx2d, dw, db = self._row_backward(x2d, dy_rows[0], mean.reshape(-1), rstd.reshape(-1), weight, False,
                                           bool(need_dweight))
-        return _own(restore(dx2d)), dw, db
-
-
-def _own(view: torch.Tensor) -> torch.Tensor:
-    """The same memory as a tensor of its own rather than a view: autograd refuses in-place changes to a
-    custom Function's output that is a view (``y.relu_()`` after a channels_last LayerNorm2d)."""
-    return view.new_empty(0).set_(view.untyped_storage(), view.storage_offset(), view.size(), view.stride())
+        return own_tensor(restore(dx2d)), dw, db
 
 
 def _format(x: torch.Tensor) -> torch.memory_format:

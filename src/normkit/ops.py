@@ -44,7 +44,7 @@ from torch import Tensor
 
 from . import _checks as C
 from . import activations, aten_path, backends
-from ._layout import memory_format_of
+from ._layout import memory_format_of, own_tensor
 from .backends import scale_shift
 from .reference import ReferenceBackend, stat_dtype
 
@@ -645,6 +645,9 @@ def eager_function(name: str, impl, setup, backward_formula) -> type[torch.autog
         @staticmethod
         def forward(ctx, *inputs):
             output = impl(*inputs)
+            # a backend may return a view (the reference backend's reshaped rows): the output must be a
+            # tensor of its own, or autograd refuses an in-place op on it afterwards
+            output = tuple(map(own_tensor, output)) if isinstance(output, tuple) else own_tensor(output)
             ctx.eager = True
             setup(ctx, inputs, output)
             return output
