@@ -54,7 +54,7 @@ def pair(name, f_aten, f_nk, target=0.02):
         ta.append(a)
         tn.append(b)
         ratios.append(a / b)
-    q = statistics.quantiles(ratios, n=4)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3  # (one round: no spread)
     print(f"{name:44s} aten {statistics.median(ta) * 1e6:9.1f} us  normkit {statistics.median(tn) * 1e6:9.1f} us  "
           f"ratio {statistics.median(ratios):5.2f} (p25-p75 {q[0]:.2f}-{q[2]:.2f})", flush=True)
 
