@@ -184,11 +184,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_backward_impl(const Tensor& x, 
   std::vector<double> sa(N * C), sb(N * C);  // Σ_s dz and Σ_s dz·x̂ per (n, c)
   if (x.is_contiguous()) {
     const int64_t len = cg * S;
+    // Without weight and bias every channel of a group has the same coefficients and no per-channel sums
+    // are wanted (no dγ/dβ asked for): the group's cg·S values are one span, not cg spans of S (7×7 maps: 49 values a
+    // span, where the vector loops' tails and reductions cost as much as the values)
+    const bool one_span = !w_.defined() && !b_.defined() && !need_dw;
     // (qq, rr) of block blk from its channel sums (sa, sb filled on the way)
     auto sums = [&](int64_t blk, A& qq, A& rr) {
       const int64_t n = blk / G, g = blk % G, start = blk * len;
       const A mu = mp[blk], rs = rsp[blk];
       double sum_g = 0, sum_gx = 0;
+      if (one_span) {
+        double t2 = 0;
+        L::span_bwd_sums(xp + start, dyp + start, rp ? rp + start : nullptr, len, rs, A(0) - mu * rs, mu, sum_g, t2);
+        sum_gx = t2 * rs;
+        const double drs = rs;
+        qq = static_cast<A>(-drs * drs * (sum_gx * inv_count));
+        rr = static_cast<A>(-drs * (sum_g * inv_count));
+        return;
+      }
       for (int64_t ci = 0; ci < cg; ++ci) {
         const int64_t c = g * cg + ci, o = start + ci * S;
         const A aa = rs * w[c];
@@ -206,6 +219,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_backward_impl(const Tensor& x, 
     auto apply = [&](int64_t blk, A qq, A rr) {
       const int64_t g = blk % G, start = blk * len;
       const A mu = mp[blk], rs = rsp[blk];
+      if (one_span) {
+        L::span_bwd_dx(xp + start, dyp + start, rp ? rp + start : nullptr, dxp + start, dzp ? dzp + start : nullptr,
+                       len, rs, A(0) - mu * rs, rs, qq, mu, rr);
+        return;
+      }
       for (int64_t ci = 0; ci < cg; ++ci) {
         const int64_t c = g * cg + ci, o = start + ci * S;
         const A aa = rs * w[c];
