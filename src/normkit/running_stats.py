@@ -147,11 +147,6 @@ def count_skipped(layer: nn.Module, device: torch.device) -> None:
     _warn_once(layer, skipped)
 
 
-def skip_nonfinite() -> bool:
-    """Whether the policy in force skips batches with non-finite statistics."""
-    return _policy == "skip"
-
-
 def batch_moments(input: Tensor) -> tuple[Tensor, Tensor, int]:
     """``(mean, biased var, count)`` per channel of ``input`` (N, C, *) for the paths that compute
     the output with aten ops, which do not return the statistics they use.

@@ -40,7 +40,6 @@ namespace eager {
 
 using torch::autograd::variable_list;
 
-inline c10::optional<Tensor> opt(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
 inline Tensor value_or_undefined(const c10::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
 // x itself when dense in its layout, else a contiguous copy (ops.py, _dense)
@@ -108,21 +107,6 @@ inline std::pair<Tensor, Tensor> scale_shift(const Tensor& w, const Tensor& b, c
 // rsqrt(var + eps) as the tensor expression computes it, with one allocation (the in-place form is the
 // same kernel)
 inline Tensor rstd_of(const Tensor& var, double eps) { return (var + eps).rsqrt_(); }
-
-// aten_path.activation: torch's own functions (GELU the exact erf form)
-inline Tensor activation(const Tensor& y, int64_t act) {
-  switch (act) {
-    case kRelu: return at::relu(y);
-    case kSilu: return at::silu(y);
-    case kGelu: return at::gelu(y);
-    default: return y;
-  }
-}
-
-inline Tensor finish(Tensor y, const Tensor& residual, int64_t act) {
-  if (residual.defined()) y = y + residual;
-  return activation(y, act);
-}
 
 // ops._differentiable_vjp: the gradients of forward(inputs) · dy as a graph (create_graph=True);
 // zeros for a wanted input the forward does not reach, undefined where not wanted
@@ -248,15 +232,7 @@ inline void record_batch_norm(const Tensor& y, const Tensor& x, const Tensor& w,
 // (normkit.route); the backward is normkit's kernel (thread-count independent dγ/dβ)
 inline Tensor infer_forward(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& w, const Tensor& b,
                             const Tensor& r, double eps, int64_t act) {
-  Tensor y = at::batch_norm(dense(x), opt(w), opt(b), mean, var, false, 0.0, eps, false);
-  if (r.defined()) y.add_(r);
-  switch (act) {
-    case kRelu: y.relu_(); break;
-    case kSilu: at::silu_(y); break;
-    case kGelu: at::gelu_(y); break;
-    default: break;
-  }
-  return y;
+  return finish_in_place(at::batch_norm(dense(x), opt(w), opt(b), mean, var, false, 0.0, eps, false), r, act);
 }
 
 std::tuple<Tensor, Tensor, Tensor> bn_train(const Tensor& x, const c10::optional<Tensor>& w_,
@@ -342,17 +318,17 @@ std::tuple<Tensor, Tensor, Tensor> gn(const Tensor& x, int64_t groups, const c10
 }
 
 // ----------------------------------------------------------------------------- LayerNorm / RMSNorm
-inline std::pair<int64_t, int64_t> rows_of(const Tensor& x, at::IntArrayRef normalized_shape) {
+// the row length: the product of the normalized trailing dimensions
+inline int64_t row_length(at::IntArrayRef normalized_shape) {
   int64_t k = 1;
   for (int64_t d : normalized_shape) k *= d;
-  return {k ? x.numel() / k : 0, k};
+  return k;
 }
 
 // The kernels read rows of k values (the normalized trailing dimensions) from a contiguous tensor of any
-// shape, and take the weight and bias as k contiguous values whatever their shape: no view is made (each is a
-// new TensorImpl, about a microsecond; a small LayerNorm's forward + backward used to make ten).
-inline Tensor contiguous(const Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
-inline Tensor shaped_like(const Tensor& t, const Tensor& x) { return t.sizes() == x.sizes() ? t : t.view(x.sizes()); }
+// shape, write outputs of its shape, and take the weight and bias as k contiguous values whatever their
+// shape: no view is made (each is a new TensorImpl, about a microsecond; a small LayerNorm's forward +
+// backward used to make ten). Only the weight's and bias's gradients take the normalized shape back.
 inline Tensor shaped(const Tensor& t, const std::vector<int64_t>& shape) {
   return t.defined() && t.sizes() != at::IntArrayRef(shape) ? t.view(shape) : t;
 }
@@ -387,10 +363,10 @@ struct RowNormBackward : public torch::autograd::Node {
           {x, w, b}, {need_x, need_w, need_b}, dy);
     }
     const Tensor mean = mean_.unpack(self), rstd = rstd_.unpack(self);
-    const int64_t k = rows_of(x, shape_).second;
     // (an expanded or transposed gradient arrives as well)
-    auto [dx, dw, db] = rows_backward(contiguous(x), k, contiguous(dy), opt(mean), rstd, opt(w), rms_, need_w || need_b);
-    if (need_x) out[0] = shaped_like(dx, x);
+    auto [dx, dw, db] = rows_backward(x.contiguous(), row_length(shape_), dy.contiguous(), opt(mean), rstd, opt(w),
+                                      rms_, need_w || need_b);
+    if (need_x) out[0] = dx;
     out[1] = param_grad(shaped(dw, shape_), w, need_w);
     out[2] = param_grad(shaped(db, shape_), b, need_b);
     return out;
@@ -401,11 +377,9 @@ struct RowNormBackward : public torch::autograd::Node {
 // (y, mean (undefined for RMSNorm), rstd), with a RowNormBackward node behind y when autograd records
 inline std::tuple<Tensor, Tensor, Tensor> row_norm(const Tensor& x, at::IntArrayRef normalized_shape, const Tensor& w,
                                                    const Tensor& b, double eps, bool rms) {
-  const int64_t k = rows_of(x, normalized_shape).second;
   const bool record = records(x, opt(w), opt(b));
   at::AutoGradMode no_grad(false);
-  auto [y, mean, rstd] = rows_forward(contiguous(x), k, opt(w), opt(b), eps, rms);
-  y = shaped_like(y, x);
+  auto [y, mean, rstd] = rows_forward(x.contiguous(), row_length(normalized_shape), opt(w), opt(b), eps, rms);
   if (record) {
     auto node = attach<RowNormBackward>(y, x, w, b);
     node->x_ = SavedVariable(x, false);
@@ -474,11 +448,9 @@ inline std::tuple<Tensor, Tensor, Tensor> ln2d_backward(const Tensor& xd, const 
   const auto to_rows = channels_last_order(xd.dim());
   const Tensor rows = xd.permute(to_rows);
   if (!rows.is_contiguous()) return ln2d::backward(xd, dy, mean, rstd, opt(w), need_dw);
-  // (cpu_backend.ln2d_backward: dy with x's strides, else channels_last-contiguous)
-  const Tensor dy_rows = (dy.strides() == xd.strides() ? dy : dy.contiguous(format_of(xd))).permute(to_rows);
   const Tensor dx = at::empty_like(xd);
-  auto [unused, dw, db] = rows_backward(rows, xd.size(1), dy_rows.contiguous(), mean.reshape(-1), rstd.reshape(-1),
-                                        opt(w), false, need_dw, dx.permute(to_rows));
+  auto [unused, dw, db] = rows_backward(rows, xd.size(1), dy.permute(to_rows).contiguous(), mean.reshape(-1),
+                                        rstd.reshape(-1), opt(w), false, need_dw, dx.permute(to_rows));
   return {dx, dw, db};
 }
 

@@ -4,7 +4,7 @@
 
 #include <Python.h>
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
 #include <tuple>
@@ -25,6 +25,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_backward(const at::Tensor& x
 namespace eager {
 
 using at::Tensor;
+
+inline c10::optional<Tensor> opt(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
+
+// aten_path.finish: act(y + residual) in torch's own functions (GELU the exact erf form), act as the kernels'
+// code (normkit.activations: 0 identity, 1 relu, 2 silu, 3 gelu). Out of place when a backward may follow
+// through y; in place on a fresh y otherwise (the same kernels, so the same values).
+inline Tensor finish(Tensor y, const Tensor& residual, int64_t act) {
+  if (residual.defined()) y = y + residual;
+  switch (act) {
+    case 1: return at::relu(y);
+    case 2: return at::silu(y);
+    case 3: return at::gelu(y);
+    default: return y;
+  }
+}
+
+inline Tensor finish_in_place(Tensor y, const Tensor& residual, int64_t act) {
+  if (residual.defined()) y.add_(residual);
+  switch (act) {
+    case 1: return y.relu_();
+    case 2: return at::silu_(y);
+    case 3: return at::gelu_(y);
+    default: return y;
+  }
+}
 
 std::tuple<Tensor, Tensor, Tensor> bn_train(const Tensor& x, const c10::optional<Tensor>& w,
                                             const c10::optional<Tensor>& b, const c10::optional<Tensor>& r,

@@ -112,16 +112,6 @@ bool bool_arg(PyObject* obj, bool& out) {
   return true;
 }
 
-// normalized_shape as one trailing size: an int, or a tuple/list/torch.Size of one int
-bool last_size_arg(PyObject* obj, int64_t& out) {
-  if (PyLong_Check(obj)) return int_arg(obj, out);
-  if ((PyTuple_Check(obj) || PyList_Check(obj)) && PySequence_Size(obj) == 1) {
-    PyObject* item = PyTuple_Check(obj) ? PyTuple_GET_ITEM(obj, 0) : PyList_GET_ITEM(obj, 0);
-    return int_arg(item, out);
-  }
-  return false;
-}
-
 // normalized_shape as the trailing sizes: an int, or a non-empty tuple/list/torch.Size of ints
 bool shape_arg(PyObject* obj, std::vector<int64_t>& out) {
   out.clear();
@@ -142,31 +132,27 @@ bool shape_arg(PyObject* obj, std::vector<int64_t>& out) {
   return true;
 }
 
-// normkit._checks.vectors_ok: each given vector is (size,), one dtype among them, the input's or float32
-// beside float16/bfloat16 input
-bool vectors_ok(const Tensor& x, int64_t size, std::initializer_list<const Tensor*> vectors) {
+// normkit._checks.vectors_ok and functional.check_param_dtypes: each given parameter has exactly `shape`, one
+// dtype among them, the input's or float32 beside float16/bfloat16 input
+bool params_ok(const Tensor& x, at::IntArrayRef shape, std::initializer_list<const Tensor*> params) {
   c10::optional<at::ScalarType> dtype;
-  for (const Tensor* t : vectors) {
+  for (const Tensor* t : params) {
     if (!t->defined()) continue;
-    if (t->dim() != 1 || t->size(0) != size) return false;
-    if (dtype.has_value() && t->scalar_type() != *dtype) return false;
+    if (t->sizes() != shape || (dtype.has_value() && t->scalar_type() != *dtype)) return false;
     dtype = t->scalar_type();
   }
   return !dtype.has_value() || *dtype == x.scalar_type() || (*dtype == at::kFloat && reduced(x.scalar_type()));
 }
 
-// normkit.functional.check_row_norm + check_param_dtypes: x's trailing sizes are `shape`, each given parameter
-// has exactly that shape, one dtype among them, the input's or float32 beside float16/bfloat16 input
-bool row_params_ok(const Tensor& x, const std::vector<int64_t>& shape, std::initializer_list<const Tensor*> params) {
+// per-channel vectors of `size` values
+bool vectors_ok(const Tensor& x, int64_t size, std::initializer_list<const Tensor*> vectors) {
+  return params_ok(x, {size}, vectors);
+}
+
+// functional.check_row_norm: x's trailing sizes are `shape`, and the parameters have it
+bool row_params_ok(const Tensor& x, at::IntArrayRef shape, std::initializer_list<const Tensor*> params) {
   const int64_t k = static_cast<int64_t>(shape.size());
-  if (x.dim() < k || x.sizes().slice(x.dim() - k) != at::IntArrayRef(shape)) return false;
-  c10::optional<at::ScalarType> dtype;
-  for (const Tensor* t : params) {
-    if (!t->defined()) continue;
-    if (t->sizes() != at::IntArrayRef(shape) || (dtype.has_value() && t->scalar_type() != *dtype)) return false;
-    dtype = t->scalar_type();
-  }
-  return !dtype.has_value() || *dtype == x.scalar_type() || (*dtype == at::kFloat && reduced(x.scalar_type()));
+  return x.dim() >= k && x.sizes().slice(x.dim() - k) == shape && params_ok(x, shape, params);
 }
 
 // normkit._checks.fused_args_ok: the residual, if any, is floating with the input's shape; act a known code
@@ -182,28 +168,9 @@ bool wants_grad(std::initializer_list<const Tensor*> tensors) {
   return false;
 }
 
-c10::optional<Tensor> opt(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
-
-// aten_path.finish: act(y + residual), out of place, in torch's own functions (GELU the exact erf form)
-Tensor finish(Tensor y, const Tensor& residual, int64_t act) {
-  if (residual.defined()) y = y + residual;
-  switch (act) {
-    case 1: return at::relu(y);
-    case 2: return at::silu(y);
-    case 3: return at::gelu(y);
-    default: return y;
-  }
-}
-
-Tensor finish_in_place(Tensor y, const Tensor& residual, int64_t act) {
-  if (residual.defined()) y.add_(residual);
-  switch (act) {
-    case 1: return y.relu_();
-    case 2: return at::silu_(y);
-    case 3: return at::gelu_(y);
-    default: return y;
-  }
-}
+using eager::finish;
+using eager::finish_in_place;
+using eager::opt;
 
 PyObject* wrap(Tensor t) { return THPVariable_Wrap(std::move(t)); }
 
@@ -387,11 +354,13 @@ PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   RECORD_FUNCTION("normkit::rms_norm", std::vector<c10::IValue>());  // the layer's name in torch.profiler
   if (nargs != 5) return not_served();
   Tensor x, w;
-  int64_t k, backend;
+  std::vector<int64_t> shape;
+  int64_t backend;
   double eps = 0;
-  if (!(tensor_arg(args[0], x) && last_size_arg(args[1], k) && tensor_arg(args[2], w) &&
+  if (!(tensor_arg(args[0], x) && shape_arg(args[1], shape) && shape.size() == 1 && tensor_arg(args[2], w) &&
         (args[3] == Py_None || float_arg(args[3], eps)) && int_arg(args[4], backend)))
     return not_served();
+  const int64_t k = shape[0];
   if (!x.defined() || !floating(x.scalar_type()) || x.dim() < 1 || x.size(-1) != k || x.numel() == 0 ||
       !x.is_contiguous())
     return not_served();
@@ -401,7 +370,7 @@ PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Tensor y;
   {
     pybind11::gil_scoped_release no_gil;
-    y = std::get<0>(eager::rms(x, {k}, opt(w), eps));
+    y = std::get<0>(eager::rms(x, shape, opt(w), eps));
   }
   return wrap(std::move(y));
   END_HANDLE_TH_ERRORS

@@ -177,7 +177,6 @@ struct Loops {
   // dx = p·dy + q·(x − m) + rr, vector loads (restrict: the stores cannot alias the loads)
   static void span_dx(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, int64_t len, A p, A q,
                       A m, A rr) {
-    using V = vec_t<T>;
     constexpr int H = kHalfLanes<A>;
     int64_t i = 0;
     for (; i + H <= len; i += H) vst(dx, i, p * vld(dy, i) + q * (vld(x, i) - m) + rr);

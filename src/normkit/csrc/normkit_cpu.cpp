@@ -180,7 +180,6 @@ namespace {
 
 std::tuple<Tensor, Tensor, Tensor> row_forward(const Tensor& x, const optional<Tensor>& weight,
                                                const optional<Tensor>& bias, double eps, bool rms) {
-  check_x(x);
   TORCH_CHECK_VALUE(x.dim() >= 1, "normkit cpu backend: expected a (..., K) tensor, got shape ", x.sizes());
   return rows_forward(x, x.size(-1), weight, bias, eps, rms, Tensor());
 }
@@ -188,7 +187,6 @@ std::tuple<Tensor, Tensor, Tensor> row_forward(const Tensor& x, const optional<T
 std::tuple<Tensor, Tensor, Tensor> row_backward(const Tensor& x, const Tensor& dy, const optional<Tensor>& mean,
                                                 const Tensor& rstd, const optional<Tensor>& weight, bool rms,
                                                 bool need_dweight) {
-  check_x(x);
   TORCH_CHECK_VALUE(x.dim() >= 1, "normkit cpu backend: expected a (..., K) tensor, got shape ", x.sizes());
   return rows_backward(x, x.size(-1), dy, mean, rstd, weight, rms, need_dweight, Tensor());
 }

@@ -99,7 +99,7 @@ class _BatchNormForward:
             served = _fast.batch_norm(input, weight, bias, running_mean, running_var,
                                       self._buffers.get("num_batches_tracked"), self._dims_mask, self.num_features,
                                       batch_stats, update, self.momentum, self.eps, residual, code,
-                                      running_stats.skip_nonfinite())
+                                      running_stats.get_nonfinite_policy() == "skip")
             if served is not None:
                 y, skipped = served
                 if skipped:
