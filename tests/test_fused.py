@@ -92,12 +92,14 @@ def test_fused_matches_unfused(case):
 GRADCHECK = {
     "bn_silu_res": ("bn", "silu", True),
     "bn_relu": ("bn", "relu", False),
+    "bn_relu_res": ("bn", "relu", True),
     "gn_gelu_res": ("gn", "gelu", True),
+    "gn_relu_res": ("gn", "relu", True),
 }
 
 
 @pytest.mark.parametrize("case", GRADCHECK)
-def test_gradcheck_float64_on_cpu_backend(case):
+def test_gradcheck_and_gradgradcheck_float64_on_cpu_backend(case):
     kind, act, has_res = GRADCHECK[case]
     c = 3
     layer = normkit.BatchNormAct2d(c, act=act) if kind == "bn" else normkit.GroupNormAct(3, c, act=act)
@@ -113,6 +115,49 @@ def test_gradcheck_float64_on_cpu_backend(case):
             return layer(x, r if has_res else None)
 
         assert torch.autograd.gradcheck(f, (x, r, layer.weight), eps=1e-6, atol=1e-6)
+        assert torch.autograd.gradgradcheck(f, (x, r, layer.weight), eps=1e-6, atol=1e-5)
+
+
+def _saved_storages(fn):
+    """The storages autograd saves for backward while fn() runs, and fn's result."""
+    saved = set()
+
+    def pack(t):
+        saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return saved, out
+
+
+@pytest.mark.parametrize("kind,train", [("bn", True), ("bn", False), ("gn", True)])
+@pytest.mark.parametrize("cl", [False, True])
+def test_relu_after_a_residual_keeps_the_output_not_the_residual(kind, train, cl):
+    """relu(norm(x) + r) keeps x and y, as torch's norm → add → ReLU does (ReLU keeps its output), never r:
+    a shortcut's own tensor (a downsampling BatchNorm's output) would otherwise stay alive for backward.
+    The gradients are torch's, r's included: dz = dy·[y > 0], a NaN output passing dy on as torch's ReLU."""
+    fused, ref = _pair(kind, 6, "relu")
+    fused.train(train)
+    ref.train(train)
+    fmt = CL if cl else torch.contiguous_format
+    g = torch.Generator().manual_seed(4)
+    x0 = (3 + 0.5 * torch.randn(2, 6, 5, 7, generator=g)).contiguous(memory_format=fmt)
+    r0 = (0.5 * torch.randn(2, 6, 5, 7, generator=g)).contiguous(memory_format=fmt)
+    r0[1, 2, 3, 4] = float("nan")  # a NaN output: torch's ReLU passes dy there
+    x, r = x0.clone().requires_grad_(), r0.clone().requires_grad_()
+    with normkit.backend("cpu"):
+        saved, y = _saved_storages(lambda: fused(x, r))
+    assert r.untyped_storage().data_ptr() not in saved
+    assert {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()} <= saved
+    xr, rr = x0.clone().requires_grad_(), r0.clone().requires_grad_()
+    want = torch.relu(ref(xr) + rr)
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    want.backward(dy)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(r.grad, rr.grad, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
 def test_state_dict_is_batchnorm2d_and_groupnorm():
@@ -252,3 +297,25 @@ def test_convert_fuses_an_mlps_batch_norm_1d_and_scripts():
     torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
     scripted = torch.jit.script(model.eval())
     torch.testing.assert_close(scripted(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("cl", [False, True])
+def test_relu_passes_the_gradient_of_a_nan_on_as_torch(backend, cl):
+    """Eval BatchNorm + ReLU with a NaN in x: torch's ReLU backward passes dy at the NaN output, so dx there is
+    γ·rstd·dy (finite), not 0; the fused kernels' ReLU'(z) is [not z <= 0] as torch's."""
+    fused, ref = _pair("bn", 5, "relu")
+    fused.eval()
+    ref.eval()
+    fmt = CL if cl else torch.contiguous_format
+    x0 = (0.5 * torch.randn(2, 5, 3, 4, generator=torch.Generator().manual_seed(5))).contiguous(memory_format=fmt)
+    x0[0, 1, 2, 3] = float("nan")
+    x, xr = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    with normkit.backend(backend):
+        y = fused(x)
+        y.backward(torch.ones_like(y))
+    want = torch.relu(ref(xr))
+    want.backward(torch.ones_like(want))
+    assert x.grad[0, 1, 2, 3].isfinite() and x.grad[0, 1, 2, 3] != 0
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5, equal_nan=True)

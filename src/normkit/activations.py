@@ -5,7 +5,7 @@
 
     name    code  act(z)                                   act'(z)
     ""      0     z                                        1
-    "relu"  1     max(z, 0)                                [z > 0]
+    "relu"  1     max(z, 0)                                [not z <= 0] (NaN: 1, as torch)
     "silu"  2     z·σ(z),  σ(z) = 1/(1 + e^{−z})           σ(z)·(1 + z·(1 − σ(z)))
     "gelu"  3     z·Φ(z),  Φ(z) = ½(1 + erf(z/√2))         Φ(z) + z·φ(z),  φ(z) = e^{−z²/2}/√(2π)
 
@@ -73,7 +73,8 @@ def _identity_grad(z: Tensor) -> Tensor:
 
 
 def _relu_grad(z: Tensor) -> Tensor:
-    return (z > 0).to(z.dtype)
+    # 1 unless z <= 0: torch's ReLU backward (threshold_backward on the output) passes a NaN's gradient on
+    return (~(z <= 0)).to(z.dtype)
 
 
 def _silu_grad(z: Tensor) -> Tensor:

@@ -274,15 +274,21 @@ def _bn_backward_impl(dy, x, mean, rstd, weight, bias, residual, act, batch_stat
     sd = stat_dtype(x.dtype)
     mean, rstd = _cast(mean, sd), _cast(rstd, sd)
     scale, shift = scale_shift(weight, bias, mean, rstd)
-    if not batch_stats and act == "":
-        # constant statistics, no activation: dx = γ·rstd·dy exactly, so a NaN or Inf in x reaches
-        # dγ (Σ dy·x̂) but not dx, as in torch
-        sum_dz, sum_dz_xhat = backends.resolve("channel_backward_reduce", x).channel_backward_reduce(
-            x, dy, mean, rstd, scale, shift, residual, act
-        )
-        dx = (dy.to(sd) * scale.reshape((1, -1) + (1,) * (x.dim() - 2))).to(x.dtype)
+    if not batch_stats:
+        # constant statistics: dx = γ·rstd·dz exactly, so a NaN or Inf in x reaches dγ (Σ dz·x̂) but
+        # not dx, as in torch (the kernels' p·dz + q·(x − m) would carry it with q = 0)
+        if act == "":
+            sum_dz, sum_dz_xhat = backends.resolve("channel_backward_reduce", x).channel_backward_reduce(
+                x, dy, mean, rstd, scale, shift, residual, act
+            )
+            dz = dy
+        else:
+            _, sum_dz, sum_dz_xhat, dz = backends.resolve("channel_backward", x).channel_backward(
+                x, dy, mean, rstd, scale, shift, residual, act, batch_stats, True
+            )
+        dx = (dz.to(sd) * scale.reshape((1, -1) + (1,) * (x.dim() - 2))).to(x.dtype)
         dx = _as_layout(dx, x)
-        dz = dy if need_dresidual else None
+        dz = dz if need_dresidual else None
     else:
         dx, sum_dz, sum_dz_xhat, dz = backends.resolve("channel_backward", x).channel_backward(
             x, dy, mean, rstd, scale, shift, residual, act, batch_stats, need_dresidual

@@ -154,6 +154,16 @@ inline bool wanted(const torch::autograd::Node& node, size_t i, const Tensor& in
   return input.defined() && node.task_should_compute_output(i);
 }
 
+// ReLU after a residual add keeps the output instead of the residual. The gradient through the ReLU,
+// dz = dy·[y > 0], is torch's own threshold_backward(dy, y, 0) (the ReLU's backward: a NaN output passes dy
+// on, as torch.relu's does) and is also the residual's gradient; the rest is the backward without an
+// activation. The output is what the next layer keeps for its own backward (a convolution's input), so the
+// fused layer saves nothing torch's norm → add → ReLU would not; the residual may be a tensor of its own
+// (a downsampling shortcut's BatchNorm output) that nothing else keeps.
+inline bool keeps_output(const Tensor& r, int64_t act) { return r.defined() && act == kRelu; }
+
+inline Tensor relu_grad(const Tensor& dy, const Tensor& y) { return at::threshold_backward(dy, y, 0); }
+
 // ----------------------------------------------------------------------------- BatchNorm
 // The gradients (dx, dγ, dβ, dresidual) of y = act(γ·(x − mean)·rstd + β + residual): training with the batch
 // mean and rstd; eval (batch_stats false) with the running mean and variance as given (rstd is formed
@@ -174,13 +184,20 @@ inline variable_list bn_grads(const Tensor& x, const Tensor& w, const Tensor& b,
   const Tensor xd = dense(x), dyd = as_layout(dy, xd), rd = as_layout(r, xd);
   const auto [scale, shift] = scale_shift(w, b, mean, rstd);
   Tensor dx, sum_dz, sum_dz_xhat, dz;
-  if (!batch_stats && act == kIdentity) {
-    // constant statistics, no activation: dx = γ·rstd·dy exactly (a NaN in x reaches dγ, not dx, as in torch)
-    std::tie(sum_dz, sum_dz_xhat) = channel_backward_reduce(xd, dyd, mean, rstd, scale, shift, opt(rd), act);
+  if (!batch_stats) {
+    // constant statistics: dx = γ·rstd·dz exactly, as torch's eval backward (a NaN in x reaches dγ, not dx;
+    // the kernel's p·dz + q·(x − m) would carry it with q = 0)
+    if (act == kIdentity) {
+      std::tie(sum_dz, sum_dz_xhat) = channel_backward_reduce(xd, dyd, mean, rstd, scale, shift, opt(rd), act);
+      dz = dyd;
+    } else {
+      std::tie(dx, sum_dz, sum_dz_xhat, dz) =
+          channel_backward(xd, dyd, mean, rstd, scale, shift, opt(rd), act, batch_stats, /*need_dz=*/true);
+    }
     std::vector<int64_t> shape(xd.dim(), 1);
     shape[1] = -1;
-    dx = as_layout((dyd.to(stat_type(xd)) * scale.reshape(shape)).to(xd.scalar_type()), xd);
-    dz = need_r ? dyd : Tensor();
+    dx = as_layout((dz.to(stat_type(xd)) * scale.reshape(shape)).to(xd.scalar_type()), xd);
+    if (!need_r) dz = Tensor();
   } else {
     std::tie(dx, sum_dz, sum_dz_xhat, dz) =
         channel_backward(xd, dyd, mean, rstd, scale, shift, opt(rd), act, batch_stats, need_r);
@@ -189,27 +206,36 @@ inline variable_list bn_grads(const Tensor& x, const Tensor& w, const Tensor& b,
           need_r ? dz : Tensor()};
 }
 
-// Saved: x, weight, bias, residual, and the batch mean and rstd (training) or the running mean and variance (eval)
+// Saved: x, weight, bias, the residual (or, keeps_output, the output y), and the batch mean and rstd
+// (training) or the running mean and variance (eval)
 struct BatchNormBackward : public torch::autograd::Node {
-  SavedVariable x_, w_, b_, r_, mean_, stat_;
+  SavedVariable x_, w_, b_, r_, y_, mean_, stat_;
   double eps_ = 0;
   int64_t act_ = 0;
-  bool batch_stats_ = true;
+  bool batch_stats_ = true, has_r_ = false;
 
   std::string name() const override {
     return batch_stats_ ? "normkit::eager::BatchNormBackward" : "normkit::eager::BatchNormEvalBackward";
   }
 
   void release_variables() override {
-    for (SavedVariable* v : {&x_, &w_, &b_, &r_, &mean_, &stat_}) v->reset_data();
+    for (SavedVariable* v : {&x_, &w_, &b_, &r_, &y_, &mean_, &stat_}) v->reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
     if (!grads[0].defined()) return variable_list(4);  // no gradient reached y
     const auto self = getptr();
     const Tensor x = x_.unpack(self), w = w_.unpack(self), b = b_.unpack(self), r = r_.unpack(self);
-    const std::vector<bool> needs{wanted(*this, 0, x), wanted(*this, 1, w), wanted(*this, 2, b), wanted(*this, 3, r)};
-    return bn_grads(x, w, b, r, mean_.unpack(self), stat_.unpack(self), grads[0], batch_stats_, act_, eps_, needs);
+    const Tensor y = y_.unpack(self), mean = mean_.unpack(self), stat = stat_.unpack(self);
+    const bool need_r = has_r_ && task_should_compute_output(3);
+    const std::vector<bool> needs{wanted(*this, 0, x), wanted(*this, 1, w), wanted(*this, 2, b), need_r};
+    if (!y.defined()) return bn_grads(x, w, b, r, mean, stat, grads[0], batch_stats_, act_, eps_, needs);
+    // the output kept: the gradient below the ReLU is the residual's, and the rest has no activation
+    const Tensor dz = relu_grad(grads[0], y);
+    variable_list out = bn_grads(x, w, b, r, mean, stat, dz, batch_stats_, kIdentity, eps_,
+                                 {needs[0], needs[1], needs[2], false});
+    out[3] = need_r ? dz : Tensor();
+    return out;
   }
 };
 
@@ -219,7 +245,12 @@ inline void record_batch_norm(const Tensor& y, const Tensor& x, const Tensor& w,
   node->x_ = SavedVariable(x, false);
   node->w_ = SavedVariable(w, false);
   node->b_ = SavedVariable(b, false);
-  node->r_ = SavedVariable(r, false);
+  node->has_r_ = r.defined();
+  if (keeps_output(r, act)) {
+    node->y_ = SavedVariable(y, true);
+  } else {
+    node->r_ = SavedVariable(r, false);
+  }
   node->mean_ = SavedVariable(mean, false);
   node->stat_ = SavedVariable(stat, false);
   node->eps_ = eps;
@@ -261,33 +292,43 @@ Tensor bn_infer(const Tensor& x, const Tensor& mean, const Tensor& var, const c1
 }
 
 // ----------------------------------------------------------------------------- GroupNorm
-// Saved: x, weight, bias, residual, the (N, G) mean and rstd
+// Saved: x, weight, bias, the residual (or, keeps_output, the output y), the (N, G) mean and rstd
 struct GroupNormBackward : public torch::autograd::Node {
-  SavedVariable x_, w_, b_, r_, mean_, rstd_;
+  SavedVariable x_, w_, b_, r_, y_, mean_, rstd_;
   double eps_ = 0;
   int64_t act_ = 0, groups_ = 1;
+  bool has_r_ = false;
 
   std::string name() const override { return "normkit::eager::GroupNormBackward"; }
 
   void release_variables() override {
-    for (SavedVariable* v : {&x_, &w_, &b_, &r_, &mean_, &rstd_}) v->reset_data();
+    for (SavedVariable* v : {&x_, &w_, &b_, &r_, &y_, &mean_, &rstd_}) v->reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
     if (!grads[0].defined()) return variable_list(4);
     const auto self = getptr();
     const Tensor x = x_.unpack(self), w = w_.unpack(self), b = b_.unpack(self), r = r_.unpack(self);
-    const Tensor& dy = grads[0];
+    const Tensor y = y_.unpack(self);
     const bool need_x = wanted(*this, 0, x), need_w = wanted(*this, 1, w), need_b = wanted(*this, 2, b),
-               need_r = wanted(*this, 3, r);
+               need_r = has_r_ && task_should_compute_output(3);
+    // with the output kept, the gradient below the ReLU is the residual's and the rest has no activation
+    const Tensor dy = y.defined() ? relu_grad(grads[0], y) : grads[0];
+    const int64_t act = y.defined() ? int64_t(kIdentity) : act_;
+    const Tensor dr = y.defined() && need_r ? dy : Tensor();
     if (at::GradMode::is_enabled()) {
-      return differentiable_vjp([&] { return finish(at::group_norm(x, groups_, opt(w), opt(b), eps_), r, act_); },
-                                {x, w, b, r}, {need_x, need_w, need_b, need_r}, dy);
+      variable_list out = differentiable_vjp(
+          [&] { return finish(at::group_norm(x, groups_, opt(w), opt(b), eps_), r, act); }, {x, w, b, r},
+          {need_x, need_w, need_b, need_r && !y.defined()}, dy);
+      if (dr.defined()) out[3] = dr;
+      return out;
     }
     const Tensor xd = dense(x);
     auto [dx, dw, db, dz] = group_backward(xd, as_layout(dy, xd), mean_.unpack(self), rstd_.unpack(self), groups_,
-                                           opt(w), opt(b), opt(as_layout(r, xd)), act_, need_w || need_b, need_r);
-    return {need_x ? dx : Tensor(), param_grad(dw, w, need_w), param_grad(db, b, need_b), need_r ? dz : Tensor()};
+                                           opt(w), opt(b), opt(as_layout(r, xd)), act, need_w || need_b,
+                                           need_r && !y.defined());
+    return {need_x ? dx : Tensor(), param_grad(dw, w, need_w), param_grad(db, b, need_b),
+            dr.defined() ? dr : (need_r ? dz : Tensor())};
   }
 };
 
@@ -306,7 +347,12 @@ std::tuple<Tensor, Tensor, Tensor> gn(const Tensor& x, int64_t groups, const c10
       node->x_ = SavedVariable(x, false);
       node->w_ = SavedVariable(w, false);
       node->b_ = SavedVariable(b, false);
-      node->r_ = SavedVariable(r, false);
+      node->has_r_ = r.defined();
+      if (keeps_output(r, act)) {
+        node->y_ = SavedVariable(y, true);
+      } else {
+        node->r_ = SavedVariable(r, false);
+      }
       node->mean_ = SavedVariable(mean, false);
       node->rstd_ = SavedVariable(rstd_of(var, eps), false);
       node->eps_ = eps;

@@ -78,7 +78,8 @@ inline void st(c10::BFloat16* p, int64_t i, float v) {
 }
 
 // ----------------------------------------------------------------------------- activations
-// ACT: 0 identity, 1 ReLU, 2 SiLU, 3 GELU (exact erf form). ReLU'(0) = 0, as torch.
+// ACT: 0 identity, 1 ReLU, 2 SiLU, 3 GELU (exact erf form). ReLU'(0) = 0 and ReLU'(NaN) = 1, as torch's
+// backward.
 enum { kIdentity = 0, kRelu = 1, kSilu = 2, kGelu = 3 };
 
 template <int ACT, typename A>
@@ -94,14 +95,15 @@ inline A act_fwd(A z) {
   }
 }
 
-// g where z > 0, else +0, as a bit mask: the select `z > 0 ? g : 0` kept the lane loops of
+// ReLU's backward as torch's (threshold_backward on the ReLU's output): g unless z <= 0, where it is +0; a
+// NaN z (a NaN output) passes g on. As a bit mask: the select `z <= 0 ? 0 : g` kept the lane loops of
 // chunked_sums from vectorising (3x slower); the mask vectorises and gives the same values.
 template <typename A>
-inline A keep_where_positive(A z, A g) {
+inline A keep_unless_clipped(A z, A g) {
   using U = typename std::conditional<sizeof(A) == 4, uint32_t, uint64_t>::type;
   U bits;
   std::memcpy(&bits, &g, sizeof(A));
-  bits &= U(0) - static_cast<U>(z > A(0));
+  bits &= U(0) - static_cast<U>(!(z <= A(0)));
   A out;
   std::memcpy(&out, &bits, sizeof(A));
   return out;
@@ -111,7 +113,7 @@ inline A keep_where_positive(A z, A g) {
 template <int ACT, typename A>
 inline A act_bwd(A z, A g) {
   if constexpr (ACT == kRelu) {
-    return keep_where_positive(z, g);
+    return keep_unless_clipped(z, g);
   } else if constexpr (ACT == kSilu) {
     A s = A(1) / (A(1) + std::exp(-z));
     return g * (s * (A(1) + z * (A(1) - s)));

@@ -45,7 +45,7 @@ inline typename VecOf<A>::type vact_bwd(typename VecOf<A>::type z, typename VecO
     return g;
   } else if constexpr (ACT == kRelu) {
     const V zero = {};
-    const I keep = z > zero;  // all ones where z > 0: keep_where_positive lane-wise
+    const I keep = ~(z <= zero);  // all ones unless z <= 0: keep_unless_clipped lane-wise
     return reinterpret_cast<V>(reinterpret_cast<I>(g) & keep);
   } else {
     V out;

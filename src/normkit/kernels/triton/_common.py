@@ -4,7 +4,7 @@ Activations (``ACT`` is a compile-time constant, so an unused branch costs nothi
 take the code, which ``normkit.activations`` maps from the activation's name):
 
     0 identity   a(z) = z                          a'(z) = 1
-    1 relu       a(z) = max(z, 0)                  a'(z) = [z > 0]
+    1 relu       a(z) = max(z, 0)                  a'(z) = [not z <= 0]
     2 silu       a(z) = z·σ(z)                     a'(z) = σ(z)·(1 + z·(1 − σ(z)))
     3 gelu       a(z) = z·Φ(z), Φ(z) = ½(1 + erf(z/√2))      a'(z) = Φ(z) + z·φ(z),  φ(z) = e^{−z²/2}/√(2π)
 
@@ -56,7 +56,7 @@ def activation(z, ACT: tl.constexpr):
 def activation_grad(z, ACT: tl.constexpr):
     """``a'(z)``; only called with ``ACT != 0`` (identity needs no pre-activation)."""
     if ACT == 1:
-        g = tl.where(z > 0, 1.0, 0.0)
+        g = tl.where(z <= 0, 0.0, 1.0)  # a NaN z passes the gradient on, as torch's ReLU backward
     elif ACT == 2:
         s = tl.sigmoid(z)
         g = s * (1.0 + z * (1.0 - s))
