@@ -282,14 +282,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_backward_impl(const Tensor& x, 
     dbias = at::empty({C}, x.options().dtype(stat_type(x)));
     A* dw = dweight.data_ptr<A>();
     A* db = dbias.data_ptr<A>();
-    for (int64_t c = 0; c < C; ++c) {
-      double s1 = 0, s2 = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        s1 += sa[n * C + c];
-        s2 += sb[n * C + c];
+    // each channel adds its samples in order n = 0, 1, ... (the bits of a column-wise loop), row by row: the
+    // column-wise walk of the (N, C) sums strode C doubles a load and ran serially after the parallel passes
+    // (64×128×7×7: about a tenth of the backward at 2 threads)
+    std::vector<double> s1(C, 0.0), s2(C, 0.0);
+    for (int64_t n = 0; n < N; ++n) {
+      const double* a = sa.data() + n * C;
+      const double* q = sb.data() + n * C;
+      for (int64_t c = 0; c < C; ++c) {
+        s1[c] += a[c];
+        s2[c] += q[c];
       }
-      db[c] = static_cast<A>(s1);
-      dw[c] = static_cast<A>(s2);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      db[c] = static_cast<A>(s1[c]);
+      dw[c] = static_cast<A>(s2[c]);
     }
   }
   return {dx, dweight, dbias, dz};
