@@ -131,9 +131,10 @@ def _saved_storages(fn):
     return saved, out
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("kind,train", [("bn", True), ("bn", False), ("gn", True)])
 @pytest.mark.parametrize("cl", [False, True])
-def test_relu_after_a_residual_keeps_the_output_not_the_residual(kind, train, cl):
+def test_relu_after_a_residual_keeps_the_output_not_the_residual(kind, train, cl, backend):
     """relu(norm(x) + r) keeps x and y, as torch's norm → add → ReLU does (ReLU keeps its output), never r:
     a shortcut's own tensor (a downsampling BatchNorm's output) would otherwise stay alive for backward.
     The gradients are torch's, r's included: dz = dy·[y > 0], a NaN output passing dy on as torch's ReLU."""
@@ -146,7 +147,7 @@ def test_relu_after_a_residual_keeps_the_output_not_the_residual(kind, train, cl
     r0 = (0.5 * torch.randn(2, 6, 5, 7, generator=g)).contiguous(memory_format=fmt)
     r0[1, 2, 3, 4] = float("nan")  # a NaN output: torch's ReLU passes dy there
     x, r = x0.clone().requires_grad_(), r0.clone().requires_grad_()
-    with normkit.backend("cpu"):
+    with normkit.backend(backend):
         saved, y = _saved_storages(lambda: fused(x, r))
     assert r.untyped_storage().data_ptr() not in saved
     assert {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()} <= saved

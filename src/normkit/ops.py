@@ -316,38 +316,65 @@ def _param_grad(g: Tensor, param: Tensor | None, needed: bool) -> Tensor | None:
     return _cast(g, param.dtype)
 
 
+def _keeps_output(residual: Tensor | None, act: str) -> bool:
+    """Whether ``act(norm(x) + residual)`` keeps its output for backward instead of the residual: with ReLU,
+    ``dz = dy·[y > 0]`` is torch's own ReLU backward (``threshold_backward(dy, y, 0)``) and the residual's
+    gradient, and the output is what the next layer keeps anyway (a convolution's input), where the
+    residual may be a tensor nothing else keeps (a downsampling shortcut's BatchNorm output)."""
+    return residual is not None and act == "relu"
+
+
+def _kept(ctx, residual: Tensor | None, y: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """(residual, output) to save: one of them (the other ``None``), as ``_keeps_output`` decides."""
+    ctx.has_residual = residual is not None
+    ctx.keeps_output = _keeps_output(residual, ctx.act)
+    return (None, y) if ctx.keeps_output else (residual, None)
+
+
+def _below_activation(ctx, dy: Tensor, y: Tensor | None) -> tuple[Tensor, str]:
+    """(dy, act) for the rest of the backward: below a kept output's ReLU, ``(dz, "")``."""
+    return (torch.ops.aten.threshold_backward(dy, y, 0), "") if ctx.keeps_output else (dy, ctx.act)
+
+
 def _setup_bn_train(ctx, inputs, output):
     x, weight, bias, residual, eps, act = inputs
-    _, mean, var = output
+    y, mean, var = output
     ctx.mark_non_differentiable(mean, var)
-    ctx.act, ctx.eps, ctx.batch_stats, ctx.has_residual = act, eps, True, residual is not None
-    ctx.save_for_backward(x, weight, bias, residual, mean, torch.rsqrt(var + eps), None)
+    ctx.act, ctx.eps, ctx.batch_stats = act, eps, True
+    ctx.save_for_backward(x, weight, bias, *_kept(ctx, residual, y), mean, torch.rsqrt(var + eps), None)
 
 
 def _setup_bn_infer(ctx, inputs, output):
     x, mean, var, weight, bias, residual, eps, act = inputs
-    ctx.act, ctx.eps, ctx.batch_stats, ctx.has_residual = act, eps, False, residual is not None
+    ctx.act, ctx.eps, ctx.batch_stats = act, eps, False
     sd = stat_dtype(x.dtype)
-    ctx.save_for_backward(x, weight, bias, residual, _cast(mean, sd), torch.rsqrt(_cast(var, sd) + eps), var)
+    ctx.save_for_backward(x, weight, bias, *_kept(ctx, residual, output), _cast(mean, sd),
+                          torch.rsqrt(_cast(var, sd) + eps), var)
 
 
 def _bn_grads(ctx, dy):
     """``(dx, dweight, dbias, dresidual)`` of either BatchNorm forward, each ``None`` where not needed."""
-    x, weight, bias, residual, mean, rstd, var = ctx.saved_tensors
+    x, weight, bias, residual, y, mean, rstd, var = ctx.saved_tensors
     need = ctx.needs_input_grad
     i = 1 if ctx.batch_stats else 3  # index of weight among the op's inputs
     need_x, need_w, need_b, need_res = need[0], need[i], need[i + 1], ctx.has_residual and need[i + 2]
+    dz, act = _below_activation(ctx, dy, y)
     if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient (module docstring)
         running = (None, None) if ctx.batch_stats else (mean, var)
 
         def forward(x, weight, bias, residual):
-            return aten_path.batch_norm(x, *running, weight, bias, ctx.batch_stats, 0.0, ctx.eps, residual, ctx.act)
+            return aten_path.batch_norm(x, *running, weight, bias, ctx.batch_stats, 0.0, ctx.eps, residual, act)
 
-        return _differentiable_vjp(forward, (x, weight, bias, residual), (need_x, need_w, need_b, need_res), dy)
-    backward = _bn_backward_impl if _is_eager(ctx) else torch.ops.normkit.batch_norm_backward
-    dx, dw, db, dres = backward(dy, x, mean, rstd, weight, bias, residual, ctx.act, ctx.batch_stats, need_res)
-    return (dx if need_x else None), _param_grad(dw, weight, need_w), _param_grad(db, bias, need_b), \
-        (dres if need_res else None)
+        dx, dw, db, dres = _differentiable_vjp(forward, (x, weight, bias, residual),
+                                               (need_x, need_w, need_b, need_res and not ctx.keeps_output), dz)
+    else:
+        backward = _bn_backward_impl if _is_eager(ctx) else torch.ops.normkit.batch_norm_backward
+        dx, dw, db, dres = backward(dz, x, mean, rstd, weight, bias, residual, act, ctx.batch_stats,
+                                    need_res and not ctx.keeps_output)
+        dx, dw, db = (dx if need_x else None), _param_grad(dw, weight, need_w), _param_grad(db, bias, need_b)
+    if ctx.keeps_output:
+        dres = dz
+    return dx, dw, db, (dres if need_res else None)
 
 
 def _bn_train_backward(ctx, dy, _dmean, _dvar):
@@ -447,35 +474,32 @@ def _(dy, x, mean, rstd, num_groups, weight, bias, residual, act, need_dweight, 
 
 def _setup_gn(ctx, inputs, output):
     x, num_groups, weight, bias, residual, eps, act = inputs
-    _, mean, var = output
+    y, mean, var = output
     ctx.mark_non_differentiable(mean, var)
-    ctx.num_groups, ctx.eps, ctx.act, ctx.has_residual = num_groups, eps, act, residual is not None
-    ctx.save_for_backward(x, weight, bias, residual, mean, torch.rsqrt(var + eps))
+    ctx.num_groups, ctx.eps, ctx.act = num_groups, eps, act
+    ctx.save_for_backward(x, weight, bias, *_kept(ctx, residual, y), mean, torch.rsqrt(var + eps))
 
 
 def _gn_backward(ctx, dy, _dmean, _dvar):
-    x, weight, bias, residual, mean, rstd = ctx.saved_tensors
+    x, weight, bias, residual, y, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_res = ctx.has_residual and need[4]
+    dz, act = _below_activation(ctx, dy, y)
     if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient (module docstring)
         def forward(x, weight, bias, residual):
-            return aten_path.group_norm(x, ctx.num_groups, weight, bias, ctx.eps, residual, ctx.act)
+            return aten_path.group_norm(x, ctx.num_groups, weight, bias, ctx.eps, residual, act)
 
         dx, dw, db, dres = _differentiable_vjp(forward, (x, weight, bias, residual),
-                                               (need[0], need[2], need[3], need_res), dy)
-        return dx, None, dw, db, dres, None, None
-    need_dw = (weight is not None and need[2]) or (bias is not None and need[3])
-    backward = _gn_backward_impl if _is_eager(ctx) else torch.ops.normkit.group_norm_backward
-    dx, dw, db, dres = backward(dy, x, mean, rstd, ctx.num_groups, weight, bias, residual, ctx.act, need_dw, need_res)
-    return (
-        dx if need[0] else None,
-        None,
-        _param_grad(dw, weight, need[2]),
-        _param_grad(db, bias, need[3]),
-        dres if need_res else None,
-        None,
-        None,
-    )
+                                               (need[0], need[2], need[3], need_res and not ctx.keeps_output), dz)
+    else:
+        need_dw = (weight is not None and need[2]) or (bias is not None and need[3])
+        backward = _gn_backward_impl if _is_eager(ctx) else torch.ops.normkit.group_norm_backward
+        dx, dw, db, dres = backward(dz, x, mean, rstd, ctx.num_groups, weight, bias, residual, act, need_dw,
+                                    need_res and not ctx.keeps_output)
+        dx, dw, db = (dx if need[0] else None), _param_grad(dw, weight, need[2]), _param_grad(db, bias, need[3])
+    if ctx.keeps_output:
+        dres = dz
+    return dx, None, dw, db, (dres if need_res else None), None, None
 
 
 torch.library.register_autograd(f"{_LIB}::group_norm", _gn_backward, setup_context=_setup_gn)
