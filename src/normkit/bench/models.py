@@ -271,7 +271,7 @@ def main(args) -> int:
     e2e_batch = args.e2e_batch or (2 if tiny else 32)
     if not args.no_e2e:
         jobs.append(("resnet", lambda: [{**r, "group": "network"} for r in e2e.run(
-            device, e2e_batch, rounds=args.e2e_rounds or (3 if args.quick else 7),
+            device, e2e_batch, rounds=args.e2e_rounds or (3 if args.quick else 21),
             widths=(8, 16, 16) if tiny else (32, 64, 128))[:1]]))
     jobs.append(("saved_bytes", lambda: [saved_bytes_record(device, e2e_batch, tiny)]))
     if not args.no_cold and device == "cpu":

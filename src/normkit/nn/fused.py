@@ -9,6 +9,14 @@ stored):
 
     dz = dy·act'(z),   dresidual = dz,   dx = γ·rstd·(dz − mean(dz) − x̂·mean(dz·x̂))
 
+ReLU after a residual keeps the output ``y`` instead of the residual: ``dz = dy·[y > 0]`` is
+torch's own ReLU backward (a NaN output passes ``dy`` on, as torch's), and ``y`` is what the next
+layer keeps anyway (a convolution's input), where the residual may be a tensor nothing else
+keeps (a downsampling shortcut's BatchNorm output). So a fused model saves no more for backward
+than torch's ``norm → add → ReLU``: x and the output, as torch's norm and ReLU do. (Not less:
+with an exact ReLU the backward needs x̂ at the clipped positions too, so x stays; InPlace-ABN's
+"output only" needs an invertible activation such as leaky ReLU.)
+
 Parameters, buffers and ``state_dict`` are exactly BatchNorm2d's / GroupNorm's (``act`` is a
 constructor argument, not state), so a checkpoint of the unfused model loads unchanged.
 ``normkit.convert(model, fuse=True)`` builds them from ``norm → activation`` pairs.
