@@ -320,3 +320,41 @@ def test_relu_passes_the_gradient_of_a_nan_on_as_torch(backend, cl):
     assert x.grad[0, 1, 2, 3].isfinite() and x.grad[0, 1, 2, 3] != 0
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fused.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("frozen", ["eval_frozen_params", "FrozenBatchNorm2d"])
+@pytest.mark.parametrize("act,residual", [("relu", False), ("relu", True), ("silu", True), (None, True)])
+@pytest.mark.parametrize("cl", [False, True])
+def test_constant_statistics_without_parameter_gradients(frozen, act, residual, cl):
+    """Eval BatchNorm whose γ, β want no gradient (FrozenBatchNorm, frozen parameters) takes a backward without
+    the dγ/dβ sums: dx and dresidual are torch's, a NaN in x included."""
+    fused, ref = _pair("bn", 5, act)
+    fused.eval()
+    ref.eval()
+    with torch.no_grad():
+        ref.running_mean.uniform_(-0.5, 0.5)
+        ref.running_var.uniform_(0.5, 1.5)
+    fused.load_state_dict(ref.state_dict())
+    if frozen == "FrozenBatchNorm2d":
+        fused = normkit.freeze(fused)
+        assert type(fused).__name__ == "FrozenBatchNorm2d"
+    else:
+        fused.requires_grad_(False)
+    ref.requires_grad_(False)
+    fmt = CL if cl else torch.contiguous_format
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(2, 5, 3, 4, generator=g).contiguous(memory_format=fmt)
+    x0[1, 3, 0, 2] = float("nan")
+    r0 = torch.randn(2, 5, 3, 4, generator=g).contiguous(memory_format=fmt) if residual else None
+    dy = torch.randn(2, 5, 3, 4, generator=g).contiguous(memory_format=fmt)
+    x, xr = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    r, rr = (r0.clone().requires_grad_(), r0.clone().requires_grad_()) if residual else (None, None)
+    with normkit.backend("cpu"):
+        y = fused(x, r)
+        y.backward(dy)
+    want = TORCH_ACT[act](ref(xr) + (rr if residual else 0))
+    want.backward(dy)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6, equal_nan=True)
+    if residual:
+        torch.testing.assert_close(r.grad, rr.grad, rtol=1e-5, atol=1e-6, equal_nan=True)

@@ -276,7 +276,8 @@ def _bn_backward_impl(dy, x, mean, rstd, weight, bias, residual, act, batch_stat
     scale, shift = scale_shift(weight, bias, mean, rstd)
     if not batch_stats:
         # constant statistics: dx = γ·rstd·dz exactly, so a NaN or Inf in x reaches dγ (Σ dz·x̂) but
-        # not dx, as in torch (the kernels' p·dz + q·(x − m) would carry it with q = 0)
+        # not dx, as in torch (the reference's and Triton's γ·rstd·(dz − x̂·0) would carry it; the cpu
+        # kernels' constant-statistics loops give the same dx)
         if act == "":
             sum_dz, sum_dz_xhat = backends.resolve("channel_backward_reduce", x).channel_backward_reduce(
                 x, dy, mean, rstd, scale, shift, residual, act

@@ -184,20 +184,28 @@ inline variable_list bn_grads(const Tensor& x, const Tensor& w, const Tensor& b,
   const Tensor xd = dense(x), dyd = as_layout(dy, xd), rd = as_layout(r, xd);
   const auto [scale, shift] = scale_shift(w, b, mean, rstd);
   Tensor dx, sum_dz, sum_dz_xhat, dz;
-  if (!batch_stats) {
-    // constant statistics: dx = γ·rstd·dz exactly, as torch's eval backward (a NaN in x reaches dγ, not dx;
-    // the kernel's p·dz + q·(x − m) would carry it with q = 0)
+  if (!batch_stats && !need_w && !need_b) {
+    // constant statistics and no dγ/dβ asked for (FrozenBatchNorm, frozen parameters): dx = γ·rstd·dz in one
+    // pass, no sums
     if (act == kIdentity) {
-      std::tie(sum_dz, sum_dz_xhat) = channel_backward_reduce(xd, dyd, mean, rstd, scale, shift, opt(rd), act);
-      dz = dyd;
-    } else {
-      std::tie(dx, sum_dz, sum_dz_xhat, dz) =
-          channel_backward(xd, dyd, mean, rstd, scale, shift, opt(rd), act, batch_stats, /*need_dz=*/true);
+      std::vector<int64_t> shape(xd.dim(), 1);
+      shape[1] = -1;
+      if (need_x) dx = as_layout((dyd.to(stat_type(xd)) * scale.reshape(shape)).to(xd.scalar_type()), xd);
+      dz = need_r ? dyd : Tensor();
+    } else if (need_x || need_r) {
+      const Tensor zero = at::zeros_like(mean);
+      std::tie(dx, dz) = channel_backward_dx(xd, dyd, mean, rstd, scale, shift, opt(rd), act, zero, zero, need_r);
     }
+    return {need_x ? dx : Tensor(), Tensor(), Tensor(), need_r ? dz : Tensor()};
+  }
+  if (!batch_stats && act == kIdentity) {
+    // constant statistics, no activation: dx = γ·rstd·dy exactly (a NaN in x reaches dγ, not dx, as in torch;
+    // with an activation the kernels' constant-statistics loops form dx = γ·rstd·dz alike)
+    std::tie(sum_dz, sum_dz_xhat) = channel_backward_reduce(xd, dyd, mean, rstd, scale, shift, opt(rd), act);
     std::vector<int64_t> shape(xd.dim(), 1);
     shape[1] = -1;
-    dx = as_layout((dz.to(stat_type(xd)) * scale.reshape(shape)).to(xd.scalar_type()), xd);
-    if (!need_r) dz = Tensor();
+    dx = as_layout((dyd.to(stat_type(xd)) * scale.reshape(shape)).to(xd.scalar_type()), xd);
+    dz = need_r ? dyd : Tensor();
   } else {
     std::tie(dx, sum_dz, sum_dz_xhat, dz) =
         channel_backward(xd, dyd, mean, rstd, scale, shift, opt(rd), act, batch_stats, need_r);

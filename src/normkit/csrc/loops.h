@@ -143,7 +143,9 @@ struct Loops {
 
   static void span_bwd_dx(const T* x, const T* dy, const T* r, T* dx, T* dz, int64_t len, A fa, A fb, A p, A q,
                           A m, A rr) {
-    if (ACT == kIdentity && !dz) {
+    if (q == A(0) && rr == A(0)) {
+      span_bwd_dx_constant_stats(x, dy, r, dx, dz, len, fa, fb, p);
+    } else if (ACT == kIdentity && !dz) {
       span_dx(x, dy, dx, len, p, q, m, rr);
     } else if (r && dz) {
       for (int64_t i = 0; i < len; ++i) {
@@ -171,6 +173,18 @@ struct Loops {
         A g = act_bwd<ACT>(xv * fa + fb, ld(dy, i));
         st(dx, i, p * g + q * (xv - m) + rr);
       }
+    }
+  }
+
+  // q = rr = 0 (eval: the statistics were constants; or a channel whose sums vanish): dx = p·dz, x entering
+  // only through dz, as torch's eval backward (dz·γ·rstd). 0·(x − m) would carry a NaN or Inf of x into dx.
+  static void span_bwd_dx_constant_stats(const T* x, const T* dy, const T* r, T* dx, T* dz, int64_t len, A fa,
+                                         A fb, A p) {
+    for (int64_t i = 0; i < len; ++i) {
+      A g = ld(dy, i);
+      if constexpr (ACT != kIdentity) g = act_bwd<ACT>(r ? ld(x, i) * fa + fb + ld(r, i) : ld(x, i) * fa + fb, g);
+      st(dx, i, p * g);
+      if (dz) st(dz, i, g);
     }
   }
 
@@ -322,6 +336,14 @@ struct Loops {
                          T* __restrict__ dx, T* __restrict__ dz, int64_t np, int64_t C, const A* __restrict__ fa,
                          const A* __restrict__ fb, const A* __restrict__ p, const A* __restrict__ q,
                          const A* __restrict__ m, const A* __restrict__ rr, bool stream = false) {
+    if (std::all_of(q, q + C, [](A v) { return v == A(0); }) && std::all_of(rr, rr + C, [](A v) { return v == A(0); })) {
+      if (r) {
+        pos_bwd_dx_constant_stats<true>(x, dy, r, dx, dz, np, C, fa, fb, p);
+      } else {
+        pos_bwd_dx_constant_stats<false>(x, dy, r, dx, dz, np, C, fa, fb, p);
+      }
+      return;
+    }
     if constexpr (kCanStream<T>) {
       if (stream && !dz && streamable(dx, C)) {
         if (ACT != kIdentity && r) {
@@ -343,6 +365,27 @@ struct Loops {
       pos_bwd_dx_impl<false, true>(x, dy, r, dx, dz, np, C, fa, fb, p, q, m, rr);
     } else {
       pos_bwd_dx_impl<false, false>(x, dy, r, dx, dz, np, C, fa, fb, p, q, m, rr);
+    }
+  }
+
+  // span_bwd_dx_constant_stats for positions: dx = p·dz (dz where asked for)
+  template <bool RES>
+  static void pos_bwd_dx_constant_stats(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ r,
+                                        T* __restrict__ dx, T* __restrict__ dz, int64_t np, int64_t C,
+                                        const A* __restrict__ fa, const A* __restrict__ fb, const A* __restrict__ p) {
+    for (int64_t s = 0; s < np; ++s) {
+      const int64_t o = s * C;
+      int64_t c = 0;
+      for (; c + H <= C; c += H) {
+        const V g = vgrad<RES>(vld(x + o, c), dy, r, o, c, fa, fb);
+        vst(dx + o, c, vacc(p + c) * g);
+        if (dz) vst(dz + o, c, g);
+      }
+      for (; c < C; ++c) {
+        const A g = grad<RES>(ld(x + o, c), dy, r, o, c, fa, fb);
+        st(dx + o, c, p[c] * g);
+        if (dz) st(dz + o, c, g);
+      }
     }
   }
 
