@@ -162,7 +162,26 @@ inline bool wanted(const torch::autograd::Node& node, size_t i, const Tensor& in
 // (a downsampling shortcut's BatchNorm output) that nothing else keeps.
 inline bool keeps_output(const Tensor& r, int64_t act) { return r.defined() && act == kRelu; }
 
-inline Tensor relu_grad(const Tensor& dy, const Tensor& y) { return at::threshold_backward(dy, y, 0); }
+// (dy, act) for the rest of a backward: below a kept output's ReLU, (dy·[y > 0], identity)
+inline std::pair<Tensor, int64_t> below_activation(const Tensor& dy, const Tensor& y, int64_t act) {
+  if (!y.defined()) return {dy, act};
+  return {at::threshold_backward(dy, y, 0), int64_t(kIdentity)};
+}
+
+// The inputs both channel nodes save: x, weight, bias, and the residual or (keeps_output) the output y
+template <typename NodeT>
+void save_inputs(NodeT& node, const Tensor& y, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& r,
+                 int64_t act) {
+  node.x_ = SavedVariable(x, false);
+  node.w_ = SavedVariable(w, false);
+  node.b_ = SavedVariable(b, false);
+  node.has_r_ = r.defined();
+  if (keeps_output(r, act)) {
+    node.y_ = SavedVariable(y, true);
+  } else {
+    node.r_ = SavedVariable(r, false);
+  }
+}
 
 // ----------------------------------------------------------------------------- BatchNorm
 // The gradients (dx, dγ, dβ, dresidual) of y = act(γ·(x − mean)·rstd + β + residual): training with the batch
@@ -184,28 +203,22 @@ inline variable_list bn_grads(const Tensor& x, const Tensor& w, const Tensor& b,
   const Tensor xd = dense(x), dyd = as_layout(dy, xd), rd = as_layout(r, xd);
   const auto [scale, shift] = scale_shift(w, b, mean, rstd);
   Tensor dx, sum_dz, sum_dz_xhat, dz;
-  if (!batch_stats && !need_w && !need_b) {
-    // constant statistics and no dγ/dβ asked for (FrozenBatchNorm, frozen parameters): dx = γ·rstd·dz in one
-    // pass, no sums
-    if (act == kIdentity) {
-      std::vector<int64_t> shape(xd.dim(), 1);
-      shape[1] = -1;
-      if (need_x) dx = as_layout((dyd.to(stat_type(xd)) * scale.reshape(shape)).to(xd.scalar_type()), xd);
-      dz = need_r ? dyd : Tensor();
-    } else if (need_x || need_r) {
-      const Tensor zero = at::zeros_like(mean);
-      std::tie(dx, dz) = channel_backward_dx(xd, dyd, mean, rstd, scale, shift, opt(rd), act, zero, zero, need_r);
-    }
-    return {need_x ? dx : Tensor(), Tensor(), Tensor(), need_r ? dz : Tensor()};
-  }
   if (!batch_stats && act == kIdentity) {
     // constant statistics, no activation: dx = γ·rstd·dy exactly (a NaN in x reaches dγ, not dx, as in torch;
-    // with an activation the kernels' constant-statistics loops form dx = γ·rstd·dz alike)
-    std::tie(sum_dz, sum_dz_xhat) = channel_backward_reduce(xd, dyd, mean, rstd, scale, shift, opt(rd), act);
+    // with an activation the kernels' constant-statistics loops form dx = γ·rstd·dz alike); the sums only for
+    // a dγ/dβ asked for
+    if (need_w || need_b) {
+      std::tie(sum_dz, sum_dz_xhat) = channel_backward_reduce(xd, dyd, mean, rstd, scale, shift, opt(rd), act);
+    }
     std::vector<int64_t> shape(xd.dim(), 1);
     shape[1] = -1;
     dx = as_layout((dyd.to(stat_type(xd)) * scale.reshape(shape)).to(xd.scalar_type()), xd);
     dz = need_r ? dyd : Tensor();
+  } else if (!batch_stats && !need_w && !need_b) {
+    // constant statistics and no dγ/dβ asked for (FrozenBatchNorm, frozen parameters): dx = γ·rstd·dz in one
+    // pass of the kernels' constant-statistics loops, no sums
+    const Tensor zero = at::zeros_like(mean);
+    std::tie(dx, dz) = channel_backward_dx(xd, dyd, mean, rstd, scale, shift, opt(rd), act, zero, zero, need_r);
   } else {
     std::tie(dx, sum_dz, sum_dz_xhat, dz) =
         channel_backward(xd, dyd, mean, rstd, scale, shift, opt(rd), act, batch_stats, need_r);
@@ -234,15 +247,13 @@ struct BatchNormBackward : public torch::autograd::Node {
     if (!grads[0].defined()) return variable_list(4);  // no gradient reached y
     const auto self = getptr();
     const Tensor x = x_.unpack(self), w = w_.unpack(self), b = b_.unpack(self), r = r_.unpack(self);
-    const Tensor y = y_.unpack(self), mean = mean_.unpack(self), stat = stat_.unpack(self);
+    const Tensor y = y_.unpack(self);
     const bool need_r = has_r_ && task_should_compute_output(3);
-    const std::vector<bool> needs{wanted(*this, 0, x), wanted(*this, 1, w), wanted(*this, 2, b), need_r};
-    if (!y.defined()) return bn_grads(x, w, b, r, mean, stat, grads[0], batch_stats_, act_, eps_, needs);
-    // the output kept: the gradient below the ReLU is the residual's, and the rest has no activation
-    const Tensor dz = relu_grad(grads[0], y);
-    variable_list out = bn_grads(x, w, b, r, mean, stat, dz, batch_stats_, kIdentity, eps_,
-                                 {needs[0], needs[1], needs[2], false});
-    out[3] = need_r ? dz : Tensor();
+    // with the output kept, the gradient below the ReLU is the residual's and the rest has no activation
+    const auto [dz, act] = below_activation(grads[0], y, act_);
+    variable_list out = bn_grads(x, w, b, r, mean_.unpack(self), stat_.unpack(self), dz, batch_stats_, act, eps_,
+                                 {wanted(*this, 0, x), wanted(*this, 1, w), wanted(*this, 2, b), need_r && !y.defined()});
+    if (y.defined() && need_r) out[3] = dz;
     return out;
   }
 };
@@ -250,15 +261,7 @@ struct BatchNormBackward : public torch::autograd::Node {
 inline void record_batch_norm(const Tensor& y, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& r,
                               const Tensor& mean, const Tensor& stat, double eps, int64_t act, bool batch_stats) {
   auto node = attach<BatchNormBackward>(y, x, w, b, r);
-  node->x_ = SavedVariable(x, false);
-  node->w_ = SavedVariable(w, false);
-  node->b_ = SavedVariable(b, false);
-  node->has_r_ = r.defined();
-  if (keeps_output(r, act)) {
-    node->y_ = SavedVariable(y, true);
-  } else {
-    node->r_ = SavedVariable(r, false);
-  }
+  save_inputs(*node, y, x, w, b, r, act);
   node->mean_ = SavedVariable(mean, false);
   node->stat_ = SavedVariable(stat, false);
   node->eps_ = eps;
@@ -321,8 +324,7 @@ struct GroupNormBackward : public torch::autograd::Node {
     const bool need_x = wanted(*this, 0, x), need_w = wanted(*this, 1, w), need_b = wanted(*this, 2, b),
                need_r = has_r_ && task_should_compute_output(3);
     // with the output kept, the gradient below the ReLU is the residual's and the rest has no activation
-    const Tensor dy = y.defined() ? relu_grad(grads[0], y) : grads[0];
-    const int64_t act = y.defined() ? int64_t(kIdentity) : act_;
+    const auto [dy, act] = below_activation(grads[0], y, act_);
     const Tensor dr = y.defined() && need_r ? dy : Tensor();
     if (at::GradMode::is_enabled()) {
       variable_list out = differentiable_vjp(
@@ -352,15 +354,7 @@ std::tuple<Tensor, Tensor, Tensor> gn(const Tensor& x, int64_t groups, const c10
     std::tie(y, mean, var) = group_forward(xd, groups, w_, b_, eps, opt(as_layout(r, xd)), act);
     if (record) {
       auto node = attach<GroupNormBackward>(y, x, w, b, r);
-      node->x_ = SavedVariable(x, false);
-      node->w_ = SavedVariable(w, false);
-      node->b_ = SavedVariable(b, false);
-      node->has_r_ = r.defined();
-      if (keeps_output(r, act)) {
-        node->y_ = SavedVariable(y, true);
-      } else {
-        node->r_ = SavedVariable(r, false);
-      }
+      save_inputs(*node, y, x, w, b, r, act);
       node->mean_ = SavedVariable(mean, false);
       node->rstd_ = SavedVariable(rstd_of(var, eps), false);
       node->eps_ = eps;
