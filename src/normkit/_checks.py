@@ -1,10 +1,17 @@
-"""Input validation shared by the functional API and the modules.
+"""Every input check of normkit's norms, in one place: the front doors of :mod:`normkit.functional`
+call one function of this module per call, on whichever path the call takes (the ONE_CALL path's C++
+only recognises what these checks accept, and hands everything else back to them).
 
 Every check runs before any state changes, and every failure raises :class:`NormInputError`,
 whose message names the argument, what was expected and what came. It subclasses both
 ``ValueError`` and ``RuntimeError`` because torch.nn raises one or the other for the same
 mistakes (e.g. ``ValueError`` for a wrong number of dimensions, ``RuntimeError`` for a wrong
 channel count): code written against either keeps working.
+
+One function per norm (:func:`batch_norm`, :func:`instance_norm`, :func:`group_norm`,
+:func:`row_norm`, :func:`layer_norm_2d`), each given the layer's own expectations when a layer calls
+(``num_features``, the accepted ranks); each first asks a fast predicate (``*_ok``: the common case, a
+few attribute reads) and runs the detailed checks only when it says no.
 """
 
 from __future__ import annotations
@@ -167,3 +174,135 @@ def check_same_shape(where: str, name: str, t: torch.Tensor | None, x: torch.Ten
     check_tensor(where, name, t)
     if t.shape != x.shape:
         raise fail(where, name, f"the input's shape {tuple(x.shape)}", shape_str(t))
+
+
+# ----------------------------------------------------------------------------- per norm
+_LAYOUTS = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+
+
+def act_name(where: str, act: str | None, names) -> str:
+    """``act`` as a fused activation's name (``None`` → ``""``), one of ``names``."""
+    act = act or ""
+    if not isinstance(act, str) or act not in names:
+        raise fail(where, "act", f"one of {[a for a in names if a] + [None]}", repr(act))
+    return act
+
+
+def channel_vectors(where: str, channels: int, **vectors: torch.Tensor | None) -> None:
+    """Each given per-channel vector is 1-D with ``channels`` elements."""
+    for name, t in vectors.items():
+        check_vector(where, name, t, channels)
+
+
+def layer_input(where: str, input, accepted_dims: Sequence[int] | None, num_features: int | None,
+                min_dim: int = 2, layout: str = "(N, C, *)") -> None:
+    """A layer's own expectations: a floating tensor of an accepted rank with ``num_features`` channels."""
+    check_tensor(where, "input", input)
+    if accepted_dims is None:
+        check_min_ndim(where, input, min_dim, layout)
+    else:
+        check_ndim(where, input, accepted_dims, " or ".join(_LAYOUTS.get(d, f"{d}-D") for d in accepted_dims))
+    if num_features is not None:
+        check_channels(where, input, num_features)
+
+
+def batch_norm(where: str, input, running_mean, running_var, weight, bias, training: bool, eps: float,
+               residual=None, act: str | None = None, names=("",), *, num_features: int | None = None,
+               accepted_dims: Sequence[int] | None = None, count_rule: bool = True) -> str:
+    """Every check of a BatchNorm call (``training``: batch statistics); returns the normalised ``act``.
+
+    A layer passes its ``num_features`` and accepted ranks; the functional form checks ``(N, C, *)``.
+    ``count_rule=False`` leaves out "more than one value per channel" for the layers whose statistics
+    are not this batch's (SyncBatchNorm counts over every rank, GhostBatchNorm per virtual batch).
+    """
+    if (batch_norm_ok(input, input.shape[1] if num_features is None and _rank_ok(input) else num_features,
+                      accepted_dims or range(2, 9), weight, bias, running_mean, running_var,
+                      training and count_rule, eps)
+            and (residual is None and not act or fused_args_ok(input, residual, act, names))):
+        if not training and running_mean is None:
+            raise fail(where, "running_mean/running_var", "tensors when training=False", "None")
+        return act or ""
+    layer_input(where, input, accepted_dims, num_features)
+    channel_vectors(where, input.shape[1], running_mean=running_mean, running_var=running_var, weight=weight,
+                    bias=bias)
+    check_param_dtypes(where, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    check_not_requiring_grad(where, running_mean=running_mean, running_var=running_var)
+    check_same_shape(where, "residual", residual, input)
+    check_eps(where, eps, training)
+    if training and count_rule:
+        check_more_than_one_value(where, input)
+    elif running_mean is None or running_var is None:
+        raise fail(where, "running_mean/running_var", "tensors when training=False", "None")
+    return act_name(where, act, names)
+
+
+def _rank_ok(input) -> bool:
+    return isinstance(input, torch.Tensor) and input.dim() >= 2
+
+
+def instance_norm(where: str, input, running_mean, running_var, weight, bias, use_input_stats: bool) -> None:
+    check_tensor(where, "input", input)
+    check_min_ndim(where, input, 3, "(N, C, *spatial)")
+    channel_vectors(where, input.shape[1], running_mean=running_mean, running_var=running_var, weight=weight,
+                    bias=bias)
+    check_param_dtypes(where, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    check_not_requiring_grad(where, running_mean=running_mean, running_var=running_var)
+    if use_input_stats and math.prod(input.shape[2:]) == 1:
+        raise fail(where, "input", "more than 1 spatial element when training", f"input of {shape_str(input)}")
+
+
+def group_norm(where: str, input, num_groups: int, weight, bias, residual=None, act: str | None = None,
+               names=("",), *, num_channels: int | None = None) -> str:
+    """Every check of a GroupNorm call; returns the normalised ``act``."""
+    if (isinstance(input, torch.Tensor) and input.dtype in _FLOATS and input.dim() >= 2
+            and (num_channels is None or input.shape[1] == num_channels)
+            and isinstance(num_groups, int) and 0 < num_groups and input.shape[1] % num_groups == 0
+            and vectors_ok(input, input.shape[1], (weight, bias))
+            and (residual is None and not act or fused_args_ok(input, residual, act, names))):
+        return act or ""
+    layer_input(where, input, None, num_channels)
+    c = input.shape[1]
+    if num_groups <= 0 or c % num_groups != 0:
+        raise fail(where, "num_groups", f"a positive divisor of the {c} input channels", str(num_groups))
+    check_vector(where, "weight", weight, c)
+    check_vector(where, "bias", bias, c)
+    check_param_dtypes(where, input, weight=weight, bias=bias)
+    check_same_shape(where, "residual", residual, input)
+    return act_name(where, act, names)
+
+
+def row_norm(where: str, input, normalized_shape, weight, bias, allow_complex: bool = False,
+             param_dtypes: bool = True) -> list[int]:
+    """LayerNorm's and RMSNorm's checks; returns ``normalized_shape`` as a list."""
+    if isinstance(input, torch.Tensor) and input.dtype in _FLOATS:  # the common case: one trailing dimension
+        shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+        if len(shape) == 1 and input.dim() >= 1 and input.shape[-1] == shape[0] and \
+                (vectors_ok(input, shape[0], (weight, bias)) if param_dtypes else
+                 all(t is None or (t.shape == (shape[0],) and t.dtype in _FLOATS) for t in (weight, bias))):
+            return shape
+    if not (allow_complex and isinstance(input, torch.Tensor) and input.is_complex()):
+        check_tensor(where, "input", input)
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    k = len(shape)
+    if k == 0 or input.dim() < k or list(input.shape[input.dim() - k:]) != shape:
+        raise fail(where, "input", f"trailing dimensions {tuple(shape)} (normalized_shape)",
+                   f"input of {shape_str(input)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            if not (allow_complex and t.is_complex()):
+                check_tensor(where, name, t)
+            if list(t.shape) != shape:
+                raise fail(where, name, f"shape {tuple(shape)} (normalized_shape)", shape_str(t))
+    if param_dtypes:
+        check_param_dtypes(where, input, weight=weight, bias=bias)
+    return shape
+
+
+def layer_norm_2d(where: str, input, weight, bias, num_channels: int | None = None) -> None:
+    """LayerNorm2d's checks: ``(N, C, H, W)`` input, per-channel affine."""
+    check_tensor(where, "input", input)
+    check_ndim(where, input, (4,), "(N, C, H, W)")
+    if num_channels is not None:
+        check_channels(where, input, num_channels)
+    check_vector(where, "weight", weight, input.shape[1])
+    check_vector(where, "bias", bias, input.shape[1])

@@ -1,32 +1,23 @@
-"""The layers' one-call forwards: the plain eager CPU common case in a single C++ call.
+"""The ONE_CALL path (:mod:`normkit.route`): a layer's plain eager CPU forward in a single C++ call.
 
-A layer's forward in Python — the fast checks, the route (:mod:`normkit.route`), the op call
-through the dispatcher, the running-statistics update (:mod:`normkit.running_stats`) — costs
-15-60 µs, as much as or more than torch.nn's whole forward on a small tensor. ``normkit._C``
-(``csrc/layers.cpp``) does the same work in C++, computing with exactly the functions the Python
-path reaches, so a served call gives the same bits. The layers and functions call these first:
+A layer's forward in Python — the checks, the op call through the dispatcher, the running-statistics
+update (:mod:`normkit.running_stats`) — costs 15-60 µs, as much as or more than torch.nn's whole
+forward on a small tensor. ``normkit._C`` (``csrc/layers.cpp``) does the same work in C++, computing
+with exactly the functions the other paths reach, so a served call gives the same bits. It decides
+nothing: the route's answers (which kernel, whether the statistics move) come in as arguments.
 
-* each returns ``None`` when it does not serve the call — another backend, ``torch.compile``,
-  forward-mode AD, a ``torch.func`` transform, tracing, a dispatch or function mode, a tensor
-  subclass, an empty tensor, anything the detailed checks would refuse — and the caller takes
-  the Python path, which raises the clear error or serves the rare case;
-* nothing is touched before a call is served.
-
-Without the extension (or with an older build lacking these functions) every entry returns None.
+Each function returns ``None`` when it cannot run the call as given (an empty tensor, a shape or
+dtype the checks would refuse, an exotic tensor) — nothing is touched then — and the front door
+(:mod:`normkit.functional`) checks and computes the call on the KERNELS or TORCH path instead.
+Without the extension (or with an older build lacking these functions) :func:`available` is False.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.autograd.forward_ad as _fwad
-from torch import Tensor
+from . import backends
 
-from . import backends, route
+__all__ = ["available", "batch_norm", "group_norm", "layer_norm", "layer_norm_2d", "rms_norm"]
 
-__all__ = ["batch_norm", "group_norm", "layer_norm", "layer_norm_2d", "rms_norm"]
-
-_is_compiling = torch.compiler.is_compiling
-_BACKEND_CODES = {"auto": 0, "cpu": 1}
 _loaded: tuple[object, object] = (None, False)  # (the cpu backend instance, normkit._C or False) last seen
 
 
@@ -47,53 +38,35 @@ def _entries():
     return module
 
 
-def _backend() -> int:
-    """0 for ``auto``, 1 for ``cpu``; -1 where no entry serves: another backend, a ``torch.compile``
-    trace (which keeps the custom ops), forward-mode AD (the aten path's)."""
-    if _is_compiling() or _fwad._current_level >= 0:
-        return -1
-    return _BACKEND_CODES.get(backends.current(), -1)
+def available() -> bool:
+    """Whether the one-call functions exist (the C++ extension is built and is the ``cpu`` backend)."""
+    return bool(_entries())
 
 
 def batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, dims_mask: int, channels: int,
-               batch_stats: bool, update: bool, momentum, eps: float, residual, act: int, skip_nonfinite: bool):
-    """A BatchNorm layer's forward (nn/batchnorm.py): ``(y, skipped)`` or None.
+               batch_stats: bool, update: bool, momentum, eps: float, residual, act: int, skip_nonfinite: bool,
+               aten: bool):
+    """A BatchNorm forward: ``(y, skipped)`` or None.
 
     ``dims_mask``: bit ``d`` set for each accepted ``x.dim()``; ``update``: move the running
-    statistics (and ``num_batches_tracked``) by this batch; ``skipped``: the batch had non-finite
-    statistics and moved nothing (the caller counts it).
+    statistics (and ``num_batches_tracked``) by this batch; ``aten``: compute with aten's kernel;
+    ``skipped``: the batch had non-finite statistics and moved nothing (the caller counts it).
     """
-    code = _backend()
-    if code < 0 or not (c := _entries()):
-        return None
-    return c.batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, dims_mask, channels,
-                        batch_stats, update, momentum, eps, residual, act, skip_nonfinite, code,
-                        route.ATEN_BELOW)
+    return _entries().batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, dims_mask,
+                                 channels, batch_stats, update, momentum, eps, residual, act, skip_nonfinite, aten)
 
 
-def group_norm(x, num_groups: int, channels: int, weight, bias, eps: float, residual, act: int) -> Tensor | None:
-    code = _backend()
-    if code < 0 or not (c := _entries()):
-        return None
-    return c.group_norm(x, num_groups, channels, weight, bias, eps, residual, act, code)
+def group_norm(x, num_groups: int, channels: int, weight, bias, eps: float, residual, act: int):
+    return _entries().group_norm(x, num_groups, channels, weight, bias, eps, residual, act)
 
 
-def layer_norm(x, normalized_shape, weight, bias, eps: float) -> Tensor | None:
-    code = _backend()
-    if code < 0 or not (c := _entries()):
-        return None
-    return c.layer_norm(x, normalized_shape, weight, bias, eps, code)
+def layer_norm(x, normalized_shape, weight, bias, eps: float):
+    return _entries().layer_norm(x, normalized_shape, weight, bias, eps)
 
 
-def layer_norm_2d(x, weight, bias, channels: int, eps: float) -> Tensor | None:
-    code = _backend()
-    if code < 0 or not (c := _entries()):
-        return None
-    return c.layer_norm_2d(x, weight, bias, channels, eps, code)
+def layer_norm_2d(x, weight, bias, channels: int, eps: float):
+    return _entries().layer_norm_2d(x, weight, bias, channels, eps)
 
 
-def rms_norm(x, normalized_shape, weight, eps: float | None) -> Tensor | None:
-    code = _backend()
-    if code < 0 or not (c := _entries()):
-        return None
-    return c.rms_norm(x, normalized_shape, weight, eps, code)
+def rms_norm(x, normalized_shape, weight, eps: float | None):
+    return _entries().rms_norm(x, normalized_shape, weight, eps)

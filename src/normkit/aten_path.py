@@ -34,9 +34,10 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from . import activations
-from .reference import ReferenceBackend, stat_dtype
+from .reference import ReferenceBackend, shifted_mean, stat_dtype
 
-__all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm", "activation"]
+__all__ = ["batch_norm", "batch_norm_with_stats", "instance_norm", "group_norm", "layer_norm", "rms_norm",
+           "layer_norm_2d", "activation", "exporting"]
 
 _REF = ReferenceBackend()
 _ACTIVATIONS = activations.REGISTRY
@@ -54,8 +55,20 @@ def finish(y: Tensor, residual: Tensor | None, act: str) -> Tensor:
     return activation(y, act)
 
 
+# torch.compiler.is_exporting appeared in torch 2.5; before it, treat every compile as an export
+_is_exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)
+
+
+def exporting() -> bool:
+    """``torch.export`` / ``torch.onnx.export`` is capturing the program (not a plain ``torch.compile``)."""
+    return torch.compiler.is_compiling() and _is_exporting()
+
+
 def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+    """A program is being captured for an exporter (``torch.jit.trace``, ``torch.export``), where the
+    statistics are written out (module docstring); under a plain ``torch.compile`` torch's own norms
+    stay, so Inductor decomposes and fuses them exactly as it does torch.nn's."""
+    return torch.jit.is_tracing() or exporting()
 
 
 def batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act) -> Tensor:
@@ -75,13 +88,40 @@ def batch_norm(input, running_mean, running_var, weight, bias, training, momentu
     return y if residual is None and not act else finish(y, residual, act)
 
 
+def batch_norm_with_stats(input, weight, bias, eps, residual, act) -> tuple[Tensor, Tensor, Tensor]:
+    """Training BatchNorm (+ residual, activation) and its batch statistics ``(y, mean, biased var)``,
+    from one ``torch.batch_norm`` call: what ``torch.compile`` sees for a normkit layer, so Inductor
+    computes the output and the statistics in the reduction it generates for torch.nn's BatchNorm.
+
+    aten moves scratch statistics with momentum 1, which leaves exactly the batch mean and the
+    unbiased variance in them; the layer's own rules then move its running statistics
+    (:mod:`normkit.running_stats`).
+    """
+    c = input.shape[1]
+    sd = stat_dtype(input.dtype)
+    mean = torch.zeros(c, dtype=sd, device=input.device)
+    var = torch.ones(c, dtype=sd, device=input.device)
+    y = torch.batch_norm(input, weight, bias, mean, var, True, 1.0, eps, torch.backends.cudnn.enabled)
+    count = input.numel() // c if c else 0
+    biased = var * ((count - 1) / count) if count > 1 else var * 0
+    return finish(y, residual, act), mean, biased
+
+
+def layer_norm_2d(input, weight, bias, eps) -> Tensor:
+    """LayerNorm over dim 1 (LayerNorm2d) as ``permute → layer_norm → permute`` in torch's operators."""
+    perm = (0, *range(2, input.dim()), 1)
+    inverse = (0, input.dim() - 1, *range(1, input.dim() - 1))
+    y = layer_norm(input.permute(perm), (input.shape[1],), weight, bias, eps)
+    return y.permute(inverse)
+
+
 def _batch_norm_written_out(input, running_mean, running_var, weight, bias, momentum, eps) -> Tensor:
     """Training BatchNorm in elementary ops: two-pass statistics in stat dtype, then the affine."""
     sd = stat_dtype(input.dtype)
     dims = [0] + list(range(2, input.dim()))
     shape = (1, -1) + (1,) * (input.dim() - 2)
     xs = input.to(sd)
-    mean = xs.mean(dim=dims, keepdim=True)
+    mean = shifted_mean(xs, dims)
     var = (xs - mean).square().mean(dim=dims, keepdim=True)
     y = (xs - mean) * torch.rsqrt(var + eps)
     if weight is not None:

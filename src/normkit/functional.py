@@ -1,21 +1,28 @@
-"""Stateless normalization functions with the signatures of ``torch.nn.functional``.
+"""Stateless normalization functions with the signatures of ``torch.nn.functional`` — and the front door
+of every normkit layer.
 
-Each validates its input (clear errors, see :mod:`normkit._checks`), then takes one of two paths
-(:mod:`normkit.route`): normkit's custom op (:mod:`normkit.ops`, the kernels) for plain eager
-and compiled calls, or torch's own operators (:mod:`normkit.aten_path`) under ``torch.func``,
-forward-mode AD, tracing and export. Every layer reaches the computation through these
-functions. For batch and instance norm in training they update the running statistics in place
-exactly as torch does::
+Each function here is the one way into a norm's computation (DESIGN.md §7): it asks
+:func:`normkit.route.choose` once which path the call takes, checks its inputs once
+(:mod:`normkit._checks`) and computes on that path:
+
+* ONE_CALL / ONE_CALL_ATEN — plain eager on CPU: one C++ call (:mod:`normkit._fast`), which only
+  recognises what the checks accept and hands anything else back (then the KERNELS or TORCH path);
+* KERNELS — normkit's kernels in plain eager mode (:data:`normkit.ops.eager`);
+* OP — normkit's custom op, opaque to ``torch.compile`` (``torch.ops.normkit.*``);
+* TORCH — torch's own operators (:mod:`normkit.aten_path`): under ``torch.compile`` (so Inductor
+  fuses), ``torch.export``, tracing, ``torch.func``, forward-mode AD, tensor subclasses such as
+  DTensor, the meta device.
+
+The layers call the ``*_module`` functions, which add the layer's own state: its expectations
+(``num_features``, accepted ranks) and its running statistics, moved by the rules of
+:mod:`normkit.running_stats`. For batch and instance norm in training the plain functions update
+given running statistics in place exactly as torch does::
 
     running_mean ← (1 − momentum)·running_mean + momentum·μ_B
     running_var  ← (1 − momentum)·running_var  + momentum·σ²_B·m/(m − 1)     (unbiased)
 
-``momentum`` may also be a 0-d tensor (the modules pass ``1/num_batches_tracked`` for the
-cumulative average without leaving the graph under ``torch.compile``).
-
-Besides torch's arguments, ``batch_norm`` and ``group_norm`` take keyword-only ``residual``
-and ``act`` (``"relu"``, ``"silu"``, ``"gelu"``) for the fused form
-``y = act(norm(x) + residual)``.
+Besides torch's arguments, ``batch_norm`` and ``group_norm`` take keyword-only ``residual`` and
+``act`` (``"relu"``, ``"silu"``, ``"gelu"``) for the fused form ``y = act(norm(x) + residual)``.
 """
 
 from __future__ import annotations
@@ -27,106 +34,56 @@ import torch
 from torch import Tensor
 
 from . import _checks as C
-from . import _fast, activations, aten_path, ops
-from .reference import ACTIVATIONS
-from .route import needs_grad, use_aten
-from .running_stats import batch_moments
+from . import _fast, activations, aten_path, ops, route, running_stats
+from ._checks import NormInputError, fail  # noqa: F401  (for the layers: functional is their door)
+from .route import KERNELS, ONE_CALL, ONE_CALL_ATEN, OP, TORCH
 
-__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"]
+__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm", "layer_norm_2d",
+           "NormInputError"]
 
+_ACT_NAMES = activations.names()
 _ACT_CODES = activations.codes()
+
+#: the names of the activations normkit fuses (``""`` = none): ``act=`` of the fused forms
+ACTIVATIONS = _ACT_NAMES
 _ANY_RANK = sum(1 << d for d in range(2, 9))  # (N, C, *) up to 8-D, as a bit mask of accepted ranks
+_BN_TRAIN, _BN_INFER = "batch_norm_train", "batch_norm_infer"
 
 
-def _check_act(where: str, act: str | None) -> str:
-    act = act or ""
-    if act not in ACTIVATIONS:
-        raise C.fail(where, "act", f"one of {[a for a in ACTIVATIONS if a] + [None]}", repr(act))
-    return act
+def _kernels(path: int):
+    """The forward ops of a kernel path: the custom ops (OP) or their eager twins (KERNELS)."""
+    return torch.ops.normkit if path == OP else ops.eager
 
 
-def _check_channel_vectors(where: str, channels: int, **vectors: Tensor | None) -> None:
-    """Each given per-channel vector is 1-D with ``channels`` elements."""
-    for name, t in vectors.items():
-        C.check_vector(where, name, t, channels)
+def _declined(path: int) -> int:
+    """Where a call the ONE_CALL path handed back goes: the kernels, or torch's operators for aten's."""
+    return KERNELS if path == ONE_CALL else TORCH
+
+
+# ----------------------------------------------------------------------------- for the layers
+def check_input_dim(where: str, input: Tensor, accepted_dims: Sequence[int] | None) -> None:
+    """A layer's rank check (torch.nn's ``_check_input_dim``): one of ``accepted_dims``, or ≥ 2 for None."""
+    C.layer_input(where, input, accepted_dims, None)
+
+
+def check_activation(where: str, act: str | None) -> str:
+    """``act`` as a fused activation's name (``None`` → ``""``), or :class:`NormInputError` naming it."""
+    return activations.check(where, act)
+
+
+def activation_name(module) -> str | None:
+    """The fused activation's name for an activation module that one reproduces exactly, else None."""
+    return activations.from_module(module)
+
+
+def distributed_active(group) -> bool:
+    """Whether ``torch.distributed`` runs with more than one rank in ``group`` (SyncBatchNorm syncs then)."""
+    from . import distributed
+
+    return distributed.is_active(group)
 
 
 # ----------------------------------------------------------------------------- batch norm
-def check_batch_norm(
-    where: str,
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    training: bool,
-    residual: Tensor | None = None,
-    act: str | None = None,
-    eps: float = 1e-5,
-) -> str:
-    """All of batch_norm's input checks; returns the normalised ``act``."""
-    C.check_tensor(where, "input", input)
-    C.check_min_ndim(where, input, 2, "(N, C, *)")
-    _check_channel_vectors(where, input.shape[1], running_mean=running_mean, running_var=running_var,
-                           weight=weight, bias=bias)
-    C.check_param_dtypes(where, input, running_mean=running_mean, running_var=running_var, weight=weight,
-                         bias=bias)
-    C.check_not_requiring_grad(where, running_mean=running_mean, running_var=running_var)
-    C.check_same_shape(where, "residual", residual, input)
-    C.check_eps(where, eps, training)
-    if training:
-        C.check_more_than_one_value(where, input)
-    return _check_act(where, act)
-
-
-def _update_running(running: Tensor, batch: Tensor, momentum: float | Tensor) -> None:
-    running.mul_(1 - momentum).add_(batch.to(running.dtype) * momentum)
-
-
-def batch_norm_unchecked(
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    training: bool,
-    momentum: float | Tensor,
-    eps: float,
-    residual: Tensor | None,
-    act: str,
-    *,
-    on_stats=None,
-) -> Tensor:
-    """:func:`batch_norm` after :func:`check_batch_norm` has passed (modules call this).
-
-    ``on_stats(mean, var, count)``, when given, receives the batch statistics (biased variance)
-    in place of the update of ``running_mean``/``running_var`` (the modules' running-statistics
-    policy, :mod:`normkit.running_stats`); the modules then pass no running statistics.
-    """
-    if use_aten("batch_norm_train" if training else "batch_norm_infer", input, weight, bias, residual,
-                fused=residual is not None or act != "",
-                needs_grad=not training and needs_grad(input, weight, bias)):
-        y = aten_path.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                 residual, act)
-        if training and on_stats is not None:
-            on_stats(*batch_moments(input))  # aten computed them too, but does not return them
-        return y
-    if not training:
-        if running_mean is None or running_var is None:
-            raise C.fail("batch_norm", "running_mean/running_var", "tensors when training=False", "None")
-        return ops.current_ops().batch_norm_infer(input, running_mean, running_var, weight, bias, residual, eps,
-                                                  act)
-    y, mean, var = ops.current_ops().batch_norm_train(input, weight, bias, residual, eps, act)
-    count = input.numel() // input.shape[1] if input.shape[1] else 0
-    if on_stats is not None:
-        on_stats(mean, var, count)
-    elif count > 0 and running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            _update_running(running_mean, mean, momentum)
-            _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
-    return y
-
-
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -145,56 +102,172 @@ def batch_norm(
     ``y = act(γ·(x − μ)/sqrt(σ² + ε) + β + residual)`` with the batch statistics per channel
     (biased variance) when ``training``, else ``running_mean``/``running_var``.
     """
-    code = _ACT_CODES.get(act or "")
-    if code is not None and (not training or running_mean is None) and isinstance(input, Tensor) and input.dim() >= 2:
-        # no running statistics to move: the common case in one C++ call (normkit._fast); a training call
-        # with running statistics stays here (the aten route moves them by aten's formula, the kernel route
-        # by this module's _update_running)
-        served = _fast.batch_norm(input, weight, bias, running_mean, running_var, None, _ANY_RANK, input.shape[1],
-                                  training, False, None, eps, residual, code, False)
-        if served is not None:
-            return served[0]
     if isinstance(input, Tensor) and input.dim() < 2 and input.numel() == 0:
         # torch accepts an empty 1-D input (and returns it): nothing to normalize
         return aten_path.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                    residual, _check_act("batch_norm", act))
-    act = check_batch_norm("batch_norm", input, running_mean, running_var, weight, bias, training, residual, act,
-                           eps)
-    return batch_norm_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                residual, act)
+                                    residual, C.act_name("batch_norm", act, _ACT_NAMES))
+    act = act or ""
+    fused = residual is not None or act != ""
+    path = route.choose(_BN_TRAIN if training else _BN_INFER, input, weight, bias, residual, running_mean,
+                        running_var, fused=fused)
+    moves = training and running_mean is not None
+    if path <= ONE_CALL_ATEN:
+        code = _ACT_CODES.get(act)
+        if not moves and code is not None and input.dim() >= 2:
+            # (a training call that moves running statistics stays on the Python paths: the aten route
+            # moves them by aten's formula, the kernel route by this module's _update_running)
+            served = _fast.batch_norm(input, weight, bias, running_mean, running_var, None, _ANY_RANK,
+                                      input.shape[1], training, False, None, eps, residual, code, False,
+                                      path == ONE_CALL_ATEN)
+            if served is not None:
+                return served[0]
+        path = _declined(path)
+    act = C.batch_norm("batch_norm", input, running_mean, running_var, weight, bias, training, eps, residual, act,
+                       _ACT_NAMES)
+    return _batch_norm_on(path, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                          residual, act)
 
 
-# ----------------------------------------------------------------------------- instance norm
-def check_instance_norm(where, input, running_mean, running_var, weight, bias, use_input_stats) -> None:
-    C.check_tensor(where, "input", input)
-    C.check_min_ndim(where, input, 3, "(N, C, *spatial)")
-    _check_channel_vectors(where, input.shape[1], running_mean=running_mean, running_var=running_var,
-                           weight=weight, bias=bias)
-    C.check_param_dtypes(where, input, running_mean=running_mean, running_var=running_var, weight=weight,
-                         bias=bias)
-    C.check_not_requiring_grad(where, running_mean=running_mean, running_var=running_var)
-    if use_input_stats and math.prod(input.shape[2:]) == 1:
-        raise C.fail(where, "input", "more than 1 spatial element when training", f"input of {C.shape_str(input)}")
+def _batch_norm_on(path, input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act,
+                   on_stats=None) -> Tensor:
+    """A checked BatchNorm call on ``path``.
 
-
-def instance_norm_unchecked(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
-    if use_aten("group_norm", input, weight, bias):
-        return aten_path.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum,
-                                       eps)
-    # torch returns a contiguous output for any input layout
-    input = input.contiguous()
-    if not use_input_stats:
-        return ops.current_ops().batch_norm_infer(input, running_mean, running_var, weight, bias, None, eps, "")
-    y, mean, var = ops.current_ops().group_norm(input, input.shape[1], weight, bias, None, eps, "")
-    spatial = math.prod(input.shape[2:])
-    if running_mean is not None and running_var is not None and input.shape[0] > 0:
-        # torch averages the per-instance statistics over the batch (unbiased variance).
+    ``on_stats(mean, var, count)``, when given, receives the batch statistics (biased variance) in
+    place of the update of ``running_mean``/``running_var`` (a layer's running-statistics rules,
+    :mod:`normkit.running_stats`); the layers then pass no running statistics.
+    """
+    if path == TORCH:
+        if training and on_stats is not None and torch.compiler.is_compiling() and not aten_path.exporting():
+            # one reduction for the output and the statistics, which Inductor fuses as it fuses torch.nn's
+            y, mean, var = aten_path.batch_norm_with_stats(input, weight, bias, eps, residual, act)
+            on_stats(mean, var, input.numel() // input.shape[1])
+            return y
+        y = aten_path.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
+                                 act)
+        if training and on_stats is not None:
+            on_stats(*running_stats.batch_moments(input))  # aten computed them too, but does not return them
+        return y
+    kernels = _kernels(path)
+    if not training:
+        return kernels.batch_norm_infer(input, running_mean, running_var, weight, bias, residual, eps, act)
+    y, mean, var = kernels.batch_norm_train(input, weight, bias, residual, eps, act)
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    if on_stats is not None:
+        on_stats(mean, var, count)
+    elif count > 0 and running_mean is not None and running_var is not None:
         with torch.no_grad():
-            _update_running(running_mean, mean.mean(dim=0), momentum)
-            _update_running(running_var, (var * (spatial / max(spatial - 1, 1))).mean(dim=0), momentum)
+            _update_running(running_mean, mean, momentum)
+            _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
     return y
 
 
+def _update_running(running: Tensor, batch: Tensor, momentum: float | Tensor) -> None:
+    running.mul_(1 - momentum).add_(batch.to(running.dtype) * momentum)
+
+
+def batch_norm_module(layer, input: Tensor, residual: Tensor | None = None, act: str = "") -> Tensor:
+    """The forward of every normkit BatchNorm layer (``nn/batchnorm.py``): ``act(bn(x) + residual)``.
+
+    Batch statistics in training (or without running statistics), the running ones in eval; a
+    training batch moves the running statistics by the layer's ``_update_running_stats``
+    (:mod:`normkit.running_stats`: once per real forward, finite batches only).
+    """
+    weight, bias, running_mean, running_var = layer._state()
+    batch_stats = layer.training or running_mean is None
+    update = layer.training and layer.track_running_stats and running_mean is not None
+    path = route.choose(_BN_TRAIN if batch_stats else _BN_INFER, input, weight, bias, residual,
+                        running_mean, running_var, fused=residual is not None or act != "")
+    if path <= ONE_CALL_ATEN:
+        code = _ACT_CODES.get(act)
+        # an update that someone intercepts (normkit.func.functional_call patches _update_running_stats) or a
+        # subclass overrides stays on the Python paths
+        if code is not None and not (update and (not layer._one_call_update or
+                                                 "_update_running_stats" in layer.__dict__)):
+            policy = running_stats.update_policy(layer) if update else None
+            served = _fast.batch_norm(input, weight, bias, running_mean, running_var,
+                                      layer._buffers.get("num_batches_tracked"), layer._dims_mask, layer.num_features,
+                                      batch_stats, policy is not None, layer.momentum, layer.eps, residual, code,
+                                      policy == "skip", path == ONE_CALL_ATEN)
+            if served is not None:
+                if served[1]:
+                    running_stats.count_skipped(layer, running_mean.device)
+                return served[0]
+        path = _declined(path)
+    act = C.batch_norm(type(layer).__name__, input, running_mean, running_var, weight, bias, batch_stats, layer.eps,
+                       residual, act, _ACT_NAMES, num_features=layer.num_features,
+                       accepted_dims=None if layer._any_rank else layer._accepted_dims)
+    return _batch_norm_on(path, input, None if batch_stats else running_mean, None if batch_stats else running_var,
+                          weight, bias, batch_stats, 0.0, layer.eps, residual, act,
+                          on_stats=layer._update_running_stats if update else None)
+
+
+def check_batch_norm(where: str, input: Tensor, running_mean, running_var, weight, bias, training: bool,
+                     residual: Tensor | None = None, act: str | None = None, eps: float = 1e-5, *,
+                     num_features: int | None = None, accepted_dims: Sequence[int] | None = None,
+                     count_rule: bool = True) -> str:
+    """BatchNorm's checks (:func:`normkit._checks.batch_norm`) for the layers that compute their own
+    forms of BatchNorm (renorm, ghost, frozen); returns the normalised ``act``."""
+    return C.batch_norm(where, input, running_mean, running_var, weight, bias, training, eps, residual, act,
+                        _ACT_NAMES, num_features=num_features, accepted_dims=accepted_dims, count_rule=count_rule)
+
+
+def batch_norm_checked(input: Tensor, running_mean, running_var, weight, bias, training: bool, eps: float,
+                       residual: Tensor | None = None, act: str = "", *, on_stats=None) -> Tensor:
+    """BatchNorm after :func:`check_batch_norm` has passed, on the path :func:`normkit.route.choose`
+    picks: the building block of BatchRenorm (γ·r, β + γ·d), GhostBatchNorm (per virtual batch) and
+    FrozenBatchNorm. ``on_stats`` as in training BatchNorm (the layer's running-statistics update)."""
+    path = route.choose(_BN_TRAIN if training else _BN_INFER, input, weight, bias, residual, running_mean,
+                        running_var, fused=residual is not None or act != "")
+    if path <= ONE_CALL_ATEN:
+        path = _declined(path)
+    return _batch_norm_on(path, input, running_mean, running_var, weight, bias, training, 0.0, eps, residual, act,
+                          on_stats=on_stats)
+
+
+def masked_batch_norm1d_module(layer, input: Tensor, mask: Tensor) -> Tensor:
+    """BatchNorm1d over the real positions of ``(N, C, L)`` input (:mod:`normkit.masked`)."""
+    from .masked import masked_batch_norm1d
+
+    return masked_batch_norm1d(layer, input, mask, batch_norm_module)
+
+
+def sync_batch_norm_module(layer, input: Tensor, residual: Tensor | None, act: str, group) -> Tensor:
+    """SyncBatchNorm in training across the ranks of ``group``: the per-channel statistics of every
+    rank's batch together (:mod:`normkit.channel`, :mod:`normkit.distributed`)."""
+    from . import channel
+    from . import distributed as D
+
+    where = type(layer).__name__
+    # the one-value rule is checked below on the *global* count
+    act = C.batch_norm(where, input, layer.running_mean, layer.running_var, layer.weight, layer.bias, True,
+                       layer.eps, residual, act, _ACT_NAMES, num_features=layer.num_features, count_rule=False)
+    if route.choose(_BN_TRAIN, input, layer.weight, layer.bias, residual) in (TORCH, OP):
+        raise NotImplementedError(
+            f"{where}: batch statistics across {D.world_size(group)} ranks under torch.func, forward-mode AD, "
+            "tracing, export, torch.compile or a tensor subclass are not supported (nor are they by "
+            "torch.nn.SyncBatchNorm on CPU); call the model in eval() mode, or convert it to BatchNorm for "
+            "this (normkit.convert)"
+        )
+    x = ops.dense(input)
+    count, mean, var = channel.local_stats(x, for_merge=True)
+    count, mean, var = D.merge_stats(count, mean, var, group)  # collective: same result on every rank
+    mean = mean.to(var.dtype)  # stat dtype (local_stats may have refined a large mean to float64)
+    if count == 1:
+        raise fail(
+            where,
+            "input",
+            "more than 1 value per channel over all ranks when training (batch statistics of one value "
+            "are undefined; use eval(), GroupNorm or LayerNorm)",
+            f"input of {C.shape_str(input)} on this rank and 1 value per channel in total over "
+            f"{D.world_size(group)} ranks",
+        )
+    layer._update_running_stats(mean, var, count)  # every check has passed: now state may change
+    rstd = torch.rsqrt(var + layer.eps)
+    return channel.normalize_with_stats(x, layer.weight, layer.bias, residual, mean, rstd, count, act, group,
+                                        sync=True)
+
+
+# ----------------------------------------------------------------------------- instance norm
 def instance_norm(
     input: Tensor,
     running_mean: Tensor | None = None,
@@ -206,31 +279,74 @@ def instance_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Instance Normalization (Ulyanov et al., 2016): statistics per (sample, channel) over space."""
-    check_instance_norm("instance_norm", input, running_mean, running_var, weight, bias, use_input_stats)
-    return instance_norm_unchecked(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    path = route.choose("group_norm", input, weight, bias, running_mean, running_var)
+    C.instance_norm("instance_norm", input, running_mean, running_var, weight, bias, use_input_stats)
+    return _instance_norm_on(path, input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+
+
+def _instance_norm_on(path, input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
+    if path == TORCH:
+        return aten_path.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum,
+                                       eps)
+    kernels = _kernels(path)
+    input = input.contiguous()  # torch returns a contiguous output for any input layout
+    if not use_input_stats:
+        return kernels.batch_norm_infer(input, running_mean, running_var, weight, bias, None, eps, "")
+    y, mean, var = kernels.group_norm(input, input.shape[1], weight, bias, None, eps, "")
+    spatial = math.prod(input.shape[2:])
+    if running_mean is not None and running_var is not None and input.shape[0] > 0:
+        # torch averages the per-instance statistics over the batch (unbiased variance)
+        with torch.no_grad():
+            _update_running(running_mean, mean.mean(dim=0), momentum)
+            _update_running(running_var, (var * (spatial / max(spatial - 1, 1))).mean(dim=0), momentum)
+    return y
+
+
+def instance_norm_module(layer, input: Tensor) -> Tensor:
+    """The forward of normkit's InstanceNorm1d/2d/3d (unbatched ``(C, *spatial)`` input too)."""
+    p = layer._parameters
+    weight, bias = p.get("weight"), p.get("bias")
+    running_mean, running_var = layer.running_mean, layer.running_var
+    path = route.choose("group_norm", input, weight, bias, running_mean, running_var)
+    batched = layer._spatial_dims + 2
+    if path == ONE_CALL and not layer.track_running_stats and input.dim() == batched \
+            and input.numel() > input.shape[0] * input.shape[1]:  # batched, more than one value per instance
+        # GroupNorm with a group per channel on the contiguous input, as the KERNELS path computes it
+        y = _fast.group_norm(input.contiguous(), layer.num_features, layer.num_features, weight, bias, layer.eps,
+                             None, 0)
+        if y is not None:
+            return y
+    if path <= ONE_CALL_ATEN:
+        path = _declined(path)
+    where = type(layer).__name__
+    names = {1: "L", 2: "H, W", 3: "D, H, W"}[layer._spatial_dims]
+    C.check_tensor(where, "input", input)
+    C.check_ndim(where, input, (batched - 1, batched), f"(N, C, {names}) or unbatched (C, {names})")
+    if input.dim() == batched - 1:
+        return instance_norm_module(layer, input.unsqueeze(0)).squeeze(0)
+    if input.shape[1] != layer.num_features:
+        if layer.affine or layer.track_running_stats:
+            C.check_channels(where, input, layer.num_features)
+        import warnings
+
+        warnings.warn(
+            f"{where}: input has {input.shape[1]} channels but num_features={layer.num_features}; "
+            "without affine parameters or running statistics, num_features is not used",
+            stacklevel=3,
+        )
+    use_input_stats = layer.training or not layer.track_running_stats
+    C.instance_norm(where, input, running_mean, running_var, weight, bias, use_input_stats)
+    update = layer.training and layer.track_running_stats
+    if update and running_mean is not None and running_stats.in_recomputation():
+        # activation checkpointing recomputes this forward: the same computation (checkpointing
+        # compares what it saves), but its update lands on copies (normkit.running_stats)
+        running_mean, running_var = running_mean.clone(), running_var.clone()
+    return _instance_norm_on(path, input, running_mean if update or not use_input_stats else None,
+                             running_var if update or not use_input_stats else None, weight, bias, use_input_stats,
+                             0.0 if layer.momentum is None else layer.momentum, layer.eps)
 
 
 # ----------------------------------------------------------------------------- group norm
-def check_group_norm(where, input, num_groups, weight, bias, residual=None, act=None) -> str:
-    C.check_tensor(where, "input", input)
-    C.check_min_ndim(where, input, 2, "(N, C, *)")
-    c = input.shape[1]
-    if num_groups <= 0 or c % num_groups != 0:
-        raise C.fail(where, "num_groups", f"a positive divisor of the {c} input channels", str(num_groups))
-    C.check_vector(where, "weight", weight, c)
-    C.check_vector(where, "bias", bias, c)
-    C.check_param_dtypes(where, input, weight=weight, bias=bias)
-    C.check_same_shape(where, "residual", residual, input)
-    return _check_act(where, act)
-
-
-def group_norm_unchecked(input, num_groups, weight, bias, eps, residual, act) -> Tensor:
-    """:func:`group_norm` after :func:`check_group_norm` has passed (modules call this)."""
-    if use_aten("group_norm", input, weight, bias, residual, fused=residual is not None or act != ""):
-        return aten_path.group_norm(input, num_groups, weight, bias, eps, residual, act)
-    return ops.current_ops().group_norm(input, num_groups, weight, bias, residual, eps, act)[0]
-
-
 def group_norm(
     input: Tensor,
     num_groups: int,
@@ -242,33 +358,33 @@ def group_norm(
     act: str | None = None,
 ) -> Tensor:
     """Group Normalization (Wu & He, 2018): statistics per (sample, group of C/G channels)."""
-    code = _ACT_CODES.get(act or "")
-    if code is not None and isinstance(input, Tensor) and input.dim() >= 2:
-        y = _fast.group_norm(input, num_groups, input.shape[1], weight, bias, eps, residual, code)
-        if y is not None:
-            return y
-    act = check_group_norm("group_norm", input, num_groups, weight, bias, residual, act)
-    return group_norm_unchecked(input, num_groups, weight, bias, eps, residual, act)
+    return _group_norm(input, num_groups, weight, bias, eps, residual, act or "", "group_norm", None)
+
+
+def group_norm_module(layer, input: Tensor, residual: Tensor | None = None, act: str = "") -> Tensor:
+    """The forward of normkit's GroupNorm and GroupNormAct."""
+    p = layer._parameters
+    return _group_norm(input, layer.num_groups, p.get("weight"), p.get("bias"), layer.eps, residual, act,
+                       type(layer).__name__, layer.num_channels)
+
+
+def _group_norm(input, num_groups, weight, bias, eps, residual, act, where, num_channels) -> Tensor:
+    path = route.choose("group_norm", input, weight, bias, residual, fused=residual is not None or act != "")
+    if path <= ONE_CALL_ATEN:
+        code = _ACT_CODES.get(act)
+        if code is not None and isinstance(input, Tensor) and input.dim() >= 2:
+            y = _fast.group_norm(input, num_groups, input.shape[1] if num_channels is None else num_channels,
+                                 weight, bias, eps, residual, code)
+            if y is not None:
+                return y
+        path = _declined(path)
+    act = C.group_norm(where, input, num_groups, weight, bias, residual, act, _ACT_NAMES, num_channels=num_channels)
+    if path == TORCH:
+        return aten_path.group_norm(input, num_groups, weight, bias, eps, residual, act)
+    return _kernels(path).group_norm(input, num_groups, weight, bias, residual, eps, act)[0]
 
 
 # ----------------------------------------------------------------------------- layer / RMS norm
-def check_row_norm(where, input, normalized_shape, weight, bias, allow_complex=False) -> list[int]:
-    if not (allow_complex and isinstance(input, Tensor) and input.is_complex()):
-        C.check_tensor(where, "input", input)
-    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
-    k = len(shape)
-    if k == 0 or input.dim() < k or list(input.shape[input.dim() - k:]) != shape:
-        raise C.fail(where, "input", f"trailing dimensions {tuple(shape)} (normalized_shape)",
-                     f"input of {C.shape_str(input)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None:
-            if not (allow_complex and t.is_complex()):
-                C.check_tensor(where, name, t)
-            if list(t.shape) != shape:
-                raise C.fail(where, name, f"shape {tuple(shape)} (normalized_shape)", C.shape_str(t))
-    return shape
-
-
 def layer_norm(
     input: Tensor,
     normalized_shape: Sequence[int],
@@ -277,32 +393,16 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Layer Normalization (Ba et al., 2016): per sample over the trailing ``normalized_shape``."""
-    y = _fast.layer_norm(input, normalized_shape, weight, bias, eps)
-    if y is not None:
-        return y
-    shape = _row_shape_ok(input, normalized_shape, weight, bias)
-    if shape is None:
-        shape = check_row_norm("layer_norm", input, normalized_shape, weight, bias)
-        C.check_param_dtypes("layer_norm", input, weight=weight, bias=bias)
-    return layer_norm_unchecked(input, shape, weight, bias, eps)
-
-
-def _row_shape_ok(input, normalized_shape, weight, bias) -> list[int] | None:
-    """``normalized_shape`` as a list when the common case of :func:`check_row_norm` holds (1-D
-    affine, matching trailing dimension, suitable dtypes), else None (run the detailed checks)."""
-    if not isinstance(input, Tensor) or input.dtype not in C._FLOATS:
-        return None
-    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
-    if len(shape) != 1 or input.dim() < 1 or input.shape[-1] != shape[0]:
-        return None
-    return shape if C.vectors_ok(input, shape[0], (weight, bias)) else None
-
-
-def layer_norm_unchecked(input, normalized_shape, weight, bias, eps) -> Tensor:
-    """:func:`layer_norm` after its checks (``normalized_shape`` a list)."""
-    if use_aten("layer_norm", input, weight, bias):
-        return aten_path.layer_norm(input, normalized_shape, weight, bias, eps)
-    return ops.current_ops().layer_norm(input, normalized_shape, weight, bias, eps)[0]
+    path = route.choose("layer_norm", input, weight, bias)
+    if path <= ONE_CALL_ATEN:
+        y = _fast.layer_norm(input, normalized_shape, weight, bias, eps)
+        if y is not None:
+            return y
+        path = _declined(path)
+    shape = C.row_norm("layer_norm", input, normalized_shape, weight, bias)
+    if path == TORCH:
+        return aten_path.layer_norm(input, shape, weight, bias, eps)
+    return _kernels(path).layer_norm(input, shape, weight, bias, eps)[0]
 
 
 def rms_norm(
@@ -317,13 +417,58 @@ def rms_norm(
     accepts) and channels_last input (whose layout torch keeps) are computed by torch's own op.
     torch accepts any floating weight dtype here, and so does normkit.
     """
-    y = _fast.rms_norm(input, normalized_shape, weight, eps)
-    if y is not None:
-        return y
-    shape = check_row_norm("rms_norm", input, normalized_shape, weight, None, allow_complex=True)
+    path = route.choose("rms_norm", input, weight)
+    if path <= ONE_CALL_ATEN:
+        y = _fast.rms_norm(input, normalized_shape, weight, eps)
+        if y is not None:
+            return y
+        path = _declined(path)
+    shape = C.row_norm("rms_norm", input, normalized_shape, weight, None, allow_complex=True, param_dtypes=False)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     complex_ = input.is_complex() or (weight is not None and weight.is_complex())
-    if complex_ or not input.is_contiguous() or use_aten("rms_norm", input, weight):
+    if path == TORCH or complex_ or not input.is_contiguous():
         return aten_path.rms_norm(input, shape, weight, eps)
-    return ops.current_ops().rms_norm(input, shape, weight, eps)[0]
+    return _kernels(path).rms_norm(input, shape, weight, eps)[0]
+
+
+def layer_norm_module(layer, input: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The forward of normkit's LayerNorm; ``mask`` (bool, the input's shape before ``normalized_shape``,
+    True = real position): padded positions get output 0 and gradient 0 (:mod:`normkit.masked`)."""
+    if mask is None:
+        return layer_norm(input, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
+    from .masked import masked_layer_norm
+
+    def rows_norm(rows: Tensor) -> Tensor:
+        return layer_norm(rows, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
+
+    return masked_layer_norm(layer, input, mask, rows_norm)
+
+
+# ----------------------------------------------------------------------------- LayerNorm over channels
+def layer_norm_2d(input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+                  eps: float = 1e-6) -> Tensor:
+    """LayerNorm over dim 1 of ``(N, C, H, W)`` input at every pixel (:mod:`normkit.nn.layernorm2d`)."""
+    return _layer_norm_2d(input, weight, bias, eps, "layer_norm_2d", None)
+
+
+def layer_norm_2d_module(layer, input: Tensor) -> Tensor:
+    """The forward of normkit's LayerNorm2d."""
+    p = layer._parameters
+    return _layer_norm_2d(input, p.get("weight"), p.get("bias"), layer.eps, type(layer).__name__,
+                          layer.normalized_shape[0])
+
+
+def _layer_norm_2d(input, weight, bias, eps, where, num_channels) -> Tensor:
+    path = route.choose("layer_norm_2d", input, weight, bias)
+    if path <= ONE_CALL_ATEN:
+        if isinstance(input, Tensor) and input.dim() == 4:
+            y = _fast.layer_norm_2d(input, weight, bias, input.shape[1] if num_channels is None else num_channels,
+                                    eps)
+            if y is not None:
+                return y
+        path = _declined(path)
+    C.layer_norm_2d(where, input, weight, bias, num_channels)
+    if path == TORCH:
+        return aten_path.layer_norm_2d(input, weight, bias, eps)
+    return _kernels(path).layer_norm_2d(input, weight, bias, eps)[0]

@@ -49,8 +49,8 @@ def check_mask(where: str, mask: Tensor, shape: tuple[int, ...], device: torch.d
         raise C.fail(where, "mask", f"a tensor on the input's device {device}", str(mask.device))
 
 
-def masked_batch_norm1d(layer, input: Tensor, mask: Tensor) -> Tensor:
-    """``layer`` (a normkit BatchNorm1d) over the real positions of ``input`` ``(N, C, L)``."""
+def masked_batch_norm1d(layer, input: Tensor, mask: Tensor, forward) -> Tensor:
+    """``forward(layer, rows)`` (the BatchNorm layer's forward) over the real positions of ``input`` ``(N, C, L)``."""
     where = type(layer).__name__
     C.check_tensor(where, "input", input)
     if input.dim() != 3:
@@ -72,7 +72,7 @@ def masked_batch_norm1d(layer, input: Tensor, mask: Tensor) -> Tensor:
             "undefined; use eval(), GroupNorm, LayerNorm)",
             "a mask with 1 True",
         )
-    y = layer._normalize(picked)  # checks again, then the one state change (running statistics)
+    y = forward(layer, picked)  # checks again, then the one state change (running statistics)
     out = input.new_zeros(n, length, c).index_put((mask,), y)
     return out.transpose(1, 2).contiguous()
 

@@ -63,6 +63,9 @@ def _dense(x: Tensor) -> Tensor:
     return x if x.is_contiguous(memory_format=fmt) else x.contiguous()
 
 
+dense = _dense  # (the name other modules use)
+
+
 def _as_layout(t: Tensor | None, x: Tensor) -> Tensor | None:
     if t is None:
         return None
@@ -159,6 +162,17 @@ def _check_row_op(op: str, x: Tensor, normalized_shape: Sequence[int], like_x: d
 
 
 # ----------------------------------------------------------------------------- higher order
+_is_functorch_tensor = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def composite_backward(dy: Tensor) -> bool:
+    """Whether a backward computes in torch's differentiable, batchable operators (:func:`_differentiable_vjp`)
+    instead of the kernels: with grad mode on (``create_graph=True``: the gradient must be differentiable
+    again) and for gradients the kernels cannot read — functorch's batched gradients
+    (``torch.autograd.grad(..., is_grads_batched=True)``, ``torch.func.vmap`` over a backward)."""
+    return torch.is_grad_enabled() or _is_functorch_tensor(dy)
+
+
 def _differentiable_vjp(forward, inputs: tuple, needs: Sequence[bool], dy: Tensor) -> list[Tensor | None]:
     """The vector-Jacobian product of ``forward(*inputs)`` with ``dy``, as a differentiable graph.
 
@@ -172,9 +186,11 @@ def _differentiable_vjp(forward, inputs: tuple, needs: Sequence[bool], dy: Tenso
     out: list[Tensor | None] = [None] * len(inputs)
     if not wanted:
         return out
+    create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
         y = forward(*inputs)
-        grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=create_graph,
+                                    allow_unused=True)
     for i, g in zip(wanted, grads, strict=True):
         out[i] = g if g is not None else torch.zeros_like(inputs[i])
     return out
@@ -360,7 +376,7 @@ def _bn_grads(ctx, dy):
     i = 1 if ctx.batch_stats else 3  # index of weight among the op's inputs
     need_x, need_w, need_b, need_res = need[0], need[i], need[i + 1], ctx.has_residual and need[i + 2]
     dz, act = _below_activation(ctx, dy, y)
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient (module docstring)
+    if composite_backward(dy):  # create_graph=True or batched gradients (module docstring)
         running = (None, None) if ctx.batch_stats else (mean, var)
 
         def forward(x, weight, bias, residual):
@@ -486,7 +502,7 @@ def _gn_backward(ctx, dy, _dmean, _dvar):
     need = ctx.needs_input_grad
     need_res = ctx.has_residual and need[4]
     dz, act = _below_activation(ctx, dy, y)
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient (module docstring)
+    if composite_backward(dy):  # create_graph=True or batched gradients (module docstring)
         def forward(x, weight, bias, residual):
             return aten_path.group_norm(x, ctx.num_groups, weight, bias, ctx.eps, residual, act)
 
@@ -613,7 +629,7 @@ def _setup_ln(ctx, inputs, output):
 def _ln_backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient (module docstring)
+    if composite_backward(dy):  # create_graph=True or batched gradients (module docstring)
         def forward(x, weight, bias):
             return aten_path.layer_norm(x, ctx.normalized_shape, weight, bias, ctx.eps)
 
@@ -636,7 +652,7 @@ def _setup_rms(ctx, inputs, output):
 def _rms_backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient (module docstring)
+    if composite_backward(dy):  # create_graph=True or batched gradients (module docstring)
         def forward(x, weight):
             return aten_path.rms_norm(x, ctx.normalized_shape, weight, ctx.eps)
 

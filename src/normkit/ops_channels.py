@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 
 from . import _checks as C
-from . import backends
+from . import aten_path, backends
 from ._layout import memory_format_of
-from .ops import _is_eager, eager_call, eager_function
+from .ops import _differentiable_vjp, _is_eager, composite_backward, eager_call, eager_function
 from .reference import stat_dtype
 
 _LIB = "normkit"
@@ -139,35 +139,14 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, mean, rstd)
 
 
-def permute_form(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """The same function in torch's own operators (differentiable to any order, batchable, traceable)."""
-    perm = (0, *range(2, x.dim()), 1)
-    inverse = (0, x.dim() - 1, *range(1, x.dim() - 1))
-    y = torch.nn.functional.layer_norm(x.permute(perm), (x.shape[1],), weight, bias, eps)
-    return y.permute(inverse)
-
-
-def _differentiable_grads(ctx, x, weight, bias, dy):
-    """create_graph=True: the gradient recomputed through :func:`permute_form` from the saved inputs
-    (which keep their history), so it can be differentiated again."""
-    need = ctx.needs_input_grad
-    inputs = (x, weight, bias)
-    wanted = [i for i in range(3) if need[i] and inputs[i] is not None and inputs[i].requires_grad]
-    out = [None, None, None]
-    if wanted:
-        with torch.enable_grad():
-            y = permute_form(x, weight, bias, ctx.eps)
-            grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True, allow_unused=True)
-        for i, g in zip(wanted, grads, strict=True):
-            out[i] = g if g is not None else torch.zeros_like(inputs[i])
-    return (*out, None)
-
-
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
-    if torch.is_grad_enabled():  # autograd is building a graph of this backward: double backward
-        return _differentiable_grads(ctx, x, weight, bias, dy)
+    if composite_backward(dy):  # double backward, or batched gradients: torch's operators
+        def forward(x, weight, bias):
+            return aten_path.layer_norm_2d(x, weight, bias, ctx.eps)
+
+        return (*_differentiable_vjp(forward, (x, weight, bias), need[:3], dy), None)
     need_dw = (weight is not None and need[1]) or (bias is not None and need[2])
     backward = _backward_impl if _is_eager(ctx) else torch.ops.normkit.layer_norm_2d_backward
     dx, dw, db = backward(dy, x, mean, rstd, weight, need_dw)

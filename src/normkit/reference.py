@@ -3,7 +3,9 @@
 It is the oracle every kernel is tested against, the baseline of the benchmark, and the
 backend of last resort. It runs on any device and any floating dtype; float16/bfloat16 input is
 computed in float32 and float64 input in float64 (the "stat dtype"). Statistics are two-pass
-(mean first, then the mean of squared deviations), so a large mean costs no precision.
+(mean first, then the mean of squared deviations), so a large mean costs no precision; the mean is
+taken of the values shifted by the first one of their set (:func:`shifted_mean`), as the kernels
+shift, so a constant set has its value as mean exactly and a variance of exactly 0.
 
 Formulas (DESIGN.md §1), for a reduction set of ``m`` values:
 
@@ -41,6 +43,18 @@ def activation_grad(z: torch.Tensor, act: str) -> torch.Tensor:
     return activations.get(act).derivative(z)
 
 
+def shifted_mean(xs: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """The mean of ``xs`` over ``dims`` (kept), as ``p + mean(xs − p)`` with ``p`` the first value of each
+    set: exact for a constant set (``mean(xs) = Σ/m`` need not give back the value), otherwise within
+    rounding of the plain mean."""
+    if xs.numel() == 0:  # no first value: the plain mean (NaN for an empty set, as torch's)
+        return xs.mean(dim=dims, keepdim=True)
+    pivot = xs
+    for d in dims:
+        pivot = pivot.narrow(d, 0, 1)
+    return pivot + (xs - pivot).mean(dim=dims, keepdim=True)
+
+
 def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
     """A (C,) vector shaped to broadcast over (N, C, *spatial)."""
     return v.reshape((1, -1) + (1,) * (ndim - 2))
@@ -62,9 +76,9 @@ class ReferenceBackend(Backend):
     def channel_stats(self, x):
         xs = x.to(stat_dtype(x.dtype))
         dims = _channel_dims(x)
-        mean = xs.mean(dim=dims)
-        var = (xs - _per_channel(mean, x.dim())).square().mean(dim=dims)
-        return mean, var
+        mean = shifted_mean(xs, dims)
+        var = (xs - mean).square().mean(dim=dims)
+        return mean.reshape(-1), var
 
     def _pre_activation(self, x, scale, shift, residual):
         sd = scale.dtype
@@ -106,10 +120,11 @@ class ReferenceBackend(Backend):
             rstd = torch.rsqrt(xs.square().mean(dim=1) + eps)
             xhat = xs * rstd[:, None]
         else:
-            mean = xs.mean(dim=1)
-            centred = xs - mean[:, None]
+            mean = shifted_mean(xs, [1])
+            centred = xs - mean
             rstd = torch.rsqrt(centred.square().mean(dim=1) + eps)
             xhat = centred * rstd[:, None]
+            mean = mean.reshape(-1)
         y = xhat
         if weight is not None:
             y = y * weight.to(sd)
@@ -153,8 +168,9 @@ class ReferenceBackend(Backend):
 
     def group_forward(self, x, num_groups, weight, bias, eps, residual, act):
         xg = self._grouped(x, num_groups)
-        mean = xg.mean(dim=(2, 3))
-        var = (xg - mean[:, :, None, None]).square().mean(dim=(2, 3))
+        mean = shifted_mean(xg, [2, 3])
+        var = (xg - mean).square().mean(dim=(2, 3))
+        mean = mean.reshape(var.shape)
         rstd = torch.rsqrt(var + eps)
         z = self._group_affine(x, self._group_xhat(x, mean, rstd, num_groups), weight, bias, residual)
         return _like(activation(z, act), x), mean, var
@@ -182,8 +198,9 @@ class ReferenceBackend(Backend):
     # ---------------------------------------------------------------- LayerNorm over channels (2d)
     def ln2d_forward(self, x, weight, bias, eps):
         xs = x.to(stat_dtype(x.dtype))
-        mean = xs.mean(dim=1)
-        centred = xs - mean.unsqueeze(1)
+        mean = shifted_mean(xs, [1])
+        centred = xs - mean
+        mean = mean.squeeze(1)
         rstd = torch.rsqrt(centred.square().mean(dim=1) + eps)
         y = centred * rstd.unsqueeze(1)
         if weight is not None:

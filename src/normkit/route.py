@@ -1,46 +1,40 @@
-"""Which path a normkit call takes (DESIGN.md §7): one rule, applied by :mod:`normkit.functional`.
+"""Which path a normkit call takes (DESIGN.md §7): the one chooser, asked once per call by the front
+doors of :mod:`normkit.functional`.
 
 Every layer — BatchNorm and its Sync, Renorm, Ghost, Frozen and masked forms, Instance, Group,
-Layer and RMS norm, the fused ones — reaches the computation through the functions of
-:mod:`normkit.functional`, and each of those asks this module one question: may normkit's
-kernels serve this call?
+Layer, LayerNorm2d and RMS norm, the fused ones — reaches its computation through a function of
+:mod:`normkit.functional`, which calls :func:`choose` once and then takes the path it names:
 
-The kernels sit behind ``torch.library`` custom ops (:mod:`normkit.ops`) whose autograd formula
-is first-order and reverse-mode. That serves plain eager training and inference and
-``torch.compile``. Everything else PyTorch can do with a function needs the function written in
-operations PyTorch itself can differentiate, batch and trace, so in these cases the call takes
-the *aten path* (:mod:`normkit.aten_path`: torch's own ``native_batch_norm``, ``native_layer_norm``,
-``native_group_norm``, ``rms_norm`` ..., with normkit's checks and state rules around them):
+==============  ==========================================================  =====================================
+path            when                                                        computed by
+==============  ==========================================================  =====================================
+ONE_CALL        plain eager on CPU, the C++ extension loaded, backend       ``csrc/layers.cpp`` (:mod:`normkit._fast`):
+                ``auto`` or ``cpu``                                         kernel and running-statistics update
+                                                                            in one C++ call
+ONE_CALL_ATEN   the same, where :func:`prefer_aten` picks aten's kernel     the same call, with aten's kernel
+KERNELS         plain eager elsewhere (the triton and reference backends,   :data:`normkit.ops.eager`: the kernels
+                a CUDA tensor) or what ONE_CALL declines (empty tensors)     without a dispatcher op
+OP              under ``torch.compile`` where normkit's kernel beats the    ``torch.ops.normkit.*``: one opaque node
+                code Inductor generates (:data:`COMPILE_KEEPS_OP`)           with a fake kernel
+TORCH           everything else: under ``torch.compile`` elsewhere (so      :mod:`normkit.aten_path`: torch's own
+                Inductor fuses the norm into its neighbours and folds eval   differentiable, batchable, traceable,
+                BatchNorm into a convolution), ``torch.export``, tracing,    shardable operators
+                a ``torch.func`` transform, forward-mode AD, a dispatch or
+                function mode, a tensor subclass (DTensor, FakeTensor, ...),
+                the meta device, and plain eager calls on ``auto`` where
+                aten's kernel is preferred but ONE_CALL is unavailable
+==============  ==========================================================  =====================================
 
-=====================================================  =======================================
-active                                                 detected by
-=====================================================  =======================================
-a ``torch.func`` transform (grad, vjp, jacrev, jacfwd,  a functorch interpreter level is active
-jvp, hessian, vmap, functional_call under them)
-forward-mode AD (``torch.autograd.forward_ad``)        an input carries a tangent
-``torch.export`` / ``torch.onnx.export`` (dynamo)      ``torch.compiler.is_exporting()``
-``torch.jit.trace`` / legacy ``torch.onnx.export``     ``torch.jit.is_tracing()``
-``torch.jit.script``                                   modules hand TorchScript a torch.nn twin
-                                                       (``__prepare_scriptable__``)
-=====================================================  =======================================
+The rules that decide — this module — are the only copy: the C++ one-call path receives their
+answers (which kernel; whether to move the running statistics) and decides nothing itself.
 
-Higher-order reverse mode (``create_graph=True``: gradient penalties, MAML, Hessian-vector
-products) cannot be seen at forward time. The custom ops handle it in their backward: when
-autograd builds a graph of the backward (grad mode is on inside it), the backward recomputes the
-forward on the aten path from the saved inputs and differentiates that, so the gradient it
-returns is itself differentiable (:func:`normkit.ops._differentiable_vjp`).
+Higher-order reverse mode (``create_graph=True``) and batched gradients (``is_grads_batched``) cannot
+be seen at forward time: the kernels' backward handles them by recomputing the forward in torch's
+operators from the saved inputs and differentiating that (:func:`normkit.ops._differentiable_vjp`,
+``csrc/autograd.h``).
 
-Everything on the aten path gives torch.nn's numbers, and raises torch.nn's errors for what
-torch.nn refuses under a transform (e.g. an in-place running-statistics update under ``vmap``).
-
-Plain eager calls on the ``auto`` backend also take the aten path where aten's own CPU kernel is
-as fast as normkit's and as deterministic — the same bits for any thread count
-(:func:`prefer_aten`). An explicitly chosen backend (``normkit.backend("cpu")``) always runs its
-kernels.
-
-The layers' one-call forwards (``csrc/layers.cpp``, :mod:`normkit._fast`) apply the same rule in C++
-for the calls they serve (with :data:`ATEN_BELOW` passed in); ``tests/test_fast.py`` compares their
-results with this module's path bit for bit on both sides of every condition.
+Everything on the TORCH path gives torch.nn's numbers and raises torch.nn's errors for what torch.nn
+refuses under a transform (e.g. an in-place running-statistics update under ``vmap``).
 """
 
 from __future__ import annotations
@@ -48,7 +42,9 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as _fwad
 from torch import Tensor
+from torch.nn import Parameter
 
+from . import _fast
 from .backends import current as _backend_name
 
 try:  # torch >= 2.0: the functorch interpreter stack
@@ -60,42 +56,92 @@ except ImportError:  # pragma: no cover - very old torch
 # torch.compiler.is_exporting appeared in torch 2.5; before it, export takes the custom ops (which
 # normkit.tools.export_program decomposes)
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+_is_compiling = torch.compiler.is_compiling
+_is_tracing = torch._C._is_tracing  # (torch.jit.is_tracing's own test, without its Python wrapper)
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_grad_enabled = torch.is_grad_enabled
 
-__all__ = ["needs_aten_path", "prefer_aten", "aten_admissible", "use_aten", "needs_grad", "ATEN_BELOW"]
+__all__ = ["ONE_CALL", "ONE_CALL_ATEN", "KERNELS", "OP", "TORCH", "choose", "prefer_aten", "aten_admissible",
+           "needs_grad", "compile_keeps_op", "ATEN_BELOW", "COMPILE_KEEPS_OP"]
+
+ONE_CALL, ONE_CALL_ATEN, KERNELS, OP, TORCH = range(5)
+PATH_NAMES = ("one_call", "one_call_aten", "kernels", "op", "torch")
 
 # Training BatchNorm on NCHW input below this many elements runs on aten's kernel: there the fixed
 # cost of a call decides, and aten's channel-parallel BatchNorm is bit-identical for any thread count.
 ATEN_BELOW = 32768
 
+#: The ops whose custom op (normkit's kernel) stays opaque under ``torch.compile``: where it beats the
+#: code Inductor generates for torch's composite form, measured per op on this machine
+#: (``normkit bench --suite compile``, docs/benchmarks.md). Everything else compiles to torch's own
+#: operators, which Inductor fuses with the neighbouring ops.
+COMPILE_KEEPS_OP: frozenset[str] = frozenset()
+
+_PLAIN = frozenset((Tensor, Parameter))
+_BATCH_NORM_OPS = frozenset(("batch_norm_train", "batch_norm_infer"))
+
 
 def _has_tangent(tensors: tuple[Tensor | None, ...]) -> bool:
-    if getattr(_fwad, "_current_level", -1) < 0:  # no dual level entered: nothing can carry a tangent
-        return False
     return any(t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def needs_aten_path(*tensors: Tensor | None) -> bool:
-    """True when the call must be computed in differentiable, traceable torch ops (module docstring).
+def choose(op: str, x: Tensor, *others: Tensor | None, fused: bool = False) -> int:
+    """The path of one call (module docstring): one of ONE_CALL, ONE_CALL_ATEN, KERNELS, OP, TORCH.
 
-    ``tensors`` are every tensor the call reads (input, parameters, residual): forward-mode AD is
-    detected by a tangent on any of them. Costs well under a microsecond in plain eager mode.
+    ``op`` is ``"batch_norm_train"``, ``"batch_norm_infer"``, ``"group_norm"`` (GroupNorm and
+    InstanceNorm), ``"layer_norm"``, ``"layer_norm_2d"`` or ``"rms_norm"``; ``x`` the input and
+    ``others`` every other tensor the call reads, weight and bias first (then residual, running
+    statistics); ``fused`` says a residual or activation is fused into the call. Runs on every call of
+    every layer, so it is written for speed: well under a microsecond in plain eager mode.
     """
-    if torch.compiler.is_compiling():
-        # torch.compile keeps the custom ops (one opaque node, normkit's kernels); export does not:
-        # an exported program must run, and translate to ONNX, without normkit.
-        return _is_exporting()
-    if torch.jit.is_tracing() or _functorch_level() is not None:
-        return True
-    return _has_tangent(tensors)
+    if _is_compiling():
+        # an exported program must run, and translate to ONNX, without normkit: torch's operators
+        if _is_exporting() or not compile_keeps_op(op, x, fused):
+            return TORCH
+        return OP
+    if type(x) not in _PLAIN or x.is_meta or _is_tracing() or _functorch_level() is not None \
+            or _dispatch_modes() or _function_modes():
+        return TORCH
+    for t in others:  # a tensor subclass anywhere (DTensor parameters, ...): torch's operators
+        if t is not None and type(t) not in _PLAIN:
+            return TORCH
+    if _fwad._current_level >= 0 and _has_tangent((x, *others)):
+        return TORCH
+    backend = _backend_name()
+    if backend == "triton" or backend == "reference":
+        return KERNELS
+    cpu = x.is_cpu
+    aten = backend == "auto" and cpu and op in _BATCH_NORM_OPS and _aten_wins(op, x, fused, others)
+    if cpu and _fast.available():
+        return ONE_CALL_ATEN if aten else ONE_CALL
+    return TORCH if aten else KERNELS
+
+
+def _aten_wins(op: str, x: Tensor, fused: bool, others: tuple) -> bool:
+    """:func:`prefer_aten` for a CPU BatchNorm call (``others[:2]`` are the weight and bias)."""
+    if op == "batch_norm_infer":  # any eval call on ≥3-D input; on 2-D input one no backward follows
+        return x.dim() > 2 or not (_grad_enabled() and (x.requires_grad or _any_requires_grad(others[:2])))
+    return not fused and x.dim() > 2 and x.numel() < ATEN_BELOW and x.is_contiguous()
+
+
+def _any_requires_grad(tensors) -> bool:
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def compile_keeps_op(op: str, x: Tensor, fused: bool) -> bool:
+    """Whether ``torch.compile`` keeps normkit's custom op for this call (:data:`COMPILE_KEEPS_OP`)."""
+    return op in COMPILE_KEEPS_OP
 
 
 def prefer_aten(op: str, x: Tensor, *, fused: bool = False, needs_grad: bool = True) -> bool:
     """Whether a plain eager call on the ``auto`` backend is better served by aten's own kernel.
 
-    ``op`` is ``"batch_norm_train"``, ``"batch_norm_infer"``, ``"group_norm"`` (GroupNorm and
-    InstanceNorm), ``"layer_norm"``, ``"layer_norm_2d"`` or ``"rms_norm"``; ``fused`` says a
-    residual or activation is fused (aten would need extra passes); ``needs_grad`` says a backward
-    can follow. Three conditions:
+    ``fused`` says a residual or activation is fused (aten would need extra passes); ``needs_grad``
+    says a backward can follow. Three conditions:
 
     1. **The same bits for any thread count**, forward and backward (normkit's kernels guarantee
        it; the route must not take it away). Measured on torch 2.13 (tests/test_route.py checks
@@ -124,29 +170,16 @@ def prefer_aten(op: str, x: Tensor, *, fused: bool = False, needs_grad: bool = T
     """
     if not aten_admissible(op, x, fused=fused, needs_grad=needs_grad):
         return False
-    if op == "batch_norm_train" and x.numel() >= ATEN_BELOW:
-        return False
-    return _backend_name() == "auto"
+    return op != "batch_norm_train" or x.numel() < ATEN_BELOW
 
 
 def aten_admissible(op: str, x: Tensor, *, fused: bool = False, needs_grad: bool = True) -> bool:
     """Conditions 1 and 2 of :func:`prefer_aten`: aten's kernel gives the same bits for any thread
     count, with or without grad, here (CPU: eval BatchNorm on ≥3-D input or without a backward,
     fused or not; unfused training BatchNorm on ≥3-D NCHW input)."""
-    if x.device.type != "cpu":
-        return False
     if op == "batch_norm_infer":  # fused too: normkit's op computes torch.nn's BN → add → act sequence as well
-        return x.dim() > 2 or not needs_grad
-    return op == "batch_norm_train" and not fused and x.dim() > 2 and x.is_contiguous()
-
-
-def use_aten(op: str, x: Tensor, *others: Tensor | None, fused: bool = False, needs_grad: bool = True) -> bool:
-    """:func:`needs_aten_path` or, in plain eager mode, :func:`prefer_aten`: the one question
-    :mod:`normkit.functional` asks (``others``: the other tensors the call reads)."""
-    if needs_aten_path(x, *others):
-        return True
-    # (under torch.compile the kernels' custom ops stay: one opaque node, and no backend lookup to trace)
-    return not torch.compiler.is_compiling() and prefer_aten(op, x, fused=fused, needs_grad=needs_grad)
+        return x.is_cpu and (x.dim() > 2 or not needs_grad)
+    return op == "batch_norm_train" and not fused and x.dim() > 2 and x.is_cpu and x.is_contiguous()
 
 
 def needs_grad(*tensors: Tensor | None) -> bool:

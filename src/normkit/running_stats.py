@@ -48,7 +48,7 @@ from ._layout import memory_format_of
 from .ops import native_ops
 
 __all__ = ["update_running_stats", "next_running_stats", "batch_moments", "set_nonfinite_policy",
-           "get_nonfinite_policy", "in_recomputation", "attach"]
+           "get_nonfinite_policy", "in_recomputation", "update_policy", "attach", "SkippedBatches"]
 
 try:  # torch >= 2.0: the functorch interpreter stack
     from torch._C._functorch import maybe_current_level as _functorch_level
@@ -85,14 +85,18 @@ def get_nonfinite_policy() -> str:
 
 
 # ----------------------------------------------------------------------------- recomputation
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+_is_compiling = torch.compiler.is_compiling
+
+
 def _top_pack_hook_name() -> str:
-    get = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if get is None:
+    if _top_hooks is None:
         return ""
     try:
-        hooks = get(False)
+        hooks = _top_hooks(False)
     except TypeError:  # older signature without the argument
-        hooks = get()
+        hooks = _top_hooks()
     if not hooks:
         return ""
     return getattr(hooks[0], "__qualname__", "") or ""
@@ -107,12 +111,19 @@ def in_recomputation() -> bool:
     (which also covers an unpack triggered outside a backward pass). Always False while
     ``torch.compile`` traces (the compiled graph runs each forward once).
     """
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return False
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    if task is not None and task() != -1:
+    if _graph_task_id() != -1:
         return True
     return _top_pack_hook_name().startswith("_recomputation_hook")
+
+
+def update_policy(layer: nn.Module) -> str | None:
+    """How this training forward of ``layer`` moves its running statistics: ``None`` (not at all — it
+    recomputes one that ran, :func:`in_recomputation`), else the non-finite policy in force, ``"skip"`` or
+    ``"torch"``. The front door asks once per forward and passes the answer to the path that updates
+    (the C++ one-call path decides nothing itself); :func:`update_running_stats` applies the same rules."""
+    return None if in_recomputation() else _policy
 
 
 # ----------------------------------------------------------------------------- the update
@@ -127,6 +138,18 @@ def attach(layer: nn.Module) -> None:
     if not isinstance(layer.__dict__.get("skipped_batches"), Tensor):
         device = layer.running_mean.device if getattr(layer, "running_mean", None) is not None else None
         layer.skipped_batches = torch.zeros((), dtype=torch.long, device=device)
+
+
+class SkippedBatches:
+    """``layer.skipped_batches`` as a class attribute of normkit's BatchNorm classes: the counter
+    :func:`attach` gives a layer, made on first access (a non-data descriptor: once made, the
+    instance's own attribute answers). So constructors stay torch.nn's own, signature included."""
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        attach(layer)
+        return layer.__dict__["skipped_batches"]
 
 
 def _counter(layer: nn.Module, device: torch.device) -> Tensor:
@@ -283,6 +306,7 @@ def _native_update(running_mean: Tensor, running_var: Tensor, nbt: Tensor | None
     must see, batch or record every operation).
     """
     if not (running_mean.is_cpu and batch_mean.is_cpu) or running_mean.dtype not in _STAT_DTYPES \
+            or not (running_mean.is_contiguous() and running_var.is_contiguous()) \
             or batch_mean.dtype not in _STAT_DTYPES or running_var.dtype != running_mean.dtype \
             or batch_var.dtype != batch_mean.dtype or (nbt is not None and not nbt.is_cpu):
         return None
@@ -308,7 +332,7 @@ def _plain_eager() -> bool:
 
 def _warn_once(layer: nn.Module, skipped: Tensor) -> None:
     state = layer.__dict__
-    if state.get("_nonfinite_warned"):
+    if state.get("_nonfinite_warned") or skipped.is_meta:  # (the meta device holds no count to read)
         return
     if skipped.device.type == "cpu":
         count = int(skipped)

@@ -108,11 +108,21 @@ inline std::pair<Tensor, Tensor> scale_shift(const Tensor& w, const Tensor& b, c
 // same kernel)
 inline Tensor rstd_of(const Tensor& var, double eps) { return (var + eps).rsqrt_(); }
 
-// ops._differentiable_vjp: the gradients of forward(inputs) · dy as a graph (create_graph=True);
-// zeros for a wanted input the forward does not reach, undefined where not wanted
+// Whether a backward computes in torch's differentiable, batchable operators instead of the kernels: with
+// grad mode on (create_graph=True: the gradient must be differentiable again) and for a gradient the kernels
+// cannot read — one without storage, such as functorch's batched gradients (torch.autograd.grad with
+// is_grads_batched=True, torch.func.vmap over a backward)
+inline bool composite_backward(const Tensor& dy) {
+  return at::GradMode::is_enabled() || (dy.defined() && !dy.has_storage());
+}
+
+// ops._differentiable_vjp: the gradients of forward(inputs) · dy, recomputed from the saved inputs and
+// differentiated by autograd (a graph itself when grad mode was on: create_graph=True); zeros for a wanted
+// input the forward does not reach, undefined where not wanted
 template <typename F>
 variable_list differentiable_vjp(F&& forward, const variable_list& inputs, const std::vector<bool>& needs,
                                  const Tensor& dy) {
+  const bool create_graph = at::GradMode::is_enabled();
   variable_list out(inputs.size());
   variable_list wanted;
   std::vector<size_t> where;
@@ -125,7 +135,7 @@ variable_list differentiable_vjp(F&& forward, const variable_list& inputs, const
   if (wanted.empty()) return out;
   at::AutoGradMode grad_on(true);
   Tensor y = forward();
-  variable_list grads = torch::autograd::grad({y}, wanted, {dy}, /*retain_graph=*/true, /*create_graph=*/true,
+  variable_list grads = torch::autograd::grad({y}, wanted, {dy}, /*retain_graph=*/create_graph, create_graph,
                                               /*allow_unused=*/true);
   for (size_t j = 0; j < where.size(); ++j)
     out[where[j]] = grads[j].defined() ? grads[j] : at::zeros_like(inputs[where[j]]);
@@ -191,7 +201,7 @@ inline variable_list bn_grads(const Tensor& x, const Tensor& w, const Tensor& b,
                               const Tensor& saved_mean, const Tensor& saved_stat, const Tensor& dy, bool batch_stats,
                               int64_t act, double eps, const std::vector<bool>& needs) {
   const bool need_x = needs[0], need_w = needs[1], need_b = needs[2], need_r = needs[3];
-  if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable gradient
+  if (composite_backward(dy)) {  // create_graph=True or batched gradients: torch's operators
     const Tensor rm = batch_stats ? Tensor() : saved_mean, rv = batch_stats ? Tensor() : saved_stat;
     return differentiable_vjp(
         [&] { return finish(at::batch_norm(x, opt(w), opt(b), opt(rm), opt(rv), batch_stats, 0.0, eps, true), r, act); },
@@ -326,7 +336,7 @@ struct GroupNormBackward : public torch::autograd::Node {
     // with the output kept, the gradient below the ReLU is the residual's and the rest has no activation
     const auto [dy, act] = below_activation(grads[0], y, act_);
     const Tensor dr = y.defined() && need_r ? dy : Tensor();
-    if (at::GradMode::is_enabled()) {
+    if (composite_backward(dy)) {  // create_graph=True or batched gradients: torch's operators
       variable_list out = differentiable_vjp(
           [&] { return finish(at::group_norm(x, groups_, opt(w), opt(b), eps_), r, act); }, {x, w, b, r},
           {need_x, need_w, need_b, need_r && !y.defined()}, dy);
@@ -403,7 +413,7 @@ struct RowNormBackward : public torch::autograd::Node {
     const auto self = getptr();
     const Tensor x = x_.unpack(self), w = w_.unpack(self), b = b_.unpack(self);
     const bool need_x = wanted(*this, 0, x), need_w = wanted(*this, 1, w), need_b = wanted(*this, 2, b);
-    if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable gradient (ops._differentiable_vjp)
+    if (composite_backward(dy)) {  // create_graph=True or batched gradients: torch's operators
       return differentiable_vjp(
           [&] {
             return rms_ ? at::rms_norm(x, shape_, opt(w), eps_) : at::layer_norm(x, shape_, opt(w), opt(b), eps_, true);
@@ -519,7 +529,7 @@ struct LayerNorm2dBackward : public torch::autograd::Node {
     const Tensor x = x_.unpack(self), w = w_.unpack(self), b = b_.unpack(self);
     const Tensor& dy = grads[0];
     const bool need_x = wanted(*this, 0, x), need_w = wanted(*this, 1, w), need_b = wanted(*this, 2, b);
-    if (at::GradMode::is_enabled()) {  // create_graph=True: ops_channels.permute_form, differentiated
+    if (composite_backward(dy)) {  // create_graph=True or batched gradients: the permute form, differentiated
       return differentiable_vjp(
           [&] {
             return at::layer_norm(x.permute(channels_last_order(x.dim())), {x.size(1)}, opt(w), opt(b), eps_, true)

@@ -1,40 +1,35 @@
 // The layers' forward in one call: normkit._C.{batch_norm, group_norm, layer_norm, layer_norm_2d, rms_norm}.
 //
-// Why: a normkit layer's forward in Python — the fast checks, the route, the op call through the
-// dispatcher, the running-statistics update — cost 15-60 µs a call, where torch.nn's whole forward on a
-// small tensor costs 8-50 µs (issue 12: BatchNorm1d 64×256 training forward 85 µs against torch's 55).
-// These functions do the same work in C++, called straight from Python (METH_FASTCALL, no argument
-// parser, no dispatcher), and compute with exactly the functions the Python path reaches: the eager ops
-// of autograd.h, aten's batch_norm where normkit.route sends BatchNorm to aten, and
-// eager::update_running_stats. So a served call gives the Python path's bits, and its errors.
+// Why: a normkit layer's forward in Python — the fast checks, the op call through the dispatcher, the
+// running-statistics update — cost 15-60 µs a call, where torch.nn's whole forward on a small tensor costs
+// 8-50 µs (issue 12: BatchNorm1d 64×256 training forward 85 µs against torch's 55). These functions do the
+// same work in C++, called straight from Python (METH_FASTCALL, no argument parser, no dispatcher), and
+// compute with exactly the functions the Python path reaches: the eager ops of autograd.h, aten's
+// batch_norm where the route picks aten, and eager::update_running_stats. So a served call gives the
+// Python path's bits, and its errors.
 //
-// Each returns None for anything but the plain common case, and the caller (normkit/_fast.py, then the
-// layer) takes the Python path, which checks in detail and raises the clear error, or serves the rare
-// case (a tensor subclass, a torch.func transform, tracing, a dispatch or function mode, an empty
-// tensor, a mismatched dtype, a saved-tensor hook around a BatchNorm update...). Nothing is touched
-// before every check has passed, so "not served" leaves no trace.
+// They decide nothing: normkit.route chose this path and, for BatchNorm, whether aten's kernel computes it
+// (`aten`) and whether the running statistics move (`update`: training, tracked, not a recomputation —
+// normkit.running_stats); the caller passes the answers. What each function does check is whether it can
+// run the call as given — argument types, a plain dense CPU tensor of a floating dtype, shapes that every
+// Python check would accept — and it returns None for anything else. The caller (normkit.functional) then
+// runs its checks, which raise the clear error or serve the rare case (a non-empty tensor of an unusual
+// shape, a mismatched dtype...). Nothing is touched before every check has passed, so "not served" leaves
+// no trace.
 //
 //   batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, dims_mask, channels,
-//              batch_stats, update, momentum, eps, residual, act, skip_nonfinite, backend, aten_below)
+//              batch_stats, update, momentum, eps, residual, act, skip_nonfinite, aten)
 //                                                  -> (y, skipped) | None
-//   group_norm(x, num_groups, channels, weight, bias, eps, residual, act, backend)   -> y | None
-//   layer_norm(x, normalized_shape, weight, bias, eps, backend)                      -> y | None
-//   layer_norm_2d(x, weight, bias, channels, eps, backend)                           -> y | None
-//   rms_norm(x, normalized_shape, weight, eps, backend)                              -> y | None
-//
-// backend: 0 "auto" (the route may choose aten, normkit.route.prefer_aten), 1 "cpu" (the kernels);
-// Python has already refused other backends, torch.compile and forward-mode AD.
+//   group_norm(x, num_groups, channels, weight, bias, eps, residual, act)            -> y | None
+//   layer_norm(x, normalized_shape, weight, bias, eps)                               -> y | None
+//   layer_norm_2d(x, weight, bias, channels, eps)                                    -> y | None
+//   rms_norm(x, normalized_shape, weight, eps)                                       -> y | None
 #include "eager.h"
 
 #include <ATen/ATen.h>
-#include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/SavedTensorHooks.h>
-#include <ATen/TracerMode.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
-#include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <limits>
@@ -44,17 +39,7 @@ namespace {
 
 using at::Tensor;
 
-// ----------------------------------------------------------------------------- what may be served
-// No tracer, functorch transform, Python dispatch mode or torch function mode is active: each of these
-// must see torch's operations (normkit.route sends the call to the aten path, or the mode intercepts it).
-// (A functorch transform includes its front-mode key in the thread's dispatch keys while a level is
-// active: ATen/functorch/DynamicLayer.cpp; its own header needs a JSON library torch does not ship.)
-bool plain_eager() {
-  return !at::tracer::impl::is_dispatch_enabled() &&
-         !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
-         !c10::impl::TorchDispatchModeTLS::any_modes_set() && !at::impl::torch_function_mode_enabled();
-}
-
+// ----------------------------------------------------------------------------- what can be run
 // The dispatch keys of a plain dense CPU tensor, with autograd (any tensor made outside inference mode)
 // and without (an inference tensor). A wrapper, subclass with __torch_dispatch__, sparse, conjugate or
 // negative-bit tensor has other keys.
@@ -177,62 +162,50 @@ PyObject* wrap(Tensor t) { return THPVariable_Wrap(std::move(t)); }
 PyObject* not_served() { Py_RETURN_NONE; }
 
 // ----------------------------------------------------------------------------- BatchNorm
-// The forward of normkit's BatchNorm layers (nn/batchnorm.py _normalize) with its route
-// (normkit.route.prefer_aten) and running-statistics update (normkit.running_stats.update_running_stats).
+// functional.batch_norm_module's ONE_CALL path (and functional.batch_norm's without an update)
 PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   RECORD_FUNCTION("normkit::batch_norm", std::vector<c10::IValue>());  // the layer's name in torch.profiler
-  if (nargs != 17) return not_served();
+  if (nargs != 16) return not_served();
   Tensor x, w, b, rm, rv, nbt, r;
-  int64_t dims_mask, channels, act, backend, aten_below;
-  bool batch_stats, update, skip;
+  int64_t dims_mask, channels, act;
+  bool batch_stats, update, skip, aten;
   double eps;
   c10::optional<double> momentum;
   if (!(tensor_arg(args[0], x) && tensor_arg(args[1], w) && tensor_arg(args[2], b) && tensor_arg(args[3], rm) &&
         tensor_arg(args[4], rv) && tensor_arg(args[5], nbt) && int_arg(args[6], dims_mask) &&
         int_arg(args[7], channels) && bool_arg(args[8], batch_stats) && bool_arg(args[9], update) &&
         float_arg(args[11], eps) && tensor_arg(args[12], r) && int_arg(args[13], act) && bool_arg(args[14], skip) &&
-        int_arg(args[15], backend) && int_arg(args[16], aten_below)))
+        bool_arg(args[15], aten)))
     return not_served();
   if (args[10] != Py_None) {
     double m;
     if (!float_arg(args[10], m)) return not_served();
     momentum = m;
   }
-  // the checks of normkit._checks.batch_norm_ok and fused_args_ok
+  // shapes and dtypes every check of normkit._checks.batch_norm accepts
   if (!x.defined() || !floating(x.scalar_type()) || x.dim() < 2 || x.dim() > 30 || !((dims_mask >> x.dim()) & 1))
     return not_served();
-  if (x.size(1) != channels || !(eps > 0) || x.numel() == 0 || (backend != 0 && backend != 1)) return not_served();
+  if (x.size(1) != channels || !(eps > 0) || x.numel() == 0) return not_served();
   if (rm.defined() != rv.defined() || (rm.defined() && (rm.requires_grad() || rv.requires_grad())))
     return not_served();
   if (!batch_stats && !rm.defined()) return not_served();
   if (batch_stats && x.numel() == channels) return not_served();  // one value per channel: the clear error
   if (!vectors_ok(x, channels, {&w, &b, &rm, &rv}) || !fused_ok(x, r, act)) return not_served();
-  if (!plain_eager()) return not_served();
-  // the update (eager::update_running_stats takes float32/float64 statistics) and the recomputation rule
   update = update && batch_stats && rm.defined();
-  if (update) {
+  if (update) {  // eager::update_running_stats writes dense float32/float64 statistics and an int64 count
     const auto st = rm.scalar_type();
-    if ((st != at::kFloat && st != at::kDouble) || (nbt.defined() && nbt.scalar_type() != at::kLong))
+    if ((st != at::kFloat && st != at::kDouble) || !rm.is_contiguous() || !rv.is_contiguous() ||
+        (nbt.defined() && nbt.scalar_type() != at::kLong))
       return not_served();
-    // a forward inside a backward pass recomputes one that ran (reentrant checkpointing): no update. Under
-    // a saved-tensor hook the Python side decides (non-reentrant checkpointing's recomputation hook).
-    if (torch::autograd::get_current_graph_task_id() != -1) {
-      update = false;
-    } else if (!at::SavedTensorDefaultHooks::get_tls_state().stack.empty()) {
-      return not_served();
-    }
   }
 
-  const bool fused = r.defined() || act != 0;
   const bool cudnn = at::globalContext().userEnabledCuDNN();
   Tensor y;
   bool skipped = false;
   {
     pybind11::gil_scoped_release no_gil;  // torch's own ops release it too: other Python threads run meanwhile
     if (batch_stats) {
-      // normkit.route: aten for unfused training on NCHW input below ATEN_BELOW elements
-      const bool aten = backend == 0 && !fused && x.dim() > 2 && x.is_contiguous() && x.numel() < aten_below;
       Tensor mean, var;
       if (aten) {
         y = at::batch_norm(x, opt(w), opt(b), {}, {}, true, 0.0, eps, cudnn);
@@ -244,17 +217,13 @@ PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
         skipped = eager::update_running_stats(rm, rv, opt(nbt), mean.detach(), var.detach(),
                                               x.numel() / channels, momentum, skip);
       }
+    } else if (aten) {
+      y = at::batch_norm(x, opt(w), opt(b), rm, rv, false, 0.0, eps, cudnn);
+      // without a backward, the residual and the activation go in place on the fresh output (the same
+      // values: the in-place forms are the same kernels), saving an allocation and a pass per op
+      y = wants_grad({&x, &w, &b, &r}) ? finish(y, r, act) : finish_in_place(y, r, act);
     } else {
-      // normkit.route: aten for eval on ≥3-D input, or 2-D input with no backward to follow
-      const bool grad = wants_grad({&x, &w, &b});  // (route.prefer_aten asks about these three)
-      if (backend == 0 && (x.dim() > 2 || !grad)) {
-        y = at::batch_norm(x, opt(w), opt(b), rm, rv, false, 0.0, eps, cudnn);
-        // without a backward, the residual and the activation go in place on the fresh output (the same
-        // values: the in-place forms are the same kernels), saving an allocation and a pass per op
-        y = wants_grad({&x, &w, &b, &r}) ? finish(y, r, act) : finish_in_place(y, r, act);
-      } else {
-        y = eager::bn_infer(x, rm, rv, opt(w), opt(b), opt(r), eps, act);
-      }
+      y = eager::bn_infer(x, rm, rv, opt(w), opt(b), opt(r), eps, act);
     }
   }
   PyObject* out = wrap(std::move(y));
@@ -268,18 +237,17 @@ PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   RECORD_FUNCTION("normkit::group_norm", std::vector<c10::IValue>());  // the layer's name in torch.profiler
-  if (nargs != 9) return not_served();
+  if (nargs != 8) return not_served();
   Tensor x, w, b, r;
-  int64_t groups, channels, act, backend;
+  int64_t groups, channels, act;
   double eps;
   if (!(tensor_arg(args[0], x) && int_arg(args[1], groups) && int_arg(args[2], channels) && tensor_arg(args[3], w) &&
-        tensor_arg(args[4], b) && float_arg(args[5], eps) && tensor_arg(args[6], r) && int_arg(args[7], act) &&
-        int_arg(args[8], backend)))
+        tensor_arg(args[4], b) && float_arg(args[5], eps) && tensor_arg(args[6], r) && int_arg(args[7], act)))
     return not_served();
   if (!x.defined() || !floating(x.scalar_type()) || x.dim() < 2 || x.size(1) != channels || x.numel() == 0)
     return not_served();
-  if (groups <= 0 || channels % groups != 0 || (backend != 0 && backend != 1)) return not_served();
-  if (!vectors_ok(x, channels, {&w, &b}) || !fused_ok(x, r, act) || !plain_eager()) return not_served();
+  if (groups <= 0 || channels % groups != 0) return not_served();
+  if (!vectors_ok(x, channels, {&w, &b}) || !fused_ok(x, r, act)) return not_served();
   Tensor y;
   {
     pybind11::gil_scoped_release no_gil;
@@ -294,17 +262,15 @@ PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   RECORD_FUNCTION("normkit::layer_norm", std::vector<c10::IValue>());  // the layer's name in torch.profiler
-  if (nargs != 6) return not_served();
+  if (nargs != 5) return not_served();
   Tensor x, w, b;
   std::vector<int64_t> shape;
-  int64_t backend;
   double eps;
   if (!(tensor_arg(args[0], x) && shape_arg(args[1], shape) && tensor_arg(args[2], w) && tensor_arg(args[3], b) &&
-        float_arg(args[4], eps) && int_arg(args[5], backend)))
+        float_arg(args[4], eps)))
     return not_served();
   if (!x.defined() || !floating(x.scalar_type()) || x.numel() == 0 || !row_params_ok(x, shape, {&w, &b}))
     return not_served();
-  if ((backend != 0 && backend != 1) || !plain_eager()) return not_served();
   Tensor y;
   {
     pybind11::gil_scoped_release no_gil;
@@ -319,16 +285,16 @@ PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 PyObject* layer_norm_2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   RECORD_FUNCTION("normkit::layer_norm_2d", std::vector<c10::IValue>());
-  if (nargs != 6) return not_served();
+  if (nargs != 5) return not_served();
   Tensor x, w, b;
-  int64_t channels, backend;
+  int64_t channels;
   double eps;
   if (!(tensor_arg(args[0], x) && tensor_arg(args[1], w) && tensor_arg(args[2], b) && int_arg(args[3], channels) &&
-        float_arg(args[4], eps) && int_arg(args[5], backend)))
+        float_arg(args[4], eps)))
     return not_served();
   if (!x.defined() || !floating(x.scalar_type()) || x.dim() != 4 || x.size(1) != channels || x.numel() == 0)
     return not_served();
-  if ((backend != 0 && backend != 1) || !vectors_ok(x, channels, {&w, &b}) || !plain_eager()) return not_served();
+  if (!vectors_ok(x, channels, {&w, &b})) return not_served();
   Tensor y;
   {
     pybind11::gil_scoped_release no_gil;
@@ -352,20 +318,18 @@ double dtype_eps(at::ScalarType t) {
 PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   RECORD_FUNCTION("normkit::rms_norm", std::vector<c10::IValue>());  // the layer's name in torch.profiler
-  if (nargs != 5) return not_served();
+  if (nargs != 4) return not_served();
   Tensor x, w;
   std::vector<int64_t> shape;
-  int64_t backend;
   double eps = 0;
   if (!(tensor_arg(args[0], x) && shape_arg(args[1], shape) && shape.size() == 1 && tensor_arg(args[2], w) &&
-        (args[3] == Py_None || float_arg(args[3], eps)) && int_arg(args[4], backend)))
+        (args[3] == Py_None || float_arg(args[3], eps))))
     return not_served();
   const int64_t k = shape[0];
   if (!x.defined() || !floating(x.scalar_type()) || x.dim() < 1 || x.size(-1) != k || x.numel() == 0 ||
       !x.is_contiguous())
     return not_served();
   if (w.defined() && (!floating(w.scalar_type()) || w.dim() != 1 || w.size(0) != k)) return not_served();
-  if ((backend != 0 && backend != 1) || !plain_eager()) return not_served();
   if (args[3] == Py_None) eps = dtype_eps(x.scalar_type());
   Tensor y;
   {

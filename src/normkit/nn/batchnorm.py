@@ -25,28 +25,25 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .. import _checks as C
-from .. import _fast, activations, running_stats
 from .. import functional as F
-from ..masked import masked_batch_norm1d
-from ..reference import ACTIVATIONS
+from .. import running_stats
 from .scripting import twin
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
 
-_LAYOUTS = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
-_ACT_CODES = activations.codes()
-
 
 class _BatchNormForward:
-    """The forward shared by every normkit BatchNorm (mixed in before the torch.nn class)."""
+    """The forward shared by every normkit BatchNorm (mixed in before the torch.nn class, whose
+    constructor, signature and state stay torch's own)."""
 
     _accepted_dims: tuple[int, ...] = ()
+    _any_rank = False  # any (N, C, *) input: its checks ask for at least 2 dimensions, not for _accepted_dims
     _script_twin: type | None = None  # what torch.jit.script compiles instead (nn/scripting.py)
-    # for the one-call forward (normkit._fast): the accepted input ranks as a bit mask (bit d: d-D input),
-    # and whether the class moves its statistics by the standard update (no subclass override)
+    # for the one-call path: the accepted input ranks as a bit mask (bit d: d-D input), and whether the
+    # class moves its statistics by the standard update (no subclass override)
     _dims_mask = 0
     _one_call_update = True
+    skipped_batches = running_stats.SkippedBatches()  # training batches skipped for non-finite statistics
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -63,15 +60,10 @@ class _BatchNormForward:
         return twin(self, self._script_twin)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        layout = " or ".join(_LAYOUTS[d] for d in self._accepted_dims)
-        C.check_ndim(type(self).__name__, input, self._accepted_dims, layout)
+        F.check_input_dim(type(self).__name__, input, self._accepted_dims)
 
     def _use_batch_stats(self) -> bool:
         return self.training or self._state()[2] is None
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        running_stats.attach(self)  # the skipped_batches counter (not in state_dict)
 
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
         """The one place a training batch moves the running statistics and num_batches_tracked:
@@ -89,45 +81,7 @@ class _BatchNormForward:
                      for k in ("weight", "bias", "running_mean", "running_var"))
 
     def _normalize(self, input: Tensor, residual: Tensor | None = None, act: str = "") -> Tensor:
-        weight, bias, running_mean, running_var = self._state()
-        batch_stats = self.training or running_mean is None
-        update = self.training and self.track_running_stats
-        code = _ACT_CODES.get(act or "")
-        # the common case in one C++ call (normkit._fast), else the Python path below; an update that
-        # someone intercepts (normkit.func.functional_call patches _update_running_stats) stays in Python
-        if code is not None and self._one_call_update and not (update and "_update_running_stats" in self.__dict__):
-            served = _fast.batch_norm(input, weight, bias, running_mean, running_var,
-                                      self._buffers.get("num_batches_tracked"), self._dims_mask, self.num_features,
-                                      batch_stats, update, self.momentum, self.eps, residual, code,
-                                      running_stats.get_nonfinite_policy() == "skip")
-            if served is not None:
-                y, skipped = served
-                if skipped:
-                    running_stats.count_skipped(self, running_mean.device)
-                return y
-        if not (C.batch_norm_ok(input, self.num_features, self._accepted_dims, weight, bias, running_mean,
-                                running_var, batch_stats, self.eps)
-                and (residual is None and not act or C.fused_args_ok(input, residual, act, ACTIVATIONS))):
-            where = type(self).__name__
-            C.check_tensor(where, "input", input)
-            self._check_input_dim(input)
-            C.check_channels(where, input, self.num_features)
-            act = F.check_batch_norm(where, input, running_mean, running_var, weight, bias, batch_stats, residual,
-                                     act, self.eps)
-        act = act or ""
-        return F.batch_norm_unchecked(
-            input,
-            None if batch_stats else running_mean,
-            None if batch_stats else running_var,
-            weight,
-            bias,
-            batch_stats,
-            0.0,
-            self.eps,
-            residual,
-            act,
-            on_stats=self._update_running_stats if update else None,  # after every check has passed
-        )
+        return F.batch_norm_module(self, input, residual, act)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._normalize(input)
@@ -147,7 +101,7 @@ class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is None:
             return self._normalize(input)
-        return masked_batch_norm1d(self, input, mask)
+        return F.masked_batch_norm1d_module(self, input, mask)
 
 
 class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):

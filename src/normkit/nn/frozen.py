@@ -19,14 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import _checks as C
 from .. import functional as F
 from .scripting import ScriptableFrozenBatchNorm, twin
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
-
-_LAYOUTS = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
-
 
 class FrozenBatchNorm(nn.Module):
     """Frozen BatchNorm over any ``(N, C, *)`` input (module docstring).
@@ -60,28 +56,14 @@ class FrozenBatchNorm(nn.Module):
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         where = type(self).__name__
-        C.check_tensor(where, "input", input)
-        if input.dim() not in self._accepted_dims:
-            layout = " or ".join(_LAYOUTS[d] for d in self._accepted_dims)
-            C.check_ndim(where, input, self._accepted_dims, layout)
-        C.check_channels(where, input, self.num_features)
+        F.check_input_dim(where, input, self._accepted_dims)
         # torchvision computes in the buffers' dtype and lets type promotion mix it with the input's;
         # here the buffers are brought to the input's parameter dtype (exact for float64 input)
         pd = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
         mean, var, weight, bias = (t.to(pd) for t in (self.running_mean, self.running_var, self.weight, self.bias))
-        act = F.check_batch_norm(
-            where,
-            input,
-            mean,
-            var,
-            weight,
-            bias,
-            False,
-            residual,
-            self.act,
-            self.eps,
-        )
-        return F.batch_norm_unchecked(input, mean, var, weight, bias, False, 0.0, self.eps, residual, act)
+        act = F.check_batch_norm(where, input, mean, var, weight, bias, False, residual, self.act, self.eps,
+                                 num_features=self.num_features, accepted_dims=self._accepted_dims)
+        return F.batch_norm_checked(input, mean, var, weight, bias, False, self.eps, residual, act)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}" + (f", act={self.act!r}" if self.act else "")

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .. import activations
+from .. import functional as F
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .groupnorm import GroupNorm
 from .scripting import (
@@ -50,7 +50,7 @@ class _BatchNormAct:
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, act: str | None = "relu",
                  device=None, dtype=None) -> None:
-        self.act = activations.check(type(self).__name__, act)
+        self.act = F.check_activation(type(self).__name__, act)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -97,7 +97,7 @@ class GroupNormAct(GroupNorm):
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  act: str | None = "relu", device=None, dtype=None) -> None:
-        self.act = activations.check(type(self).__name__, act)
+        self.act = F.check_activation(type(self).__name__, act)
         super().__init__(num_groups, num_channels, eps, affine, device, dtype)
 
     def __prepare_scriptable__(self):

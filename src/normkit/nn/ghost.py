@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import _checks as C
 from .. import functional as F
 from .batchnorm import _BatchNormForward
 
@@ -50,7 +49,7 @@ class _GhostBatchNorm(_BatchNormForward, _BatchNorm):
             or not isinstance(virtual_batch_size, int)
             or virtual_batch_size <= 0
         ):
-            raise C.fail(
+            raise F.fail(
                 type(self).__name__, "virtual_batch_size", "a positive int", repr(virtual_batch_size)
             )
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
@@ -66,38 +65,26 @@ class _GhostBatchNorm(_BatchNormForward, _BatchNorm):
         if not self.training:
             return self._normalize(input)
         where = type(self).__name__
-        C.check_tensor(where, "input", input)
-        self._check_input_dim(input)
-        C.check_channels(where, input, self.num_features)
-        F.check_batch_norm(where, input, self.running_mean, self.running_var, self.weight, self.bias, False)
-        C.check_eps(where, self.eps, True)
+        # the one-value rule is checked below, per virtual batch
+        F.check_batch_norm(where, input, self.running_mean, self.running_var, self.weight, self.bias, True,
+                           eps=self.eps, num_features=self.num_features, accepted_dims=self._accepted_dims,
+                           count_rule=False)
         n, vbs = input.shape[0], self.virtual_batch_size
         last = n - (math.ceil(n / vbs) - 1) * vbs if n else 0
         if last * math.prod(input.shape[2:]) == 1:
-            raise C.fail(
+            raise F.fail(
                 where,
                 "input",
                 f"more than 1 value per channel in every virtual batch (virtual_batch_size={vbs}; the last "
                 f"virtual batch has {last} sample of 1 value)",
-                f"input of {C.shape_str(input)}",
+                f"input of shape {tuple(input.shape)}",
             )
         update = self.track_running_stats
         outs = []
         for chunk in input.split(vbs, dim=0) if n else (input,):
             outs.append(
-                F.batch_norm_unchecked(
-                    chunk,
-                    None,
-                    None,
-                    self.weight,
-                    self.bias,
-                    True,
-                    0.0,
-                    self.eps,
-                    None,
-                    "",
-                    on_stats=self._update_running_stats if update else None,
-                )
+                F.batch_norm_checked(chunk, None, None, self.weight, self.bias, True, self.eps,
+                                     on_stats=self._update_running_stats if update else None)
             )
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 

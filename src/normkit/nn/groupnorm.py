@@ -12,15 +12,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .. import _checks as C
-from .. import _fast, activations
 from .. import functional as F
-from ..reference import ACTIVATIONS
 from .scripting import twin
 
 __all__ = ["GroupNorm"]
-
-_ACT_CODES = activations.codes()
 
 
 class GroupNorm(nn.GroupNorm):
@@ -30,23 +25,7 @@ class GroupNorm(nn.GroupNorm):
         return twin(self, nn.GroupNorm)
 
     def _normalize(self, input: Tensor, residual: Tensor | None = None, act: str = "") -> Tensor:
-        p = self._parameters
-        weight, bias = p.get("weight"), p.get("bias")
-        code = _ACT_CODES.get(act or "")
-        if code is not None:  # the common case in one C++ call (normkit._fast), else the Python path below
-            y = _fast.group_norm(input, self.num_groups, self.num_channels, weight, bias, self.eps, residual, code)
-            if y is not None:
-                return y
-        fast = isinstance(input, Tensor) and input.dtype in C._FLOATS and input.dim() >= 2 and \
-            input.shape[1] == self.num_channels and C.vectors_ok(input, self.num_channels, (weight, bias)) and \
-            (residual is None and not act or C.fused_args_ok(input, residual, act, ACTIVATIONS))
-        if not fast:
-            where = type(self).__name__
-            C.check_tensor(where, "input", input)
-            C.check_min_ndim(where, input, 2, "(N, C, *)")
-            C.check_channels(where, input, self.num_channels)
-            act = F.check_group_norm(where, input, self.num_groups, self.weight, self.bias, residual, act)
-        return F.group_norm_unchecked(input, self.num_groups, weight, bias, self.eps, residual, act or "")
+        return F.group_norm_module(self, input, residual, act)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._normalize(input)

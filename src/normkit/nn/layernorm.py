@@ -15,7 +15,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..masked import masked_layer_norm
 from .scripting import twin
 
 __all__ = ["LayerNorm", "RMSNorm"]
@@ -30,13 +29,7 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """``mask`` (bool, the input's shape before ``normalized_shape``, True = real position):
         padded positions get output 0 and gradient 0 (:mod:`normkit.masked`)."""
-        if mask is None:
-            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
-
-        def rows_norm(rows: Tensor) -> Tensor:
-            return F.layer_norm(rows, self.normalized_shape, self.weight, self.bias, self.eps)
-
-        return masked_layer_norm(self, input, mask, rows_norm)
+        return F.layer_norm_module(self, input, mask)
 
 
 class RMSNorm(nn.RMSNorm):

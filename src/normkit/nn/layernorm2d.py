@@ -21,26 +21,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .. import _checks as C
-from .. import _fast, ops
-from ..ops_channels import permute_form
-from ..route import use_aten
+from .. import functional as F
+from ..functional import layer_norm_2d
 
 __all__ = ["LayerNorm2d", "layer_norm_2d", "ScriptableLayerNorm2d"]
-
-
-def layer_norm_2d(input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
-                  eps: float = 1e-6) -> Tensor:
-    """LayerNorm over dim 1 of ``(N, C, H, W)`` input at every pixel (module docstring for the math)."""
-    where = "layer_norm_2d"
-    C.check_tensor(where, "input", input)
-    C.check_ndim(where, input, (4,), "(N, C, H, W)")
-    C.check_vector(where, "weight", weight, input.shape[1])
-    C.check_vector(where, "bias", bias, input.shape[1])
-    if use_aten("layer_norm_2d", input, weight, bias):
-        # torch.func, forward AD, tracing, export (normkit.route): the permute form in torch's own operators
-        return permute_form(input, weight, bias, eps)
-    return ops.current_ops().layer_norm_2d(input, weight, bias, eps)[0]
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -57,14 +41,7 @@ class LayerNorm2d(nn.LayerNorm):
                          dtype=dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        p = self._parameters  # the common case in one C++ call (normkit._fast), else the Python path below
-        y = _fast.layer_norm_2d(input, p.get("weight"), p.get("bias"), self.normalized_shape[0], self.eps)
-        if y is not None:
-            return y
-        C.check_tensor(type(self).__name__, "input", input)
-        C.check_ndim(type(self).__name__, input, (4,), "(N, C, H, W)")
-        C.check_channels(type(self).__name__, input, self.normalized_shape[0])
-        return layer_norm_2d(input, self.weight, self.bias, self.eps)
+        return F.layer_norm_2d_module(self, input)
 
     def __prepare_scriptable__(self) -> nn.Module:
         """What ``torch.jit.script`` compiles instead: the permute form, sharing this layer's tensors."""

@@ -43,10 +43,8 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import _checks as C
 from .. import functional as F
 from .. import running_stats
-from ..reference import stat_dtype
 from .batchnorm import _BatchNormForward
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -54,11 +52,11 @@ __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
 def _check_limits(where: str, r_max: float, d_max: float, warmup_steps: int) -> None:
     if not isinstance(r_max, (int, float)) or not math.isfinite(r_max) or r_max < 1:
-        raise C.fail(where, "r_max", "a finite number >= 1 (1 = no correction of the scale)", repr(r_max))
+        raise F.fail(where, "r_max", "a finite number >= 1 (1 = no correction of the scale)", repr(r_max))
     if not isinstance(d_max, (int, float)) or not math.isfinite(d_max) or d_max < 0:
-        raise C.fail(where, "d_max", "a finite number >= 0 (0 = no correction of the shift)", repr(d_max))
+        raise F.fail(where, "d_max", "a finite number >= 0 (0 = no correction of the shift)", repr(d_max))
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise C.fail(where, "warmup_steps", "an int >= 0", repr(warmup_steps))
+        raise F.fail(where, "warmup_steps", "an int >= 0", repr(warmup_steps))
 
 
 class _BatchRenorm(_BatchNormForward, _BatchNorm):
@@ -114,13 +112,9 @@ class _BatchRenorm(_BatchNormForward, _BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or self.running_mean is None:
             return self._normalize(input)  # eval: BatchNorm with the running statistics
-        where = type(self).__name__
-        C.check_tensor(where, "input", input)
-        self._check_input_dim(input)
-        C.check_channels(where, input, self.num_features)
-        F.check_batch_norm(where, input, self.running_mean, self.running_var, self.weight, self.bias, True,
-                           eps=self.eps)
-        sd = stat_dtype(input.dtype)
+        F.check_batch_norm(type(self).__name__, input, self.running_mean, self.running_var, self.weight, self.bias,
+                           True, eps=self.eps, num_features=self.num_features, accepted_dims=self._accepted_dims)
+        sd = torch.float64 if input.dtype == torch.float64 else torch.float32  # the statistics' dtype
         running_mean, running_var, (r_lim, d_lim) = self._statistics_before_update()
         with torch.no_grad():
             # the batch statistics that set r and d (aten's two-pass var_mean); the BatchNorm below
@@ -139,8 +133,8 @@ class _BatchRenorm(_BatchNormForward, _BatchNorm):
         weight, bias = weight.to(pd), bias.to(pd)
         # BatchNorm with γ' = γ·r, β' = β + γ·d (r, d constants): BatchNorm's dx with weight γ',
         # and autograd carries dγ' and dβ' on to γ and β
-        return F.batch_norm_unchecked(input, None, None, weight, bias, True, 0.0, self.eps, None, "",
-                                      on_stats=self._update_running_stats)
+        return F.batch_norm_checked(input, None, None, weight, bias, True, self.eps,
+                                    on_stats=self._update_running_stats)
 
 
 class BatchRenorm1d(_BatchRenorm):

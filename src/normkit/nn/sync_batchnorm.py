@@ -27,17 +27,10 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import _checks as C
-from .. import activations
-from .. import distributed as D
 from .. import functional as F
-from ..channel import local_stats, normalize_with_stats
-from ..ops import _dense
-from ..route import needs_aten_path
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormForward
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
@@ -50,7 +43,7 @@ def _fused_act_name(act) -> str | None:
         return ""
     if isinstance(act, str):
         return act.lower()
-    return activations.from_module(act)
+    return F.activation_name(act)
 
 
 class SyncBatchNorm(_BatchNormForward, _BatchNorm):
@@ -87,12 +80,13 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
 
     # any (N, C, *) input (the fast checks and the one-call forward take up to 8-D; more goes the detailed way)
     _accepted_dims = tuple(range(2, 9))
+    _any_rank = True
 
     def _check_input_dim(self, input: Tensor) -> None:
-        C.check_min_ndim(type(self).__name__, input, 2, "(N, C, *)")
+        F.check_input_dim(type(self).__name__, input, None)
 
     def _sync_now(self) -> bool:
-        return self.training and D.is_active(self.process_group)
+        return self.training and F.distributed_active(self.process_group)
 
     def _act_split(self) -> tuple[str, nn.Module | None]:
         """(activation fused into the kernel, module applied after it)."""
@@ -113,40 +107,7 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
         return after(y) if after is not None else y
 
     def _sync_forward(self, input: Tensor, residual: Tensor | None, act: str) -> Tensor:
-        where = type(self).__name__
-        C.check_tensor(where, "input", input)
-        self._check_input_dim(input)
-        C.check_channels(where, input, self.num_features)
-        # training=False: the one-value rule is checked below on the *global* count.
-        act = F.check_batch_norm(
-            where, input, self.running_mean, self.running_var, self.weight, self.bias, False, residual, act
-        )
-        C.check_eps(where, self.eps, True)
-        if needs_aten_path(input, self.weight, self.bias, residual):
-            raise NotImplementedError(
-                f"{where}: batch statistics across {D.world_size(self.process_group)} ranks under torch.func, "
-                "forward-mode AD, tracing or export are not supported (nor are they by torch.nn.SyncBatchNorm); "
-                "call the model in eval() mode, or convert it to BatchNorm for this (normkit.convert)"
-            )
-        group = self.process_group
-        x = _dense(input)
-        count, mean, var = local_stats(x, for_merge=True)
-        count, mean, var = D.merge_stats(count, mean, var, group)  # collective: same result on every rank
-        mean = mean.to(var.dtype)  # stat dtype (local_stats may have refined a large mean to float64)
-        if count == 1:
-            raise C.fail(
-                where,
-                "input",
-                "more than 1 value per channel over all ranks when training (batch statistics of one value "
-                "are undefined; use eval(), GroupNorm or LayerNorm)",
-                f"input of {C.shape_str(input)} on this rank and 1 value per channel in total over "
-                f"{D.world_size(group)} ranks",
-            )
-        self._update_running_stats(mean, var, count)  # every check has passed: now state may change
-        rstd = torch.rsqrt(var + self.eps)
-        return normalize_with_stats(
-            x, self.weight, self.bias, residual, mean, rstd, count, act, group, sync=True
-        )
+        return F.sync_batch_norm_module(self, input, residual, act, self.process_group)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
@@ -175,7 +136,7 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
                     isinstance(p, nn.parameter.UninitializedParameter)
                     for p in module.parameters(recurse=False)
                 ):
-                    raise C.fail(
+                    raise F.fail(
                         "convert_sync_batchnorm",
                         "module",
                         "initialised parameters (run a forward through a Lazy BatchNorm first)",
@@ -213,13 +174,9 @@ class SyncBatchNormAct(SyncBatchNorm):
         act: str | nn.Module = "relu",
         bias: bool = True,
     ) -> None:
-        if isinstance(act, str) and act.lower() not in activations.names():
-            raise C.fail(
-                "SyncBatchNormAct",
-                "act",
-                f"one of {[a for a in activations.names() if a]} or an nn.Module",
-                repr(act),
-            )
+        if isinstance(act, str) and act.lower() not in F.ACTIVATIONS:
+            raise F.fail("SyncBatchNormAct", "act", f"one of {[a for a in F.ACTIVATIONS if a]} or an nn.Module",
+                         repr(act))
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, bias=bias
         )
