@@ -6,7 +6,12 @@ import torch
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """channels_last(_3d) when ``x`` is laid out that way and not also plainly contiguous."""
+    """channels_last(_3d) when ``x`` is laid out that way and not also plainly contiguous (an empty tensor,
+    contiguous in every format, by its strides, as torch's ``suggest_memory_format``)."""
+    if x.numel() == 0 and x.dim() in (4, 5):
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        return fmt if x.stride() == torch.empty(x.shape, memory_format=fmt, device="meta").stride() else \
+            torch.contiguous_format
     if x.is_contiguous():
         return torch.contiguous_format
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):

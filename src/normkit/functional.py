@@ -291,7 +291,10 @@ def _instance_norm_on(path, input, running_mean, running_var, weight, bias, use_
     kernels = _kernels(path)
     input = input.contiguous()  # torch returns a contiguous output for any input layout
     if not use_input_stats:
-        return kernels.batch_norm_infer(input, running_mean, running_var, weight, bias, None, eps, "")
+        # copies, as torch.nn's instance norm makes (repeat): a training step may move the buffers in place
+        # before this output's backward reads them
+        return kernels.batch_norm_infer(input, running_mean.clone(), running_var.clone(), weight, bias, None, eps,
+                                        "")
     y, mean, var = kernels.group_norm(input, input.shape[1], weight, bias, None, eps, "")
     spatial = math.prod(input.shape[2:])
     if running_mean is not None and running_var is not None and input.shape[0] > 0:

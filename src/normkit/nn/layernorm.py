@@ -38,5 +38,5 @@ class RMSNorm(nn.RMSNorm):
     def __prepare_scriptable__(self) -> nn.Module:
         return twin(self, nn.RMSNorm)
 
-    def forward(self, input: Tensor) -> Tensor:
-        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+    def forward(self, x: Tensor) -> Tensor:  # (torch.nn.RMSNorm's parameter name)
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
