@@ -21,7 +21,7 @@ import normkit
 from normkit import _fast
 from normkit import functional as NF
 
-pytestmark = pytest.mark.skipif(not _fast._entries(), reason="the C++ extension is not built")
+pytestmark = pytest.mark.skipif(not _fast.entries(), reason="the C++ extension is not built")
 
 ACTS = [None, "relu", "silu", "gelu"]
 
@@ -45,13 +45,13 @@ class _Spy:
 
 @pytest.fixture
 def spy(monkeypatch):
-    s = _Spy(_fast._entries())
-    monkeypatch.setattr(_fast, "_entries", lambda: s)
+    s = _Spy(_fast.entries())
+    monkeypatch.setattr(_fast, "entries", lambda: s)
     return s
 
 
 def _python_path(monkeypatch):
-    monkeypatch.setattr(_fast, "_entries", lambda: False)
+    monkeypatch.setattr(_fast, "entries", lambda: False)
 
 
 def _state(layer):

@@ -252,6 +252,38 @@ def test_compiled_fullgraph_skips_and_counts():
     assert int(layer.num_batches_tracked) == 2
 
 
+@pytest.mark.parametrize("policy", ["skip", "torch"])
+def test_inductor_compiles_two_batchnorms_as_eager(policy):
+    """Two BatchNorms in one Inductor graph (an MLP's training step): the output, the gradients and the
+    running statistics equal eager normkit's, and a non-finite batch is still skipped (a form of the finite
+    test fed into torch.where was miscompiled by torch 2.13's Inductor: the second layer's output drifted)."""
+    old = normkit.set_nonfinite_policy(policy)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 32), normkit.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32),
+                              normkit.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+        twin = copy.deepcopy(model)
+        torch._dynamo.reset()
+        compiled = torch.compile(twin)
+        for step in range(3):
+            x = torch.randn(8, 64) + step
+            y, yc = model(x), compiled(x)
+            torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
+            y.square().sum().backward()
+            yc.square().sum().backward()
+        for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+        for (name, a), b in zip(model.named_buffers(), twin.buffers(), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+        if policy == "skip":
+            before = {k: v.clone() for k, v in twin.state_dict().items()}
+            compiled(torch.full((8, 64), float("nan")))
+            assert all(torch.equal(before[k], v) for k, v in twin.state_dict().items())
+            assert int(twin[1].skipped_batches) == 1
+    finally:
+        normkit.set_nonfinite_policy(old)
+
+
 # ----------------------------------------------------------------------------- SyncBatchNorm, 2 ranks
 def _sync_worker(rank: int, port: int, out) -> None:
     import torch.distributed as dist

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from . import backends
 
-__all__ = ["available", "batch_norm", "group_norm", "layer_norm", "layer_norm_2d", "rms_norm"]
+__all__ = ["available"]
 
 _loaded: tuple[object, object] = (None, False)  # (the cpu backend instance, normkit._C or False) last seen
 
 
-def _entries():
+def entries():
     """``normkit._C`` when the registered ``cpu`` backend is the C++ extension with the layer functions,
     else False. Asked on every call (a dictionary read): ``register_backend("cpu", ...)`` may replace it."""
     global _loaded
@@ -40,33 +40,17 @@ def _entries():
 
 def available() -> bool:
     """Whether the one-call functions exist (the C++ extension is built and is the ``cpu`` backend)."""
-    return bool(_entries())
+    return bool(entries())
 
 
-def batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, dims_mask: int, channels: int,
-               batch_stats: bool, update: bool, momentum, eps: float, residual, act: int, skip_nonfinite: bool,
-               aten: bool):
-    """A BatchNorm forward: ``(y, skipped)`` or None.
-
-    ``dims_mask``: bit ``d`` set for each accepted ``x.dim()``; ``update``: move the running
-    statistics (and ``num_batches_tracked``) by this batch; ``aten``: compute with aten's kernel;
-    ``skipped``: the batch had non-finite statistics and moved nothing (the caller counts it).
-    """
-    return _entries().batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, dims_mask,
-                                 channels, batch_stats, update, momentum, eps, residual, act, skip_nonfinite, aten)
-
-
-def group_norm(x, num_groups: int, channels: int, weight, bias, eps: float, residual, act: int):
-    return _entries().group_norm(x, num_groups, channels, weight, bias, eps, residual, act)
-
-
-def layer_norm(x, normalized_shape, weight, bias, eps: float):
-    return _entries().layer_norm(x, normalized_shape, weight, bias, eps)
-
-
-def layer_norm_2d(x, weight, bias, channels: int, eps: float):
-    return _entries().layer_norm_2d(x, weight, bias, channels, eps)
-
-
-def rms_norm(x, normalized_shape, weight, eps: float | None):
-    return _entries().rms_norm(x, normalized_shape, weight, eps)
+# The functions of normkit._C (csrc/layers.cpp), called as ``entries().<name>(...)`` by normkit.functional:
+#
+#   batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, dims_mask, channels,
+#              batch_stats, update, momentum, eps, residual, act, skip_nonfinite, aten) -> (y, skipped) | None
+#       dims_mask: bit d set for each accepted x.dim(); update: move the running statistics (and
+#       num_batches_tracked) by this batch; aten: compute with aten's kernel; skipped: the batch had
+#       non-finite statistics and moved nothing (the caller counts it)
+#   group_norm(x, num_groups, channels, weight, bias, eps, residual, act)            -> y | None
+#   layer_norm(x, normalized_shape, weight, bias, eps)                               -> y | None
+#   layer_norm_2d(x, weight, bias, channels, eps)                                    -> y | None
+#   rms_norm(x, normalized_shape, weight, eps)                                       -> y | None

@@ -116,7 +116,7 @@ def batch_norm(
         if not moves and code is not None and input.dim() >= 2:
             # (a training call that moves running statistics stays on the Python paths: the aten route
             # moves them by aten's formula, the kernel route by this module's _update_running)
-            served = _fast.batch_norm(input, weight, bias, running_mean, running_var, None, _ANY_RANK,
+            served = _fast.entries().batch_norm(input, weight, bias, running_mean, running_var, None, _ANY_RANK,
                                       input.shape[1], training, False, None, eps, residual, code, False,
                                       path == ONE_CALL_ATEN)
             if served is not None:
@@ -184,7 +184,7 @@ def batch_norm_module(layer, input: Tensor, residual: Tensor | None = None, act:
         if code is not None and not (update and (not layer._one_call_update or
                                                  "_update_running_stats" in layer.__dict__)):
             policy = running_stats.update_policy(layer) if update else None
-            served = _fast.batch_norm(input, weight, bias, running_mean, running_var,
+            served = _fast.entries().batch_norm(input, weight, bias, running_mean, running_var,
                                       layer._buffers.get("num_batches_tracked"), layer._dims_mask, layer.num_features,
                                       batch_stats, policy is not None, layer.momentum, layer.eps, residual, code,
                                       policy == "skip", path == ONE_CALL_ATEN)
@@ -315,8 +315,8 @@ def instance_norm_module(layer, input: Tensor) -> Tensor:
     if path == ONE_CALL and not layer.track_running_stats and input.dim() == batched \
             and input.numel() > input.shape[0] * input.shape[1]:  # batched, more than one value per instance
         # GroupNorm with a group per channel on the contiguous input, as the KERNELS path computes it
-        y = _fast.group_norm(input.contiguous(), layer.num_features, layer.num_features, weight, bias, layer.eps,
-                             None, 0)
+        y = _fast.entries().group_norm(input.contiguous(), layer.num_features, layer.num_features, weight, bias,
+                                       layer.eps, None, 0)
         if y is not None:
             return y
     if path <= ONE_CALL_ATEN:
@@ -376,7 +376,7 @@ def _group_norm(input, num_groups, weight, bias, eps, residual, act, where, num_
     if path <= ONE_CALL_ATEN:
         code = _ACT_CODES.get(act)
         if code is not None and isinstance(input, Tensor) and input.dim() >= 2:
-            y = _fast.group_norm(input, num_groups, input.shape[1] if num_channels is None else num_channels,
+            y = _fast.entries().group_norm(input, num_groups, input.shape[1] if num_channels is None else num_channels,
                                  weight, bias, eps, residual, code)
             if y is not None:
                 return y
@@ -398,7 +398,7 @@ def layer_norm(
     """Layer Normalization (Ba et al., 2016): per sample over the trailing ``normalized_shape``."""
     path = route.choose("layer_norm", input, weight, bias)
     if path <= ONE_CALL_ATEN:
-        y = _fast.layer_norm(input, normalized_shape, weight, bias, eps)
+        y = _fast.entries().layer_norm(input, normalized_shape, weight, bias, eps)
         if y is not None:
             return y
         path = _declined(path)
@@ -416,19 +416,21 @@ def rms_norm(
 ) -> Tensor:
     """RMS Normalization (Zhang & Sennrich, 2019): ``y = γ·x/sqrt(mean(x²) + ε)``.
 
-    ``eps=None`` uses ``torch.finfo(input.dtype).eps``, as torch does. Complex input (which torch
+    ``eps=None`` uses the epsilon of the dtype the statistics are computed in — float32's for float16,
+    bfloat16 and float32 input, float64's for float64 — as torch's ``rms_norm`` does (its documentation
+    says ``torch.finfo(input.dtype).eps``; its kernels, CPU and CUDA, use the accumulation type's). Complex input (which torch
     accepts) and channels_last input (whose layout torch keeps) are computed by torch's own op.
     torch accepts any floating weight dtype here, and so does normkit.
     """
     path = route.choose("rms_norm", input, weight)
     if path <= ONE_CALL_ATEN:
-        y = _fast.rms_norm(input, normalized_shape, weight, eps)
+        y = _fast.entries().rms_norm(input, normalized_shape, weight, eps)
         if y is not None:
             return y
         path = _declined(path)
     shape = C.row_norm("rms_norm", input, normalized_shape, weight, None, allow_complex=True, param_dtypes=False)
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
+        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     complex_ = input.is_complex() or (weight is not None and weight.is_complex())
     if path == TORCH or complex_ or not input.is_contiguous():
         return aten_path.rms_norm(input, shape, weight, eps)
@@ -466,8 +468,8 @@ def _layer_norm_2d(input, weight, bias, eps, where, num_channels) -> Tensor:
     path = route.choose("layer_norm_2d", input, weight, bias)
     if path <= ONE_CALL_ATEN:
         if isinstance(input, Tensor) and input.dim() == 4:
-            y = _fast.layer_norm_2d(input, weight, bias, input.shape[1] if num_channels is None else num_channels,
-                                    eps)
+            channels = input.shape[1] if num_channels is None else num_channels
+            y = _fast.entries().layer_norm_2d(input, weight, bias, channels, eps)
             if y is not None:
                 return y
         path = _declined(path)

@@ -79,7 +79,6 @@ ATEN_BELOW = 32768
 COMPILE_KEEPS_OP: frozenset[str] = frozenset()
 
 _PLAIN = frozenset((Tensor, Parameter))
-_BATCH_NORM_OPS = frozenset(("batch_norm_train", "batch_norm_infer"))
 
 
 def _has_tangent(tensors: tuple[Tensor | None, ...]) -> bool:
@@ -109,20 +108,20 @@ def choose(op: str, x: Tensor, *others: Tensor | None, fused: bool = False) -> i
     if _fwad._current_level >= 0 and _has_tangent((x, *others)):
         return TORCH
     backend = _backend_name()
-    if backend == "triton" or backend == "reference":
+    if backend == "triton" or backend == "reference" or not x.is_cpu:
         return KERNELS
-    cpu = x.is_cpu
-    aten = backend == "auto" and cpu and op in _BATCH_NORM_OPS and _aten_wins(op, x, fused, others)
-    if cpu and _fast.available():
+    # prefer_aten for a CPU call on ``auto``, inlined (others[:2] are the weight and bias)
+    if backend != "auto":
+        aten = False
+    elif op == "batch_norm_infer":  # any eval call on ≥3-D input; on 2-D input one no backward follows
+        aten = x.dim() > 2 or not (_grad_enabled() and (x.requires_grad or _any_requires_grad(others[:2])))
+    elif op == "batch_norm_train":
+        aten = not fused and x.dim() > 2 and x.numel() < ATEN_BELOW and x.is_contiguous()
+    else:
+        aten = False
+    if _fast.entries():
         return ONE_CALL_ATEN if aten else ONE_CALL
     return TORCH if aten else KERNELS
-
-
-def _aten_wins(op: str, x: Tensor, fused: bool, others: tuple) -> bool:
-    """:func:`prefer_aten` for a CPU BatchNorm call (``others[:2]`` are the weight and bias)."""
-    if op == "batch_norm_infer":  # any eval call on ≥3-D input; on 2-D input one no backward follows
-        return x.dim() > 2 or not (_grad_enabled() and (x.requires_grad or _any_requires_grad(others[:2])))
-    return not fused and x.dim() > 2 and x.numel() < ATEN_BELOW and x.is_contiguous()
 
 
 def _any_requires_grad(tensors) -> bool:

@@ -196,8 +196,12 @@ def _blend(running: Tensor, batch: Tensor, momentum: float | Tensor) -> Tensor:
 
 
 def _finite(batch_mean: Tensor, batch_var: Tensor) -> Tensor:
-    """0-d bool: every channel's mean and variance is finite (one cat, one isfinite, one all)."""
-    return torch.isfinite(torch.cat((batch_mean.reshape(-1), batch_var.reshape(-1)))).all()
+    """0-d bool: every channel's mean and variance is finite.
+
+    Two reductions, not one over ``cat((mean, var))``: torch 2.13's Inductor miscompiles that form, fed
+    into ``torch.where`` and copied into the buffers, when two BatchNorms share a compiled graph (the
+    second layer's output came out wrong; tests/test_running_stats.py keeps the case)."""
+    return torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
 
 
 def next_running_stats(

@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="an extra shape for an op (repeatable), e.g. bn2d=32x128x28x28")
     p.add_argument("--only-shapes", action="store_true", help="run only the --shape cases")
     p.add_argument("--rounds", type=int, default=None, help="paired rounds per case (default 15, quick 5)")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip torch.compile (the ops suite's column, the models suite's compiled group)")
     p.add_argument("--no-e2e", action="store_true", help="skip the ResNet training step")
     p.add_argument("--e2e-batch", type=int, default=None, help="ResNet batch (ops: default 128, quick 32; models: 32)")
     p.add_argument("--e2e-rounds", type=int, default=None,

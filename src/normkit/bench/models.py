@@ -17,6 +17,11 @@ Groups:
 * ``per call`` — single tiny layers, one call each: BatchNorm1d(256) eval on 1×256,
   LayerNorm(256) on 1×16×256, BatchNorm1d(256) fwd+bwd on 64×256, GroupNorm(8, 32) fwd+bwd on
   32×32×14×14 — the fixed cost of a call.
+* ``compiled`` — the ``everyday`` cases again, both models under ``torch.compile`` (default mode,
+  Inductor): normkit compiles to torch's own norms wherever Inductor's fused code is as fast
+  (:data:`normkit.route.COMPILE_KEEPS_OP`), so the ratio is the cost of normkit's semantics in the
+  graph (checkpoint-safe, non-finite-safe running statistics); the first call of each (compile time)
+  is recorded as ``compile_s``. Skipped with ``--quick`` or ``--no-compile``.
 * ``network`` — the ResNet-18-style training step of :mod:`.e2e`.
 * ``saved_bytes`` — bytes autograd keeps for backward during one training step
   (``torch.autograd.graph.saved_tensors_hooks``): the sum over every saved tensor, and the
@@ -141,17 +146,21 @@ def _pair(case: ModelCase, device: str) -> dict[str, nn.Module]:
     return {"torch": base, "normkit": normkit.convert(copy.deepcopy(base), to="normkit", fuse=True)}
 
 
-def _steps(case: ModelCase, models: dict[str, nn.Module], device: str, clock: Clock):
-    """name -> timed step, and the first outputs' largest difference (checked before timing)."""
+def _steps(case: ModelCase, models: dict[str, nn.Module], device: str, clock: Clock, compiled: bool = False):
+    """name -> timed step, and the first outputs' largest difference (checked before timing); ``compiled``:
+    each model under ``torch.compile``, and also name -> seconds of its first step (the compile)."""
+    import time
+
     g = torch.Generator().manual_seed(1)
     x = (case.offset + torch.randn(case.shape, generator=g)).to(device)
     y = torch.randint(0, _CLASSES, (case.shape[0],), generator=g).to(device)
     dy = torch.randn(case.shape, generator=g).to(device)
-    steps, firsts = {}, {}
-    for name, model in models.items():
+    steps, firsts, compile_s = {}, {}, {}
+    for name, module in models.items():
+        model = torch.compile(module) if compiled else module
         if case.mode == "train step":
-            model.train()
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            module.train()
+            opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
 
             def body(model=model, opt=opt):
                 opt.zero_grad(set_to_none=True)
@@ -160,25 +169,27 @@ def _steps(case: ModelCase, models: dict[str, nn.Module], device: str, clock: Cl
                 opt.step()
                 return loss.detach()
         elif case.mode == "fwd+bwd":
-            model.train()
+            module.train()
             xg = x.clone().requires_grad_(True)
 
-            def body(model=model, xg=xg):
-                for t in (xg, *model.parameters()):
+            def body(model=model, module=module, xg=xg):
+                for t in (xg, *module.parameters()):
                     t.grad = None
                 out = model(xg)
                 out.backward(dy)
                 return out.detach()
         else:  # "inference" / "eval": the model in eval mode, no autograd
-            model.eval()
+            module.eval()
 
             def body(model=model):
                 with torch.no_grad():
                     return model(x)
+        started = time.perf_counter()
         firsts[name] = body()
+        compile_s[name] = time.perf_counter() - started
         steps[name] = (lambda body=body: clock.time(body))
     diff = float((firsts["torch"].double() - firsts["normkit"].double()).abs().max())
-    return steps, diff
+    return steps, diff, compile_s
 
 
 def _record(case_key, label, group, mode, shape, device, times, extra) -> dict:
@@ -191,16 +202,22 @@ def _record(case_key, label, group, mode, shape, device, times, extra) -> dict:
             "layout": "nchw", "dtype": "float32", "device": device, "impls": impls, **extra}
 
 
-def run_case(case: ModelCase, device: str, rounds: int, clock: Clock) -> dict:
+def run_case(case: ModelCase, device: str, rounds: int, clock: Clock, compiled: bool = False) -> dict:
+    """One case, eager (or, ``compiled``, both models under ``torch.compile``: group ``compiled``)."""
     models = _pair(case, device)
-    steps, diff = _steps(case, models, device, clock)
+    if compiled:
+        torch._dynamo.reset()
+    steps, diff, compile_s = _steps(case, models, device, clock, compiled)
     # the fixed cost of a tiny call is microseconds: time a batch of calls, report per call
     reps = 20 if case.group == "per call" else 1
     if reps > 1:
         steps = {k: (lambda s=s: sum(s() for _ in range(reps)) / reps) for k, s in steps.items()}
     times = paired(steps, rounds=rounds, warmup=2)
-    return _record(case.key, case.label, case.group, case.mode, case.shape, device, times,
-                   {"max_output_diff": diff, "fuse": True, "calls_per_sample": reps})
+    extra = {"max_output_diff": diff, "fuse": True, "calls_per_sample": reps}
+    if compiled:
+        extra["compile_s"] = compile_s
+    return _record(case.key, case.label, "compiled" if compiled else case.group, case.mode, case.shape, device,
+                   times, extra)
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
@@ -268,6 +285,9 @@ def main(args) -> int:
     records, problems = [], []
     jobs: list[tuple[str, Callable[[], list[dict]]]] = [
         (c.key, (lambda c=c: [run_case(c, device, rounds, clock)])) for c in cases(tiny)]
+    if not (args.quick or args.no_compile):
+        jobs += [(f"{c.key} compiled", (lambda c=c: [run_case(c, device, rounds, clock, compiled=True)]))
+                 for c in cases(tiny) if c.group == "everyday"]
     e2e_batch = args.e2e_batch or (2 if tiny else 32)
     if not args.no_e2e:
         jobs.append(("resnet", lambda: [{**r, "group": "network"} for r in e2e.run(
@@ -283,8 +303,10 @@ def main(args) -> int:
             problems.append(f"{key}: {type(err).__name__}: {err}")
     everyday = [r["impls"]["normkit"]["speedup_vs_torch"] for r in records if r["group"] == "everyday"]
     per_call = [r["impls"]["normkit"]["speedup_vs_torch"] for r in records if r["group"] == "per call"]
+    compiled = [r["impls"]["normkit"]["speedup_vs_torch"] for r in records if r["group"] == "compiled"]
     summary_ = {"geomean_everyday": geomean(everyday), "geomean_per_call": geomean(per_call),
-                "everyday_cases": len(everyday), "per_call_cases": len(per_call)}
+                "geomean_compiled": geomean(compiled), "everyday_cases": len(everyday),
+                "per_call_cases": len(per_call), "compiled_cases": len(compiled)}
     backend = _backend(device)
     print(f"{torch.get_num_threads()} threads, device {device}, normkit backend {backend}"
           + (" (tiny sizes: not a benchmark)" if tiny else ""))
@@ -295,7 +317,7 @@ def main(args) -> int:
            "command": "normkit " + " ".join(sys.argv[1:]) if sys.argv else "",
            "started_utc": started, "machine": report.machine(device), "versions": report.versions(),
            "settings": {"rounds": rounds, "quick": args.quick, "sizes": args.sizes, "fuse": True,
-                        "normkit_backend": backend},
+                        "compiled": bool(compiled), "normkit_backend": backend},
            "summary": summary_, "records": records, "skipped": problems}
     if args.json:
         report.write_json(args.json, doc)

@@ -159,13 +159,17 @@ def models_table(records: list[dict], summary: dict) -> str:
         diff = r.get("max_output_diff", r.get("max_loss_diff"))
         lines.append(f"{r['op'][:23]:<24}{r['group'][:9]:<10}{r['mode']:<12}{shape:<18}{t['median_ms']:>10.3f}"
                      f"{n['median_ms']:>10.3f}{n['speedup_vs_torch']:>9.2f}{_fmt(diff, '9.1e'):>9}")
+        if r["group"] == "compiled":
+            cs = r["compile_s"]
+            lines.append(f"    first call (compile): torch {cs['torch']:.1f} s, normkit {cs['normkit']:.1f} s")
         if r["group"] == "first_call":
             parts = ", ".join(f"{k} {n[k]:.2f} s (torch {t[k]:.2f})" for k in
                               ("import_normkit_s", "build_s", "first_step_s", "second_step_s"))
             lines.append(f"    normkit: {parts}")
     lines.append(f"geometric mean x torch: everyday {_fmt(summary['geomean_everyday'], '.2f')} "
                  f"({summary['everyday_cases']} cases), per call {_fmt(summary['geomean_per_call'], '.2f')} "
-                 f"({summary['per_call_cases']} cases)")
+                 f"({summary['per_call_cases']} cases), compiled {_fmt(summary.get('geomean_compiled'), '.2f')} "
+                 f"({summary.get('compiled_cases', 0)} cases)")
     return "\n".join(lines)
 
 
@@ -180,7 +184,8 @@ def models_plot(path: str, records: list[dict], summary: dict, title: str) -> No
     mem = [r for r in records if r["group"] == "saved_bytes"]
     fig, axes = plt.subplots(1, 2, figsize=(max(9, 0.45 * len(timed) + 5), 6),
                              gridspec_kw={"width_ratios": [max(len(timed), 1), 2]})
-    colors = {"everyday": "tab:blue", "per call": "tab:orange", "network": "tab:green", "first_call": "tab:red"}
+    colors = {"everyday": "tab:blue", "per call": "tab:orange", "network": "tab:green", "first_call": "tab:red",
+              "compiled": "tab:purple"}
     xs = np.arange(len(timed))
     ys = [r["impls"]["normkit"]["speedup_vs_torch"] for r in timed]
     axes[0].bar(xs, ys, color=[colors.get(r["group"], "gray") for r in timed])

@@ -304,17 +304,14 @@ PyObject* layer_norm_2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// eps=None: the epsilon of the statistics' dtype (float32's for float16/bfloat16 input), as torch's rms_norm
+// kernels use (its documentation says the input dtype's)
 double dtype_eps(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return std::numeric_limits<double>::epsilon();
-    case at::kHalf: return static_cast<double>(std::numeric_limits<c10::Half>::epsilon());
-    case at::kBFloat16: return static_cast<double>(std::numeric_limits<c10::BFloat16>::epsilon());
-    default: return std::numeric_limits<float>::epsilon();
-  }
+  return t == at::kDouble ? std::numeric_limits<double>::epsilon() : std::numeric_limits<float>::epsilon();
 }
 
-// functional.rms_norm on contiguous real input with a one-dimensional normalized_shape; eps None is
-// torch.finfo(x.dtype).eps. The weight may have any floating dtype (torch accepts it, so does the kernel).
+// functional.rms_norm on contiguous real input with a one-dimensional normalized_shape; eps None as dtype_eps.
+// The weight may have any floating dtype (torch accepts it, so does the kernel).
 PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   RECORD_FUNCTION("normkit::rms_norm", std::vector<c10::IValue>());  // the layer's name in torch.profiler
