@@ -418,8 +418,9 @@ def rms_norm(
 
     ``eps=None`` uses the epsilon of the dtype the statistics are computed in — float32's for float16,
     bfloat16 and float32 input, float64's for float64 — as torch's ``rms_norm`` does (its documentation
-    says ``torch.finfo(input.dtype).eps``; its kernels, CPU and CUDA, use the accumulation type's). Complex input (which torch
-    accepts) and channels_last input (whose layout torch keeps) are computed by torch's own op.
+    says ``torch.finfo(input.dtype).eps``; its kernels, CPU and CUDA, use the accumulation type's).
+    Complex input (which torch accepts) and channels_last input (whose layout torch keeps) are computed by
+    torch's own op.
     torch accepts any floating weight dtype here, and so does normkit.
     """
     path = route.choose("rms_norm", input, weight)

@@ -5,7 +5,8 @@ Both normalize each sample over the trailing ``normalized_shape``:
 * LayerNorm: ``y = γ·(x − μ)/sqrt(σ² + ε) + β`` (Ba, Kiros & Hinton, "Layer Normalization", 2016);
   ``elementwise_affine`` and ``bias`` as in torch.
 * RMSNorm: ``y = γ·x/sqrt(mean(x²) + ε)`` (Zhang & Sennrich, "Root Mean Square Layer
-  Normalization", NeurIPS 2019); ``eps=None`` means the epsilon of the statistics' dtype (float32's for half input), as torch computes.
+  Normalization", NeurIPS 2019); ``eps=None`` means the epsilon of the statistics' dtype (float32's
+  for half input), as torch computes it.
 
 Neither depends on the batch, so both work for recurrent networks and batch size 1.
 """
