@@ -64,7 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="paired rounds per case (default 15, quick 5; zoo 7, quick 3)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--no-e2e", action="store_true", help="skip the ResNet training step")
-    p.add_argument("--e2e-batch", type=int, default=None, help="ResNet batch (ops: default 128, quick 32; models: 32)")
+    p.add_argument("--e2e-batch", type=int, default=None,
+                   help="ResNet batch (ops: default 128, quick 32; models: 32); zoo: the models' batch "
+                        "(default 8 images / 4 sequences, quick 4)")
     p.add_argument("--e2e-rounds", type=int, default=None,
                    help="paired ResNet steps (ops: default 7, quick 3; models: 21, quick 3)")
     p.add_argument("--sizes", choices=("full", "tiny"), default="full",

@@ -24,7 +24,8 @@ CPU torch: ``import torchvision`` — and so ``import timm`` and many transforme
 schemas before the import; normkit's own package never does.
 
     normkit bench --suite zoo --json zoo.json --plot zoo.png
-    normkit bench --suite zoo --quick                    # five models, a minute or two
+    normkit bench --suite zoo --quick                    # five models, batch 4, 3 rounds
+    normkit bench --suite zoo --models resnet18 --e2e-batch 32   # --e2e-batch sets the zoo's batch
     normkit bench --suite zoo --models resnet18,llama --rounds 9
 """
 
@@ -453,9 +454,9 @@ def _timed(built: Built, models: dict[str, nn.Module], clock: Clock, mode: str, 
 
 
 def run_model(spec: ZooSpec, clock: Clock, rounds: int, tiny: bool = False, compile_: bool = False,
-              time_it: bool = True) -> dict:
+              time_it: bool = True, batch: int | None = None) -> dict:
     """The zoo record of one model (see the module docstring)."""
-    built = build(spec, tiny=tiny)
+    built = build(spec, tiny=tiny, batch=batch)
     before = norm_layers(built.model)
     pairs = twins(built)
     rec = {"model": spec.key, "library": spec.library, "name": spec.name, "family": spec.family,
@@ -614,12 +615,14 @@ def main(args) -> int:
         return 2
     tiny = args.sizes == "tiny"
     rounds = args.rounds or (3 if args.quick else 7)
+    batch = args.e2e_batch or (4 if args.quick and not tiny else None)  # default: 8 images / 4 sequences
     clock = Clock("cpu")
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     records = []
     for spec in tqdm(todo, desc="normkit bench zoo", unit="model", file=sys.stderr):
         try:
-            records.append(run_model(spec, clock, rounds, tiny=tiny, compile_=getattr(args, "compile", False)))
+            records.append(run_model(spec, clock, rounds, tiny=tiny, compile_=getattr(args, "compile", False),
+                                     batch=batch))
         except Exception as err:  # one model that fails to build or run must not sink the run
             problems.append(f"{spec.key}: {type(err).__name__}: {str(err)[:300]}")
     summary_ = summarize(records)
@@ -631,7 +634,7 @@ def main(args) -> int:
     doc = {"schema": report.SCHEMA, "suite": "zoo", "command": "normkit " + " ".join(sys.argv[1:]) if sys.argv else "",
            "started_utc": started, "machine": report.machine("cpu"),
            "versions": {**report.versions(), **library_versions()},
-           "settings": {"rounds": rounds, "quick": args.quick, "sizes": args.sizes,
+           "settings": {"rounds": rounds, "quick": args.quick, "sizes": args.sizes, "batch": batch,
                         "compile": bool(getattr(args, "compile", False)), "variants": VARIANTS},
            "summary": summary_, "records": records, "skipped": problems}
     if args.json:
