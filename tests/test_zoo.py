@@ -10,7 +10,8 @@ new conversion recipe is checked here the day it lands:
   on that input × 0.01, where a different eps shows), train and eval: output, input and parameter
   gradients, buffers — fp32, to rounding;
 * every swapped layer in bf16 (weights and input) against the original layer in float64: its
-  error is at most about the original class's own bf16 error (see ``BF16_FACTOR``);
+  error (relative Frobenius norm of the output and of every gradient) is at most the original
+  class's own bf16 error (``BF16_FACTOR``; DESIGN §4 allows twice, issue 20 asks for no more);
 * coverage: ≥ 99 % of each model's norm layers convert. Where ``convert`` does not know a class
   yet, that case is an ``xfail(strict=True)`` naming the classes: it fails (XPASS) as soon as the
   recipe lands, and its mark must then go.
@@ -44,7 +45,7 @@ NOT_YET = {
 OUT_TOL = 4e-6  # one layer, fp32: ÷ the largest output magnitude (measured ≤ 1e-6)
 GRAD_TOL = 2e-5  # one layer, fp32: ÷ the largest entry of that gradient
 BUF_TOL = 1e-6  # zoo.buffer_error
-BF16_FACTOR = 2.0  # DESIGN §4: at most about twice the original's own low-precision error
+BF16_FACTOR = 1.1  # at most the original's own bf16 error, 10 % slack for the estimate (measured ≤ 1.02 today)
 BF16_FLOOR = 2.0**-10  # below a quarter of bf16's unit roundoff an error is the last bit's rounding
 
 
