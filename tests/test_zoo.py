@@ -93,13 +93,16 @@ def case(key: str, request) -> Case:
     return _CACHE[key]
 
 
-def swapped_pairs(c: Case, variant: str = "normkit"):
-    """(path, original layer, converted layer) for every norm layer the variant swapped and did not fuse."""
-    orig, conv = dict(c.built.model.named_modules()), dict(c.converted[variant].named_modules())
+def swapped_pairs(c: Case):
+    """(path, original layer, converted layer) for every norm layer ``convert(model)`` swapped.
+
+    Plain ``convert`` takes no activation from outside a layer (``fuse=True`` does, so its layers
+    are checked through the whole model only): each swapped layer must compute what the original
+    layer computed, its own activation included (timm's BatchNormAct2d, say)."""
+    orig, conv = dict(c.built.model.named_modules()), dict(c.converted["normkit"].named_modules())
     for path, cls in c.before.items():
         new = conv.get(path)
-        if new is not None and zoo.is_normkit(zoo.class_name(new)) and not zoo.is_normkit(cls) \
-                and not getattr(new, "act", None):
+        if new is not None and zoo.is_normkit(zoo.class_name(new)) and not zoo.is_normkit(cls):
             yield path, orig[path], new
 
 

@@ -308,7 +308,8 @@ def coverage(before: dict[str, str], model: nn.Module) -> dict:
         if is_normkit(new) and not is_normkit(cls):
             swapped[cls] += 1
             became[f"{cls} -> {new}"] += 1
-            if getattr(now, "act", None):  # normkit's fused layers name their activation
+            act = getattr(now, "act", None)
+            if isinstance(act, str) and act:  # normkit's fused layers name their activation
                 fused[cls] += 1
         elif not is_normkit(cls):
             left[cls] += 1
