@@ -30,7 +30,8 @@ missing: dict[str, str] = {}
 
 
 def prepare_torchvision() -> str:
-    """Make ``import torchvision`` work here; returns what it did ("native", "schemas", "absent")."""
+    """Make ``import torchvision`` work here; returns what it found or did: "native" (its ``_C`` loads),
+    "present" (the operators exist already), "schemas" (defined here) or "absent" (not installed)."""
     global _LIB
     spec = importlib.util.find_spec("torchvision")
     if spec is None or not spec.submodule_search_locations:
@@ -45,8 +46,8 @@ def prepare_torchvision() -> str:
         except OSError:
             pass
     try:
-        torch.ops.torchvision.nms  # noqa: B018 — defined already (someone loaded a build)
-        return "native"
+        torch.ops.torchvision.nms  # noqa: B018 — defined already (a build, or another copy of this file)
+        return "present"
     except (AttributeError, RuntimeError):
         pass
     _LIB = torch.library.Library("torchvision", "DEF")  # noqa: TOR901
