@@ -27,6 +27,10 @@ schemas before the import; normkit's own package never does.
     normkit bench --suite zoo --quick                    # five models, batch 4, 3 rounds
     normkit bench --suite zoo --models resnet18 --e2e-batch 32   # --e2e-batch sets the zoo's batch
     normkit bench --suite zoo --models resnet18,llama --rounds 9
+
+On a machine whose cores are shared with other jobs, two intra-op threads contend with them and a
+step's time swings 3–10× from round to round; ``--threads 1`` gives stable ratios there (the
+baseline in docs/ecosystem.md was measured so).
 """
 
 from __future__ import annotations
