@@ -173,11 +173,11 @@ def test_first_call_in_a_fresh_process():
     assert rec["impls"]["torch"]["import_normkit_s"] < rec["impls"]["normkit"]["import_normkit_s"]
 
 
-def test_help_lists_the_models_and_route_suites(capsys):
+def test_help_lists_the_models_route_and_zoo_suites(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"])
     text = capsys.readouterr().out
-    assert "--suite {ops,models,route}" in text and "--no-cold" in text and "--route-margin" in text
+    assert "--suite {ops,models,route,zoo}" in text and "--no-cold" in text and "--route-margin" in text
 
 
 # --- the route suite ------------------------------------------------------------------------------

@@ -10,10 +10,14 @@ small CNNs and a small Transformer, batch-1 inference, single tiny layers, the R
 bytes saved for backward and the first training step in a fresh process — torch.nn vs the same
 model after ``normkit.convert(model, fuse=True)``. ``--suite route`` (:mod:`.route`) times aten's
 kernel against normkit's for each op, mode and size class and checks the route rule's choices.
+``--suite zoo`` (:mod:`.zoo`) runs the timm and transformers models it finds installed (built from
+configs, no weights): norm-layer coverage of ``normkit.convert``, equality with the unconverted
+twin, and train-step / eval timings, torch vs converted.
 
     normkit bench                      # full run (several minutes on 2 cores)
     normkit bench --suite models --json models.json --plot models.png
     normkit bench --suite route --json route.json
+    normkit bench --suite zoo --json zoo.json --plot zoo.png   # timm / transformers models
     normkit bench --quick              # about a minute: smaller shapes, fewer rounds, no compile
     normkit bench --ops bn2d,bn_relu --modes fwd+bwd --json out.json --plot out.png
     normkit bench --shape bn2d=32x128x28x28 --device cuda
@@ -36,15 +40,17 @@ HELP = "benchmark normkit's norms vs torch eager / torch.compile (roofline), or 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cases import DTYPES, MODES, OPS
 
-    p.add_argument("--suite", choices=("ops", "models", "route"), default="ops",
+    p.add_argument("--suite", choices=("ops", "models", "route", "zoo"), default="ops",
                    help="ops (default): each norm op vs torch eager/compile with a roofline; models: "
                         "training steps and inference of everyday models, tiny layers per call, the ResNet "
                         "step, bytes saved for backward, first call in a fresh process (torch.nn vs "
                         "normkit.convert(fuse=True)); route: aten's kernel vs normkit's per op, mode and size, "
-                        "against the route rule's choice")
+                        "against the route rule's choice; zoo: the timm / transformers models installed here, "
+                        "as shipped vs normkit.convert(model) (and fuse=True): coverage, equality, train "
+                        "step and eval timings")
     p.add_argument("--quick", action="store_true",
                    help="ops: about one minute: smaller shapes, 5 rounds, no compile; models: 5 rounds, "
-                        "one fresh process each")
+                        "one fresh process each; zoo: five models, 3 rounds")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma list of {', '.join(OPS)}")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, bwd, fwd+bwd, eval")
@@ -54,15 +60,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", action="append", default=[], metavar="OP=AxBxC...",
                    help="an extra shape for an op (repeatable), e.g. bn2d=32x128x28x28")
     p.add_argument("--only-shapes", action="store_true", help="run only the --shape cases")
-    p.add_argument("--rounds", type=int, default=None, help="paired rounds per case (default 15, quick 5)")
-    p.add_argument("--no-compile", action="store_true",
-                   help="skip torch.compile (the ops suite's column, the models suite's compiled group)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="paired rounds per case (default 15, quick 5; zoo 7, quick 3)")
+    p.add_argument("--no-compile", action="store_true", help="ops suite: skip the torch.compile column")
     p.add_argument("--no-e2e", action="store_true", help="skip the ResNet training step")
-    p.add_argument("--e2e-batch", type=int, default=None, help="ResNet batch (ops: default 128, quick 32; models: 32)")
+    p.add_argument("--e2e-batch", type=int, default=None,
+                   help="ResNet batch (ops: default 128, quick 32; models: 32); zoo: the models' batch "
+                        "(default 8 images / 4 sequences, quick 4)")
     p.add_argument("--e2e-rounds", type=int, default=None,
                    help="paired ResNet steps (ops: default 7, quick 3; models: 21, quick 3)")
     p.add_argument("--sizes", choices=("full", "tiny"), default="full",
-                   help="models and route suites: tiny shrinks every case (a smoke test, not a benchmark)")
+                   help="models, route and zoo suites: tiny shrinks every case (a smoke test, not a benchmark)")
+    p.add_argument("--models", default=None, metavar="KEY,KEY",
+                   help="zoo suite: only these models (keys as in normkit.bench.zoo.ZOO, e.g. resnet18,llama)")
+    p.add_argument("--compile", action="store_true",
+                   help="models and zoo suites: also time both models under torch.compile (minutes of compile "
+                        "on a small machine)")
     p.add_argument("--route-margin", type=float, default=0.10,
                    help="route suite: mark a choice MISS when it costs more than this over the faster route")
     p.add_argument("--no-cold", action="store_true",
@@ -139,6 +152,10 @@ def main(args: argparse.Namespace) -> int:
         from . import route
 
         return route.main(args)
+    if args.suite == "zoo":
+        from . import zoo  # imports timm / transformers only now
+
+        return zoo.main(args)
     from tqdm import tqdm
 
     from . import e2e, report, roofline

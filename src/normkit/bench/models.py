@@ -21,7 +21,7 @@ Groups:
   Inductor): normkit compiles to torch's own norms wherever Inductor's fused code is as fast
   (:data:`normkit.route.COMPILE_KEEPS_OP`), so the ratio is the cost of normkit's semantics in the
   graph (checkpoint-safe, non-finite-safe running statistics); the first call of each (compile time)
-  is recorded as ``compile_s``. Skipped with ``--quick`` or ``--no-compile``.
+  is recorded as ``compile_s``. With ``--compile``.
 * ``network`` — the ResNet-18-style training step of :mod:`.e2e`.
 * ``saved_bytes`` — bytes autograd keeps for backward during one training step
   (``torch.autograd.graph.saved_tensors_hooks``): the sum over every saved tensor, and the
@@ -285,7 +285,7 @@ def main(args) -> int:
     records, problems = [], []
     jobs: list[tuple[str, Callable[[], list[dict]]]] = [
         (c.key, (lambda c=c: [run_case(c, device, rounds, clock)])) for c in cases(tiny)]
-    if not (args.quick or args.no_compile):
+    if getattr(args, "compile", False):
         jobs += [(f"{c.key} compiled", (lambda c=c: [run_case(c, device, rounds, clock, compiled=True)]))
                  for c in cases(tiny) if c.group == "everyday"]
     e2e_batch = args.e2e_batch or (2 if tiny else 32)
