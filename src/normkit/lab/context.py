@@ -37,7 +37,6 @@ class Context:
     user_data: D.ImageData | None = None
     show_progress: bool = True
     executor: Any = None  # a concurrent.futures executor of worker processes (``--jobs``), or None
-    seeds: Sequence[int] = (0,)  # only for tools that run parts directly (costs.calibrate)
 
     def __post_init__(self):
         D.use(self.user_data)

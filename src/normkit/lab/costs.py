@@ -68,7 +68,7 @@ def calibrate(claims=None, seed: int = 0, repeats: int = 1) -> dict[str, float]:
     from .train import deterministic
 
     deterministic(1)
-    ctx = Context(seeds=[seed], show_progress=False)
+    ctx = Context(show_progress=False)
     out: dict[str, float] = {}
     seen: set = set()
     for claim in claims or ALL:
