@@ -1,8 +1,10 @@
 """Claims, criteria, checks with a stated test over seeds, and verdicts.
 
 A :class:`Claim` is declared before it runs: its statement, the paper anchor (with the number
-the paper reports), and a :class:`Criterion` — a list of :class:`Check` functions over the
-metrics the experiment will produce. Each check ends in one of four states:
+the paper reports), a :class:`Criterion` — a list of :class:`Check` functions over the metrics the
+experiment will produce, each naming the runs it reads — and the experiment as per-seed
+:class:`Part` runs and a ``collect`` that turns their results into metrics. Each check ends in one
+of four states:
 
 * ``pass`` / ``fail`` — decided: for a comparison of arms, the one-sided bound on the mean over
   seeds (of the per-seed paired differences) clears the margin, or the other bound misses it
