@@ -299,7 +299,9 @@ class Runner:
                 entry["metrics"] = jsonable(entry["metrics"])
                 for i, ch in enumerate(entry["checks"]):
                     if ch["status"] == UNDECIDED:
-                        ch["open"] = st.open.get(i, "")
+                        ch["open"] = st.open.get(i, "") if self.design.sequential else (
+                            f"the fixed design's one look ({self.seeds} seeds); more seeds (--seeds) or the "
+                            "sequential design (--budget) decide")
                 if entry["verdict"] == INCONCLUSIVE:
                     entry["verdict_reason"] = "; ".join(
                         f"{ch['check']}: {ch['detail']}" + (f" [{ch['open']}]" if ch.get("open") else "")

@@ -4,7 +4,7 @@ A check compares arms over seeds. The lab can look at a check once, after a fixe
 (:class:`FixedDesign`, ``--seeds K``: one-sided 95 % Student-t bounds), or several times, adding seeds
 between the looks while the check is undecided (:class:`SequentialDesign`, the default). Looking
 repeatedly at the same test with the fixed-sample bounds would decide wrongly far more often than
-5 % of the time (with 8 looks about 3x as often); the sequential design widens the bounds at every
+5 % of the time (at these 8 looks 18 % of the time); the sequential design widens the bounds at every
 look so that, over all its looks together, the chance of a wrong decision stays 5 % per direction:
 
 * **Looks** after 3, 5, 8, 12, 17, 24, 32 and 40 seeds — at most 8; a check is only ever judged on the
