@@ -55,8 +55,9 @@ def makespan(costs: Iterable[float], processes: int = PROCESSES) -> float:
     return max(loads)
 
 
-def calibrate(claims=None, seed: int = 0, repeats: int = 1) -> dict[str, float]:
-    """CPU seconds of one seed of every part of ``claims`` (all by default), in this process.
+def calibrate(claims=None, seed: int = 0, repeats: int = 2) -> dict[str, float]:
+    """CPU seconds of one seed of every part of ``claims`` (all by default), in this process: the least of
+    ``repeats`` runs (the first pays one-time costs: loading the data, warming the kernels).
 
     Prints one line per part with its modeled cost next to the measured one; steps for the parts whose
     cost is per step. Run it on a quiet machine; it is how the constants in the claims were set.
