@@ -98,6 +98,27 @@ contiguous or channels_last; statistics per position ``(n, s)`` over the ``C`` c
     ``dx = rstd·(g − mean_c(g) − x̂·mean_c(g·x̂))`` with ``g = γ·dy``; ``dweight = Σ dy·x̂`` and
     ``dbias = Σ dy`` over ``(n, s)`` in stat dtype when ``need_dweight``, else ``None``.
 
+In-place activated BatchNorm — InPlaceABN (:mod:`normkit.ops_inplace`). ``kind`` is 0 identity, 1 leaky
+ReLU (``param`` its slope > 0), 2 ELU (``param`` its α > 0); ``a`` the activation:
+
+``iabn_forward(x, weight, bias, eps, kind, param, in_place) -> (y, mean, var)``
+    training BatchNorm → activation, ``y = a(x·scale + shift)``; with ``in_place`` the output is written
+    over ``x`` and ``y`` *is* ``x``. Composed from ``channel_stats`` and ``iabn_apply`` by default.
+
+``iabn_apply(x, scale, shift, kind, param, in_place) -> y``
+    ``y = a(x·scale[c] + shift[c])``, over ``x`` itself with ``in_place``.
+
+``iabn_backward_reduce(src, dy, mean, rstd, weight, bias, kind, param, from_output) -> (sum_dz, sum_dz_xhat)``
+    ``Σ dz`` and ``Σ dz·x̂`` per channel (stat dtype), where ``src`` is the forward's output ``y``
+    (``from_output``: ``z = a⁻¹(y)``, ``x̂ = (z − β)/γ``) or its input ``x`` (``x̂ = (x − mean)·rstd``),
+    ``dz = dy·a'(z)``.
+
+``iabn_backward_dx(src, dy, mean, rstd, weight, bias, kind, param, from_output, mean_dz, mean_dz_xhat) -> dx``
+    ``dx = γ·rstd·(dz − mean_dz − x̂·mean_dz_xhat)`` (``mean_dz``, ``mean_dz_xhat``: float64 ``(C,)``).
+
+``iabn_backward(src, dy, mean, rstd, weight, bias, kind, param, from_output, need_dx) -> (dx, sum_dz, sum_dz_xhat)``
+    the two above with the local sums (``dx`` None unless ``need_dx``).
+
 A backend may implement a subset: ``unsupported(op, x)`` returns ``None`` when it can run
 ``op`` (one of the method names above) on ``x``, else a short reason.
 """
@@ -134,6 +155,11 @@ OPS = (
     "group_backward",
     "ln2d_forward",
     "ln2d_backward",
+    "iabn_forward",
+    "iabn_apply",
+    "iabn_backward",
+    "iabn_backward_reduce",
+    "iabn_backward_dx",
 )
 
 
@@ -164,6 +190,20 @@ class Backend:
         dx, dz = self.channel_backward_dx(x, dy, mean, rstd, scale, shift, residual, act, mean_dz, mean_dz_xhat,
                                           need_dz)
         return dx, sum_dz, sum_dz_xhat, dz
+
+    def iabn_forward(self, x, weight, bias, eps, kind, param, in_place):
+        mean, var = self.channel_stats(x)
+        scale, shift = scale_shift(weight, bias, mean, torch.rsqrt(var + eps))
+        return self.iabn_apply(x, scale, shift, kind, param, in_place), mean, var
+
+    def iabn_backward(self, src, dy, mean, rstd, weight, bias, kind, param, from_output, need_dx):
+        sum_dz, sum_dz_xhat = self.iabn_backward_reduce(src, dy, mean, rstd, weight, bias, kind, param, from_output)
+        dx = None
+        if need_dx:
+            count = max(src.numel() // src.shape[1], 1)
+            dx = self.iabn_backward_dx(src, dy, mean, rstd, weight, bias, kind, param, from_output,
+                                       sum_dz.to(torch.float64) / count, sum_dz_xhat.to(torch.float64) / count)
+        return dx, sum_dz, sum_dz_xhat
 
 
 def scale_shift(weight, bias, mean, rstd):

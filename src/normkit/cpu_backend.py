@@ -68,6 +68,7 @@ class CpuBackend(Backend):
         self._group_backward = k.group_backward.default
         self._ln2d_forward = k.ln2d_forward.default
         self._ln2d_backward = k.ln2d_backward.default
+        self._k = k
         # the differentiable ops with C++ autograd that normkit.ops.eager calls directly (csrc/autograd.h)
         self.eager_ops = hasattr(k, "bn_train")
 
@@ -165,6 +166,38 @@ class CpuBackend(Backend):
         dx2d, dw, db = self._row_backward(x2d, dy_rows[0], mean.reshape(-1), rstd.reshape(-1), weight, False,
                                           bool(need_dweight))
         return own_tensor(restore(dx2d)), dw, db
+
+    # ------------------------------------------------------------------ in-place activated BatchNorm
+    # (csrc/inplace_abn.h; kind and param as normkit.ops_inplace gives them)
+    def iabn_forward(self, x, weight, bias, eps, kind, param, in_place):
+        if x.numel() == 0:
+            return _REF.iabn_forward(x, weight, bias, eps, kind, param, in_place)
+        return self._k.iabn_forward.default(x, weight, bias, float(eps), int(kind), float(param), bool(in_place))
+
+    def iabn_apply(self, x, scale, shift, kind, param, in_place):
+        if x.numel() == 0:
+            return _REF.iabn_apply(x, scale, shift, kind, param, in_place)
+        return self._k.iabn_apply.default(x, scale, shift, int(kind), float(param), bool(in_place))
+
+    def iabn_backward(self, src, dy, mean, rstd, weight, bias, kind, param, from_output, need_dx):
+        if src.numel() == 0:
+            return _REF.iabn_backward(src, dy, mean, rstd, weight, bias, kind, param, from_output, need_dx)
+        dx, sum_dz, sum_dz_xhat = self._k.iabn_backward.default(src, dy, mean, rstd, weight, bias, int(kind),
+                                                                float(param), bool(from_output), bool(need_dx))
+        return (dx if need_dx else None), sum_dz, sum_dz_xhat
+
+    def iabn_backward_reduce(self, src, dy, mean, rstd, weight, bias, kind, param, from_output):
+        if src.numel() == 0:
+            return _REF.iabn_backward_reduce(src, dy, mean, rstd, weight, bias, kind, param, from_output)
+        return self._k.iabn_backward_reduce.default(src, dy, mean, rstd, weight, bias, int(kind), float(param),
+                                                    bool(from_output))
+
+    def iabn_backward_dx(self, src, dy, mean, rstd, weight, bias, kind, param, from_output, mean_dz, mean_dz_xhat):
+        if src.numel() == 0:
+            return _REF.iabn_backward_dx(src, dy, mean, rstd, weight, bias, kind, param, from_output, mean_dz,
+                                         mean_dz_xhat)
+        return self._k.iabn_backward_dx.default(src, dy, mean, rstd, weight, bias, int(kind), float(param),
+                                                bool(from_output), mean_dz, mean_dz_xhat)
 
 
 def _format(x: torch.Tensor) -> torch.memory_format:

@@ -38,8 +38,8 @@ from . import _fast, activations, aten_path, ops, route, running_stats
 from ._checks import NormInputError, fail  # noqa: F401  (for the layers: functional is their door)
 from .route import KERNELS, ONE_CALL, ONE_CALL_ATEN, OP, TORCH
 
-__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm", "layer_norm_2d", "rms_norm_2d",
-           "NormInputError", "CASTINGS", "ACTIVATIONS"]
+__all__ = ["batch_norm", "inplace_abn", "instance_norm", "layer_norm", "group_norm", "rms_norm", "layer_norm_2d",
+           "rms_norm_2d", "NormInputError", "CASTINGS", "ACTIVATIONS"]
 
 _ACT_NAMES = activations.names()
 _ACT_CODES = activations.codes()
@@ -270,6 +270,115 @@ def sync_batch_norm_module(layer, input: Tensor, residual: Tensor | None, act: s
     rstd = torch.rsqrt(var + layer.eps)
     return channel.normalize_with_stats(x, layer.weight, layer.bias, residual, mean, rstd, count, act, group,
                                         sync=True)
+
+
+# ----------------------------------------------------------------------------- in-place activated BatchNorm
+#: InPlace-ABN's activations (``activation=`` of :class:`normkit.InPlaceABN`), as the ``inplace_abn`` package names them
+INPLACE_ABN_ACTIVATIONS = ("leaky_relu", "elu", "identity")
+
+
+def check_inplace_abn_activation(where: str, activation: str, param: float) -> str:
+    """``activation`` when InPlace-ABN has it, else :class:`NormInputError` naming it."""
+    if activation not in INPLACE_ABN_ACTIVATIONS:
+        raise fail(where, "activation", f"one of {INPLACE_ABN_ACTIVATIONS}", repr(activation))
+    if not isinstance(param, (int, float)) or isinstance(param, bool) or not math.isfinite(param):
+        raise fail(where, "activation_param", "a finite number", repr(param))
+    return activation
+
+
+def inplace_abn_activation(y: Tensor, activation: str, param: float) -> Tensor:
+    """InPlace-ABN's activation of ``y`` by torch's own function, out of place."""
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(y, param)
+    if activation == "elu":
+        return torch.nn.functional.elu(y, param)
+    return y
+
+
+def inplace_abn(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                running_var: Tensor | None, training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+                activation: str = "leaky_relu", activation_param: float = 0.01) -> Tensor:
+    """``act(batch_norm(input))`` as the ``inplace_abn`` package's function (its argument order), computed
+    exactly with torch's γ (:class:`normkit.InPlaceABN`): in training the output is written over ``input``
+    where autograd allows it (an intermediate of the graph) and only the output is saved for backward; given
+    running statistics move in place by torch's formula. In eval: BatchNorm with the running statistics, then
+    the activation."""
+    from . import ops_inplace as IA
+
+    check_inplace_abn_activation("inplace_abn", activation, activation_param)
+    C.batch_norm("inplace_abn", input, running_mean, running_var, weight, bias, training, eps, None, "", _ACT_NAMES)
+    if not training:
+        y = batch_norm_checked(input, running_mean, running_var, weight, bias, False, eps)
+        return inplace_abn_activation(y, activation, activation_param)
+    path = route.choose(_BN_TRAIN, True, input, weight, bias, running_mean, running_var)
+    if path in (TORCH, OP):
+        y = aten_path.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps, None, "")
+        return inplace_abn_activation(y, activation, activation_param)
+    kind = IA.KINDS[activation]
+    y, mean, var, count, _ = IA.train(input, weight, bias, eps, kind, activation_param,
+                                      IA.refusal(kind, activation_param, weight, bias), IA.can_write(input))
+    if count > 0 and running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            _update_running(running_mean, mean, momentum)
+            _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
+    return y
+
+
+def inplace_abn_module(layer, input: Tensor, group=None) -> Tensor:
+    """The forward of :class:`normkit.InPlaceABN` and :class:`normkit.InPlaceABNSync` (``group``: the process
+    group whose ranks' batches form the statistics, None for one process): ``act(BatchNorm(x))`` with torch's γ.
+
+    * eval (running statistics): BatchNorm's eval form, then the activation in torch's function;
+    * training, plain eager (ONE_CALL / KERNELS): normkit's in-place kernels (:mod:`normkit.ops_inplace`),
+      which save only the output where inversion is exact and write it over ``x`` where the layer allows it
+      (``layer.inplace``) and autograd does (:func:`normkit.ops_inplace.can_write`); elsewhere they keep ``x``
+      and the layer says so once;
+    * training elsewhere (TORCH: compile, export, transforms, subclasses): torch's BatchNorm → activation.
+
+    Running statistics move by the layer's ``_update_running_stats`` (:mod:`normkit.running_stats`).
+    """
+    from . import ops_inplace as IA
+
+    weight, bias, running_mean, running_var = layer._state()
+    activation, param = layer.activation, layer.activation_param
+    where = type(layer).__name__
+    check_inplace_abn_activation(where, activation, param)
+    batch_stats = layer.training or running_mean is None
+    update = layer.training and layer.track_running_stats and running_mean is not None
+    sync = batch_stats and group is not None and distributed_active(group)
+    C.batch_norm(where, input, running_mean, running_var, weight, bias, batch_stats, layer.eps, None, "", _ACT_NAMES,
+                 num_features=layer.num_features, count_rule=not sync)
+    if not batch_stats:
+        y = batch_norm_checked(input, running_mean, running_var, weight, bias, False, layer.eps)
+        return inplace_abn_activation(y, activation, param)
+    on_stats = layer._update_running_stats if update else None
+    path = route.choose(_BN_TRAIN, True, input, weight, bias)
+    if path in (TORCH, OP):
+        if sync:
+            from . import distributed as D
+
+            raise NotImplementedError(
+                f"{where}: batch statistics across {D.world_size(group)} ranks under torch.func, forward-mode AD, "
+                "tracing, export, torch.compile or a tensor subclass are not supported (as for SyncBatchNorm); "
+                "call the model in eval() mode")
+        y = _batch_norm_on(TORCH, input, None, None, weight, bias, True, 0.0, layer.eps, None, "", on_stats=on_stats)
+        return inplace_abn_activation(y, activation, param)
+    kind = IA.KINDS[activation]
+    refusal = IA.refusal(kind, param, weight, bias)  # (each call: the parameters may change any time)
+    in_place = layer.inplace and IA.can_write(input)
+    check = None
+    if sync:
+        def check(count):
+            if count == 1:
+                raise fail(where, "input", "more than 1 value per channel over all ranks when training",
+                           f"input of {C.shape_str(input)} on this rank and 1 value per channel in total")
+    y, mean, var, count, refused = IA.train(input, weight, bias, layer.eps, kind, param, refusal, in_place, sync,
+                                            group, check)
+    if refused is not None:
+        IA.warn_fallback(layer, refused)
+    if on_stats is not None:
+        on_stats(mean, var, count)
+    return y
 
 
 # ----------------------------------------------------------------------------- instance norm

@@ -220,6 +220,65 @@ class ReferenceBackend(Backend):
         dims = _channel_dims(x)
         return _like(dx, x), (dys * xhat).sum(dim=dims), dys.sum(dim=dims)
 
+    # ---------------------------------------------------------------- in-place activated BatchNorm
+    def iabn_apply(self, x, scale, shift, kind, param, in_place):
+        z = self._pre_activation(x, scale, shift, None)
+        y = _iabn_act(z, kind, param)
+        if in_place:
+            return x.copy_(y)
+        return _like(y, x)
+
+    def _iabn_dz_xhat(self, src, dy, mean, rstd, weight, bias, kind, param, from_output):
+        """(dz, x̂, scale) in stat dtype: from the output y (a⁻¹, then (z − β)/γ) or the input x."""
+        sd = rstd.dtype
+        nd = src.dim()
+        s, g = src.to(sd), dy.to(sd)
+        scale = rstd if weight is None else weight.to(sd) * rstd
+        if from_output:
+            pos = s > 0
+            if kind == 1:
+                z, dz = torch.where(pos, s, s / param), torch.where(pos, g, g * param)
+            elif kind == 2:
+                z = torch.where(pos, s, torch.log1p(torch.clamp(s, max=0) / param))
+                dz = torch.where(pos, g, g * (s + param))
+            else:
+                z, dz = s, g
+            xhat = z if bias is None else z - _per_channel(bias.to(sd), nd)
+            xhat = xhat if weight is None else xhat / _per_channel(weight.to(sd), nd)
+        else:
+            xhat = (s - _per_channel(mean.to(sd), nd)) * _per_channel(rstd, nd)
+            z = xhat * _per_channel(weight.to(sd), nd) if weight is not None else xhat
+            z = z if bias is None else z + _per_channel(bias.to(sd), nd)
+            if kind == 1:
+                dz = torch.where(z > 0, g, g * param)
+            elif kind == 2:
+                dz = torch.where(z > 0, g, g * (param * torch.exp(z)))
+            else:
+                dz = g
+        return dz, xhat, scale
+
+    def iabn_backward_reduce(self, src, dy, mean, rstd, weight, bias, kind, param, from_output):
+        dz, xhat, _ = self._iabn_dz_xhat(src, dy, mean, rstd, weight, bias, kind, param, from_output)
+        dims = _channel_dims(src)
+        return dz.sum(dim=dims), (dz * xhat).sum(dim=dims)
+
+    def iabn_backward_dx(self, src, dy, mean, rstd, weight, bias, kind, param, from_output, mean_dz, mean_dz_xhat):
+        dz, xhat, scale = self._iabn_dz_xhat(src, dy, mean, rstd, weight, bias, kind, param, from_output)
+        nd, sd = src.dim(), rstd.dtype
+        dx = _per_channel(scale, nd) * (dz - _per_channel(mean_dz.to(sd), nd)
+                                        - xhat * _per_channel(mean_dz_xhat.to(sd), nd))
+        return _like(dx, src)
+
+
+def _iabn_act(z: torch.Tensor, kind: int, param: float) -> torch.Tensor:
+    """InPlace-ABN's activation by torch's own function (0 identity, 1 leaky ReLU, 2 ELU)."""
+    if kind == 1:
+        return torch.nn.functional.leaky_relu(z, param)
+    if kind == 2:
+        return torch.nn.functional.elu(z, param)
+    return z
+
+
 def _spatial(x: torch.Tensor) -> int:
     return math.prod(x.shape[2:])
 

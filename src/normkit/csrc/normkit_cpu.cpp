@@ -268,6 +268,9 @@ TORCH_LIBRARY_IMPL(normkit_cpu, CPU, m) {
 // The eager path: the differentiable ops with their autograd in C++ (a fragment of the library)
 #include "autograd.h"
 
+// In-place activated BatchNorm: its kernels and operators (a fragment of the library)
+#include "inplace_abn.h"
+
 // `import normkit._C` loads this library, whose static initialisers above register the operators; the
 // module's own functions are the layers' one-call forwards (layers.cpp).
 static struct PyModuleDef normkit_c_module = {

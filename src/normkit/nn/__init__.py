@@ -21,6 +21,7 @@ from .fused import (
 )
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from .groupnorm import GroupNorm
+from .inplace_abn import InPlaceABN, InPlaceABNSync
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layernorm import LayerNorm, RMSNorm
 from .layernorm2d import LayerNorm2d, RMSNorm2d
@@ -61,4 +62,6 @@ __all__ = [
     "RMSNormAct",
     "RMSNormAct2d",
     "RMSNorm2d",
+    "InPlaceABN",
+    "InPlaceABNSync",
 ]
