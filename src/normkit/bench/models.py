@@ -23,6 +23,10 @@ Groups:
   graph (checkpoint-safe, non-finite-safe running statistics); the first call of each (compile time)
   is recorded as ``compile_s``. With ``--compile``.
 * ``network`` — the ResNet-18-style training step of :mod:`.e2e`.
+* ``inplace`` — in-place activated BatchNorm (:mod:`.inplace`): a pre-activation ResNet with BN → LeakyReLU,
+  the ResNet with LeakyReLU, an EfficientNet-style MBConv stack, torch.nn vs ``convert(model, inplace=True)``:
+  bytes saved for backward, peak memory of the step (fresh process, resident-set high-water mark), paired
+  step times, and the gradients' error against float64 beside torch's.
 * ``saved_bytes`` — bytes autograd keeps for backward during one training step
   (``torch.autograd.graph.saved_tensors_hooks``): the sum over every saved tensor, and the
   distinct storages (a tensor saved twice counted once — the memory actually held).
@@ -294,6 +298,11 @@ def main(args) -> int:
             device, e2e_batch, rounds=args.e2e_rounds or (3 if args.quick else 21),
             widths=(8, 16, 16) if tiny else (32, 64, 128))[:1]]))
     jobs.append(("saved_bytes", lambda: [saved_bytes_record(device, e2e_batch, tiny)]))
+    from . import inplace
+
+    jobs += [(f"inplace {k}", (lambda k=k: [inplace.record(k, device, e2e_batch, args.e2e_rounds or
+                                                           (3 if args.quick else 11), tiny, args.threads)]))
+             for k in inplace.NETWORKS]
     if not args.no_cold and device == "cpu":
         jobs.append(("first_call", lambda: [coldstart.run(1 if args.quick else 3, args.threads)]))
     for key, job in tqdm(jobs, desc="normkit bench models", unit="case", file=sys.stderr):

@@ -13,7 +13,7 @@ JSON schema (``"schema": "normkit-bench/1"``)::
 
 ``--suite models`` writes the same envelope with ``"suite": "models"``, a ``"summary"``
 (``geomean_everyday``, ``geomean_per_call``) and records shaped like the e2e ones plus a
-``"group"`` (``everyday``, ``per call``, ``network``, ``saved_bytes``, ``first_call``); see
+``"group"`` (``everyday``, ``per call``, ``network``, ``saved_bytes``, ``inplace``, ``first_call``); see
 :mod:`.models`. Its impls have no ``GBps`` / ``pct_roofline`` (a model has no roofline here).
 """
 
@@ -159,6 +159,14 @@ def models_table(records: list[dict], summary: dict) -> str:
         diff = r.get("max_output_diff", r.get("max_loss_diff"))
         lines.append(f"{r['op'][:23]:<24}{r['group'][:9]:<10}{r['mode']:<12}{shape:<18}{t['median_ms']:>10.3f}"
                      f"{n['median_ms']:>10.3f}{n['speedup_vs_torch']:>9.2f}{_fmt(diff, '9.1e'):>9}")
+        if r["group"] == "inplace":
+            sb, pk = r["saved_bytes"], r.get("peak_step_bytes") or {}
+            peak = (f", peak of the step {pk['torch'] / 2**20:.1f} -> {pk['normkit'] / 2**20:.1f} MiB "
+                    f"({r['ratio_peak_normkit_vs_torch']:.2f}x)" if pk.get("torch") else "")
+            saved = r["ratio_saved_normkit_vs_torch"]["distinct"]
+            lines.append(f"    saved for backward {sb['torch']['distinct'] / 2**20:.1f} -> "
+                         f"{sb['normkit']['distinct'] / 2**20:.1f} MiB ({saved:.2f}x){peak}; "
+                         f"{r['inplace_layers']} InPlaceABN ({r['writing_layers']} writing their input)")
         if r["group"] == "compiled":
             cs = r["compile_s"]
             lines.append(f"    first call (compile): torch {cs['torch']:.1f} s, normkit {cs['normkit']:.1f} s")
@@ -181,11 +189,11 @@ def models_plot(path: str, records: list[dict], summary: dict, title: str) -> No
     import matplotlib.pyplot as plt
 
     timed = [r for r in records if "impls" in r]
-    mem = [r for r in records if r["group"] == "saved_bytes"]
+    mem = [r for r in records if r["group"] in ("saved_bytes", "inplace")]
     fig, axes = plt.subplots(1, 2, figsize=(max(9, 0.45 * len(timed) + 5), 6),
                              gridspec_kw={"width_ratios": [max(len(timed), 1), 2]})
     colors = {"everyday": "tab:blue", "per call": "tab:orange", "network": "tab:green", "first_call": "tab:red",
-              "compiled": "tab:purple"}
+              "compiled": "tab:purple", "inplace": "tab:brown"}
     xs = np.arange(len(timed))
     ys = [r["impls"]["normkit"]["speedup_vs_torch"] for r in timed]
     axes[0].bar(xs, ys, color=[colors.get(r["group"], "gray") for r in timed])
@@ -203,8 +211,9 @@ def models_plot(path: str, records: list[dict], summary: dict, title: str) -> No
         sb = r["saved_bytes"]
         axes[1].bar([2 * i - 0.2, 2 * i + 0.2], [sb["torch"]["distinct"] / 2**20, sb["normkit"]["distinct"] / 2**20],
                     0.4, color=["gray", "tab:blue"])
-    axes[1].set_xticks([2 * i for i in range(len(mem))], ["torch | normkit"] * len(mem), fontsize=8)
-    axes[1].set_ylabel("MiB saved for backward (ResNet step)")
+    axes[1].set_xticks([2 * i for i in range(len(mem))], [f"{r['op'][:18]}\ntorch | normkit" for r in mem],
+                       fontsize=7, rotation=60, ha="right")
+    axes[1].set_ylabel("MiB saved for backward (training step)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -65,7 +65,8 @@ class InPlaceABN(_BatchNormForward, _BatchNorm):
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
-        if name in ("activation", "activation_param") and "activation_param" in self.__dict__:
+        if name in ("activation", "activation_param") and "activation_param" in self.__dict__ \
+                and "activation" in self.__dict__:
             object.__setattr__(self, "act", _activation_module(self.activation, self.activation_param))
 
     def _check_input_dim(self, input: Tensor) -> None:

@@ -20,6 +20,11 @@ stay valid. Activations called from a ``forward`` (not listed in a Sequential) a
 The fused layers convert back to torch only as far as torch has them: ``to="torch"`` leaves
 them alone (with a warning), since undoing the fusion would need a new activation module.
 
+``inplace=True`` swaps exact ``BatchNorm → LeakyReLU/ELU`` pairs, and BatchNorms that only feed a
+convolution or linear layer, for :class:`normkit.InPlaceABN` (same function, only the output saved for
+backward); ``inplace_abn``'s and timm's in-place ABN classes are swapped for it by name in every conversion
+(:mod:`.inplace`, with the ``|γ| + ε`` caveat of weights trained with the ``inplace_abn`` package).
+
 ``fuse=True`` also fuses patterns written in a ``forward()`` (:mod:`._fx_fuse`): in every module
 with a :class:`normkit.BatchNorm2d` child, the torchvision BasicBlock / Bottleneck tail
 ``relu(bn(h) + shortcut)`` and ``relu(bn(h))``, found with ``torch.fx``, run as one fused
@@ -115,7 +120,7 @@ def _fuse_sequentials(model: nn.Module) -> None:
             seq._modules[second] = nn.Identity()
 
 
-def convert(model: nn.Module, to: str = "normkit", fuse: bool = False) -> nn.Module:
+def convert(model: nn.Module, to: str = "normkit", fuse: bool = False, *, inplace: bool = False) -> nn.Module:
     """Replace every norm layer of ``model`` in place and return the model.
 
     Args:
@@ -124,11 +129,20 @@ def convert(model: nn.Module, to: str = "normkit", fuse: bool = False) -> nn.Mod
         fuse: with ``to="normkit"``, also fuse ``norm → activation`` pairs of an
             ``nn.Sequential`` into one layer, and ``relu(bn(h) [+ shortcut])`` written in a
             ``forward()`` (see the module docstring).
+        inplace: with ``to="normkit"``, also swap ``BatchNorm → LeakyReLU/ELU`` pairs, and BatchNorms that
+            only feed convolutions or linear layers, for :class:`normkit.InPlaceABN`, which saves only its
+            output for backward (:mod:`.inplace`); the function is unchanged.
     """
     if to not in ("normkit", "torch"):
         raise ValueError(f"convert: to: expected 'normkit' or 'torch', got {to!r}")
     if fuse and to != "normkit":
         raise ValueError("convert: fuse: expected fuse=True only with to='normkit', got to='torch'")
+    if inplace and to != "normkit":
+        raise ValueError("convert: inplace: expected inplace=True only with to='normkit', got to='torch'")
+    if to == "normkit":  # inplace_abn's and timm's in-place ABN classes, by name (tools/inplace.py)
+        from .inplace import swap_abn_classes
+
+        model = swap_abn_classes(model)
     table = _TO_NORMKIT if to == "normkit" else _TO_TORCH
     known = set(_TO_NORMKIT) | set(_TO_TORCH)
     done: dict[int, nn.Module] = {}  # a layer used in several places stays one layer
@@ -140,6 +154,10 @@ def convert(model: nn.Module, to: str = "normkit", fuse: bool = False) -> nn.Mod
                 if done[id(child)] is not child:
                     parent._modules[name] = done[id(child)]
     model = _convert_one(model, table, known)
+    if inplace:
+        from .inplace import make_inplace
+
+        make_inplace(model)
     if fuse:
         from ._fx_fuse import fuse_forward_patterns
 
