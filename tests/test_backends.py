@@ -58,6 +58,7 @@ def test_selected_backend_computes_every_entry_point(isolated_registry):
         normkit.GroupNorm(2, 6)(x).sum().backward()
         normkit.LayerNorm(5)(x).sum().backward()
         normkit.LayerNorm2d(6)(x.unsqueeze(-1)).sum().backward()
+        normkit.InPlaceABN(6)(x * 1.0).sum().backward()
     assert set(spy.calls) == set(backends.OPS)
 
 

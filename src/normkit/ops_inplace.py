@@ -84,7 +84,7 @@ def refusal(kind: int, param: float, weight: Tensor | None, bias: Tensor | None)
             return None
         excess = beta.to(torch.float64) / gamma.to(torch.float64)  # inf where γ = 0, NaN for 0/0
         c = int((~(excess <= INVERT_LIMIT)).nonzero()[0, 0]) if bool((~(excess <= INVERT_LIMIT)).any()) else 0
-    return (f"channel {c} has γ = {float(weight[c]):.3g}, β = {0.0 if bias is None else float(bias[c]):.3g}: "
+    return (f"channel {c} has γ = {float(gamma[c]):.3g}, |β| = {float(beta[c]):.3g}: "
             f"|β|/|γ| = {float(excess[c]):.3g} > {INVERT_LIMIT:g}, inverting would amplify the output's rounding")
 
 
@@ -289,7 +289,7 @@ def _kernel_backward(src, dy, weight, bias, mean, var, plan, inverted, need_dx):
     kind, param, eps = plan["kind"], plan["param"], plan["eps"]
     dy = dy.contiguous(memory_format=_format(src)) if dy.stride() != src.stride() else dy
     rstd = torch.rsqrt(var + eps)
-    if src.numel() == 0:
+    if src.numel() == 0 and not plan.get("sync"):
         zeros = torch.zeros_like(var)
         return torch.empty_like(src), zeros, zeros.clone()
     if not plan.get("sync"):
@@ -299,10 +299,15 @@ def _kernel_backward(src, dy, weight, bias, mean, var, plan, inverted, need_dx):
     from .distributed import all_reduce_sums
 
     be = backends.resolve("iabn_backward_reduce", src)
-    sum_dz, sum_dz_xhat = be.iabn_backward_reduce(src, dy, mean, rstd, weight, bias, kind, param, inverted)
+    if src.numel() == 0:  # a rank without samples still takes part in the collective
+        sum_dz, sum_dz_xhat = torch.zeros_like(var), torch.zeros_like(var)
+    else:
+        sum_dz, sum_dz_xhat = be.iabn_backward_reduce(src, dy, mean, rstd, weight, bias, kind, param, inverted)
     total_dz, total_dz_xhat = all_reduce_sums(sum_dz, sum_dz_xhat, plan["group"])
     dx = None
-    if need_dx:
+    if need_dx and src.numel() == 0:
+        dx = torch.empty_like(src)
+    elif need_dx:
         count = max(plan["count"], 1)
         dx = be.iabn_backward_dx(src, dy, mean, rstd, weight, bias, kind, param, inverted,
                                  total_dz.to(torch.float64) / count, total_dz_xhat.to(torch.float64) / count)
