@@ -149,6 +149,19 @@ def test_saved_bytes_counts_what_autograd_keeps(models_run):
                                                          rec["saved_bytes"]["torch"]["distinct"])
 
 
+def test_inplace_group_reports_memory_and_agreement(models_run):
+    doc, _ = models_run
+    recs = {r["op_key"]: r for r in doc["records"] if r["group"] == "inplace"}
+    assert set(recs) == {"inplace_preact_resnet_leaky", "inplace_resnet_leaky", "inplace_efficientnet_block"}
+    pre = recs["inplace_preact_resnet_leaky"]
+    assert pre["ratio_saved_normkit_vs_torch"]["distinct"] < 0.6 and pre["inplace_layers"] == 13
+    for rec in recs.values():
+        agree = rec["agreement"]
+        assert agree["normkit_grad_err"] <= 3 * agree["torch_grad_err"] + 1e-6, agree
+        peaks = rec["peak_step_bytes"]
+        assert peaks is None or (peaks["torch"] > 0 and peaks["normkit"] > 0)
+
+
 def test_saved_bytes_of_a_known_graph():
     import torch
 

@@ -253,3 +253,54 @@ class TritonBackend(Backend):
         with _on(x):
             return self._k.ln2d_backward(x, _dense_like(dy, x), _stat(mean), _stat(rstd), _vec(weight),
                                          bool(need_dweight), block_c=_TUNING["ln2d_block_c"])
+
+    # ------------------------------------------------------------------ in-place activated BatchNorm
+    # (kernels/triton/inplace_abn.py; iabn_forward and iabn_backward are the interface's compositions:
+    # channel_stats + iabn_apply, and the reduce + dx kernels)
+    @property
+    def _iabn(self):
+        self._k  # noqa: B018 - the kernel package first (it fixes interpreter vs GPU)
+        return importlib.import_module("normkit.kernels.triton.inplace_abn")
+
+    @staticmethod
+    def _iabn_constants(mean, rstd, weight, bias, from_output):
+        """(centre, factor, scale, shift) per channel, fp32 contiguous (normkit.ops_inplace's formulas)."""
+        from .backends import scale_shift
+
+        mean, rstd = mean.to(torch.float32), rstd.to(torch.float32)
+        scale, shift = scale_shift(weight, bias, mean, rstd)
+        if from_output:
+            centre = bias.to(torch.float32) if bias is not None else torch.zeros_like(mean)
+            factor = 1.0 / weight.to(torch.float32) if weight is not None else torch.ones_like(mean)
+        else:
+            centre, factor = mean, rstd
+        return tuple(t.contiguous() for t in (centre, factor, scale, shift))
+
+    def iabn_apply(self, x, scale, shift, kind, param, in_place):
+        if x.numel() == 0:
+            return _REFERENCE.iabn_apply(x, scale, shift, kind, param, in_place)
+        with _on(x):
+            return self._iabn.iabn_apply(x, _stat(scale), _stat(shift), kind, param, in_place,
+                                         block=_TUNING["elementwise_block"])
+
+    def iabn_backward_reduce(self, src, dy, mean, rstd, weight, bias, kind, param, from_output):
+        if src.numel() == 0:
+            return _REFERENCE.iabn_backward_reduce(src, dy, mean, rstd, weight, bias, kind, param, from_output)
+        centre, factor, scale, shift = self._iabn_constants(mean, rstd, weight, bias, from_output)
+        with _on(src):
+            s1, s2 = self._iabn.iabn_backward_reduce(src, _dense_like(dy, src), centre, scale, shift, kind, param,
+                                                     from_output, programs=self._target_programs(src),
+                                                     tile=_TUNING["channel_tile"])
+        return s1.to(torch.float32), (s2 * factor.to(torch.float64)).to(torch.float32)
+
+    def iabn_backward_dx(self, src, dy, mean, rstd, weight, bias, kind, param, from_output, mean_dz, mean_dz_xhat):
+        if src.numel() == 0:
+            return _REFERENCE.iabn_backward_dx(src, dy, mean, rstd, weight, bias, kind, param, from_output, mean_dz,
+                                               mean_dz_xhat)
+        centre, factor, scale, shift = self._iabn_constants(mean, rstd, weight, bias, from_output)
+        s64 = scale.to(torch.float64)
+        q = (-s64 * factor.to(torch.float64) * mean_dz_xhat.to(torch.float64)).to(torch.float32)
+        r = (-s64 * mean_dz.to(torch.float64)).to(torch.float32)
+        with _on(src):
+            return self._iabn.iabn_backward_dx(src, _dense_like(dy, src), centre, scale, shift, q, r, kind, param,
+                                               from_output, block=_TUNING["elementwise_block"])
