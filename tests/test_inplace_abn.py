@@ -15,7 +15,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as TF
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
