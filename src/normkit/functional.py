@@ -122,8 +122,8 @@ def batch_norm(
             # (a training call that moves running statistics stays on the Python paths: the aten route
             # moves them by aten's formula, the kernel route by this module's _update_running)
             served = _fast.entries().batch_norm(input, weight, bias, running_mean, running_var, None, _ANY_RANK,
-                                      input.shape[1], training, False, None, eps, residual, code, False,
-                                      path == ONE_CALL_ATEN)
+                                                input.shape[1], training, False, None, eps, residual, code, False,
+                                                path == ONE_CALL_ATEN)
             if served is not None:
                 return served[0]
         path = _declined(path)
@@ -189,10 +189,10 @@ def batch_norm_module(layer, input: Tensor, residual: Tensor | None = None, act:
         if code is not None and not (update and (not layer._one_call_update or
                                                  "_update_running_stats" in layer.__dict__)):
             policy = running_stats.update_policy(layer) if update else None
-            served = _fast.entries().batch_norm(input, weight, bias, running_mean, running_var,
-                                      layer._buffers.get("num_batches_tracked"), layer._dims_mask, layer.num_features,
-                                      batch_stats, policy is not None, layer.momentum, layer.eps, residual, code,
-                                      policy == "skip", path == ONE_CALL_ATEN)
+            served = _fast.entries().batch_norm(
+                input, weight, bias, running_mean, running_var, layer._buffers.get("num_batches_tracked"),
+                layer._dims_mask, layer.num_features, batch_stats, policy is not None, layer.momentum, layer.eps,
+                residual, code, policy == "skip", path == ONE_CALL_ATEN)
             if served is not None:
                 if served[1]:
                     running_stats.count_skipped(layer, running_mean.device)
