@@ -328,6 +328,9 @@ def test_torch_path_compile_trace_func():
     torch.testing.assert_close(compiled(x.clone()), want, rtol=0, atol=1e-12)
     for name in ("running_mean", "running_var", "num_batches_tracked"):  # one training forward each
         torch.testing.assert_close(getattr(layer, name), getattr(ref[0], name), rtol=0, atol=1e-12)
+    exported = torch.export.export(layer, (x.clone(),)).module()  # training: statistics written out
+    torch.testing.assert_close(exported(x.clone()), want, rtol=0, atol=1e-12)
+    ref[0].load_state_dict(layer.state_dict())  # (the exported module may have moved the shared statistics)
     traced = torch.jit.trace(layer.eval(), (x.clone(),), check_trace=False)
     torch.testing.assert_close(traced(x.clone()), ref.eval()(x.clone()), rtol=0, atol=1e-12)
     free, free_ref = make("elu", c=4, track_running_stats=False)  # (torch.func refuses buffer updates, as torch's)

@@ -241,3 +241,34 @@ def test_inplace_abn_sync_two_ranks_equals_one_process_batchnorm():
         assert tb is None, f"rank {rank}:\n{tb}"
         for name, err in errors.items():
             assert err < 1e-11, f"rank {rank} {name}: {err:.3g}"
+
+
+def test_convert_sync_batchnorm_keeps_inplace_abn():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), normkit.InPlaceABN(4, activation="elu", activation_param=0.3))
+    synced = normkit.SyncBatchNorm.convert_sync_batchnorm(model)
+    layer = synced[1]
+    assert type(layer) is normkit.InPlaceABNSync and layer.activation == "elu" and layer.activation_param == 0.3
+    assert layer.weight is model[1].weight and layer.group is None
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(synced(x), model(x), rtol=0, atol=0)  # not distributed: InPlaceABN's forward
+
+
+def test_fold_freeze_recalibrate_see_the_activation():
+    torch.manual_seed(0)
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.LeakyReLU(0.2), nn.Conv2d(4, 4, 1)))
+    model = normkit.convert(model, inplace=True)
+    assert type(model[1]) is normkit.InPlaceABN
+    x = torch.randn(2, 3, 6, 6)
+    model(x)  # move the running statistics
+    model.eval()
+    want = model(x)
+    frozen = normkit.freeze(copy.deepcopy(model))
+    torch.testing.assert_close(frozen(x), want, rtol=1e-6, atol=1e-6)
+    folded = normkit.fold(copy.deepcopy(model))
+    assert not any(isinstance(m, normkit.InPlaceABN) for m in folded.modules())
+    torch.testing.assert_close(folded(x), want, rtol=1e-5, atol=1e-5)
+    recal = normkit.recalibrate(copy.deepcopy(model), [x])
+    with torch.no_grad():
+        h = model[0](x)
+    torch.testing.assert_close(recal[1].running_mean, h.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(recal[1].running_var, h.var(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)

@@ -32,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormForward
+from .inplace_abn import InPlaceABN, InPlaceABNSync
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
 
@@ -117,7 +118,8 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
         ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``, and any BatchNorm subclass with an ``act``
         attribute (normkit's fused norm + activation layers), which becomes a
         :class:`SyncBatchNormAct` keeping that activation (computed as
-        ``act(bn(x) + residual)``). The new layers hold the very same parameter and buffer
+        ``act(bn(x) + residual)``); :class:`normkit.InPlaceABN` becomes :class:`normkit.InPlaceABNSync`.
+        The new layers hold the very same parameter and buffer
         tensors (an optimizer built before still updates them), hooks and training flag.
         Other BatchNorm subclasses (BatchRenorm, GhostBatchNorm, yours) are left alone with a
         warning: their forward is not BatchNorm's.
@@ -199,7 +201,9 @@ _PLAIN = (
 )
 
 
-def _sync_class_for(module: nn.Module) -> type[SyncBatchNorm] | None:
+def _sync_class_for(module: nn.Module) -> type[nn.Module] | None:
+    if type(module) in (InPlaceABN, InPlaceABNSync):  # stays in place, statistics over the ranks
+        return InPlaceABNSync
     if "act" in module.__dict__ or "act" in module._modules:  # a fused norm + activation layer
         return SyncBatchNormAct
     if type(module) in _PLAIN:
