@@ -135,7 +135,7 @@ class _PackageABN(nn.Module):
 _PackageABN.__module__, _PackageABN.__qualname__, _PackageABN.__name__ = "inplace_abn.abn", "InPlaceABN", "InPlaceABN"
 
 
-def test_inplace_abn_package_classes_by_name_and_reparameterize():
+def test_inplace_abn_package_classes_by_name_exact():
     base = nn.Sequential(nn.Conv2d(3, 4, 1), _PackageABN(4, activation="elu", activation_param=0.5)).double()
     with torch.no_grad():
         base[1].weight.copy_(torch.tensor([1.0, -0.7, 0.4, -1.2]))
@@ -146,9 +146,11 @@ def test_inplace_abn_package_classes_by_name_and_reparameterize():
         conv = normkit.convert(copy.deepcopy(base))
     layer = conv[1]
     assert type(layer) is normkit.InPlaceABN and (layer.activation, layer.activation_param) == ("elu", 0.5)
+    torch.testing.assert_close(conv(x), want, rtol=0, atol=1e-12)  # the weights now hold |γ| + ε
     assert set(conv.state_dict()) == set(base.state_dict())
     base.load_state_dict(conv.state_dict())
-    assert not torch.allclose(conv(x), want)  # torch's γ: another function where γ < 0
+    conv.load_state_dict(copy.deepcopy(base).state_dict() | {"1.weight": torch.tensor([1.0, -0.7, 0.4, -1.2])})
+    assert not torch.allclose(conv(x), want)  # a package checkpoint loaded as it is: another function where γ < 0
     assert T.reparameterize_abn_weights(conv) == 1
     torch.testing.assert_close(conv(x), want, rtol=0, atol=1e-12)
 
@@ -159,16 +161,16 @@ def test_timm_inplace_abn(timm):
         layer.weight.uniform_(-1.5, 1.5)
         layer.bias.uniform_(-0.3, 0.3)
     keys = set(layer.state_dict())
+    effective = layer.weight.detach().abs() + layer.eps  # what the package's kernels scale by
     with pytest.warns(UserWarning, match=r"\|γ\| \+ ε"):
         model = normkit.convert(nn.Sequential(nn.Conv2d(3, 6, 1), layer))
     new = model[1]
     assert type(new) is normkit.InPlaceABN and new.activation == "leaky_relu" and new.activation_param == 0.2
     assert set(new.state_dict()) == keys  # no num_batches_tracked, as timm's
     timm.layers.InplaceAbn(6).load_state_dict(new.state_dict())
-    T.reparameterize_abn_weights(model)
     x = 3 + torch.randn(2, 3, 4, 4)
     h = model[0](x)
-    want = TF.leaky_relu(TF.batch_norm(h, None, None, new.weight, new.bias, True, 0.0, 1e-5), 0.2)
+    want = TF.leaky_relu(TF.batch_norm(h, None, None, effective, new.bias, True, 0.0, 1e-5), 0.2)
     torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
 
 

@@ -4,12 +4,12 @@
 **The classes** (:func:`swap_abn_classes`, run by every ``convert(to="normkit")``): ``inplace_abn``'s
 ``InPlaceABN``, ``InPlaceABNSync`` and ``ABN`` and timm's ``InplaceAbn`` — known by module and qualified name,
 never imported — become :class:`normkit.InPlaceABN` / :class:`normkit.InPlaceABNSync` holding the very same
-parameter and buffer tensors (state_dict keys unchanged, so checkpoints load both ways; timm's layer has no
-``num_batches_tracked`` and the swapped one has none either). The ``inplace_abn`` package's own kernels
-(``InPlaceABN``, ``InPlaceABNSync``, timm's ``InplaceAbn``) compute ``act(x̂·(|γ| + ε) + β)``; normkit computes
-``act(γ·x̂ + β)``: the swapped model computes something else wherever a weight is negative (and by ε
-elsewhere). :func:`reparameterize_abn_weights` rewrites ``γ ← |γ| + ε`` in those layers, after which the
-model computes exactly what it did (warned at conversion). ``ABN`` is plain BatchNorm → activation: exact as is.
+parameter and buffer tensors (state_dict keys unchanged; timm's layer has no ``num_batches_tracked`` and the
+swapped one has none either). The ``inplace_abn`` package's kernels (its ``InPlaceABN``, ``InPlaceABNSync``,
+and timm's ``InplaceAbn``, which calls them) compute ``act(x̂·(|γ| + ε) + β)``, normkit ``act(γ·x̂ + β)``: so
+that the swap is exact, the swap rewrites ``γ ← |γ| + ε`` in place (warned once). A checkpoint the package
+saved, loaded into the converted model later, needs the same rewrite: :func:`reparameterize_abn_weights`
+after the load. ``ABN`` is plain BatchNorm → activation: swapped as it is.
 
 **convert(model, inplace=True)** (:func:`make_inplace`) swaps, with the function unchanged:
 
@@ -53,7 +53,7 @@ _TIMM_MODULES = ("timm.layers.inplace_abn", "timm.models.layers.inplace_abn")
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nk.BatchNorm1d, nk.BatchNorm2d, nk.BatchNorm3d)
 _FRESH_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                     nn.Linear)
-_ABS_MARK = "_abn_abs_weight"  # a layer swapped from a |γ| + ε class (until reparameterize_abn_weights)
+_ABS_MARK = "_abn_abs_weight"  # a layer swapped from a |γ| + ε class (whose weights the package's kernels read as |γ| + ε)
 
 
 def _abn_kind(module: nn.Module) -> tuple[type, bool] | None:
@@ -104,8 +104,9 @@ def _from_abn(module: nn.Module) -> nn.Module | None:
 
 
 def swap_abn_classes(model: nn.Module) -> nn.Module:
-    """Swap every ``inplace_abn`` / timm in-place ABN layer of ``model`` (and ``model`` itself) for normkit's
-    (module docstring); warn once about the ``|γ| + ε`` weights."""
+    """Swap every ``inplace_abn`` / timm in-place ABN layer of ``model`` (and ``model`` itself) for normkit's,
+    rewriting the weights of the package's ``|γ| + ε`` layers so that the function is unchanged (module
+    docstring); warns once when it rewrote any."""
     done: dict[int, nn.Module | None] = {}
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
@@ -117,27 +118,32 @@ def swap_abn_classes(model: nn.Module) -> nn.Module:
                 parent._modules[name] = done[id(child)]
     top = _from_abn(model)
     model = top if top is not None else model
-    absolute = sum(1 for m in model.modules() if m.__dict__.get(_ABS_MARK))
-    if absolute:
+    rewritten = sum(_reparameterize(m) for m in done.values() if m is not None) + (
+        _reparameterize(top) if top is not None else 0)
+    if rewritten:
         warnings.warn(
-            f"normkit.convert: {absolute} in-place ABN layer(s) of the inplace_abn package (or timm's InplaceAbn) "
-            "became normkit.InPlaceABN, which computes act(γ·x̂ + β) where the package computed act((|γ| + ε)·x̂ + β):"
-            " weights trained with the package give another function wherever γ < 0. "
-            "normkit.tools.inplace.reparameterize_abn_weights(model) rewrites γ ← |γ| + ε so that the model computes "
-            "what it computed", stacklevel=3)
+            f"normkit.convert: {rewritten} in-place ABN layer(s) of the inplace_abn package (or timm's InplaceAbn, "
+            "which calls it) became normkit.InPlaceABN, which computes act(γ·x̂ + β) where the package computed "
+            "act((|γ| + ε)·x̂ + β): their weight now holds |γ| + ε, so the model computes what it computed. A "
+            "checkpoint saved by the package and loaded into the converted model needs the same rewrite: "
+            "normkit.tools.inplace.reparameterize_abn_weights(model) after loading it", stacklevel=3)
     return model
 
 
 @torch.no_grad()
+def _reparameterize(layer: nn.Module) -> int:
+    if not layer.__dict__.get(_ABS_MARK):
+        return 0
+    layer.weight.abs_().add_(layer.eps)
+    return 1
+
+
 def reparameterize_abn_weights(model: nn.Module) -> int:
-    """``γ ← |γ| + ε`` in place in every layer :func:`swap_abn_classes` made from a ``|γ| + ε`` class, so the
-    model computes exactly what the ``inplace_abn`` package's kernels computed; returns how many layers."""
-    count = 0
-    for m in model.modules():
-        if m.__dict__.pop(_ABS_MARK, False):
-            m.weight.abs_().add_(m.eps)
-            count += 1
-    return count
+    """``γ ← |γ| + ε`` in place in every layer :func:`swap_abn_classes` made from a ``|γ| + ε`` class: call it
+    after loading a checkpoint saved by the ``inplace_abn`` package (or timm's ``InplaceAbn``) into a converted
+    model, so that the model computes what the package's did (convert itself already did it for the weights the
+    model held). Returns how many layers it rewrote."""
+    return sum(_reparameterize(m) for m in model.modules())
 
 
 # ----------------------------------------------------------------------------- convert(inplace=True)
