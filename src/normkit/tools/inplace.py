@@ -53,7 +53,7 @@ _TIMM_MODULES = ("timm.layers.inplace_abn", "timm.models.layers.inplace_abn")
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nk.BatchNorm1d, nk.BatchNorm2d, nk.BatchNorm3d)
 _FRESH_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                     nn.Linear)
-_ABS_MARK = "_abn_abs_weight"  # a layer swapped from a |γ| + ε class (whose weights the package's kernels read as |γ| + ε)
+_ABS_MARK = "_abn_abs_weight"  # a layer swapped from a |γ| + ε class of the package
 
 
 def _abn_kind(module: nn.Module) -> tuple[type, bool] | None:
