@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import statistics
 
+import normkit._C  # noqa: F401  (the extension: torch.ops.normkit_cpu)
 import torch
 import torch.nn.functional as F
-
-import normkit._C  # noqa: F401  (the extension: torch.ops.normkit_cpu)
 
 K = torch.ops.normkit_cpu
 
