@@ -36,10 +36,9 @@ MODELS = ["regnetx_002", "vit_tiny", "convnext_atto", "tv_resnet18_frozen",
 # Models whose norm classes convert does not know yet (issue 20): their coverage target is an
 # expected failure until the recipes land. Remove a key when its test XPASSes.
 NOT_YET = {
-    "regnetx_002": "timm BatchNormAct2d", "vit_tiny": "timm LayerNorm",
-    "tv_resnet18_frozen": "torchvision FrozenBatchNorm2d", "llama": "LlamaRMSNorm", "gemma": "GemmaRMSNorm",
-    "qwen3": "Qwen3RMSNorm", "olmo2": "Olmo2RMSNorm", "t5": "T5LayerNorm", "cohere": "CohereLayerNorm",
-    "hf_convnext": "ConvNextLayerNorm",
+    "regnetx_002": "timm BatchNormAct2d", "tv_resnet18_frozen": "torchvision FrozenBatchNorm2d",
+    "llama": "LlamaRMSNorm", "gemma": "GemmaRMSNorm", "qwen3": "Qwen3RMSNorm", "t5": "T5LayerNorm",
+    "cohere": "CohereLayerNorm",
 }
 
 OUT_TOL = 4e-6  # one layer, fp32: ÷ the largest output magnitude (measured ≤ 1e-6)
@@ -154,7 +153,8 @@ def test_converted_model_equals_the_original(key, variant, request):
 def test_swapped_layers_equal_the_originals_fp32(key, request):
     c = case(key, request)
     pairs = list(swapped_pairs(c))
-    if not pairs:
+    if not pairs:  # only while its recipe is missing: a model off NOT_YET must have its layers swapped
+        assert key in NOT_YET, f"convert swaps none of {key}'s norm layers ({sorted(set(c.before.values()))})"
         pytest.skip(f"convert swaps none of {key}'s norm layers yet ({sorted(set(c.before.values()))})")
     for path, orig, new in pairs:
         args, kwargs = c.inputs[path]
@@ -186,7 +186,8 @@ def test_swapped_layers_bf16_error_at_most_the_originals(key, request):
     original class's own bf16 error (or ``BF16_FLOOR``, the last bit's rounding)."""
     c = case(key, request)
     pairs = list(swapped_pairs(c))
-    if not pairs:
+    if not pairs:  # only while its recipe is missing: a model off NOT_YET must have its layers swapped
+        assert key in NOT_YET, f"convert swaps none of {key}'s norm layers ({sorted(set(c.before.values()))})"
         pytest.skip(f"convert swaps none of {key}'s norm layers yet ({sorted(set(c.before.values()))})")
     for path, orig, new in pairs:
         args, kwargs = c.inputs[path]

@@ -39,7 +39,6 @@ import copy
 import importlib
 import importlib.util
 import math
-import re
 import sys
 import time
 import warnings
@@ -52,6 +51,7 @@ import torch
 from torch import nn
 
 import normkit
+from normkit.tools import recipes
 
 from .timing import Clock, paired, summary
 
@@ -272,25 +272,9 @@ def build(spec: ZooSpec, tiny: bool = False, batch: int | None = None, seed: int
 # ---------------------------------------------------------------------------------------------
 # the census of norm layers
 
-_NAME = re.compile(r"Norm(?!ali[sz])")
-_TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
-
-
-def is_norm_layer(module: nn.Module) -> bool:
-    """A normalization layer of any library: a torch.nn norm (or a subclass), or a module whose
-    class name says ``Norm`` (not ``Normalize``) and whose children hold no parameters (so
-    ``ConvNormAct`` or ``NormMlpClassifierHead`` containers are not counted, their norms are)."""
-    if isinstance(module, _TORCH_NORMS):
-        return True
-    if not _NAME.search(type(module).__name__):
-        return False
-    return all(next(c.parameters(), None) is None for c in module.children())
-
-
-def class_name(module: nn.Module) -> str:
-    """``library.ClassName`` (``torch``, ``timm``, ``transformers``, ``normkit``, ...)."""
-    cls = type(module)
-    return f"{cls.__module__.split('.')[0]}.{cls.__qualname__}"
+# the census rule lives with convert's recipes (one copy: the report counts the same layers)
+is_norm_layer = recipes.is_norm_layer
+class_name = recipes.class_name
 
 
 def norm_layers(model: nn.Module) -> dict[str, str]:
