@@ -44,7 +44,6 @@ def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return self.weight * hidden_states.to(input_dtype)
 '''
     b = '''
-@some.decorator
 def other_name(self, x):
     dt = x.dtype
     x = x.to(torch.float32)
@@ -53,6 +52,8 @@ def other_name(self, x):
     return self.weight * x.to(dt)
 '''
     assert recipes.normalise_source(a) == recipes.normalise_source(b)
+    decorated = "@torch.no_grad()\n" + b.strip()  # a wrapper can change what it computes
+    assert recipes.normalise_source(decorated) != recipes.normalise_source(b)
 
 
 @pytest.mark.parametrize("change", [

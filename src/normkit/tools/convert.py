@@ -157,7 +157,7 @@ def _convert_one(module: nn.Module, run: _Pass) -> nn.Module:
     return _to_normkit(module, run) if run.to == "normkit" else _to_torch(module, run)
 
 
-def _fused_activation(module: nn.Module) -> str | None:
+def fused_activation(module: nn.Module) -> str | None:
     """The activation a normkit layer computes inside its kernel (None: none, or run after it)."""
     act = getattr(module, "act", None)
     if isinstance(act, str):
@@ -185,7 +185,7 @@ def _report(census: list[tuple[str, nn.Module]], model: nn.Module, run: _Pass) -
         if new is not None and new is not orig and type(new).__module__.startswith("normkit.") == (run.to == "normkit"):
             e.became[recipes.class_name(new)] += 1
             e.recipes[what or "?"] += 1
-            act = _fused_activation(new)
+            act = fused_activation(new)
             if act:
                 e.fused[act] += 1
         else:

@@ -9,10 +9,11 @@ parameter and buffer tensors. normkit never imports those libraries: a class is 
 * **by module and qualified name** for timm's and torchvision's classes (``_BY_NAME``), with
   ``type(m).forward`` required to be the function that name defines (not one patched in later);
 * **by its forward** for transformers' families (``_FAMILIES``): the source of ``forward`` (and of
-  the helper methods it calls, e.g. ``_norm``) is parsed and normalised — comments, docstrings,
-  annotations and decorators dropped, the arguments and local variables renamed in order of
+  the helper methods it calls, e.g. ``_norm``) is parsed and normalised — comments, docstrings and
+  annotations dropped, the arguments and local variables renamed in order of
   appearance, ``super(Cls, self)`` written ``super()`` — and compared with the family's template.
-  The globals it reads (``torch``, ``F``, ``nn``) must be torch's, and a ``super().forward`` call
+  A decorated forward does not match an undecorated template. The globals it reads (``torch``,
+  ``F``, ``nn``) must be torch's, and a ``super().forward`` call
   must reach the torch class the template names. 140 classes of transformers 5.23 share Llama's
   forward text; a model added next year with that forward is recognised the same way, and a class
   whose forward differs by one token is not (``kernels``' hub replaces ``forward``: not matched);
@@ -118,7 +119,7 @@ class _Rename(ast.NodeTransformer):
 
 def _normalise(fn: ast.FunctionDef) -> tuple[str, set[str]]:
     """(normalised text, global names it reads) of one function definition."""
-    fn.decorator_list, fn.returns, fn.name = [], None, "f"
+    fn.returns, fn.name = None, "f"  # decorators stay: a wrapper may change what the forward computes
     fn = _Strip().visit(fn)
     if not fn.body:
         fn.body = [ast.Pass()]
@@ -418,6 +419,7 @@ def _frozen(recipe: str, eps_attr: str | None = "eps", with_act: bool = False):
         kw = dict(eps=eps, promote=True, **(_act_drop(m) if with_act else {}))
         return Plan(recipe, nk.FrozenBatchNorm2d, (c,), kw, _probe_channels(c))
 
+    plan.recipe = recipe
     return plan
 
 
@@ -433,6 +435,7 @@ def _group_norm(recipe: str, act: bool = False, fast: bool = True):
             return Plan(recipe, nk.GroupNormAct, (g, c), dict(kw, **_act_drop(m)), _probe_channels(c))
         return Plan(recipe, nk.GroupNorm, (g, c), kw, _probe_channels(c))
 
+    plan.recipe = recipe
     return plan
 
 
@@ -463,6 +466,7 @@ def _layer_norm(recipe: str, *, two_d: bool = False, act: bool = False, casting:
         _supports(cls, *[k for k in ("casting", "offset", "layout", "drop") if k in kw])
         return Plan(recipe, cls, args, kw, probe)
 
+    plan.recipe = recipe
     return plan
 
 
@@ -487,6 +491,7 @@ def _rms_norm(recipe: str, *, two_d: bool = False, act: bool = False, fast: bool
         _supports(cls, *(("drop",) if act else ()))
         return Plan(recipe, cls, args, kw, probe)
 
+    plan.recipe = recipe
     return plan
 
 
@@ -562,6 +567,7 @@ def _rms(recipe: str, eps_attr: str, casting: str = "torch", offset: float = 0.0
         _supports(nk.RMSNorm, *[k for k in ("casting", "offset") if k in kw])
         return Plan(recipe, nk.RMSNorm, ((d,),), kw, (2, 3, d))
 
+    plan.recipe = recipe
     return plan
 
 
@@ -885,6 +891,11 @@ def _find_class(cls: type) -> tuple[Callable | None, str | None]:
     if isinstance(cls, type) and issubclass(cls, _TORCH_NORMS):
         return None, "a subclass of a torch.nn norm that changes its methods; no recipe knows its forward"
     return None, "no recipe knows this class"
+
+
+def recipe_name(plan_fn: Callable) -> str:
+    """The name of the recipe ``plan_fn`` is (the report's and docs' name)."""
+    return getattr(plan_fn, "recipe", plan_fn.__name__.strip("_"))
 
 
 def find(module: nn.Module) -> tuple[Callable | None, str | None]:
