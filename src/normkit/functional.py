@@ -38,8 +38,8 @@ from . import _fast, activations, aten_path, ops, route, running_stats
 from ._checks import NormInputError, fail  # noqa: F401  (for the layers: functional is their door)
 from .route import KERNELS, ONE_CALL, ONE_CALL_ATEN, OP, TORCH
 
-__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm", "layer_norm_2d",
-           "NormInputError"]
+__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm", "layer_norm_2d", "rms_norm_2d",
+           "NormInputError", "CASTINGS", "ACTIVATIONS"]
 
 _ACT_NAMES = activations.names()
 _ACT_CODES = activations.codes()
@@ -74,6 +74,11 @@ def check_activation(where: str, act: str | None) -> str:
 def activation_name(module) -> str | None:
     """The fused activation's name for an activation module that one reproduces exactly, else None."""
     return activations.from_module(module)
+
+
+def activation(y: Tensor, act: str) -> Tensor:
+    """``act(y)`` by torch's own function for the fused activation ``act`` (``""``: ``y``)."""
+    return aten_path.activation(y, act)
 
 
 def distributed_active(group) -> bool:
@@ -394,8 +399,32 @@ def layer_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    casting: str = "torch",
+    offset: float = 0.0,
 ) -> Tensor:
-    """Layer Normalization (Ba et al., 2016): per sample over the trailing ``normalized_shape``."""
+    """Layer Normalization (Ba et al., 2016): per sample over the trailing ``normalized_shape``.
+
+    ``y = γ'·(x − μ)/sqrt(σ² + ε) + β`` with ``γ' = γ + offset`` (added in γ's dtype, as NVIDIA's
+    ``LayerNorm1P`` does). Where the result is rounded (``casting``, :data:`CASTINGS`), for the model
+    families that round elsewhere than torch:
+
+    * ``"torch"`` — ``F.layer_norm``'s: statistics and affine in float32, rounded once to x's dtype;
+    * ``"fp32"`` — timm's ``LayerNormFp32``, Cohere's: the same in float32 with the parameters upcast,
+      so any parameter dtype is accepted; output in x's dtype;
+    * ``"llama"`` — DeBERTa's: ``x̂`` rounded to x's dtype first, then ``γ'·x̂ + β`` in torch's type
+      promotion of the parameters and x.
+    """
+    casting = _casting("layer_norm", casting, ("torch", "fp32", "llama"))
+    if offset and weight is not None:
+        weight = weight + offset
+    if casting == "llama" and (weight is not None or bias is not None):
+        y = layer_norm(input, normalized_shape, None, None, eps)
+        return _affine(y, weight, bias)
+    if casting == "fp32":
+        weight, bias = _upcast(weight), _upcast(bias)
+        if input.dtype == torch.float64:
+            return layer_norm(input.float(), normalized_shape, weight, bias, eps).to(input.dtype)
     path = route.choose("layer_norm", input, weight, bias)
     if path <= ONE_CALL_ATEN:
         y = _fast.entries().layer_norm(input, normalized_shape, weight, bias, eps)
@@ -408,21 +437,88 @@ def layer_norm(
     return _kernels(path).layer_norm(input, shape, weight, bias, eps)[0]
 
 
+#: where a model family rounds a norm's result (``casting=`` of RMSNorm, LayerNorm, LayerNorm2d)
+CASTINGS = ("torch", "fp32", "llama", "t5")
+_CASTINGS_OF = {"layer_norm": ("torch", "fp32", "llama"), "rms_norm": ("torch", "llama", "t5")}
+
+
+def check_casting(where: str, casting: str, norm: str) -> str:
+    """``casting`` when ``norm`` (``"layer_norm"`` or ``"rms_norm"``) has it, else :class:`NormInputError`."""
+    return _casting(where, casting, _CASTINGS_OF[norm])
+
+
+def options_repr(layer) -> str:
+    """``, casting=…, offset=…, layout=…`` for the options of a layer that differ from torch's defaults."""
+    parts = [f"{name}={getattr(layer, name)!r}" for name, default in
+             (("casting", "torch"), ("offset", 0.0), ("layout", "input")) if getattr(layer, name, default) != default]
+    return "".join(", " + p for p in parts)
+
+
+def _casting(where: str, casting: str, allowed: tuple[str, ...]) -> str:
+    if casting not in allowed:
+        raise fail(where, "casting", f"one of {allowed}", repr(casting))
+    return casting
+
+
+def _upcast(t: Tensor | None) -> Tensor | None:
+    return t if t is None or t.dtype == torch.float32 else t.float()
+
+
+def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int | None = None) -> Tensor:
+    """``weight·y + bias`` in torch's ops and type promotion (per channel of dim 1 when ``channel_dim``)."""
+    if channel_dim is not None:
+        shape = (-1,) + (1,) * (y.dim() - 2)
+        weight = None if weight is None else weight.reshape(shape)
+        bias = None if bias is None else bias.reshape(shape)
+    if weight is not None:
+        y = weight * y
+    return y if bias is None else y + bias
+
+
 def rms_norm(
     input: Tensor,
     normalized_shape: Sequence[int],
     weight: Tensor | None = None,
     eps: float | None = None,
+    *,
+    casting: str = "torch",
+    offset: float = 0.0,
 ) -> Tensor:
-    """RMS Normalization (Zhang & Sennrich, 2019): ``y = γ·x/sqrt(mean(x²) + ε)``.
+    """RMS Normalization (Zhang & Sennrich, 2019): ``y = γ'·x/sqrt(mean(x²) + ε)``, ``γ' = γ + offset``.
 
     ``eps=None`` uses the epsilon of the dtype the statistics are computed in — float32's for float16,
     bfloat16 and float32 input, float64's for float64 — as torch's ``rms_norm`` does (its documentation
     says ``torch.finfo(input.dtype).eps``; its kernels, CPU and CUDA, use the accumulation type's).
     Complex input (which torch accepts) and channels_last input (whose layout torch keeps) are computed by
-    torch's own op.
-    torch accepts any floating weight dtype here, and so does normkit.
+    torch's own op. torch accepts any floating weight dtype here, and so does normkit.
+
+    Where the result is rounded (``casting``), for the model families that round elsewhere than torch
+    (docs/ecosystem.md):
+
+    * ``"torch"`` — ``F.rms_norm``'s: ``(x₃₂·r·γ'₃₂)`` rounded once to x's dtype, ``γ'`` formed in
+      float32 (Gemma: ``offset=1.0``, its weight stored without the 1);
+    * ``"llama"`` — Llama's and its 137 relatives': ``γ'·(x₃₂·r)`` with the normalized value rounded to
+      x's dtype first; output dtype torch's promotion of γ and x;
+    * ``"t5"`` — T5's: ``h = x₃₂·r`` in float32, rounded to γ's dtype only when γ is float16/bfloat16,
+      then ``γ·h``: γ's dtype, or float32 (even for half input) beside a float32 γ.
     """
+    casting = _casting("rms_norm", casting, ("torch", "llama", "t5"))
+    if casting != "torch" and weight is not None:
+        if offset:
+            weight = weight + offset
+        if casting == "llama":
+            return weight * rms_norm(input, normalized_shape, None, eps)
+        # t5: x·r in float32 (x half: upcast first, its product with the float32 r promotes), then γ's dtype
+        half_weight = weight.dtype in (torch.float16, torch.bfloat16)
+        if half_weight and input.dtype == weight.dtype:
+            h = rms_norm(input, normalized_shape, None, eps)  # one rounding from float32 to γ's dtype
+        else:
+            x32 = input if input.dtype in (torch.float32, torch.float64) else input.float()
+            h = rms_norm(x32, normalized_shape, None, eps)
+            h = h.to(weight.dtype) if half_weight else h
+        return weight * h
+    if offset and weight is not None:
+        weight = offset + _upcast(weight)
     path = route.choose("rms_norm", input, weight)
     if path <= ONE_CALL_ATEN:
         y = _fast.entries().rms_norm(input, normalized_shape, weight, eps)
@@ -442,30 +538,64 @@ def layer_norm_module(layer, input: Tensor, mask: Tensor | None = None) -> Tenso
     """The forward of normkit's LayerNorm; ``mask`` (bool, the input's shape before ``normalized_shape``,
     True = real position): padded positions get output 0 and gradient 0 (:mod:`normkit.masked`)."""
     if mask is None:
-        return layer_norm(input, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
+        return layer_norm(input, layer.normalized_shape, layer.weight, layer.bias, layer.eps, casting=layer.casting,
+                          offset=layer.offset)
     from .masked import masked_layer_norm
 
     def rows_norm(rows: Tensor) -> Tensor:
-        return layer_norm(rows, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
+        return layer_norm(rows, layer.normalized_shape, layer.weight, layer.bias, layer.eps, casting=layer.casting,
+                          offset=layer.offset)
 
     return masked_layer_norm(layer, input, mask, rows_norm)
 
 
 # ----------------------------------------------------------------------------- LayerNorm over channels
-def layer_norm_2d(input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
-                  eps: float = 1e-6) -> Tensor:
-    """LayerNorm over dim 1 of ``(N, C, H, W)`` input at every pixel (:mod:`normkit.nn.layernorm2d`)."""
-    return _layer_norm_2d(input, weight, bias, eps, "layer_norm_2d", None)
+def layer_norm_2d(input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-6, *,
+                  casting: str = "torch", layout: str = "input") -> Tensor:
+    """LayerNorm over dim 1 of ``(N, C, H, W)`` input at every pixel (:mod:`normkit.nn.layernorm2d`).
+
+    ``casting`` as :func:`layer_norm`'s (``"llama"``: Hugging Face's ConvNeXt LayerNorm, channels_first);
+    ``layout``: ``"input"`` returns the input's memory format, ``"channels_last"`` a channels_last output
+    whatever the input's — what ``permute → layer_norm → permute`` returns (timm's, torchvision's and
+    Hugging Face's LayerNorm2d), so the next convolution runs in the layout it does in the original model.
+    """
+    return _layer_norm_2d(input, weight, bias, eps, "layer_norm_2d", None, casting, layout)
 
 
 def layer_norm_2d_module(layer, input: Tensor) -> Tensor:
     """The forward of normkit's LayerNorm2d."""
     p = layer._parameters
     return _layer_norm_2d(input, p.get("weight"), p.get("bias"), layer.eps, type(layer).__name__,
-                          layer.normalized_shape[0])
+                          layer.normalized_shape[0], layer.casting, layer.layout)
 
 
-def _layer_norm_2d(input, weight, bias, eps, where, num_channels) -> Tensor:
+_LAYOUTS = ("input", "channels_last")
+
+
+def check_layout(where: str, layout: str) -> str:
+    """``layout`` (``"input"`` or ``"channels_last"``) or :class:`NormInputError` naming it."""
+    if layout not in _LAYOUTS:
+        raise fail(where, "layout", f"one of {_LAYOUTS}", repr(layout))
+    return layout
+
+
+def _to_layout(where: str, input: Tensor, layout: str) -> Tensor:
+    if layout == "input":
+        return input
+    check_layout(where, layout)
+    if isinstance(input, Tensor) and input.dim() == 4:
+        return input.contiguous(memory_format=torch.channels_last)
+    return input
+
+
+def _layer_norm_2d(input, weight, bias, eps, where, num_channels, casting="torch", layout="input") -> Tensor:
+    input = _to_layout(where, input, layout)
+    if casting != "torch":
+        casting = _casting(where, casting, ("torch", "fp32", "llama"))
+        if casting == "llama" and (weight is not None or bias is not None):
+            y = _layer_norm_2d(input, None, None, eps, where, num_channels)
+            return _affine(y, weight, bias, channel_dim=1)
+        weight, bias = _upcast(weight), _upcast(bias)
     path = route.choose("layer_norm_2d", input, weight, bias)
     if path <= ONE_CALL_ATEN:
         if isinstance(input, Tensor) and input.dim() == 4:
@@ -478,3 +608,15 @@ def _layer_norm_2d(input, weight, bias, eps, where, num_channels) -> Tensor:
     if path == TORCH:
         return aten_path.layer_norm_2d(input, weight, bias, eps)
     return _kernels(path).layer_norm_2d(input, weight, bias, eps)[0]
+
+
+def rms_norm_2d(input: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *, layout: str = "input") -> Tensor:
+    """RMSNorm over dim 1 of ``(N, C, H, W)`` input at every pixel (timm's ``RmsNorm2d``):
+    ``y = γ_c·x/sqrt(mean_c(x²) + ε)``, computed as RMSNorm over the rows of the channels_last form (a copy
+    for NCHW input); ``layout`` as :func:`layer_norm_2d`'s."""
+    C.layer_norm_2d("rms_norm_2d", input, weight, None)
+    rows = input.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # (N, H, W, C), contiguous
+    y = rms_norm(rows, (input.shape[1],), weight, eps).permute(0, 3, 1, 2)  # channels_last strides
+    if check_layout("rms_norm_2d", layout) == "channels_last":
+        return y
+    return y.contiguous(memory_format=ops.memory_format_of(input))

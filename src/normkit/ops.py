@@ -669,6 +669,62 @@ torch.library.register_autograd(f"{_LIB}::rms_norm", _rms_backward, setup_contex
 
 
 
+# ----------------------------------------------------------------------------- composite forms
+# Each forward op in aten operators (the reference backend's formulas: two-pass statistics, x·scale + shift,
+# the activation): what a program holding normkit ops decomposes to (normkit.tools.export).
+_REFERENCE = ReferenceBackend()
+
+
+def _bn_train_composite(x: Tensor, weight, bias, residual, eps: float, act: str):
+    mean, var = _REFERENCE.channel_stats(x)
+    scale, shift = scale_shift(weight, bias, mean, torch.rsqrt(var + eps))
+    return _REFERENCE.channel_apply(x, scale, shift, residual, act), mean, var
+
+
+def _bn_infer_composite(x: Tensor, mean, var, weight, bias, residual, eps: float, act: str):
+    sd = stat_dtype(x.dtype)
+    scale, shift = scale_shift(weight, bias, mean.to(sd), torch.rsqrt(var.to(sd) + eps))
+    return _REFERENCE.channel_apply(x, scale, shift, residual, act)
+
+
+def _group_norm_composite(x: Tensor, num_groups: int, weight, bias, residual, eps: float, act: str):
+    return _REFERENCE.group_forward(x, num_groups, weight, bias, eps, residual, act)
+
+
+def _rows_view(x: Tensor, normalized_shape) -> Tensor:
+    k = 1
+    for d in normalized_shape:
+        k *= d
+    return x.reshape(-1, k)
+
+
+def _layer_norm_composite(x: Tensor, normalized_shape, weight, bias, eps: float):
+    w = weight.reshape(-1) if weight is not None else None
+    b = bias.reshape(-1) if bias is not None else None
+    y, mean, rstd = _REFERENCE.row_forward(_rows_view(x, normalized_shape), w, b, eps, False)
+    return y.reshape(x.shape), mean, rstd
+
+
+def _rms_norm_composite(x: Tensor, normalized_shape, weight, eps: float):
+    w = weight.reshape(-1) if weight is not None else None
+    y, _, rstd = _REFERENCE.row_forward(_rows_view(x, normalized_shape), w, None, eps, True)
+    return y.reshape(x.shape), rstd
+
+
+def decompositions() -> dict:
+    """``{torch.ops.normkit.<forward op>.default: the same function in aten operators}`` for the forward
+    ops (batch_norm_train, batch_norm_infer, group_norm, layer_norm, rms_norm) — what an inference or
+    training-mode forward graph that calls the ops directly contains."""
+    n = torch.ops.normkit
+    return {
+        n.batch_norm_train.default: _bn_train_composite,
+        n.batch_norm_infer.default: _bn_infer_composite,
+        n.group_norm.default: _group_norm_composite,
+        n.layer_norm.default: _layer_norm_composite,
+        n.rms_norm.default: _rms_norm_composite,
+    }
+
+
 # ----------------------------------------------------------------------------- the eager path
 def _is_eager(ctx) -> bool:
     """Whether this backward belongs to an eager call (:data:`eager`) rather than to a custom op."""

@@ -12,8 +12,8 @@ import warnings
 HELP = "measure the claims about Batch Normalization on real data and write a report"
 
 DEFAULT_OUT = "normkit-report"
-FULL_SEEDS = 5
-QUICK_SEEDS = 2
+FULL_BUDGET = 600.0  # seconds of modeled time (normkit.lab.costs): the full run
+QUICK_BUDGET = 180.0  # --quick
 
 
 def _positive(name: str):
@@ -27,6 +27,16 @@ def _positive(name: str):
         return value
 
     return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budget: expected a number of seconds, got {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"--budget: expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _claim_id(text: str) -> int:
@@ -45,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the same arms, each still trained to convergence, with fewer seeds (2) and sweep points "
-        "(under 2 minutes on 2 quiet cores); a check the fewer seeds cannot decide says 'too little data'",
+        help=f"the same design with a budget of {QUICK_BUDGET:g} s and without the figures' extra sweep points; "
+        "its decisions are the full run's (the same looks), it stops earlier",
     )
     parser.add_argument(
         "--claim",
@@ -56,11 +66,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run only claim N (1-11); repeat for several",
     )
     parser.add_argument(
+        "--budget",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help=f"seeds are added in groups to the claims still undecided while the modeled time fits in SECONDS "
+        f"(default {FULL_BUDGET:g}, {QUICK_BUDGET:g} with --quick): reference-machine seconds from a cost "
+        "model, so the seed plan and the results do not depend on the machine",
+    )
+    parser.add_argument(
         "--seeds",
         type=_positive("--seeds"),
         default=None,
         metavar="K",
-        help="seeds per arm (default 5, 2 with --quick); verdicts come from a test over the seeds",
+        help="a fixed design instead: K seeds per arm and one look with one-sided 95 %% Student-t bounds "
+        "(no budget)",
     )
     parser.add_argument(
         "--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default ./{DEFAULT_OUT})"
@@ -86,9 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="processes (default: 2, or 1 on a 1-core machine): the expensive shared runs of claims 7, 8, 10 "
-        "and 11 go to N-1 worker processes while this one runs the other claims; every run is seeded, so "
-        "the numbers do not depend on N",
+        help="processes (default: 2, or 1 on a 1-core machine): each round's runs are shared between N-1 "
+        "worker processes and this one; every run is seeded and the plan comes from a cost model, so the "
+        "numbers do not depend on N",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -132,6 +152,7 @@ def main(args: argparse.Namespace) -> int:
     from .context import Context
     from .report import summary_table, write_html, write_json
     from .runner import run_all
+    from .sequential import FIXED, SEQUENTIAL
 
     try:
         device = torch.device(args.device)
@@ -152,6 +173,8 @@ def main(args: argparse.Namespace) -> int:
             user_data = D.load_npz(args.data)
         except D.DataError as err:
             return _fail(str(err))
+    if args.seeds is not None and args.budget is not None:
+        return _fail("--seeds K is a fixed design and --budget a sequential one: give one of them")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return _fail(f"--out: expected a folder, got {args.out!r}, which is a file")
     os.makedirs(args.out, exist_ok=True)
@@ -159,7 +182,13 @@ def main(args: argparse.Namespace) -> int:
     from .train import deterministic
 
     deterministic(args.threads)
-    seeds = list(range(args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else FULL_SEEDS)))
+    if args.seeds is not None:
+        design, budget = FIXED, None
+        plan = f"fixed design, {args.seeds} seeds"
+    else:
+        design = SEQUENTIAL
+        budget = args.budget if args.budget is not None else (QUICK_BUDGET if args.quick else FULL_BUDGET)
+        plan = f"sequential design (looks at {', '.join(map(str, design.looks))} seeds), budget {budget:g} s"
     claims = [BY_ID[i] for i in sorted(set(args.claim))] if args.claim else list(ALL)
     executor = None
     if jobs > 1 and device.type == "cpu":
@@ -171,10 +200,9 @@ def main(args: argparse.Namespace) -> int:
         # spawn, not fork: a forked child cannot use a thread pool its parent already started
         executor = ProcessPoolExecutor(
             jobs - 1, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init,
-            initargs=(args.threads,),
+            initargs=(args.threads, user_data),
         )
     ctx = Context(
-        seeds=seeds,
         quick=args.quick,
         device=str(device),
         user_data=user_data,
@@ -186,7 +214,7 @@ def main(args: argparse.Namespace) -> int:
         user_data.name if user_data is not None else "embedded (digits, MNIST-5000, generated sequences)"
     )
     print(
-        f"normkit lab: {len(claims)} claim(s), seeds {seeds}, {'quick' if args.quick else 'full'} run, "
+        f"normkit lab: {len(claims)} claim(s), {plan}, {'quick' if args.quick else 'full'} run, "
         f"device {device}, {torch.get_num_threads()} thread(s), data: {data_name}"
     )
     start = time.perf_counter()
@@ -194,7 +222,7 @@ def main(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             # the fallback notice (e.g. C++ kernels not built) is printed once by normkit; repeats need not see it
             warnings.simplefilter("once")
-            entries = run_all(claims, ctx, args.out)
+            entries, runner = run_all(claims, ctx, args.out, design=design, budget=budget, seeds=args.seeds)
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
@@ -202,7 +230,12 @@ def main(args: argparse.Namespace) -> int:
     results = {
         "normkit_version": normkit.__version__,
         "quick": bool(args.quick),
-        "seeds": seeds,
+        "design": design.name,
+        "looks": list(design.looks) if design.sequential else [args.seeds],
+        "budget_s": budget,
+        "modeled_s": round(runner.modeled, 1),
+        "rounds": runner.rounds,
+        "seeds": list(range(max((e["seeds"] for e in entries), default=0))),
         "jobs": jobs if executor is not None else 1,
         "elapsed_s": round(time.perf_counter() - start, 2),
         "cpu_s": round(sum(u.ru_utime + u.ru_stime for u in usage), 2),  # this process and its workers

@@ -1,10 +1,12 @@
-"""What an experiment sees while it runs: seeds, budget (full or quick), device, data, progress bars."""
+"""What an experiment sees: full or quick run, device, data, progress bars — and how its runs execute."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
@@ -14,82 +16,73 @@ from .framework import bounds_of, censored, is_censored, mean, std
 
 T = TypeVar("T")
 
+Job = tuple[tuple, Callable[..., Any], tuple]  # (key, fn, args): fn(*args) is one seed of one part
+
+
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, str | None]:
+    """``fn(*args)`` with the CPU seconds it took in this process; an exception becomes its traceback
+    (one broken run must not lose the others)."""
+    start = time.process_time()
+    try:
+        result, error = fn(*args), None
+    except Exception:
+        result, error = None, traceback.format_exc()
+    return result, time.process_time() - start, error
+
 
 @dataclass
 class Context:
-    seeds: list[int]
     quick: bool = False
     device: str = "cpu"
     user_data: D.ImageData | None = None
     show_progress: bool = True
-    position: str = ""  # "[3/11] ": where the running claim is in the run, shown on its progress bar
     executor: Any = None  # a concurrent.futures executor of worker processes (``--jobs``), or None
-    _cache: dict[str, D.ImageData] = field(default_factory=dict)
-    _memo: dict[tuple, Any] = field(default_factory=dict)
-    _pending: dict[tuple, tuple] = field(default_factory=dict)  # key -> (future, fn, args), in order
 
-    def submit(self, key: tuple, fn: Callable[..., Any], *args: Any) -> None:
-        """Start ``fn(*args)`` (a pure, seeded function) in a worker; :meth:`memo` of ``key`` collects it."""
-        if self.executor is None or key in self._memo or key in self._pending:
-            return
-        self._pending[key] = (self.executor.submit(fn, *args), fn, args)
-
-    def memo(self, key: tuple, compute: Callable[[], T]) -> T:
-        """``compute()`` once per ``key`` in this run: claims that train the same arm share the result.
-
-        A run handed to a worker is collected from it. While it is still running, this process computes
-        the runs that no worker has started yet (the latest submitted, the cheapest, first) instead of
-        waiting; every run is seeded, so where it runs does not change its numbers.
-        """
-        if key in self._memo:
-            return self._memo[key]
-        if key in self._pending:
-            future = self._pending[key][0]
-            if future.cancel():
-                del self._pending[key]
-            else:
-                for other in reversed(list(self._pending)):
-                    if future.done():
-                        break
-                    f, fn, args = self._pending[other]
-                    if other != key and f.cancel():
-                        del self._pending[other]
-                        self._memo[other] = fn(*args)
-                self._memo[key] = future.result()
-                del self._pending[key]
-                return self._memo[key]
-        self._memo[key] = compute()
-        return self._memo[key]
+    def __post_init__(self):
+        D.use(self.user_data)
 
     def pick(self, full: T, quick: T) -> T:
         """The full-run setting or the ``--quick`` one."""
         return quick if self.quick else full
 
+    def data_ref(self, which: str = "digits") -> str:
+        """The name a run loads its images by: ``digits`` or ``mnist``; the user's ``--data`` replaces both."""
+        if which not in ("digits", "mnist"):
+            raise ValueError(f"images: expected 'digits' or 'mnist', got {which!r}")
+        return "user" if self.user_data is not None else which
+
     def images(self, which: str = "digits") -> D.ImageData:
-        """An image set on the run's device: ``digits`` or ``mnist``; the user's ``--data`` replaces both."""
-        key = "user" if self.user_data is not None else which
-        if key not in self._cache:
-            if self.user_data is not None:
-                base = self.user_data
-            elif which == "digits":
-                base = D.digits()
-            elif which == "mnist":
-                base = D.mnist5000()
-            else:
-                raise ValueError(f"images: expected 'digits' or 'mnist', got {which!r}")
-            self._cache[key] = base.to(self.device)
-        return self._cache[key]
+        """An image set on the run's device (see :meth:`data_ref`)."""
+        return D.resolve(self.data_ref(which), self.device)
 
     def bar(self, total: int, desc: str) -> Any:
-        return tqdm(
-            total=total,
-            desc=self.position + desc,
-            unit="run",
-            leave=False,
-            file=sys.stderr,
-            disable=not self.show_progress,
-            dynamic_ncols=True,
-        )
+        return tqdm(total=total, desc=desc, unit="run", leave=False, file=sys.stderr,
+                    disable=not self.show_progress, dynamic_ncols=True)
+
+    def execute(self, jobs: Sequence[Job], desc: str = "") -> dict[tuple, tuple[Any, float, str | None]]:
+        """Run ``jobs`` (the longest first) and return ``{key: (result, cpu seconds, error)}``.
+
+        With worker processes, the workers take jobs from the front of the list while this process takes
+        the ones no worker has started yet from the back (the cheapest); every run is seeded, so where it
+        runs does not change its numbers.
+        """
+        out: dict[tuple, tuple[Any, float, str | None]] = {}
+        with self.bar(len(jobs), desc) as bar:
+            if self.executor is None:
+                for key, fn, args in jobs:
+                    out[key] = timed(fn, *args)
+                    bar.update()
+                return out
+            futures = [(key, self.executor.submit(timed, fn, *args), fn, args) for key, fn, args in jobs]
+            for key, future, fn, args in reversed(futures):
+                if future.cancel():
+                    out[key] = timed(fn, *args)
+                    bar.update()
+            for key, future, _, _ in futures:
+                if key not in out:
+                    out[key] = future.result()
+                    bar.update()
+        return out
 
 
 def record(metrics: dict[str, Any], name: str, per_seed: list) -> None:

@@ -87,6 +87,38 @@ def mnist5000() -> ImageData:
     return _split("MNIST-5000 28x28", x.reshape(-1, 1, 28, 28) / 255.0, y, 0.2)
 
 
+# ----------------------------------------------------------------------------- data by name
+# A per-seed run names its data ("digits", "mnist" or "user") instead of carrying the tensors, so it can
+# run in a worker process: each process loads a set once. The user's set (--data) is handed to the
+# workers when they start (runner.worker_init).
+_USER: list[ImageData | None] = [None]
+_RESOLVED: dict[tuple[str, str], ImageData] = {}
+
+
+def use(user: ImageData | None) -> None:
+    """Make ``user`` the data of the name "user" in this process (``--data``; None: no user data)."""
+    _USER[0] = user
+    _RESOLVED.clear()
+
+
+def resolve(ref: str, device: str = "cpu") -> ImageData:
+    """The image set named ``ref`` ("digits", "mnist" or "user") on ``device``, loaded once per process."""
+    key = (ref, str(device))
+    if key not in _RESOLVED:
+        if ref == "digits":
+            base = digits()
+        elif ref == "mnist":
+            base = mnist5000()
+        elif ref == "user":
+            if _USER[0] is None:
+                raise ValueError("resolve: 'user' data requested but none was given (--data)")
+            base = _USER[0]
+        else:
+            raise ValueError(f"resolve: expected 'digits', 'mnist' or 'user', got {ref!r}")
+        _RESOLVED[key] = base.to(device)
+    return _RESOLVED[key]
+
+
 MAX_DATA_BYTES = 256 * 2**20  # declared size of x and y together; a larger file is refused before loading
 MAX_CLASSES = 1000
 MIN_SAMPLES = 20

@@ -50,6 +50,15 @@ def band(ax, x, runs, arm: str, *, marker: str = "o", name: str | None = None) -
     ax.fill_between(x, m - s, m + s, color=color(arm), alpha=0.2, linewidth=0)
 
 
+def band_lists(ax, x, lists, arm: str, *, marker: str = "o") -> None:
+    """Like :func:`band` when each x has its own per-seed list (parts with different numbers of seeds)."""
+    m = [float(np.mean(v)) if len(v) else np.nan for v in lists]
+    s = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in lists]
+    m, s = np.asarray(m), np.asarray(s)
+    ax.plot(x, m, marker=marker, ms=3, color=color(arm), label=label(arm))
+    ax.fill_between(x, m - s, m + s, color=color(arm), alpha=0.2, linewidth=0)
+
+
 def bars(ax, groups: list[str], arms: list[str], values: dict[str, list[list[float]]], ylabel: str,
          names: dict[str, tuple[str, str]] | None = None) -> None:
     """Grouped bars: ``values[arm][g]`` is the per-seed list for group ``g``; error bars = std over seeds.

@@ -26,19 +26,27 @@ def write_json(results: dict[str, Any], out_dir: str) -> str:
 
 def summary_table(results: dict[str, Any]) -> str:
     """The terminal's summary: one line per claim with its verdict."""
-    lines = [f"{'#':>3}  {'claim':<44} {'verdict':<14} {'pass/fail/?':>11} {'time':>8}", "-" * 85]
+    lines = [f"{'#':>3}  {'claim':<44} {'verdict':<14} {'pass/fail/?':>11} {'seeds':>5} {'cpu':>7}", "-" * 89]
     for c in results["claims"]:
         states = [ch.get("status") for ch in c["checks"]]
         counts = f"{states.count('pass')}/{states.count('fail')}/{states.count('inconclusive')}"
-        lines.append(f"{c['id']:>3}  {c['title']:<44} {c['verdict']:<14} {counts:>11} {c['elapsed_s']:>7.1f}s")
-    lines.append("-" * 85)
+        lines.append(f"{c['id']:>3}  {c['title']:<44} {c['verdict']:<14} {counts:>11} {c.get('seeds', 0):>5} "
+                     f"{c.get('cpu_s', 0):>6.1f}s")
+    lines.append("-" * 89)
     for c in results["claims"]:
         if c.get("verdict_reason"):
             lines.append(f"claim {c['id']} is inconclusive: {c['verdict_reason']}")
+        for ch in c["checks"]:
+            if ch.get("status") == "inconclusive" and c.get("verdict") != "inconclusive" and ch.get("open"):
+                lines.append(f"claim {c['id']}, still open: {ch['check']} [{ch['open']}]")
+    decided = sum(c["verdict"] in ("supported", "not supported", "mixed") for c in results["claims"])
+    budget = results.get("budget_s")
+    plan = (f"budget {budget:g} s, {results.get('modeled_s', 0):.0f} s modeled" if budget is not None
+            else f"{len(results['seeds'])} seeds per arm (fixed design)")
     lines.append(
-        f"{len(results['claims'])} claims, seeds {results['seeds']}, "
-        f"{'quick' if results['quick'] else 'full'} run, {results['elapsed_s']:.0f} s wall, "
-        f"{results.get('cpu_s', 0):.0f} s CPU, {results.get('jobs', 1)} process(es)"
+        f"{len(results['claims'])} claims, {decided} decided; {'quick' if results['quick'] else 'full'} run, "
+        f"{plan}; {results['elapsed_s']:.0f} s wall, {results.get('cpu_s', 0):.0f} s CPU, "
+        f"{results.get('jobs', 1)} process(es)"
     )
     return "\n".join(lines)
 
@@ -116,6 +124,20 @@ img{max-width:100%;border:1px solid #eee} .anchor{color:#444;font-style:italic}
 """
 
 
+def _design_text(results: dict[str, Any]) -> str:
+    design = html.escape(str(results.get("design", "")))
+    if results.get("budget_s") is None:
+        return (f"<strong>Design:</strong> {design}, one look after {len(results.get('seeds', []))} seeds "
+                "(<code>--seeds</code>).")
+    looks = results.get("looks") or []
+    return (f"<strong>Design:</strong> {design}. Seeds were added in groups, only to the claims with an undecided "
+            f"check, at most {len(looks)} looks ({looks[-1] if looks else '?'} seeds); the bounds are widened at "
+            "every look so that a check passes wrongly (or fails wrongly) with probability at most 5 % over all "
+            "its looks together, and a decision once made is final. The seed plan comes from a cost model "
+            f"(budget {results['budget_s']:g} s of modeled time), never from a clock, so a second run makes the "
+            "same plan.")
+
+
 def write_html(results: dict[str, Any], out_dir: str) -> str:
     rows = "".join(
         f"<tr><td>{c['id']}</td><td><a href='#claim{c['id']}'>{html.escape(c['title'])}</a></td>"
@@ -125,12 +147,19 @@ def write_html(results: dict[str, Any], out_dir: str) -> str:
     sections = []
     for c in results["claims"]:
         checks = "".join(
-            f"<li class='{_CLASS.get(ch.get('status'), 'skip')}'>{html.escape(str(ch.get('status')))}: "
-            f"{html.escape(ch['check'])}"
+            f"<li class='{_CLASS.get(ch.get('status'), 'skip')}'>{html.escape(str(ch.get('status')))}"
+            + (f" after {ch['seeds']} seeds" if ch.get("seeds") and ch.get("status") in ("pass", "fail") else "")
+            + f": {html.escape(ch['check'])}"
             + (f"<br><small>{html.escape(ch['detail'])}</small>" if ch.get("detail") else "")
+            + (f"<br><small><strong>Open:</strong> {html.escape(ch['open'])}</small>" if ch.get("open") else "")
             + "</li>"
             for ch in c["checks"]
         )
+        by_part = c.get("seeds_by_part") or {}
+        seeds = (f"<p class='meta'><strong>Seeds.</strong> {c.get('seeds', 0)} (looks: {c.get('looks', 0)}); per run: "
+                 + html.escape(", ".join(f"{k} {v}" for k, v in by_part.items()))
+                 + f"; CPU of its runs {c.get('cpu_s', 0):.1f} s, modeled {c.get('modeled_s', 0):.1f} s.</p>"
+                 if by_part else "")
         reason = (f"<p class='notes'><strong>Why inconclusive.</strong> {html.escape(c['verdict_reason'])}</p>"
                   if c.get("verdict_reason") else "")
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in c.get("notes", []))
@@ -146,20 +175,22 @@ def write_html(results: dict[str, Any], out_dir: str) -> str:
 <p><strong>Criterion (declared before the run).</strong> {html.escape(c["criterion"])}
 <em>Test: {html.escape(c.get("test", ""))}.</em></p>
 <ul>{checks}</ul>
+{seeds}
 {reason}
 {f'<ul class="notes">{notes}</ul>' if notes else ""}
 {_means(c["metrics"])}
 {_image(out_dir, c.get("figure"))}
 <details><summary>All measured numbers ({len(c["metrics"])}) — lists are per seed unless named otherwise;
-time {c["elapsed_s"]:.1f} s</summary><table class="metrics">{metrics}</table></details>
+CPU {c.get("cpu_s", 0):.1f} s</summary><table class="metrics">{metrics}</table></details>
 </section>""")
     meta = " · ".join(
         html.escape(str(part))
         for part in (
             f"normkit {results['normkit_version']}",
             "quick run" if results["quick"] else "full run",
-            f"seeds {results['seeds']}",
-            f"{results['elapsed_s']:.0f} s",
+            (f"budget {results['budget_s']:g} s ({results.get('modeled_s', 0):.0f} s modeled)"
+             if results.get("budget_s") is not None else f"{len(results['seeds'])} seeds (fixed design)"),
+            f"{results['elapsed_s']:.0f} s wall, {results.get('cpu_s', 0):.0f} s CPU",
             f"data: {results.get('data', 'embedded')}",
             f"device {results.get('device', 'cpu')}",
         )
@@ -169,9 +200,9 @@ time {c["elapsed_s"]:.1f} s</summary><table class="metrics">{metrics}</table></d
 <style>{CSS}</style></head><body>
 <h1>normkit lab: what Batch Normalization really does</h1>
 <p class="meta">{meta}</p>
-<p>Each claim was given a criterion in code before it ran; every check compares arms with one-sided 95 %
-Student-t bounds on the mean over seeds of the paired (same-seed) differences, and passes or fails only when
-a bound clears its margin — otherwise it is <em>inconclusive</em> (too little data; more seeds decide).
+<p>Each claim was given a criterion in code before it ran; every check compares arms with one-sided bounds
+on the mean over seeds of the paired (same-seed) differences, and passes or fails only when a bound clears its
+margin — otherwise it is <em>inconclusive</em> (too little data; more seeds decide). {_design_text(results)}
 The verdict is computed: <em>supported</em> (every check passed), <em>not supported</em> (every check
 failed), <em>mixed</em> (some passed, some failed), <em>inconclusive</em> (an undecided check could still
 change it), or <em>not evaluated</em> (no check could run, e.g. a layer missing from this build). Values

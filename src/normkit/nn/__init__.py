@@ -9,12 +9,21 @@ from .batchnorm import (
     LazyBatchNorm3d,
 )
 from .frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
-from .fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, GroupNormAct
+from .fused import (
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    GroupNormAct,
+    LayerNormAct,
+    LayerNormAct2d,
+    RMSNormAct,
+    RMSNormAct2d,
+)
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from .groupnorm import GroupNorm
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layernorm import LayerNorm, RMSNorm
-from .layernorm2d import LayerNorm2d
+from .layernorm2d import LayerNorm2d, RMSNorm2d
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
 
@@ -47,4 +56,9 @@ __all__ = [
     "BatchNormAct2d",
     "BatchNormAct3d",
     "GroupNormAct",
+    "LayerNormAct",
+    "LayerNormAct2d",
+    "RMSNormAct",
+    "RMSNormAct2d",
+    "RMSNorm2d",
 ]

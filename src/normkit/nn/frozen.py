@@ -20,28 +20,35 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .fused import ActTail
 from .scripting import ScriptableFrozenBatchNorm, twin
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
-class FrozenBatchNorm(nn.Module):
+class FrozenBatchNorm(ActTail, nn.Module):
     """Frozen BatchNorm over any ``(N, C, *)`` input (module docstring).
 
-    ``act`` (``""``, ``"relu"``, ``"silu"``, ``"gelu"``) is fused into the apply; it is set by
-    :func:`normkit.freeze` when it freezes a fused norm + activation layer.
+    ``act`` and ``drop`` as :class:`normkit.nn.fused.ActTail`'s (a fused activation's name — set by
+    :func:`normkit.freeze` when it freezes a fused norm + activation layer —, ``None``, or modules).
+    ``promote=True``: the output dtype is torch's promotion of the input's and the buffers' (a float32
+    result for bfloat16 input beside float32 buffers), as torchvision's, timm's and the DETR models'
+    FrozenBatchNorm2d compute ``x·scale + shift`` in type promotion; by default it is the input's.
     """
 
     _accepted_dims: tuple[int, ...] = (2, 3, 4, 5)
+    promote = False
 
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, *, act: str | nn.Module | None = None,
+                 drop: nn.Module | None = None, promote: bool = False) -> None:
         super().__init__()
         self.num_features = num_features
         self.eps = eps
-        self.act = ""
+        self.promote = bool(promote)
         self.register_buffer("weight", torch.ones(num_features))
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
+        self._init_tail(act, drop)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -52,21 +59,31 @@ class FrozenBatchNorm(nn.Module):
         )
 
     def __prepare_scriptable__(self) -> nn.Module:
+        if not isinstance(self.__dict__.get("act"), str) or "drop" in self._modules or self.promote:
+            raise NotImplementedError(f"torch.jit.script: {type(self).__name__} with activation or drop modules or "
+                                      "promote=True has no TorchScript twin; use torch.jit.trace or torch.export")
         return twin(self, ScriptableFrozenBatchNorm)
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        return self._norm_and_tail(self._frozen, input, residual)
+
+    def _frozen(self, input: Tensor, residual: Tensor | None, act: str) -> Tensor:
         where = type(self).__name__
         F.check_input_dim(where, input, self._accepted_dims)
+        if self.promote and isinstance(input, Tensor):
+            input = input.to(torch.promote_types(input.dtype, self.running_var.dtype))
         # torchvision computes in the buffers' dtype and lets type promotion mix it with the input's;
         # here the buffers are brought to the input's parameter dtype (exact for float64 input)
         pd = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
         mean, var, weight, bias = (t.to(pd) for t in (self.running_mean, self.running_var, self.weight, self.bias))
-        act = F.check_batch_norm(where, input, mean, var, weight, bias, False, residual, self.act, self.eps,
+        act = F.check_batch_norm(where, input, mean, var, weight, bias, False, residual, act, self.eps,
                                  num_features=self.num_features, accepted_dims=self._accepted_dims)
         return F.batch_norm_checked(input, mean, var, weight, bias, False, self.eps, residual, act)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}" + (f", act={self.act!r}" if self.act else "")
+        act = self.__dict__.get("act")
+        return f"{self.num_features}, eps={self.eps}" + (f", act={act!r}" if isinstance(act, str) and act else "") + \
+            (", promote=True" if self.promote else "")
 
 
 class FrozenBatchNorm1d(FrozenBatchNorm):

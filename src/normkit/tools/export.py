@@ -26,73 +26,22 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..backends import scale_shift
-from ..reference import ReferenceBackend, stat_dtype
+from ..ops import decompositions as ops_decompositions
 
 __all__ = ["decompositions", "export_program", "export_onnx"]
 
-_REF = ReferenceBackend()
 _TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
-def _bn_train(x: Tensor, weight, bias, residual, eps: float, act: str):
-    mean, var = _REF.channel_stats(x)
-    scale, shift = scale_shift(weight, bias, mean, torch.rsqrt(var + eps))
-    return _REF.channel_apply(x, scale, shift, residual, act), mean, var
-
-
-def _bn_infer(x: Tensor, mean, var, weight, bias, residual, eps: float, act: str):
-    sd = stat_dtype(x.dtype)
-    scale, shift = scale_shift(weight, bias, mean.to(sd), torch.rsqrt(var.to(sd) + eps))
-    return _REF.channel_apply(x, scale, shift, residual, act)
-
-
-def _group_norm(x: Tensor, num_groups: int, weight, bias, residual, eps: float, act: str):
-    return _REF.group_forward(x, num_groups, weight, bias, eps, residual, act)
-
-
-def _rows_view(x: Tensor, normalized_shape) -> Tensor:
-    k = 1
-    for d in normalized_shape:
-        k *= d
-    return x.reshape(-1, k)
-
-
-def _layer_norm(x: Tensor, normalized_shape, weight, bias, eps: float):
-    w = weight.reshape(-1) if weight is not None else None
-    b = bias.reshape(-1) if bias is not None else None
-    y, mean, rstd = _REF.row_forward(_rows_view(x, normalized_shape), w, b, eps, False)
-    return y.reshape(x.shape), mean, rstd
-
-
-def _rms_norm(x: Tensor, normalized_shape, weight, eps: float):
-    w = weight.reshape(-1) if weight is not None else None
-    y, _, rstd = _REF.row_forward(_rows_view(x, normalized_shape), w, None, eps, True)
-    return y.reshape(x.shape), rstd
-
-
 def decompositions() -> dict:
-    """``{torch.ops.normkit.<forward op>.default: aten implementation}`` plus torch's default table.
-
-    Covers the forward ops (batch_norm_train, batch_norm_infer, group_norm, layer_norm,
-    rms_norm) — what an inference or training-mode forward graph contains.
-    """
+    """``{torch.ops.normkit.<forward op>.default: aten implementation}`` plus torch's default table
+    (:func:`normkit.ops.decompositions`): for ``ExportedProgram.run_decompositions``."""
     table = torch.export.default_decompositions()
-    n = torch.ops.normkit
-    own: dict[object, Callable] = {
-        n.batch_norm_train.default: _bn_train,
-        n.batch_norm_infer.default: _bn_infer,
-        n.group_norm.default: _group_norm,
-        n.layer_norm.default: _layer_norm,
-        n.rms_norm.default: _rms_norm,
-    }
-    for op, fn in own.items():
-        table[op] = fn
+    table.update(ops_decompositions())
     return table
 
 

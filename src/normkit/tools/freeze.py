@@ -57,11 +57,9 @@ def _freeze_one(module: nn.Module) -> nn.Module:
             stacklevel=3,
         )
         return module
-    frozen = _frozen_class(module)(module.num_features, module.eps)
-    act = module.__dict__.get("act", "")
-    act_module = module._modules.get("act")
-    if isinstance(act, str):
-        frozen.act = act
+    # a fused layer's activation (a name, or the module it holds) and drop path go with it
+    act = module.__dict__.get("act", module._modules.get("act"))
+    frozen = _frozen_class(module)(module.num_features, module.eps, act=act, drop=module._modules.get("drop"))
     with torch.no_grad():
         c = module.num_features
         ref = module.running_mean
@@ -86,8 +84,6 @@ def _freeze_one(module: nn.Module) -> nn.Module:
         },
     )
     frozen.train(module.training)
-    if act_module is not None:  # an activation module (not fusable by name) runs after the frozen norm
-        return nn.Sequential(frozen, act_module) if not isinstance(act_module, nn.Identity) else frozen
     return frozen
 
 
@@ -109,6 +105,9 @@ def _unfreeze_one(module: nn.Module) -> nn.Module:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.__dict__.update(origin["dict"])
+        for name in ("act", "drop"):  # the activation and drop modules the frozen layer carried
+            if name in module._modules:
+                new._modules[name] = module._modules[name]
         affine = origin["affine"]
         if not affine:
             new.register_parameter("weight", None)
@@ -122,9 +121,10 @@ def _unfreeze_one(module: nn.Module) -> nn.Module:
             new.bias = nn.Parameter(module.bias.clone())
         new.running_mean = module.running_mean.clone()
         new.running_var = module.running_var.clone()
-    if module.act and origin is None:
+    act = module.__dict__.get("act", module._modules.get("act"))
+    if act and origin is None:
         warnings.warn(
-            f"normkit.unfreeze: {type(new).__name__} has no activation; act={module.act!r} of the frozen "
+            f"normkit.unfreeze: {type(new).__name__} has no activation; act={act!r} of the frozen "
             "layer is dropped",
             stacklevel=3,
         )

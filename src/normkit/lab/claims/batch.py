@@ -1,7 +1,7 @@
 """Claims about the batch: regularization (3), batch-size dependence and its mechanism (7), running
 statistics at inference (8) and the variants of the family (11).
 
-Claims 7, 8, 10 and 11 share one training protocol (:func:`small_batch_run`): digits, SGD with
+Claims 7, 8, 10 and 11 share one training protocol (:func:`train_small_batch`): digits, SGD with
 momentum 0.9 and the linear scaling rule, every run trained until its test accuracy plateaus —
 so arms of different batch sizes are compared converged, not after a fixed budget that would
 starve the large batches of steps (or the small ones of data).
@@ -15,8 +15,10 @@ import torch
 
 import normkit
 
+from .. import data as D
 from .. import plots
 from ..context import Context, record
+from ..costs import Cost
 from ..data import ImageData
 from ..framework import (
     FAIL,
@@ -27,6 +29,7 @@ from ..framework import (
     Claim,
     Criterion,
     Outcome,
+    Part,
     Result,
     at_least,
     interval,
@@ -47,33 +50,34 @@ def _arm_name(norm: str, batch: int) -> str:
     return f"{norm}_b{batch}"
 
 
-def _run_regularization(ctx: Context) -> Outcome:
-    data = ctx.images("mnist")
-    data = data.subset(min(1000, len(data.xtr)))
-    notes, arms = [], []
-    for norm, batch in ARMS_3:
-        if available(norm):
-            arms.append((norm, batch))
-        else:
-            notes.append(missing_note(norm))
-    res = {a: {"train": [], "test": [], "loss": []} for a in arms}
-    with ctx.bar(len(arms) * len(ctx.seeds), "3 regularization") as bar:
-        for seed in ctx.seeds:
-            for norm, batch in arms:
-                g = seed_everything(seed)
-                model = mlp(
-                    data.n_features, data.n_classes, width=256, depth=2, norm=norm, virtual_batch=VIRTUAL_3
-                ).to(ctx.device)
-                steps = EPOCHS_3 * (len(data.xtr) // batch)
-                h = train_classifier(
-                    model, data, steps=steps, batch_size=batch, lr=1e-3, optimizer="adam", generator=g
-                )
-                res[(norm, batch)]["train"].append(accuracy(model, data.xtr, data.ytr))
-                res[(norm, batch)]["test"].append(h.final_acc)
-                tail = h.losses[-max(1, len(data.xtr) // batch) :]  # the last epoch's training loss
-                res[(norm, batch)]["loss"].append(sum(tail) / len(tail))
-                bar.update()
-    m: dict = {"epochs": EPOCHS_3, "n_train": len(data.xtr), "virtual_batch": VIRTUAL_3}
+N_TRAIN_3 = 1000
+COST_3 = {("none", 128): Cost(0.22), ("bn", 128): Cost(0.25), ("bn", 16): Cost(0.95), ("gbn", 128): Cost(0.3)}
+
+
+def _regularization_arm(ref: str, device: str, norm: str, batch: int, seed: int) -> dict:
+    """One seed of one arm of claim 3: train and test accuracy, and the last epoch's training loss."""
+    data = D.resolve(ref, device)
+    data = data.subset(min(N_TRAIN_3, len(data.xtr)))
+    g = seed_everything(seed)
+    model = mlp(data.n_features, data.n_classes, width=256, depth=2, norm=norm, virtual_batch=VIRTUAL_3).to(device)
+    steps = EPOCHS_3 * (len(data.xtr) // batch)
+    h = train_classifier(model, data, steps=steps, batch_size=batch, lr=1e-3, optimizer="adam", generator=g)
+    tail = h.losses[-max(1, len(data.xtr) // batch) :]  # the last epoch's training loss
+    return {"train": accuracy(model, data.xtr, data.ytr), "test": h.final_acc, "loss": sum(tail) / len(tail)}
+
+
+def _parts_regularization(ctx: Context) -> list[Part]:
+    ref = ctx.data_ref("mnist")
+    return [Part(_arm_name(norm, batch), _regularization_arm, (ref, ctx.device, norm, batch),
+                 cost=COST_3[(norm, batch)]) for norm, batch in ARMS_3 if available(norm)]
+
+
+def _collect_regularization(ctx: Context, res: dict) -> Outcome:
+    notes = [missing_note(norm) for norm, _ in ARMS_3 if not available(norm)]
+    n_train = min(N_TRAIN_3, len(ctx.images("mnist").xtr))
+    res = {(norm, batch): {k: [r[k] for r in res[_arm_name(norm, batch)]] for k in ("train", "test", "loss")}
+           for norm, batch in ARMS_3 if _arm_name(norm, batch) in res}
+    m: dict = {"epochs": EPOCHS_3, "n_train": n_train, "virtual_batch": VIRTUAL_3}
     for norm, batch in ARMS_3:
         name = _arm_name(norm, batch)
         if (norm, batch) not in res:
@@ -83,7 +87,7 @@ def _run_regularization(ctx: Context) -> Outcome:
         record(m, f"train_acc_{name}", r["train"])
         record(m, f"test_acc_{name}", r["test"])
         record(m, f"last_epoch_loss_{name}", r["loss"])
-        record(m, f"gap_{name}", [a - b for a, b in zip(r["train"], r["test"], strict=False)])
+        record(m, f"gap_{name}", [a - b for a, b in zip(r["train"], r["test"], strict=True)])
 
     def plot(fig, m):
         ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -107,7 +111,10 @@ def _run_regularization(ctx: Context) -> Outcome:
 
 
 def _gap_smaller(a: str, b: str):
-    return lambda m: at_least(paired(need(m, f"gap_{b}"), need(m, f"gap_{a}")), MARGIN_3, " points")
+    def test(m):
+        return at_least(paired(need(m, f"gap_{b}"), need(m, f"gap_{a}")), MARGIN_3, " points")
+
+    return test
 
 
 REGULARIZATION = Claim(
@@ -123,12 +130,15 @@ REGULARIZATION = Claim(
         f"vs no norm (batch 128); BN at batch 16 vs BN at batch 128; ghost BN (batch 128, virtual "
         f"{VIRTUAL_3}) vs BN at batch 128.",
         (
-            Check("BN@128 gap < no-norm@128 gap", _gap_smaller("bn_b128", "none_b128")),
-            Check("BN@16 gap < BN@128 gap", _gap_smaller("bn_b16", "bn_b128")),
-            Check(f"ghost BN@128/{VIRTUAL_3} gap < BN@128 gap", _gap_smaller("gbn_b128", "bn_b128")),
+            Check("BN@128 gap < no-norm@128 gap", _gap_smaller("bn_b128", "none_b128"),
+                  needs=("bn_b128", "none_b128")),
+            Check("BN@16 gap < BN@128 gap", _gap_smaller("bn_b16", "bn_b128"), needs=("bn_b16", "bn_b128")),
+            Check(f"ghost BN@128/{VIRTUAL_3} gap < BN@128 gap", _gap_smaller("gbn_b128", "bn_b128"),
+                  needs=("gbn_b128", "bn_b128")),
         ),
     ),
-    run=_run_regularization,
+    parts=_parts_regularization,
+    collect=_collect_regularization,
     setup=f"1,000 MNIST-5000 training images (to make overfitting visible), 1,000 test images; MLP "
     f"784-256-256-10 with ReLU, Adam at 1e-3 for {EPOCHS_3} epochs at the arm's batch size, in the full and "
     "the quick run (every arm fits its training set: the last epoch's training loss is in the numbers); "
@@ -172,15 +182,17 @@ def accuracy_batch_stats(model, x: torch.Tensor, y: torch.Tensor, batch: int, se
     return 100.0 * correct / (len(x) - len(x) % batch)
 
 
-def train_small_batch(data: ImageData, device: str, setting: str, norm: str, batch: int, seed: int,
-                      placement: str = "before") -> dict:
+def train_small_batch(ref: str, device: str, setting: str, norm: str, batch: int, placement: str,
+                      seed: int) -> dict:
     """One converged run of the shared protocol (a pure function of its arguments: it may run in a
     worker process and give the same numbers).
 
     Returns the plateau test error (mean of the last ``PLATEAU.patience`` evaluations), whether the
-    plateau rule stopped it, the epochs, the curve, and for BN: the test accuracy of the final weights
-    with running, recalibrated (``normkit.recalibrate`` over the training set) and test-batch statistics.
+    plateau rule stopped it, the epochs and steps, the curve, and for BN: the test accuracy of the final
+    weights with running, recalibrated (``normkit.recalibrate`` over the training set) and test-batch
+    statistics.
     """
+    data = D.resolve(ref, device)
     g = seed_everything(seed)
     model = _build(setting, data, norm, placement)
     for m in model.modules():
@@ -196,6 +208,8 @@ def train_small_batch(data: ImageData, device: str, setting: str, norm: str, bat
         "converged": h.converged,
         "diverged": h.diverged,
         "epochs": h.epochs,
+        "steps": len(h.losses),
+        "evals": len(h.test_acc),
         "curve_epochs": [s / h.steps_per_epoch for s in h.steps],
         "curve_err": [100.0 - a for a in h.test_acc],
     }
@@ -210,25 +224,35 @@ def train_small_batch(data: ImageData, device: str, setting: str, norm: str, bat
     return out
 
 
-def _key(data: ImageData, setting: str, norm: str, batch: int, seed: int, placement: str) -> tuple:
-    return ("small_batch", data.name, setting, norm, batch, seed, placement)
+# modeled seconds per training step, by setting and norm, and per test evaluation (every quarter epoch),
+# by setting (see normkit.lab.costs); the prior estimate of a run assumes 3 epochs
+STEP_COST = {"mlp": {"none": 4.0e-4, "bn": 4.6e-4, "gn": 4.3e-4, "ln": 4.2e-4, "brn": 1.06e-3},
+             "cnn": {"none": 8.0e-4, "bn": 1.14e-3, "gn": 1.41e-3, "ln": 1.49e-3, "brn": 1.95e-3, "in": 9.0e-4}}
+EVAL_COST = {"mlp": 3.5e-3, "cnn": 2.0e-2}
+_PRIOR_EPOCHS = 3.0
 
 
-def small_batch_run(ctx: Context, setting: str, norm: str, batch: int, seed: int,
-                    placement: str = "before") -> dict:
-    """:func:`train_small_batch` once per run of the lab: claims 7, 8, 10 and 11 share the runs (and a
-    worker process may already have computed it, see :func:`plan_small_batch`)."""
-    data = ctx.images("digits")
-    return ctx.memo(_key(data, setting, norm, batch, seed, placement),
-                    lambda: train_small_batch(data, ctx.device, setting, norm, batch, seed, placement))
+def small_batch_cost(setting: str, norm: str, batch: int, n_train: int = 1347) -> Cost:
+    per_step, per_eval = STEP_COST[setting].get(norm, STEP_COST[setting]["bn"]), EVAL_COST[setting]
+    per_epoch = max(1, n_train // batch)
+    steps = _PRIOR_EPOCHS * per_epoch
+    evals = _PRIOR_EPOCHS / PLATEAU.every
+    return Cost(per_step * steps + per_eval * evals, per_step=per_step, per_eval=per_eval)
 
 
-def plan_runs(ctx: Context, runs) -> None:
-    """Hand ``runs`` (setting, norm, batch, seed, placement) to the run's worker processes, if any."""
-    data = ctx.images("digits")
-    for setting, norm, batch, seed, placement in runs:
-        ctx.submit(_key(data, setting, norm, batch, seed, placement), train_small_batch,
-                   data, ctx.device, setting, norm, batch, seed, placement)
+def part_name(setting: str, norm: str, batch: int, placement: str = "before") -> str:
+    """The name of a shared batch-size run inside a claim: ``mlp/bn/b2``, ``cnn/bn/b32/after``."""
+    return f"{setting}/{norm}/b{batch}" + ("" if placement == "before" else f"/{placement}")
+
+
+def small_batch_part(ctx: Context, setting: str, norm: str, batch: int, placement: str = "before",
+                     display: bool = False) -> Part:
+    """:func:`train_small_batch` as a claim's part: claims 7, 8, 10 and 11 share these runs (same key)."""
+    ref = ctx.data_ref("digits")
+    return Part(part_name(setting, norm, batch, placement), train_small_batch,
+                (ref, ctx.device, setting, norm, batch, placement),
+                key=("small_batch", ref, setting, norm, batch, placement),
+                cost=small_batch_cost(setting, norm, batch, len(ctx.images("digits").xtr)), display=display)
 
 
 NORMS_7 = ("bn", "gn", "ln", "brn")
@@ -246,47 +270,41 @@ def _compare(diffs: list[float]) -> str:
     return "no clear difference from BN"
 
 
-def _plan_batch_size(ctx: Context) -> None:
+# the runs claim 7's checks read; every other (setting, norm, batch) is for the figure and the notes
+CHECKED_7 = {("mlp", "bn", SMALL), ("mlp", "bn", NORMAL_BATCH), ("mlp", "gn", SMALL), ("mlp", "brn", SMALL),
+             ("cnn", "bn", SMALL), ("cnn", "bn", NORMAL_BATCH), ("cnn", "gn", SMALL)}
+
+
+def _parts_batch_size(ctx: Context) -> list[Part]:
     sizes = ctx.pick(*SIZES_7)
-    # the longest runs (smallest batches) first, so the workers finish together
-    plan_runs(ctx, [(st, n, b, s, "before") for b in sorted(sizes) for s in ctx.seeds for st in SETTINGS
-                  for n in NORMS_7 if available(n)])
+    return [small_batch_part(ctx, st, n, b, display=(st, n, b) not in CHECKED_7)
+            for st in SETTINGS for n in NORMS_7 if available(n) for b in sizes]
 
 
-def _run_batch_size(ctx: Context) -> Outcome:
+def _collect_batch_size(ctx: Context, res: dict) -> Outcome:
     sizes = ctx.pick(*SIZES_7)
     notes, norms = [], []
     for norm in NORMS_7:
         (norms.append(norm) if available(norm) else notes.append(missing_note(norm)))
-    total = len(SETTINGS) * len(norms) * len(sizes) * len(ctx.seeds)
-    runs: dict = {}
-    with ctx.bar(total, "7 batch size") as bar:
-        for seed in ctx.seeds:
-            for setting in SETTINGS:
-                for norm in norms:
-                    for b in sizes:
-                        runs[(setting, norm, b, seed)] = small_batch_run(ctx, setting, norm, b, seed)
-                        bar.update()
     m: dict = {"batch_sizes": sizes, "normal_batch": NORMAL_BATCH, "small_batch": SMALL}
-    unconverged = []
+    unconverged, n_runs = [], 0
     for setting in SETTINGS:
         m[f"values_per_statistic_{setting}"] = [values_per_statistic(setting, b) for b in sizes]
         for norm in NORMS_7:
             if norm not in norms:
                 m[f"err_{setting}_{norm}_b{SMALL}"] = None
                 continue
-            per = [[runs[(setting, norm, b, s)] for s in ctx.seeds] for b in sizes]
-            m[f"err_{setting}_{norm}"] = [[r["err"] for r in row] for row in per]  # batch sizes × seeds
-            m[f"epochs_{setting}_{norm}"] = [[round(r["epochs"], 2) for r in row] for row in per]
-            for b, row in zip(sizes, per, strict=True):
-                record(m, f"err_{setting}_{norm}_b{b}", [r["err"] for r in row])
-                unconverged += [f"{setting} {norm} batch {b} seed {s}" for s, r in zip(ctx.seeds, row, strict=True)
-                                if not r["converged"]]
-            first = [runs[(setting, norm, b, ctx.seeds[0])] for b in sizes]
+            for b in sizes:
+                rs = res[part_name(setting, norm, b)]
+                n_runs += len(rs)
+                record(m, f"err_{setting}_{norm}_b{b}", [r["err"] for r in rs])
+                m[f"epochs_{setting}_{norm}_b{b}"] = [round(r["epochs"], 2) for r in rs]
+                unconverged += [f"{setting} {norm} batch {b} seed {s}" for s, r in enumerate(rs) if not r["converged"]]
+            first = [res[part_name(setting, norm, b)][0] for b in sizes]
             m[f"curves_{setting}_{norm}"] = [[r["curve_epochs"], r["curve_err"]] for r in first]  # seed 0
         # the mechanism: BN's small-batch models evaluated with running, recalibrated and batch statistics
         for b in sizes:
-            rs = [runs[(setting, "bn", b, s)] for s in ctx.seeds]
+            rs = res[part_name(setting, "bn", b)]
             if any("acc_running" not in r for r in rs):
                 continue
             record(m, f"mech_{setting}_b{b}_err_running", [100 - r["acc_running"] for r in rs])
@@ -297,8 +315,8 @@ def _run_batch_size(ctx: Context) -> Outcome:
         run_b = m.get(f"mech_{setting}_b{SMALL}_err_running")
         bat_b = m.get(f"mech_{setting}_b{SMALL}_err_batch")
         if run_b and bat_b:
-            loss = [r - n for r, n in zip(run_b, ref, strict=True)]
-            inconsistency = [r - b for r, b in zip(run_b, bat_b, strict=True)]
+            loss = paired(run_b, ref)
+            inconsistency = paired(run_b, bat_b)
             record(m, f"loss_{setting}_b{SMALL}", loss)
             record(m, f"inconsistency_{setting}_b{SMALL}", inconsistency)
             total_loss = sum(loss) / len(loss)
@@ -336,15 +354,15 @@ def _run_batch_size(ctx: Context) -> Outcome:
         notes.append(f"not converged within {PLATEAU.max_epochs:g} epochs (reported at the cap): "
                      + ", ".join(unconverged))
     else:
-        notes.append(f"every run converged (plateau rule), {sum(1 for _ in runs)} runs")
+        notes.append(f"every run converged (plateau rule), {n_runs} runs")
 
     def plot(fig, m):
         axes = [fig.add_subplot(2, 3, i) for i in range(1, 7)]
         for ax, setting in zip(axes[:2], SETTINGS, strict=True):
             for norm in NORMS_7:
-                if f"err_{setting}_{norm}" in m:
-                    rows = [list(r) for r in zip(*m[f"err_{setting}_{norm}"], strict=True)]
-                    plots.band(ax, m["batch_sizes"], rows, norm)
+                if m.get(f"err_{setting}_{norm}_b{SMALL}") is not None:
+                    plots.band_lists(ax, m["batch_sizes"], [m[f"err_{setting}_{norm}_b{b}"] for b in m["batch_sizes"]],
+                                     norm)
             ax.set_xscale("log", base=2)
             ax.set_xticks(m["batch_sizes"], [str(b) for b in m["batch_sizes"]])
             plots.finish(ax, f"{setting.upper()} on digits, each run converged", "batch size", "test error (%)")
@@ -381,6 +399,9 @@ def _run_batch_size(ctx: Context) -> Outcome:
         axes[5].legend(fontsize=6, ncol=2)
 
     return Outcome(m, plot, notes, size=(13, 7.5))
+
+
+_P = part_name
 
 
 def _degrades(setting: str, margin: float):
@@ -423,20 +444,28 @@ BATCH_SIZE = Claim(
         "MLP at batch 2, evaluating with test-batch statistics instead of running ones removes at least 2 "
         "points of error (the train/test inconsistency).",
         (
-            Check("MLP: BN error at batch 2 >= batch 32 + 5", _degrades("mlp", 5.0)),
-            Check("MLP, batch 2: GN error <= BN error − 2", _beats_bn("mlp", "gn", 2.0)),
-            Check("MLP, batch 2: batch renorm error <= BN error − 2", _beats_bn("mlp", "brn", 2.0)),
-            Check("BN's loss at batch 2: MLP's >= CNN's + 3", _degrades_less),
-            Check("CNN: BN error at batch 2 >= batch 32 + 1", _degrades("cnn", 1.0)),
-            Check("CNN, batch 2: GN error < BN error", _beats_bn("cnn", "gn", 0.0)),
+            Check("MLP: BN error at batch 2 >= batch 32 + 5", _degrades("mlp", 5.0),
+                  needs=(_P("mlp", "bn", SMALL), _P("mlp", "bn", NORMAL_BATCH))),
+            Check("MLP, batch 2: GN error <= BN error − 2", _beats_bn("mlp", "gn", 2.0),
+                  needs=(_P("mlp", "bn", SMALL), _P("mlp", "gn", SMALL))),
+            Check("MLP, batch 2: batch renorm error <= BN error − 2", _beats_bn("mlp", "brn", 2.0),
+                  needs=(_P("mlp", "bn", SMALL), _P("mlp", "brn", SMALL))),
+            Check("BN's loss at batch 2: MLP's >= CNN's + 3", _degrades_less,
+                  needs=(_P("mlp", "bn", SMALL), _P("mlp", "bn", NORMAL_BATCH), _P("cnn", "bn", SMALL),
+                         _P("cnn", "bn", NORMAL_BATCH))),
+            Check("CNN: BN error at batch 2 >= batch 32 + 1", _degrades("cnn", 1.0),
+                  needs=(_P("cnn", "bn", SMALL), _P("cnn", "bn", NORMAL_BATCH))),
+            Check("CNN, batch 2: GN error < BN error", _beats_bn("cnn", "gn", 0.0),
+                  needs=(_P("cnn", "bn", SMALL), _P("cnn", "gn", SMALL))),
             Check(
                 "MLP, batch 2: running − test-batch statistics error >= 2",
                 lambda m: at_least(need(m, f"inconsistency_mlp_b{SMALL}"), 2.0, " points"),
+                needs=(_P("mlp", "bn", SMALL),),
             ),
         ),
     ),
-    run=_run_batch_size,
-    plan=_plan_batch_size,
+    parts=_parts_batch_size,
+    collect=_collect_batch_size,
     setup="digits (1,347 train / 450 test). Two settings: an MLP 64-128-128-10 with ReLU (BatchNorm1d: "
     "at batch 2 each statistic sees 2 values) and a CNN conv(16)-norm-ReLU-conv(32, stride 2)-norm-ReLU-"
     "pool-linear (BatchNorm2d: at batch 2 a statistic sees 2·8·8 = 128 and 2·4·4 = 32 values). Norms: BN, "
@@ -472,18 +501,13 @@ def _plan_11() -> list[tuple[str, int]]:
     return [(n, NORMAL_BATCH) for n in NORMS_11] + [(n, SMALL) for n in ("bn", "gn")]
 
 
-def _plan_variants(ctx: Context) -> None:
-    plan_runs(ctx, [("cnn", n, b, s, "before") for n, b in _plan_11() for s in ctx.seeds])
+def _parts_variants(ctx: Context) -> list[Part]:
+    # no norm is for the figure only: no check reads it
+    return [small_batch_part(ctx, "cnn", n, b, display=n == "none") for n, b in _plan_11()]
 
 
-def _run_variants(ctx: Context) -> Outcome:
-    plan = _plan_11()
-    err = {p: [] for p in plan}
-    with ctx.bar(len(plan) * len(ctx.seeds), "11 variants") as bar:
-        for seed in ctx.seeds:
-            for norm, b in plan:
-                err[(norm, b)].append(small_batch_run(ctx, "cnn", norm, b, seed)["err"])
-                bar.update()
+def _collect_variants(ctx: Context, res: dict) -> Outcome:
+    err = {(n, b): [r["err"] for r in res[part_name("cnn", n, b)]] for n, b in _plan_11()}
     m: dict = {"tolerance": 1e-5, **_equivalence()}
     for (norm, b), v in err.items():
         record(m, f"err_{norm}_b{b}", v)
@@ -503,6 +527,9 @@ def _run_variants(ctx: Context) -> Outcome:
     return Outcome(m, plot)
 
 
+_NORMAL_11 = tuple(part_name("cnn", n, NORMAL_BATCH) for n in ("bn", "gn", "ln", "in"))
+
+
 def _order(m, norm: str, others, lowest: bool, tol: float = 0.5) -> Result:
     """Is ``norm``'s error the lowest (highest) at the normal batch, within ``tol``, paired against each other?"""
     results = []
@@ -512,11 +539,12 @@ def _order(m, norm: str, others, lowest: bool, tol: float = 0.5) -> Result:
         results.append((o, at_least(diffs, -tol, " points")))
     detail = "; ".join(f"vs {o}: {r.status} ({r.detail})" for o, r in results)
     states = {r.status for _, r in results}
+    n = min((r.n for _, r in results if r.n is not None), default=None)
     if FAIL in states:
-        return Result(FAIL, detail)
+        return Result(FAIL, detail, n)
     if states == {PASS}:
-        return Result(PASS, detail)
-    return Result(UNDECIDED if UNDECIDED in states else SKIPPED, detail)
+        return Result(PASS, detail, n)
+    return Result(UNDECIDED if UNDECIDED in states else SKIPPED, detail, n)
 
 
 VARIANTS = Claim(
@@ -531,18 +559,21 @@ VARIANTS = Claim(
         "BN/GN/LN/IN and IN's the highest (0.5-point tolerance); at batch 2 GN's error is lower than "
         "BN's; GN(1) == LN and GN(C) == IN within 1e-5 on 3 + 0.5·randn input of shape (5, 6, 5, 7).",
         (
-            Check(f"batch {NORMAL_BATCH}: BN lowest error", lambda m: _order(m, "bn", ("gn", "ln", "in"), True)),
-            Check(f"batch {NORMAL_BATCH}: IN highest error", lambda m: _order(m, "in", ("bn", "gn", "ln"), False)),
+            Check(f"batch {NORMAL_BATCH}: BN lowest error", lambda m: _order(m, "bn", ("gn", "ln", "in"), True),
+                  needs=_NORMAL_11),
+            Check(f"batch {NORMAL_BATCH}: IN highest error", lambda m: _order(m, "in", ("bn", "gn", "ln"), False),
+                  needs=_NORMAL_11),
             Check(
                 f"batch {SMALL}: GN error < BN error",
                 lambda m: at_least(paired(need(m, f"err_bn_b{SMALL}"), need(m, f"err_gn_b{SMALL}")), 0.0),
+                needs=(part_name("cnn", "bn", SMALL), part_name("cnn", "gn", SMALL)),
             ),
             Check("GN(1 group) == LayerNorm(C, H, W)", lambda m: need(m, "max_abs_diff_gn1_vs_ln") <= 1e-5),
             Check("GN(C groups) == InstanceNorm", lambda m: need(m, "max_abs_diff_gnC_vs_in") <= 1e-5),
         ),
     ),
-    run=_run_variants,
-    plan=_plan_variants,
+    parts=_parts_variants,
+    collect=_collect_variants,
     setup=f"The CNN and protocol of claim 7 (runs shared with it: each trained to its plateau), with no "
     f"norm, BN, GN (4 groups), LN over (C, H, W) and IN (affine) at batch {NORMAL_BATCH}, and BN and GN at "
     f"batch {SMALL}.",
@@ -551,28 +582,23 @@ VARIANTS = Claim(
 # ------------------------------------------------------------------------------------------ 8
 
 
-def _plan_inference(ctx: Context) -> None:
-    plan_runs(ctx, [("mlp", "bn", b, s, "before") for b in (SMALL, NORMAL_BATCH) for s in ctx.seeds])
+def _parts_inference(ctx: Context) -> list[Part]:
+    return [small_batch_part(ctx, "mlp", "bn", b) for b in (SMALL, NORMAL_BATCH)]
 
 
-def _run_inference(ctx: Context) -> Outcome:
+def _collect_inference(ctx: Context, res: dict) -> Outcome:
     can_recal = hasattr(normkit, "recalibrate")
     notes = (
         []
         if can_recal
         else ["arm 'recalibrated' skipped: normkit.recalibrate is not available in this build of normkit"]
     )
-    res: dict[str, list] = {}
-    plans = {f"b{NORMAL_BATCH}": NORMAL_BATCH, f"b{SMALL}": SMALL}
-    with ctx.bar(len(plans) * len(ctx.seeds), "8 running statistics") as bar:
-        for seed in ctx.seeds:
-            for name, batch in plans.items():
-                r = small_batch_run(ctx, "mlp", "bn", batch, seed)
-                res.setdefault(f"running_{name}", []).append(r.get("acc_running"))
-                res.setdefault(f"batch_own_{name}", []).append(r.get("acc_batch_own"))
-                res.setdefault(f"batch2_{name}", []).append(r.get("acc_batch2"))
-                res.setdefault(f"recalibrated_{name}", []).append(r.get("acc_recalibrated"))
-                bar.update()
+    res_ = {}
+    for name, batch in ((f"b{NORMAL_BATCH}", NORMAL_BATCH), (f"b{SMALL}", SMALL)):
+        runs = res[part_name("mlp", "bn", batch)]
+        for mode in ("running", "batch_own", "batch2", "recalibrated"):
+            res_[f"{mode}_{name}"] = [r.get(f"acc_{mode}") for r in runs]
+    res = res_
     m: dict = {"normal_batch": NORMAL_BATCH, "small_batch": SMALL}
     for key, v in res.items():
         if any(x is None for x in v):
@@ -618,21 +644,24 @@ INFERENCE = Claim(
                 f"batch-{NORMAL_BATCH} model: running >= test-batch({NORMAL_BATCH}) − 1",
                 lambda m: at_least(paired(need(m, f"acc_running_b{NORMAL_BATCH}"),
                                           need(m, f"acc_batch_own_b{NORMAL_BATCH}")), -1.0, " points"),
+                needs=(part_name("mlp", "bn", NORMAL_BATCH),),
             ),
             Check(
                 "test-batch statistics at batch 2 lose >= 2 points",
                 lambda m: at_least(paired(need(m, f"acc_running_b{NORMAL_BATCH}"),
                                           need(m, f"acc_batch2_b{NORMAL_BATCH}")), 2.0, " points"),
+                needs=(part_name("mlp", "bn", NORMAL_BATCH),),
             ),
             Check(
                 f"batch-{SMALL} model: recalibrated >= running + 0.5",
                 lambda m: at_least(paired(need(m, f"acc_recalibrated_b{SMALL}"),
                                           need(m, f"acc_running_b{SMALL}")), 0.5, " points"),
+                needs=(part_name("mlp", "bn", SMALL),),
             ),
         ),
     ),
-    run=_run_inference,
-    plan=_plan_inference,
+    parts=_parts_inference,
+    collect=_collect_inference,
     setup=f"Claim 7's BN MLP 64-128-128-10 on digits (the same converged runs), trained at batch "
     f"{NORMAL_BATCH} and at batch {SMALL}; BN momentum 0.1. The final weights evaluated with the running "
     "statistics, with each test batch's own statistics (batches of the training batch size and of 2), and "

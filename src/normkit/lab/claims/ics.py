@@ -8,14 +8,17 @@ import math
 import torch
 from torch import nn
 
+from .. import data as D
 from .. import plots
 from ..context import Context, record
-from ..framework import Check, Claim, Criterion, Outcome, at_least, need, paired, within
+from ..costs import Cost
+from ..framework import Check, Claim, Criterion, Outcome, Part, at_least, need, paired, within
 from ..models import mlp
 from ..train import seed_everything, train_classifier
 
 LR_6 = 0.2
 STEPS_6 = 150  # about 7 epochs, in the full and the quick run
+EVERY_6 = 15
 FACTORS_6 = (0.5, 1.0, 2.0, 4.0)  # step sizes along the gradient, in units of the learning rate
 
 
@@ -56,45 +59,47 @@ def landscape_probe(
     return variation, max(changes), max(betas)
 
 
-def _run(ctx: Context) -> Outcome:
-    data = ctx.images("digits")
-    steps, every = STEPS_6, 15
+COST_6 = Cost(0.5)
+
+
+def _ics_seed(ref: str, device: str, seed: int) -> dict:
+    """One seed of claim 6: no norm, BN and noisy BN trained; the landscape probed for no norm and BN."""
+    data = D.resolve(ref, device)
+    steps, every = STEPS_6, EVERY_6
+    out: dict = {}
+    for arm in ("none", "bn", "noisy_bn"):
+        g = seed_everything(seed)
+        model = mlp(data.n_features, data.n_classes, width=128, depth=3, norm=arm).to(device)
+        probes: list[tuple[float, float, float]] = []
+        probed = arm in ("none", "bn")
+
+        def on_step(step, model, xb, yb, probes=probes, probed=probed):
+            if probed and step % every == 0:
+                probes.append(landscape_probe(model, xb, yb, LR_6))
+
+        h = train_classifier(model, data, steps=steps, batch_size=64, lr=LR_6, optimizer="sgd", generator=g,
+                             eval_every=every, on_step=on_step)
+        r = {"acc": 0.0 if h.diverged else h.final_acc, "curve": h.test_acc, "eval_steps": h.steps}
+        if probed:
+            r.update(variation=sum(p[0] for p in probes) / len(probes), change=sum(p[1] for p in probes) / len(probes),
+                     beta=sum(p[2] for p in probes) / len(probes))
+        out[arm] = r
+    return out
+
+
+def _parts(ctx: Context) -> list[Part]:
+    return [Part("seed", _ics_seed, (ctx.data_ref("digits"), ctx.device), cost=COST_6)]
+
+
+def _collect(ctx: Context, res: dict) -> Outcome:
+    runs = res["seed"]
     arms = ("none", "bn", "noisy_bn")
-    acc = {a: [] for a in arms}
-    curves = {a: [] for a in arms}
-    variation = {a: [] for a in ("none", "bn")}
-    change = {a: [] for a in ("none", "bn")}
-    beta = {a: [] for a in ("none", "bn")}
-    with ctx.bar(len(arms) * len(ctx.seeds), "6 internal covariate shift") as bar:
-        for seed in ctx.seeds:
-            for arm in arms:
-                g = seed_everything(seed)
-                model = mlp(data.n_features, data.n_classes, width=128, depth=3, norm=arm).to(ctx.device)
-                probes: list[tuple[float, float, float]] = []
-
-                def on_step(step, model, xb, yb, probes=probes, arm=arm):
-                    if arm in variation and step % every == 0:
-                        probes.append(landscape_probe(model, xb, yb, LR_6))
-
-                h = train_classifier(
-                    model,
-                    data,
-                    steps=steps,
-                    batch_size=64,
-                    lr=LR_6,
-                    optimizer="sgd",
-                    generator=g,
-                    eval_every=every,
-                    on_step=on_step,
-                )
-                acc[arm].append(0.0 if h.diverged else h.final_acc)
-                curves[arm].append(h.test_acc)
-                x_steps = h.steps
-                if arm in variation:
-                    variation[arm].append(sum(p[0] for p in probes) / len(probes))
-                    change[arm].append(sum(p[1] for p in probes) / len(probes))
-                    beta[arm].append(sum(p[2] for p in probes) / len(probes))
-                bar.update()
+    acc = {a: [r[a]["acc"] for r in runs] for a in arms}
+    curves = {a: [r[a]["curve"] for r in runs] for a in arms}
+    variation = {a: [r[a]["variation"] for r in runs] for a in ("none", "bn")}
+    change = {a: [r[a]["change"] for r in runs] for a in ("none", "bn")}
+    beta = {a: [r[a]["beta"] for r in runs] for a in ("none", "bn")}
+    x_steps = runs[0]["bn"]["eval_steps"]
     m: dict = {"lr": LR_6, "step_factors": list(FACTORS_6), "eval_steps": x_steps}
     for arm in arms:
         record(m, f"acc_{arm}", acc[arm])
@@ -161,7 +166,8 @@ ICS = Claim(
             Check("BN β-smoothness < no norm", lambda m: _smaller(m, "beta_smoothness")),
         ),
     ),
-    run=_run,
+    parts=_parts,
+    collect=_collect,
     setup="digits, MLP 64-128-128-128-10 with ReLU, plain SGD at 0.2 (a rate at which the plain network "
     "trains), batch 64, 150 steps (about 7 epochs; the curves show the plateau) in the full and the quick run. "
     "Noisy "

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import data as D
 from .. import plots
 from ..context import Context, record
+from ..costs import Cost
 from ..data import ImageData, adding_task
-from ..framework import Check, Claim, Criterion, Outcome, at_least, need, paired
+from ..framework import Check, Claim, Criterion, Outcome, Part, at_least, need, paired
 from ..models import NormLSTM
 from ..train import batches, seed_everything
 
@@ -33,24 +35,24 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, steps: int
         opt.step()
 
 
-def _digits_acc(ctx: Context, data: ImageData, norm: str, seed: int, steps: int) -> float:
+def _digits_acc(data: ImageData, device: str, norm: str, seed: int, steps: int) -> float:
     g = seed_everything(seed)
     xtr, xte = rows(data.xtr), rows(data.xte)
-    model = NormLSTM(xtr.shape[2], HIDDEN_9, data.n_classes, norm=norm, max_steps=xtr.shape[1]).to(ctx.device)
+    model = NormLSTM(xtr.shape[2], HIDDEN_9, data.n_classes, norm=norm, max_steps=xtr.shape[1]).to(device)
     _fit(model, xtr, data.ytr, nn.functional.cross_entropy, steps, g)
     model.eval()
     with torch.no_grad():
         return 100.0 * (model(xte).argmax(1) == data.yte).float().mean().item()
 
 
-def _adding_mse(ctx: Context, norm: str, seed: int, steps: int, train_len: int, test_lens) -> list[float]:
+def _adding_mse(device: str, norm: str, seed: int, steps: int, train_len: int, test_lens) -> list[float]:
     g = seed_everything(seed)
     x, y = adding_task(64 * steps, train_len, g)
-    model = NormLSTM(2, HIDDEN_9, 1, norm=norm, max_steps=train_len).to(ctx.device)
+    model = NormLSTM(2, HIDDEN_9, 1, norm=norm, max_steps=train_len).to(device)
     _fit(
         model,
-        x.to(ctx.device),
-        y.to(ctx.device),
+        x.to(device),
+        y.to(device),
         lambda out, t: nn.functional.mse_loss(out[:, 0], t),
         steps,
         g,
@@ -61,24 +63,36 @@ def _adding_mse(ctx: Context, norm: str, seed: int, steps: int, train_len: int, 
     with torch.no_grad():
         for length in test_lens:
             xt, yt = adding_task(1000, length, test_g)
-            out.append(nn.functional.mse_loss(model(xt.to(ctx.device))[:, 0], yt.to(ctx.device)).item())
+            out.append(nn.functional.mse_loss(model(xt.to(device))[:, 0], yt.to(device)).item())
     return out
 
 
-def _run(ctx: Context) -> Outcome:
+TRAIN_LEN_9 = 8
+TEST_LENS_9 = (TRAIN_LEN_9, 2 * TRAIN_LEN_9, 4 * TRAIN_LEN_9)
+COST_9 = {"rows": Cost(1.0), "adding": Cost(0.9)}
+
+
+def _rows_seed(ref: str, device: str, seed: int) -> dict:
+    """One seed of claim 9's digit rows: every arm's test accuracy."""
+    data = D.resolve(ref, device)
+    return {arm: _digits_acc(data, device, arm, seed, STEPS_9[0]) for arm in ARMS_9}
+
+
+def _adding_seed(device: str, seed: int) -> dict:
+    """One seed of claim 9's adding task: every arm's test MSE at 1x, 2x and 4x the training length."""
+    return {arm: _adding_mse(device, arm, seed, STEPS_9[1], TRAIN_LEN_9, TEST_LENS_9) for arm in ARMS_9}
+
+
+def _parts(ctx: Context) -> list[Part]:
+    return [Part("rows", _rows_seed, (ctx.data_ref("digits"), ctx.device), cost=COST_9["rows"]),
+            Part("adding", _adding_seed, (ctx.device,), cost=COST_9["adding"])]
+
+
+def _collect(ctx: Context, res: dict) -> Outcome:
     data = ctx.images("digits")
-    digit_steps, add_steps = STEPS_9
-    train_len = 8
-    test_lens = [train_len, 2 * train_len, 4 * train_len]
-    acc = {a: [] for a in ARMS_9}
-    mse = {a: [] for a in ARMS_9}
-    with ctx.bar(2 * len(ARMS_9) * len(ctx.seeds), "9 recurrent") as bar:
-        for seed in ctx.seeds:
-            for arm in ARMS_9:
-                acc[arm].append(_digits_acc(ctx, data, arm, seed, digit_steps))
-                bar.update()
-                mse[arm].append(_adding_mse(ctx, arm, seed, add_steps, train_len, test_lens))
-                bar.update()
+    train_len, test_lens = TRAIN_LEN_9, list(TEST_LENS_9)
+    acc = {a: [r[a] for r in res["rows"]] for a in ARMS_9}
+    mse = {a: [r[a] for r in res["adding"]] for a in ARMS_9}
     m: dict = {
         "digit_rows": rows(data.xtr[:1]).shape[1],
         "adding_train_length": train_len,
@@ -133,19 +147,23 @@ RECURRENT = Claim(
             Check(
                 "rows: per-step BN >= plain LSTM + 0.5",
                 lambda m: at_least(paired(need(m, "acc_rows_bn_step"), need(m, "acc_rows_none")), 0.5, " points"),
+                needs=("rows",),
             ),
             Check(
                 "rows: per-step BN >= shared BN + 0.5",
                 lambda m: at_least(paired(need(m, "acc_rows_bn_step"), need(m, "acc_rows_bn_shared")), 0.5,
                                    " points"),
+                needs=("rows",),
             ),
             Check(
                 "adding, 4x length: LN MSE < per-step BN MSE",
                 lambda m: at_least(paired(need(m, "adding_mse_4x_bn_step"), need(m, "adding_mse_4x_ln")), 0.0),
+                needs=("adding",),
             ),
         ),
     ),
-    run=_run,
+    parts=_parts,
+    collect=_collect,
     setup="LSTM with 32 hidden units, normalization of W_h·h, W_x·x and the cell (Cooijmans eq. 6-8), "
     f"Adam at 1e-2, batch 64, gradient norm clipped at 1. Digits as 8 rows of 8 pixels, {STEPS_9[0]} steps "
     f"(about 3 epochs; a fixed budget, not a plateau: recurrent BN costs 17 norm calls per step). "
