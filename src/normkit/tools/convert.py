@@ -51,6 +51,7 @@ from torch import nn
 
 from .. import activations
 from .. import nn as nk
+from ..nn.fused import fused_act
 from . import recipes
 from .report import ConversionReport
 
@@ -158,15 +159,10 @@ def _convert_one(module: nn.Module, run: _Pass) -> nn.Module:
 
 
 def fused_activation(module: nn.Module) -> str | None:
-    """The activation a normkit layer computes inside its kernel (None: none, or run after it)."""
-    act = getattr(module, "act", None)
-    if isinstance(act, str):
-        return act or None
-    if isinstance(act, nn.Module):
-        drop = getattr(module, "drop", None)
-        if drop is None or type(drop) is nn.Identity:
-            return activations.from_module(act) or None
-    return None
+    """The activation a normkit layer computes inside its kernel (None: none, or run after the norm)."""
+    if not type(module).__module__.startswith("normkit."):
+        return None
+    return fused_act(module) or None
 
 
 def _report(census: list[tuple[str, nn.Module]], model: nn.Module, run: _Pass) -> ConversionReport:

@@ -80,6 +80,10 @@ def class_name(module_or_cls) -> str:
 # fingerprints of a forward
 
 
+_MISSING = object()
+_TEMPLATE_GLOBALS = {"torch": torch, "F": TF, "nn": nn}  # the names templates use for torch's modules
+
+
 class _Strip(ast.NodeTransformer):
     """Drops what does not change the computation: docstrings and bare strings, annotations."""
 
@@ -117,12 +121,62 @@ class _Rename(ast.NodeTransformer):
         return node
 
 
-def _normalise(fn: ast.FunctionDef) -> tuple[str, set[str]]:
-    """(normalised text, global names it reads) of one function definition."""
+class _Modules(ast.NodeTransformer):
+    """``F.layer_norm``, ``nn.functional.layer_norm`` and ``torch.nn.functional.layer_norm`` all read the same
+    function: a chain of attributes on a global module is written as the module it reaches (``torch.nn.functional``)."""
+
+    def __init__(self, resolve: Callable[[str], object], local: set[str]):
+        self.resolve, self.local = resolve, local
+
+    def visit_Attribute(self, node):
+        chain, base = [], node
+        while isinstance(base, ast.Attribute):
+            chain.append(base)
+            base = base.value
+        if not (isinstance(base, ast.Name) and base.id not in self.local):
+            return self.generic_visit(node)
+        obj = self.resolve(base.id)
+        if not inspect.ismodule(obj):
+            return self.generic_visit(node)
+        depth = len(chain)  # chain[depth:] (innermost first) are attributes that reach modules
+        for k in range(len(chain) - 1, -1, -1):
+            nxt = getattr(obj, chain[k].attr, None)
+            if not inspect.ismodule(nxt):
+                break
+            obj, depth = nxt, k
+        canonical = ast.Name(id=obj.__name__, ctx=ast.Load())
+        if depth == 0:
+            return ast.copy_location(canonical, node)
+        chain[depth - 1].value = ast.copy_location(canonical, base)
+        return node
+
+    def visit_Name(self, node):
+        if node.id not in self.local and isinstance(node.ctx, ast.Load) and inspect.ismodule(self.resolve(node.id)):
+            node.id = self.resolve(node.id).__name__
+        return node
+
+
+def _fold_returns(body: list) -> list:
+    """``v = E`` directly followed by ``return v`` is ``return E`` (in every block)."""
+    for stmt in body:
+        for field_ in ("body", "orelse", "finalbody"):
+            if isinstance(getattr(stmt, field_, None), list):
+                setattr(stmt, field_, _fold_returns(getattr(stmt, field_)))
+    if len(body) >= 2:
+        *rest, assign, ret = body
+        if (isinstance(assign, ast.Assign) and len(assign.targets) == 1 and isinstance(assign.targets[0], ast.Name)
+                and isinstance(ret, ast.Return) and isinstance(ret.value, ast.Name)
+                and ret.value.id == assign.targets[0].id):
+            return [*rest, ast.copy_location(ast.Return(value=assign.value), ret)]
+    return body
+
+
+def _normalise(fn: ast.FunctionDef, resolve: Callable[[str], object] = lambda _g: _MISSING) -> tuple[str, set[str]]:
+    """(normalised text, global names it reads that are not modules) of one function definition; ``resolve``
+    maps a global name to its value."""
     fn.returns, fn.name = None, "f"  # decorators stay: a wrapper may change what the forward computes
     fn = _Strip().visit(fn)
-    if not fn.body:
-        fn.body = [ast.Pass()]
+    fn.body = _fold_returns(fn.body) or [ast.Pass()]
     names: dict[str, str] = {}
     a = fn.args
     for i, arg in enumerate(a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]):
@@ -134,19 +188,23 @@ def _normalise(fn: ast.FunctionDef) -> tuple[str, set[str]]:
                     for n in stored}.items(), key=lambda kv: kv[1])
     for n, _ in first:
         names.setdefault(n, f"v{len(names)}")
+    fn = _Modules(resolve, set(names) | {"self"}).visit(fn)
     loads = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     fn = _Rename(names).visit(fn)
     ast.fix_missing_locations(fn)
-    return ast.unparse(fn), {n for n in loads if n not in names and n != "self"}
+    return ast.unparse(fn), {n for n in loads if n not in names and n != "self" and "." not in n
+                             and not inspect.ismodule(resolve(n))}
 
 
-def normalise_source(source: str) -> str:
-    """The normalised text of a function's source (see the module docstring)."""
+def normalise_source(source: str, namespace: dict | None = None) -> str:
+    """The normalised text of a function's source (see the module docstring); ``namespace`` holds its globals
+    (torch's ``torch``, ``F``, ``nn`` by default)."""
+    ns = _TEMPLATE_GLOBALS if namespace is None else namespace
     tree = ast.parse(textwrap.dedent(source))
     fn = tree.body[0]
     if not isinstance(fn, ast.FunctionDef):
         raise ValueError("normalise_source: expected one function definition")
-    return _normalise(fn)[0]
+    return _normalise(fn, lambda g: ns.get(g, getattr(builtins, g, _MISSING)))[0]
 
 
 def _describe_global(value) -> str:
@@ -157,9 +215,6 @@ def _describe_global(value) -> str:
     return type(value).__name__
 
 
-_MISSING = object()
-
-
 def _fingerprint_functions(functions: dict[str, Callable], resolve_global: Callable[[Callable, str], object],
                            super_forward: str | None) -> str:
     parts = []
@@ -167,7 +222,7 @@ def _fingerprint_functions(functions: dict[str, Callable], resolve_global: Calla
         fn = functions[name]
         src = fn if isinstance(fn, str) else inspect.getsource(fn)
         node = ast.parse(textwrap.dedent(src)).body[0]
-        text, globs = _normalise(node)
+        text, globs = _normalise(node, lambda g, fn=fn: resolve_global(fn, g))
         described = []
         for g in sorted(globs):
             value = resolve_global(fn, g)
@@ -226,9 +281,6 @@ def fingerprint(cls: type) -> str | None:
             functions, lambda f, g: f.__globals__.get(g, getattr(builtins, g, _MISSING)), _super_forward(cls, fn))
     except (OSError, TypeError, SyntaxError, IndentationError):
         return None
-
-
-_TEMPLATE_GLOBALS = {"torch": torch, "F": TF, "nn": nn}
 
 
 def _template(functions: dict[str, str], super_forward: type | None = None) -> str:
@@ -335,9 +387,15 @@ def _layer_class(name: str) -> type:
 
 
 def _act_drop(m: nn.Module) -> dict:
+    """timm's ``act`` and ``drop`` modules, passed to the normkit layer (which keeps them as children of those
+    names; a ``drop`` that is ``nn.Identity`` it leaves out — it holds no state and computes nothing)."""
     act, drop = m._modules.get("act"), m._modules.get("drop")
     _need(isinstance(act, nn.Module) and isinstance(drop, nn.Module), "no act/drop modules")
     return {"act": act, "drop": drop}
+
+
+def _identity_drop(m: nn.Module) -> tuple[str, ...]:
+    return ("drop",) if type(m._modules.get("drop")) is nn.Identity else ()
 
 
 def _probe_channels(c: int, dims: int = 2) -> tuple[int, ...]:
@@ -392,7 +450,8 @@ def _bn_act(m: nn.Module) -> Plan:
     c = _vector(m, "running_mean") if m.running_mean is not None else m.num_features
     return Plan("timm BatchNormAct2d", nk.BatchNormAct2d,
                 (c,), dict(eps=_real(m.eps, "eps"), momentum=m.momentum, affine=m.affine,
-                           track_running_stats=m.track_running_stats, **_act_drop(m)), _probe_channels(c))
+                           track_running_stats=m.track_running_stats, **_act_drop(m)), _probe_channels(c),
+                discard=_identity_drop(m))
 
 
 def _sync_bn_act(m: nn.Module) -> Plan:
@@ -417,7 +476,7 @@ def _frozen(recipe: str, eps_attr: str | None = "eps", with_act: bool = False):
             _vector(m, name, c)
         eps = _real(getattr(m, eps_attr, None), eps_attr) if eps_attr else 1e-5
         kw = dict(eps=eps, promote=True, **(_act_drop(m) if with_act else {}))
-        return Plan(recipe, nk.FrozenBatchNorm2d, (c,), kw, _probe_channels(c))
+        return Plan(recipe, nk.FrozenBatchNorm2d, (c,), kw, _probe_channels(c), discard=_identity_drop(m))
 
     plan.recipe = recipe
     return plan
@@ -432,7 +491,8 @@ def _group_norm(recipe: str, act: bool = False, fast: bool = True):
         kw = dict(eps=_real(m.eps, "eps"), affine=m.affine)
         if act:
             _supports(nk.GroupNormAct, "drop")
-            return Plan(recipe, nk.GroupNormAct, (g, c), dict(kw, **_act_drop(m)), _probe_channels(c))
+            return Plan(recipe, nk.GroupNormAct, (g, c), dict(kw, **_act_drop(m)), _probe_channels(c),
+                        discard=_identity_drop(m))
         return Plan(recipe, nk.GroupNorm, (g, c), kw, _probe_channels(c))
 
     plan.recipe = recipe
@@ -464,7 +524,7 @@ def _layer_norm(recipe: str, *, two_d: bool = False, act: bool = False, casting:
         if act:
             kw.update(_act_drop(m))
         _supports(cls, *[k for k in ("casting", "offset", "layout", "drop") if k in kw])
-        return Plan(recipe, cls, args, kw, probe)
+        return Plan(recipe, cls, args, kw, probe, discard=_identity_drop(m))
 
     plan.recipe = recipe
     return plan
@@ -489,7 +549,7 @@ def _rms_norm(recipe: str, *, two_d: bool = False, act: bool = False, fast: bool
         if act:
             kw.update(_act_drop(m))
         _supports(cls, *(("drop",) if act else ()))
-        return Plan(recipe, cls, args, kw, probe)
+        return Plan(recipe, cls, args, kw, probe, discard=_identity_drop(m))
 
     plan.recipe = recipe
     return plan
