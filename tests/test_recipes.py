@@ -273,6 +273,45 @@ def test_a_class_claiming_a_known_name_with_another_forward_is_refused():
         recipes._find_class.cache_clear()
 
 
+def _layer_norm_fp32_out(self, x):  # right in fp32, but returns fp32 for bf16 input
+    return nn.functional.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                                    self.eps)
+
+
+def test_verify_probes_a_half_precision_layer_in_its_dtype_too():
+    layer = _olmo2().to(torch.bfloat16)
+    model, rep = normkit.convert(_model(layer), report=True)
+    assert type(model[1]) is normkit.RMSNorm and rep.verified == 1
+    cls = _timm_like_layer_norm(_layer_norm_fp32_out)
+    try:
+        layer = cls(8, eps=1e-6).to(torch.bfloat16)
+        with pytest.warns(UserWarning, match="output dtype torch.bfloat16, the original's torch.float32 on the "
+                                             "non-zero-mean bfloat16 probe"):
+            model = normkit.convert(_model(layer))
+        assert model[1] is layer
+        assert type(normkit.convert(_model(cls(8, eps=1e-6)))[1]) is normkit.LayerNorm  # fp32: the same function
+    finally:
+        recipes._find_class.cache_clear()
+
+
+def test_meta_device_layers_are_swapped_without_a_probe():
+    with torch.device("meta"):
+        layer = Olmo2LikeRMSNorm(8)
+    model, rep = normkit.convert(_model(layer), report=True)
+    assert type(model[1]) is normkit.RMSNorm and model[1].weight is layer.weight
+    assert rep.swapped == 1 and rep.verified == 0
+
+
+def test_to_torch_leaves_a_layer_whose_option_torch_lacks():
+    gemma_like = normkit.RMSNorm(8, eps=1e-6, offset=1.0)
+    plain = normkit.RMSNorm(8, eps=1e-6)
+    model = nn.Sequential(gemma_like, plain)
+    with pytest.warns(UserWarning, match="offset=1.0: torch.nn.RMSNorm has no such option"):
+        model, rep = normkit.convert(model, to="torch", report=True)
+    assert model[0] is gemma_like and type(model[1]) is nn.RMSNorm
+    assert rep.swapped == 1 and rep.left == 1
+
+
 def test_report_counts_and_prints_every_class():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.GroupNorm(2, 4),
                           Olmo2LikeRMSNormTwiceEps(4), normkit.BatchRenorm2d(4))
@@ -330,6 +369,9 @@ CASES = [
     ("timm.BatchNormAct2d-leaky-dropblock", "timm",
      lambda L: _timm(L, "BatchNormAct2d", C, act_layer=nn.LeakyReLU,
                      drop_layer=lambda: _timm(L, "DropBlock2d", 0.3, 3)), IMG, "timm BatchNormAct2d"),
+    ("timm.SyncBatchNormAct", "timm",
+     lambda L: L.layers.convert_sync_batchnorm(_timm(L, "BatchNormAct2d", C, act_layer=nn.SiLU)), IMG,
+     "timm SyncBatchNormAct"),
     ("timm.FrozenBatchNormAct2d", "timm", lambda L: _timm(L, "FrozenBatchNormAct2d", C, act_layer=nn.SiLU), IMG,
      "timm FrozenBatchNormAct2d"),
     ("timm.GroupNormAct", "timm", lambda L: _timm(L, "GroupNormAct", C, num_groups=4, act_layer=nn.SiLU), IMG,
@@ -469,7 +511,9 @@ def test_recipe_on_the_real_class(case, library, factory, shape, expected, reque
     layer = _randomise(factory(lib))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, rep = normkit.convert(nn.Sequential(copy.deepcopy(layer)), report=True)
+        converted = copy.deepcopy(layer)
+        children = dict(converted.named_children())
+        model, rep = normkit.convert(nn.Sequential(converted), report=True)
     name = recipes.class_name(layer)
     entry = rep.classes[name]
     if expected.startswith("left: "):
@@ -482,10 +526,11 @@ def test_recipe_on_the_real_class(case, library, factory, shape, expected, reque
     assert entry.recipes == {expected: 1}
     new = model[0]
     assert list(new.state_dict()) == list(layer.state_dict())
-    if next(layer.children(), None) is not None:  # act/drop modules are kept, as they were
-        kept = {id(m) for m in new.modules()}
-        for child in model[0].children():
-            assert id(child) in kept
+    for name, child in children.items():  # act and drop modules are the original's objects (an Identity drop goes)
+        if name == "drop" and type(child) is nn.Identity:
+            assert "drop" not in new._modules
+        else:
+            assert new._modules["act" if name == "activation" else name] is child, name
     g = torch.Generator().manual_seed(3)
     base = torch.randn(shape, generator=g)
     for mode in (True, False):

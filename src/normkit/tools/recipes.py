@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from .. import nn as nk
 
-__all__ = ["Plan", "Recipe", "find", "plan", "build", "verify", "fingerprint", "normalise_source",
+__all__ = ["Plan", "Recipe", "find", "plan", "build", "verify", "probe_device", "fingerprint", "normalise_source",
            "is_norm_layer", "class_name", "known_left"]
 
 
@@ -1048,7 +1048,8 @@ def _bare_copy(m: nn.Module) -> nn.Module:
     return c
 
 
-def _device(m: nn.Module) -> torch.device:
+def probe_device(m: nn.Module) -> torch.device:
+    """Where :func:`verify` probes ``m``: the device of its first tensor (CPU for a layer without tensors)."""
     for t in list(m.parameters()) + list(m.buffers()):
         return t.device
     return torch.device("cpu")
@@ -1097,7 +1098,7 @@ def verify(original: nn.Module, new: nn.Module, shape: tuple[int, ...]) -> str |
     the layer's half dtype when its tensors are all fp16/bf16 — in the original's training mode.
     Returns None when they agree to rounding, else what differs. Neither layer, its running
     statistics, nor any random generator is changed. Layers on the meta device are not probed."""
-    device = _device(original)
+    device = probe_device(original)
     if device.type == "meta":
         return None
     gen = torch.Generator().manual_seed(0)
