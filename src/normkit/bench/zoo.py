@@ -487,8 +487,8 @@ def summarize(records: list[dict]) -> dict:
         for r in records:
             left.update(r["coverage"][name]["left_by_class"])
             for cls, why in r.get("report", {}).get(name, {}).get("classes", {}).items():
-                for reason, n in why["left"].items():
-                    reasons.setdefault(cls, Counter())[reason] += n
+                for reason, k in why["left"].items():
+                    reasons.setdefault(cls, Counter())[reason] += k
         out[name] = {"norm_layers": n, "swapped": s, "swapped_fraction": s / n if n else None,
                      "models_fully_converted": full, "left_by_class": dict(left.most_common()),
                      "left_reasons": {c: dict(v) for c, v in reasons.items()},
