@@ -158,9 +158,10 @@ def test_a_forward_replaced_on_the_class_or_the_instance_is_not_recognised():
     class HubbedRMSNorm(Olmo2LikeRMSNorm):  # what kernels' use_kernel_forward_from_hub + kernelize do to the class
         pass
 
+    assert type(normkit.convert(_model(HubbedRMSNorm(8)))[1]) is normkit.RMSNorm  # before: Olmo2's forward
     original = HubbedRMSNorm.forward
 
-    def forward(self, hs):  # a hub kernel's wrapper
+    def forward(self, hs):  # a hub kernel's wrapper, put on the class after that first conversion
         return original(self, hs)
 
     HubbedRMSNorm.forward = forward

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from .. import nn as nk
 
-__all__ = ["Plan", "Recipe", "find", "plan", "build", "verify", "probe_device", "fingerprint", "normalise_source",
+__all__ = ["Plan", "Refused", "find", "plan", "build", "verify", "probe_device", "fingerprint", "normalise_source",
            "is_norm_layer", "class_name", "known_left"]
 
 
@@ -268,11 +268,14 @@ def _super_forward(cls: type, fn: Callable) -> str | None:
     return "?"
 
 
-@cache
 def fingerprint(cls: type) -> str | None:
     """The normalised forward of ``cls`` with its helpers, globals and ``super().forward``, or None
     when its source cannot be read (a builtin, a class made at run time)."""
-    fn = getattr(cls, "forward", None)
+    return _fingerprint(cls, getattr(cls, "forward", None))
+
+
+@cache
+def _fingerprint(cls: type, fn) -> str | None:  # keyed by the forward too: one replaced later is read again
     if not inspect.isfunction(fn):
         return None
     try:
@@ -308,14 +311,6 @@ class Plan:
     note: str = ""
     discard: tuple[str, ...] = ()  # children of the original left behind (stateless nn.Identity only)
     retype: bool = False  # a subclass of torch's class: the twin takes the instance's attributes as they are
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """One family: ``plan(module)`` gives a :class:`Plan` or the reason (str) it refuses."""
-
-    name: str
-    plan: Callable[[nn.Module], Plan | str]
 
 
 class Refused(Exception):
@@ -370,7 +365,7 @@ def _shape(m: nn.Module) -> tuple[int, ...]:
     return tuple(ns)
 
 
-def _affine(m: nn.Module, shape: tuple[int, ...], bias: bool | None = None) -> tuple[bool, bool]:
+def _affine(m: nn.Module, shape: tuple[int, ...]) -> tuple[bool, bool]:
     """(elementwise_affine, bias) of a LayerNorm-like layer whose weight/bias are ``shape`` or None."""
     w, b = m._parameters.get("weight"), m._parameters.get("bias")
     for name, t in (("weight", w), ("bias", b)):
@@ -930,8 +925,9 @@ def _forward_name(cls: type) -> str:
 
 
 @cache
-def _find_class(cls: type) -> tuple[Callable | None, str | None]:
-    """(recipe's plan function, None) or (None, reason it has none) for a class."""
+def _find_class(cls: type, _forward=None) -> tuple[Callable | None, str | None]:
+    """(recipe's plan function, None) or (None, reason it has none) for a class (and the forward it has now:
+    a forward replaced after a first look — ``kernels``' ``kernelize`` — is looked at again)."""
     key = (cls.__module__, cls.__qualname__)
     if key in _BY_NAME:
         recipe, forward = _BY_NAME[key]
@@ -962,7 +958,8 @@ def find(module: nn.Module) -> tuple[Callable | None, str | None]:
     """The recipe for ``module`` (its plan function) or the reason there is none."""
     if "forward" in module.__dict__:
         return None, "its forward is replaced on the instance"
-    return _find_class(type(module))
+    cls = type(module)
+    return _find_class(cls, getattr(cls, "forward", None))
 
 
 def plan(module: nn.Module) -> Plan | str:
