@@ -34,6 +34,8 @@ class _Spy:
 
     def __getattr__(self, name):
         fn = getattr(self.real, name)
+        if name == "plain_cpu":  # the route's question, not a layer function
+            return fn
 
         def call(*args):
             out = fn(*args)

@@ -91,7 +91,7 @@ def test_rule_picks_aten_only_where_it_is_thread_and_grad_independent(op, shape,
         else:  # eval BatchNorm without a backward: aten (its forward is what normkit's op computes too)
             assert route.prefer_aten(op, x, needs_grad=False) is True
     with normkit.backend("cpu"):  # an explicit backend always runs its kernels
-        assert route.choose(op, x) in (route.ONE_CALL, route.KERNELS)
+        assert route.choose(op, False, x) in (route.ONE_CALL, route.KERNELS)
     # fused: aten would need extra passes, except eval BatchNorm (its op computes torch.nn's sequence anyway)
     assert route.prefer_aten(op, x, fused=True) is (expected and op == "batch_norm_infer")
     channels_last = torch.empty(8, 16, 8, 8).contiguous(memory_format=torch.channels_last)
@@ -170,3 +170,41 @@ def test_fused_eval_batchnorm_is_torch_nn_bn_add_act_to_the_bit(act, residual, g
             got = normkit.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                                                 training=False, residual=r, act=act)
         assert torch.equal(got, expected), backend
+
+
+def test_the_c_and_python_tests_of_plain_eager_agree():
+    """route._plain_eager_python and normkit._C.plain_cpu answer the same question (the C one for CPU
+    tensors): plain eager, plain tensors, in every state the route distinguishes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from normkit import _fast
+
+    entries = _fast.entries()
+    if not entries:
+        pytest.skip("the C++ extension is not built: the Python test is the only one")
+    x, w = torch.randn(2, 3), torch.nn.Parameter(torch.randn(3))
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Sub(torch.Tensor):
+        pass
+
+    def both(t, others):
+        return entries.plain_cpu(t, others), route._plain_eager_python(t, others)
+
+    assert both(x, (w, None)) == (True, True)
+    assert both(x, (w.as_subclass(Sub),)) == (False, False)
+    assert both(x.as_subclass(Sub), ()) == (False, False)
+    assert both(torch.empty(2, 3, device="meta"), ()) == (False, False)
+    assert both(x, (torch.empty(3, device="meta"),)) == (False, False)
+    with Mode():
+        assert both(x, ()) == (False, False)
+    with torch.device("cpu"):
+        assert both(x, ()) == (False, False)
+    seen = []
+    torch.func.vmap(lambda t: seen.append(both(t, ())) or t)(torch.randn(2, 3))
+    assert seen == [(False, False)]
+    torch.jit.trace(lambda t: seen.append(both(t, ())) or t, torch.randn(2), check_trace=False)
+    assert seen[-1] == (False, False)

@@ -115,10 +115,11 @@ import torch
 
 BACKEND_NAMES = ("auto", "reference", "cpu", "triton")
 ENV_VAR = "NORMKIT_BACKEND"
-try:  # the key as os.environ stores it (bytes on POSIX)
+try:  # the key as os.environ stores it (bytes on POSIX), and the store (mutated in place by os.environ[...] = )
     _ENV_KEY = os.environ.encodekey(ENV_VAR)
+    _ENV_DATA = os.environ._data
 except AttributeError:  # pragma: no cover - a Python without these internals
-    _ENV_KEY = None
+    _ENV_KEY = _ENV_DATA = None
 
 OPS = (
     "channel_stats",
@@ -215,8 +216,13 @@ def current() -> str:
     """The requested backend name: the innermost ``normkit.backend(...)``, else the environment."""
     name = _current.get()
     if name is None:
-        raw = _env_backend()
-        name = "auto" if raw is None or raw == "auto" else _check_name(raw or "auto")
+        # os.environ's own store, read in place (every call of every layer asks; os.environ.get costs a
+        # microsecond of key encoding)
+        raw = _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else _env_backend()
+        if raw is None:
+            return "auto"
+        raw = os.environ.decodevalue(raw) if isinstance(raw, bytes) else raw
+        name = "auto" if raw == "auto" else _check_name(raw or "auto")
     return name
 
 

@@ -113,8 +113,8 @@ def batch_norm(
                                     residual, C.act_name("batch_norm", act, _ACT_NAMES))
     act = act or ""
     fused = residual is not None or act != ""
-    path = route.choose(_BN_TRAIN if training else _BN_INFER, input, weight, bias, residual, running_mean,
-                        running_var, fused=fused)
+    path = route.choose(_BN_TRAIN if training else _BN_INFER, fused, input, weight, bias, residual, running_mean,
+                        running_var)
     moves = training and running_mean is not None
     if path <= ONE_CALL_ATEN:
         code = _ACT_CODES.get(act)
@@ -122,8 +122,8 @@ def batch_norm(
             # (a training call that moves running statistics stays on the Python paths: the aten route
             # moves them by aten's formula, the kernel route by this module's _update_running)
             served = _fast.entries().batch_norm(input, weight, bias, running_mean, running_var, None, _ANY_RANK,
-                                      input.shape[1], training, False, None, eps, residual, code, False,
-                                      path == ONE_CALL_ATEN)
+                                                input.shape[1], training, False, None, eps, residual, code, False,
+                                                path == ONE_CALL_ATEN)
             if served is not None:
                 return served[0]
         path = _declined(path)
@@ -180,8 +180,8 @@ def batch_norm_module(layer, input: Tensor, residual: Tensor | None = None, act:
     weight, bias, running_mean, running_var = layer._state()
     batch_stats = layer.training or running_mean is None
     update = layer.training and layer.track_running_stats and running_mean is not None
-    path = route.choose(_BN_TRAIN if batch_stats else _BN_INFER, input, weight, bias, residual,
-                        running_mean, running_var, fused=residual is not None or act != "")
+    path = route.choose(_BN_TRAIN if batch_stats else _BN_INFER, residual is not None or act != "", input, weight,
+                        bias, residual, running_mean, running_var)
     if path <= ONE_CALL_ATEN:
         code = _ACT_CODES.get(act)
         # an update that someone intercepts (normkit.func.functional_call patches _update_running_stats) or a
@@ -189,10 +189,10 @@ def batch_norm_module(layer, input: Tensor, residual: Tensor | None = None, act:
         if code is not None and not (update and (not layer._one_call_update or
                                                  "_update_running_stats" in layer.__dict__)):
             policy = running_stats.update_policy(layer) if update else None
-            served = _fast.entries().batch_norm(input, weight, bias, running_mean, running_var,
-                                      layer._buffers.get("num_batches_tracked"), layer._dims_mask, layer.num_features,
-                                      batch_stats, policy is not None, layer.momentum, layer.eps, residual, code,
-                                      policy == "skip", path == ONE_CALL_ATEN)
+            served = _fast.entries().batch_norm(
+                input, weight, bias, running_mean, running_var, layer._buffers.get("num_batches_tracked"),
+                layer._dims_mask, layer.num_features, batch_stats, policy is not None, layer.momentum, layer.eps,
+                residual, code, policy == "skip", path == ONE_CALL_ATEN)
             if served is not None:
                 if served[1]:
                     running_stats.count_skipped(layer, running_mean.device)
@@ -221,8 +221,8 @@ def batch_norm_checked(input: Tensor, running_mean, running_var, weight, bias, t
     """BatchNorm after :func:`check_batch_norm` has passed, on the path :func:`normkit.route.choose`
     picks: the building block of BatchRenorm (γ·r, β + γ·d), GhostBatchNorm (per virtual batch) and
     FrozenBatchNorm. ``on_stats`` as in training BatchNorm (the layer's running-statistics update)."""
-    path = route.choose(_BN_TRAIN if training else _BN_INFER, input, weight, bias, residual, running_mean,
-                        running_var, fused=residual is not None or act != "")
+    path = route.choose(_BN_TRAIN if training else _BN_INFER, residual is not None or act != "", input, weight,
+                        bias, residual, running_mean, running_var)
     if path <= ONE_CALL_ATEN:
         path = _declined(path)
     return _batch_norm_on(path, input, running_mean, running_var, weight, bias, training, 0.0, eps, residual, act,
@@ -246,7 +246,7 @@ def sync_batch_norm_module(layer, input: Tensor, residual: Tensor | None, act: s
     # the one-value rule is checked below on the *global* count
     act = C.batch_norm(where, input, layer.running_mean, layer.running_var, layer.weight, layer.bias, True,
                        layer.eps, residual, act, _ACT_NAMES, num_features=layer.num_features, count_rule=False)
-    if route.choose(_BN_TRAIN, input, layer.weight, layer.bias, residual) in (TORCH, OP):
+    if route.choose(_BN_TRAIN, False, input, layer.weight, layer.bias, residual) in (TORCH, OP):
         raise NotImplementedError(
             f"{where}: batch statistics across {D.world_size(group)} ranks under torch.func, forward-mode AD, "
             "tracing, export, torch.compile or a tensor subclass are not supported (nor are they by "
@@ -284,7 +284,7 @@ def instance_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Instance Normalization (Ulyanov et al., 2016): statistics per (sample, channel) over space."""
-    path = route.choose("group_norm", input, weight, bias, running_mean, running_var)
+    path = route.choose("group_norm", False, input, weight, bias, running_mean, running_var)
     C.instance_norm("instance_norm", input, running_mean, running_var, weight, bias, use_input_stats)
     return _instance_norm_on(path, input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
 
@@ -315,7 +315,7 @@ def instance_norm_module(layer, input: Tensor) -> Tensor:
     p = layer._parameters
     weight, bias = p.get("weight"), p.get("bias")
     running_mean, running_var = layer.running_mean, layer.running_var
-    path = route.choose("group_norm", input, weight, bias, running_mean, running_var)
+    path = route.choose("group_norm", False, input, weight, bias, running_mean, running_var)
     batched = layer._spatial_dims + 2
     if path == ONE_CALL and not layer.track_running_stats and input.dim() == batched \
             and input.numel() > input.shape[0] * input.shape[1]:  # batched, more than one value per instance
@@ -377,7 +377,7 @@ def group_norm_module(layer, input: Tensor, residual: Tensor | None = None, act:
 
 
 def _group_norm(input, num_groups, weight, bias, eps, residual, act, where, num_channels) -> Tensor:
-    path = route.choose("group_norm", input, weight, bias, residual, fused=residual is not None or act != "")
+    path = route.choose("group_norm", residual is not None or act != "", input, weight, bias, residual)
     if path <= ONE_CALL_ATEN:
         code = _ACT_CODES.get(act)
         if code is not None and isinstance(input, Tensor) and input.dim() >= 2:
@@ -415,17 +415,28 @@ def layer_norm(
     * ``"llama"`` — DeBERTa's: ``x̂`` rounded to x's dtype first, then ``γ'·x̂ + β`` in torch's type
       promotion of the parameters and x.
     """
+    if casting != "torch" or offset:
+        return _layer_norm_cast(input, normalized_shape, weight, bias, eps, casting, offset)
+    return _layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def _layer_norm_cast(input, normalized_shape, weight, bias, eps, casting, offset) -> Tensor:
+    """:func:`layer_norm` with a ``casting`` or ``offset`` of a model family, composed from the plain one."""
     casting = _casting("layer_norm", casting, ("torch", "fp32", "llama"))
     if offset and weight is not None:
         weight = weight + offset
     if casting == "llama" and (weight is not None or bias is not None):
-        y = layer_norm(input, normalized_shape, None, None, eps)
-        return _affine(y, weight, bias)
+        return _affine(_layer_norm(input, normalized_shape, None, None, eps), weight, bias)
     if casting == "fp32":
         weight, bias = _upcast(weight), _upcast(bias)
         if input.dtype == torch.float64:
-            return layer_norm(input.float(), normalized_shape, weight, bias, eps).to(input.dtype)
-    path = route.choose("layer_norm", input, weight, bias)
+            return _layer_norm(input.float(), normalized_shape, weight, bias, eps).to(input.dtype)
+    return _layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def _layer_norm(input, normalized_shape, weight, bias, eps) -> Tensor:
+    """LayerNorm with torch's casting: the front door proper."""
+    path = route.choose("layer_norm", False, input, weight, bias)
     if path <= ONE_CALL_ATEN:
         y = _fast.entries().layer_norm(input, normalized_shape, weight, bias, eps)
         if y is not None:
@@ -502,24 +513,44 @@ def rms_norm(
     * ``"t5"`` — T5's: ``h = x₃₂·r`` in float32, rounded to γ's dtype only when γ is float16/bfloat16,
       then ``γ·h``: γ's dtype, or float32 (even for half input) beside a float32 γ.
     """
+    if casting != "torch" or offset:
+        return _rms_norm_cast(input, normalized_shape, weight, eps, casting, offset)
+    return _rms_norm(input, normalized_shape, weight, eps)
+
+
+def rms_norm_module(layer, input: Tensor) -> Tensor:
+    """The forward of normkit's RMSNorm."""
+    weight = layer._parameters.get("weight")
+    if layer.casting == "torch" and not layer.offset:  # (the common case without keyword arguments)
+        return _rms_norm(input, layer.normalized_shape, weight, layer.eps)
+    return _rms_norm_cast(input, layer.normalized_shape, weight, layer.eps, layer.casting, layer.offset)
+
+
+def _rms_norm_cast(input, normalized_shape, weight, eps, casting, offset) -> Tensor:
+    """:func:`rms_norm` with a ``casting`` or ``offset`` of a model family, composed from the plain one."""
     casting = _casting("rms_norm", casting, ("torch", "llama", "t5"))
     if casting != "torch" and weight is not None:
         if offset:
             weight = weight + offset
         if casting == "llama":
-            return weight * rms_norm(input, normalized_shape, None, eps)
+            return weight * _rms_norm(input, normalized_shape, None, eps)
         # t5: x·r in float32 (x half: upcast first, its product with the float32 r promotes), then γ's dtype
         half_weight = weight.dtype in (torch.float16, torch.bfloat16)
         if half_weight and input.dtype == weight.dtype:
-            h = rms_norm(input, normalized_shape, None, eps)  # one rounding from float32 to γ's dtype
+            h = _rms_norm(input, normalized_shape, None, eps)  # one rounding from float32 to γ's dtype
         else:
             x32 = input if input.dtype in (torch.float32, torch.float64) else input.float()
-            h = rms_norm(x32, normalized_shape, None, eps)
+            h = _rms_norm(x32, normalized_shape, None, eps)
             h = h.to(weight.dtype) if half_weight else h
         return weight * h
     if offset and weight is not None:
         weight = offset + _upcast(weight)
-    path = route.choose("rms_norm", input, weight)
+    return _rms_norm(input, normalized_shape, weight, eps)
+
+
+def _rms_norm(input, normalized_shape, weight, eps) -> Tensor:
+    """RMSNorm with torch's casting: the front door proper."""
+    path = route.choose("rms_norm", False, input, weight)
     if path <= ONE_CALL_ATEN:
         y = _fast.entries().rms_norm(input, normalized_shape, weight, eps)
         if y is not None:
@@ -537,9 +568,12 @@ def rms_norm(
 def layer_norm_module(layer, input: Tensor, mask: Tensor | None = None) -> Tensor:
     """The forward of normkit's LayerNorm; ``mask`` (bool, the input's shape before ``normalized_shape``,
     True = real position): padded positions get output 0 and gradient 0 (:mod:`normkit.masked`)."""
+    p = layer._parameters
     if mask is None:
-        return layer_norm(input, layer.normalized_shape, layer.weight, layer.bias, layer.eps, casting=layer.casting,
-                          offset=layer.offset)
+        if layer.casting == "torch" and not layer.offset:  # (the common case without keyword arguments)
+            return _layer_norm(input, layer.normalized_shape, p.get("weight"), p.get("bias"), layer.eps)
+        return layer_norm(input, layer.normalized_shape, p.get("weight"), p.get("bias"), layer.eps,
+                          casting=layer.casting, offset=layer.offset)
     from .masked import masked_layer_norm
 
     def rows_norm(rows: Tensor) -> Tensor:
@@ -596,7 +630,7 @@ def _layer_norm_2d(input, weight, bias, eps, where, num_channels, casting="torch
             y = _layer_norm_2d(input, None, None, eps, where, num_channels)
             return _affine(y, weight, bias, channel_dim=1)
         weight, bias = _upcast(weight), _upcast(bias)
-    path = route.choose("layer_norm_2d", input, weight, bias)
+    path = route.choose("layer_norm_2d", False, input, weight, bias)
     if path <= ONE_CALL_ATEN:
         if isinstance(input, Tensor) and input.dim() == 4:
             channels = input.shape[1] if num_channels is None else num_channels

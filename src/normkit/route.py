@@ -85,30 +85,29 @@ def _has_tangent(tensors: tuple[Tensor | None, ...]) -> bool:
     return any(t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def choose(op: str, x: Tensor, *others: Tensor | None, fused: bool = False) -> int:
+def choose(op: str, fused: bool, x: Tensor, *others: Tensor | None) -> int:
     """The path of one call (module docstring): one of ONE_CALL, ONE_CALL_ATEN, KERNELS, OP, TORCH.
 
     ``op`` is ``"batch_norm_train"``, ``"batch_norm_infer"``, ``"group_norm"`` (GroupNorm and
-    InstanceNorm), ``"layer_norm"``, ``"layer_norm_2d"`` or ``"rms_norm"``; ``x`` the input and
-    ``others`` every other tensor the call reads, weight and bias first (then residual, running
-    statistics); ``fused`` says a residual or activation is fused into the call. Runs on every call of
-    every layer, so it is written for speed: well under a microsecond in plain eager mode.
+    InstanceNorm), ``"layer_norm"``, ``"layer_norm_2d"`` or ``"rms_norm"``; ``fused`` says a residual or
+    activation is fused into the call; ``x`` the input and ``others`` every other tensor the call reads,
+    weight and bias first (then residual, running statistics). Runs on every call of
+    every layer, so it is written for speed: about half a microsecond in plain eager mode on CPU.
     """
     if _is_compiling():
         # an exported program must run, and translate to ONNX, without normkit: torch's operators
         if _is_exporting() or not compile_keeps_op(op, x, fused):
             return TORCH
         return OP
-    if type(x) not in _PLAIN or x.is_meta or _is_tracing() or _functorch_level() is not None \
-            or _dispatch_modes() or _function_modes():
+    entries = _fast.entries()
+    if not (entries.plain_cpu(x, others) if entries else _plain_eager_python(x, others)):
+        if type(x) in _PLAIN and x.is_cuda and _plain_eager_python(x, others):  # plain eager, on a GPU
+            return KERNELS if _fwad._current_level < 0 or not _has_tangent((x, *others)) else TORCH
         return TORCH
-    for t in others:  # a tensor subclass anywhere (DTensor parameters, ...): torch's operators
-        if t is not None and type(t) not in _PLAIN:
-            return TORCH
     if _fwad._current_level >= 0 and _has_tangent((x, *others)):
         return TORCH
     backend = _backend_name()
-    if backend == "triton" or backend == "reference" or not x.is_cpu:
+    if backend == "triton" or backend == "reference" or not (entries or x.is_cpu):
         return KERNELS
     # prefer_aten for a CPU call on ``auto``, inlined (others[:2] are the weight and bias)
     if backend != "auto":
@@ -116,12 +115,25 @@ def choose(op: str, x: Tensor, *others: Tensor | None, fused: bool = False) -> i
     elif op == "batch_norm_infer":  # any eval call on ≥3-D input; on 2-D input one no backward follows
         aten = x.dim() > 2 or not (_grad_enabled() and (x.requires_grad or _any_requires_grad(others[:2])))
     elif op == "batch_norm_train":
-        aten = not fused and x.dim() > 2 and x.numel() < ATEN_BELOW and x.is_contiguous()
+        aten = not fused and x.numel() < ATEN_BELOW and x.dim() > 2 and x.is_contiguous()
     else:
         aten = False
-    if _fast.entries():
+    if entries:
         return ONE_CALL_ATEN if aten else ONE_CALL
     return TORCH if aten else KERNELS
+
+
+def _plain_eager_python(x: Tensor, others: tuple) -> bool:
+    """No tracer, functorch transform, dispatch or function mode; every tensor plain (no subclass, not meta).
+
+    What ``normkit._C.plain_cpu`` answers in one C call for CPU tensors (without the CPU condition here)."""
+    if type(x) not in _PLAIN or x.is_meta or _is_tracing() or _functorch_level() is not None \
+            or _dispatch_modes() or _function_modes():
+        return False
+    for t in others:  # a tensor subclass anywhere (DTensor parameters, ...): torch's operators
+        if t is not None and (type(t) not in _PLAIN or t.is_meta):
+            return False
+    return True
 
 
 def _any_requires_grad(tensors) -> bool:

@@ -27,10 +27,13 @@
 #include "eager.h"
 
 #include <ATen/ATen.h>
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <limits>
 
@@ -337,9 +340,42 @@ PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// ----------------------------------------------------------------------------- plain_cpu
+// normkit.route's question "is this a plain eager call on plain CPU tensors?", answered in one C call:
+// no tracer, no functorch transform, no dispatch or torch function mode, and every argument None or a
+// torch.Tensor / nn.Parameter (not a subclass) holding a plain dense CPU tensor (not meta, sparse,
+// conjugate...). The route asks it on every call of every layer: in Python the same tests cost about
+// 0.6 µs (route._plain_eager_python, which the route uses without the extension; tests/test_route.py
+// checks that the two agree in every state). Forward-mode AD is the route's own test (a Python level).
+//   plain_cpu(x, others: tuple) -> bool
+PyObject* plain_cpu(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 2 || !PyTuple_Check(args[1])) Py_RETURN_FALSE;
+  if (torch::jit::tracer::isTracing() ||
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+      c10::impl::TorchDispatchModeTLS::any_modes_set() || at::impl::torch_function_mode_enabled())
+    Py_RETURN_FALSE;
+  // a torch.Tensor or nn.Parameter (not a subclass) holding a plain dense CPU tensor, as tensor_arg accepts
+  auto plain = [](PyObject* obj) {
+    if (!THPVariable_CheckExact(obj)) return false;
+    const Tensor& t = THPVariable_Unpack(obj);
+    return t.defined() && plain_keys(t);
+  };
+  if (!plain(args[0])) Py_RETURN_FALSE;
+  const Py_ssize_t n = PyTuple_GET_SIZE(args[1]);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = PyTuple_GET_ITEM(args[1], i);
+    if (obj != Py_None && !plain(obj)) Py_RETURN_FALSE;
+  }
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace
 
 PyMethodDef layer_methods[] = {
+    {"plain_cpu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plain_cpu)), METH_FASTCALL,
+     "whether a call is plain eager on plain dense CPU tensors (csrc/layers.cpp)"},
     {"batch_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(batch_norm)), METH_FASTCALL,
      "BatchNorm layers' forward in one call (csrc/layers.cpp); None when not served"},
     {"group_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(group_norm)), METH_FASTCALL,

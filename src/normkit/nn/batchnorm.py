@@ -84,7 +84,7 @@ class _BatchNormForward:
         return F.batch_norm_module(self, input, residual, act)
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._normalize(input)
+        return F.batch_norm_module(self, input)
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
@@ -100,7 +100,7 @@ class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is None:
-            return self._normalize(input)
+            return F.batch_norm_module(self, input)
         return F.masked_batch_norm1d_module(self, input, mask)
 
 

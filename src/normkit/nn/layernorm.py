@@ -69,7 +69,7 @@ class RMSNorm(nn.RMSNorm):
         return twin(self, nn.RMSNorm)
 
     def forward(self, x: Tensor) -> Tensor:  # (torch.nn.RMSNorm's parameter name)
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, casting=self.casting, offset=self.offset)
+        return F.rms_norm_module(self, x)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + F.options_repr(self)
