@@ -58,13 +58,25 @@ def test_convert_a_bare_layer_and_bad_argument():
 
 def test_unknown_subclass_is_left_alone_with_a_warning():
     class MyNorm(nn.BatchNorm2d):
-        pass
+        def forward(self, x):
+            return super().forward(x) * 2
 
     model = nn.Sequential(MyNorm(3), nn.BatchNorm2d(3))
     with pytest.warns(UserWarning, match="MyNorm"):
         normkit.convert(model)
     assert type(model[0]) is MyNorm
     assert type(model[1]) is normkit.BatchNorm2d
+
+
+def test_subclass_that_overrides_nothing_takes_the_torch_recipe():
+    class PlainNorm(nn.GroupNorm):  # transformers' PoolFormerGroupNorm: only __init__ of its own
+        def __init__(self, c):
+            super().__init__(1, c)
+
+    model = nn.Sequential(PlainNorm(4))
+    model, report = normkit.convert(model, report=True)
+    assert type(model[0]) is normkit.GroupNorm
+    assert report.swapped == 1 and report.verified == 1
 
 
 def test_normkit_only_layers_pass_silently():

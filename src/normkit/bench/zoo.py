@@ -39,7 +39,6 @@ import copy
 import importlib
 import importlib.util
 import math
-import re
 import sys
 import time
 import warnings
@@ -52,6 +51,8 @@ import torch
 from torch import nn
 
 import normkit
+from normkit.tools import recipes
+from normkit.tools.convert import fused_activation
 
 from .timing import Clock, paired, summary
 
@@ -272,25 +273,9 @@ def build(spec: ZooSpec, tiny: bool = False, batch: int | None = None, seed: int
 # ---------------------------------------------------------------------------------------------
 # the census of norm layers
 
-_NAME = re.compile(r"Norm(?!ali[sz])")
-_TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
-
-
-def is_norm_layer(module: nn.Module) -> bool:
-    """A normalization layer of any library: a torch.nn norm (or a subclass), or a module whose
-    class name says ``Norm`` (not ``Normalize``) and whose children hold no parameters (so
-    ``ConvNormAct`` or ``NormMlpClassifierHead`` containers are not counted, their norms are)."""
-    if isinstance(module, _TORCH_NORMS):
-        return True
-    if not _NAME.search(type(module).__name__):
-        return False
-    return all(next(c.parameters(), None) is None for c in module.children())
-
-
-def class_name(module: nn.Module) -> str:
-    """``library.ClassName`` (``torch``, ``timm``, ``transformers``, ``normkit``, ...)."""
-    cls = type(module)
-    return f"{cls.__module__.split('.')[0]}.{cls.__qualname__}"
+# the census rule lives with convert's recipes (one copy: the report counts the same layers)
+is_norm_layer = recipes.is_norm_layer
+class_name = recipes.class_name
 
 
 def norm_layers(model: nn.Module) -> dict[str, str]:
@@ -312,8 +297,7 @@ def coverage(before: dict[str, str], model: nn.Module) -> dict:
         if is_normkit(new) and not is_normkit(cls):
             swapped[cls] += 1
             became[f"{cls} -> {new}"] += 1
-            act = getattr(now, "act", None)
-            if isinstance(act, str) and act:  # normkit's fused layers name their activation
+            if fused_activation(now):  # the activation runs inside the norm's kernel
                 fused[cls] += 1
         elif not is_normkit(cls):
             left[cls] += 1
@@ -325,21 +309,22 @@ def coverage(before: dict[str, str], model: nn.Module) -> dict:
             "became": dict(became)}
 
 
-def convert(model: nn.Module, **kwargs) -> tuple[nn.Module, list[str]]:
-    """``normkit.convert(model, **kwargs)`` (public API) and the warnings it gave."""
+def convert(model: nn.Module, **kwargs) -> tuple[nn.Module, list[str], normkit.tools.ConversionReport]:
+    """``normkit.convert(model, report=True, **kwargs)`` (public API): the model, the warnings it gave
+    and its report."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = normkit.convert(model, **kwargs)
-    model = out if isinstance(out, nn.Module) else model  # convert works in place
-    return model, [str(w.message) for w in caught]
+        model, rep = normkit.convert(model, report=True, **kwargs)
+    return model, [str(w.message) for w in caught], rep
 
 
 VARIANTS = {"normkit": {}, "normkit+fuse": {"fuse": True}}
 
 
-def twins(built: Built) -> dict[str, tuple[nn.Module, list[str]]]:
-    """The model as built (``torch``) and a converted deep copy per variant, same weights."""
-    out = {"torch": (built.model, [])}
+def twins(built: Built) -> dict[str, tuple]:
+    """The model as built (``torch``) and a converted deep copy per variant, same weights:
+    name -> (model, convert's warnings, convert's report or None)."""
+    out = {"torch": (built.model, [], None)}
     for name, kw in VARIANTS.items():
         out[name] = convert(copy.deepcopy(built.model), **kw)
     return out
@@ -470,12 +455,13 @@ def run_model(spec: ZooSpec, clock: Clock, rounds: int, tiny: bool = False, comp
            "norm_layers": len(before), "norm_classes": dict(Counter(before.values())),
            "coverage": {}, "checks": {}, "convert_warnings": {}}
     for name in VARIANTS:
-        model, warns = pairs[name]
+        model, warns, rep = pairs[name]
+        rec.setdefault("report", {})[name] = rep.as_dict()
         rec["coverage"][name] = coverage(before, model)
         rec["convert_warnings"][name] = len(warns)
         rec["checks"][name] = compare(built, built.model, model)
     if time_it:
-        models = {k: m for k, (m, _) in pairs.items()}
+        models = {k: m for k, (m, _, _) in pairs.items()}
         for mode in ("train", "eval"):
             rec[mode] = _timed(built, {k: copy.deepcopy(m) for k, m in models.items()}, clock, mode, rounds)
         if compile_:
@@ -497,11 +483,17 @@ def summarize(records: list[dict]) -> dict:
         n = sum(r["coverage"][name]["norm_layers"] for r in records)
         s = sum(r["coverage"][name]["swapped"] for r in records)
         full = sum(1 for r in records if r["coverage"][name]["left"] == 0)
-        left = Counter()
+        left, reasons = Counter(), {}
         for r in records:
             left.update(r["coverage"][name]["left_by_class"])
+            for cls, why in r.get("report", {}).get(name, {}).get("classes", {}).items():
+                for reason, k in why["left"].items():
+                    reasons.setdefault(cls, Counter())[reason] += k
         out[name] = {"norm_layers": n, "swapped": s, "swapped_fraction": s / n if n else None,
-                     "models_fully_converted": full, "left_by_class": dict(left.most_common())}
+                     "models_fully_converted": full, "left_by_class": dict(left.most_common()),
+                     "left_reasons": {c: dict(v) for c, v in reasons.items()},
+                     "verify_ms": 1e3 * sum(r.get("report", {}).get(name, {}).get("verify_seconds", 0.0)
+                                            for r in records)}
         for mode in ("train", "eval", "train_compile", "eval_compile"):
             vals = [r[mode][name]["speedup_vs_torch"] for r in records if mode in r]
             if vals:
@@ -543,6 +535,14 @@ def table(records: list[dict], summary_: dict) -> str:
                      f"{_f(s.get('geomean_train'))}, eval {_f(s.get('geomean_eval'))}"
                      + (f", compiled train {_f(s.get('geomean_train_compile'))}, "
                         f"eval {_f(s.get('geomean_eval_compile'))}" if "geomean_train_compile" in s else ""))
+    s = summary_.get("normkit", {})
+    if s.get("left_reasons"):
+        lines.append("left by convert, and why:")
+        for cls, reasons in s["left_reasons"].items():
+            for reason, n in reasons.items():
+                lines.append(f"  {cls} ×{n}: {reason}")
+    if s.get("verify_ms") is not None:
+        lines.append(f"convert's verify: {s['verify_ms']:.0f} ms over the zoo")
     return "\n".join(lines)
 
 

@@ -6,10 +6,12 @@ from .fold import FoldReport, fold
 from .freeze import freeze, unfreeze
 from .inspect import LayerRecord, inspect
 from .recalibrate import recalibrate
+from .report import ConversionReport
 
 __all__ = [
     "convert",
     "register_conversion",
+    "ConversionReport",
     "freeze",
     "unfreeze",
     "fold",
