@@ -103,7 +103,7 @@ def activation(z, ACT: tl.constexpr, ACT_P=0.0):
     elif ACT == 3:
         z = 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT2))
     elif ACT == 4:
-        z = 0.5 * z * (1.0 + _tanh(_BETA * (z + _KAPPA * z * z * z)))
+        z = 0.5 * z * (1.0 + _tanh((z + z * z * z * _KAPPA) * _BETA))
     elif ACT == 5:
         z = z * _clamp06(z + 3.0) / 6.0
     elif ACT == 6:
@@ -135,8 +135,8 @@ def activation_grad(z, ACT: tl.constexpr, ACT_P=0.0):
         cdf = 0.5 * (1.0 + tl.erf(z * _INV_SQRT2))
         g = cdf + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
     elif ACT == 4:
-        t = _tanh(_BETA * (z + _KAPPA * z * z * z))
-        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * (_BETA * (1.0 + 3.0 * _KAPPA * z * z))
+        t = _tanh((z + z * z * z * _KAPPA) * _BETA)
+        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * ((1.0 + z * z * (3.0 * _KAPPA)) * _BETA)
     elif ACT == 5:
         g = tl.where(z < -3.0, 0.0, tl.where(z >= 3.0, 1.0, z / 3.0 + 0.5))
     elif ACT == 6:
