@@ -85,6 +85,9 @@ template <typename A> constexpr A kKappa = A(0.044715);
 
 template <typename A> inline VecA<A> vmin(const VecA<A>& a, const VecA<A>& b) { return at::vec::minimum(a, b); }
 template <typename A> inline VecA<A> vmax(const VecA<A>& a, const VecA<A>& b) { return at::vec::maximum(a, b); }
+template <typename A> inline VecA<A> vfma(const VecA<A>& a, const VecA<A>& b, const VecA<A>& c) {
+  return at::vec::fmadd(a, b, c);
+}
 
 #define NK_ACT_ATTR
 #include "act_math.inc"
@@ -175,6 +178,7 @@ inline F16 vmax(const F16& a, const F16& b) {
   const __mmask16 nan = _mm512_cmp_ps_mask(a.v, b.v, _CMP_UNORD_Q);
   return _mm512_mask_mov_ps(_mm512_max_ps(a.v, b.v), nan, _mm512_castsi512_ps(_mm512_set1_epi32(-1)));
 }
+inline F16 vfma(const F16& a, const F16& b, const F16& c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
 
 #include "act_math.inc"
 

@@ -18,10 +18,14 @@
 
 namespace normkit {
 
-// positions per CL block: about 64 blocks, at least 64 positions, at most kChunk (fp32 drift)
+// positions per CL block: about 64 blocks, at least 16 positions, at most kChunk (fp32 drift), the blocks evened
+// out (72 positions: 5 blocks of 15 or 12, not 64 + 8 — with the activations' work in the backward's sums pass, one
+// big block left a thread idle at small maps). A function of P only: the same blocks, hence the same sums, for any
+// thread count.
 inline int64_t cl_rows(int64_t P) {
-  int64_t r = std::min<int64_t>(kChunk, std::max<int64_t>(64, (P + 63) / 64));
-  return std::max<int64_t>(1, std::min(r, P));
+  const int64_t r = std::min<int64_t>(kChunk, std::max<int64_t>(16, (P + 63) / 64));
+  const int64_t blocks = (P + r - 1) / r;
+  return std::max<int64_t>(1, (P + blocks - 1) / std::max<int64_t>(blocks, 1));
 }
 
 inline void moments(double k, double s1, double s2, int64_t count, double& mean, double& var) {

@@ -230,9 +230,9 @@ inline void vput(A* p, typename VecOf<A>::type v) {
 
 // The first n < H lanes of a vector: a partial load (the other lanes 0) and store, for the tails of the loops.
 // Every value of a tail then goes through the vector code the body runs (the activations' vector forms give
-// the same bits lane for lane, so an element's value does not depend on where it sits). float and double with
-// AVX's masked loads and stores (a variable-length memcpy was a library call, as slow as the values); the 16-bit
-// types through a small buffer.
+// the same bits lane for lane, so an element's value does not depend on where it sits). Loads of float and double
+// with AVX's masked loads (a variable-length memcpy was a library call, as slow as the values), the 16-bit types
+// and every store through a small buffer.
 #if defined(__AVX2__)
 inline __m256i lanes_below32(int n) {  // 8 lanes of 32 bits: all ones below n
   alignas(32) static const int32_t table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -273,19 +273,7 @@ inline void vst_n(T* p, int64_t i, vec_t<T> v, int n) {
     vst(p, i, v);
     return;
   }
-#if defined(__AVX2__)
-  if constexpr (std::is_same_v<T, float>) {
-    __m256 f;
-    std::memcpy(&f, &v, sizeof(f));
-    _mm256_maskstore_ps(p + i, lanes_below32(n), f);
-    return;
-  } else if constexpr (std::is_same_v<T, double>) {
-    __m256d f;
-    std::memcpy(&f, &v, sizeof(f));
-    _mm256_maskstore_pd(p + i, lanes_below64(n), f);
-    return;
-  }
-#endif
+  // (not a masked store: AMD's vmaskmovps/pd store is microcoded, about as slow as the values it writes)
   T buf[H];
   vst(buf, 0, v);
   for (int j = 0; j < n && j < H; ++j) p[i + j] = buf[j];
