@@ -3,20 +3,20 @@
 ``y = act(z)`` with ``z = γ·x̂ + β (+ residual)`` the pre-activation; the backward recomputes
 ``z`` and forms ``dz = dy·act'(z)``. The fused activations (``kind`` is the kernels' number):
 
-    name          kind  act(z)                                 act'(z)                       torch.nn module
-    ""            0     z                                      1                             nn.Identity
-    "relu"        1     max(z, 0)                              [not z <= 0] (NaN: 1)         nn.ReLU
-    "silu"        2     z·σ(z),  σ(z) = 1/(1 + e^{−z})         σ(z)·(1 + z·(1 − σ(z)))       nn.SiLU
-    "gelu"        3     z·Φ(z),  Φ(z) = ½(1 + erf(z/√2))       Φ(z) + z·φ(z)                 nn.GELU()
-    "gelu_tanh"   4     ½z·(1 + tanh(β(z + κz³)))              ½(1 + t) + ½z(1 − t²)β(1 + 3κz²)  nn.GELU(approximate="tanh")
-    "hardswish"   5     z·min(max(z + 3, 0), 6)/6              0 | z/3 + ½ | 1 (z < −3 | ≤ 3 | >)  nn.Hardswish
-    "leaky_relu"  6     z if z > 0 else slope·z                1 if z > 0 else slope         nn.LeakyReLU(slope)
-    "relu6"       7     min(max(z, 0), 6)                      [0 < z < 6]                   nn.ReLU6, nn.Hardtanh(0, 6)
-    "hardsigmoid" 8     min(max(z + 3, 0), 6)/6                [−3 < z < 3]/6                nn.Hardsigmoid
-    "mish"        9     z·tanh(softplus(z))                    t + z·σ(z)·(1 − t²)           nn.Mish
-    "elu"         10    z if z > 0 else alpha·(e^z − 1)        1 if z > 0 else alpha·e^z     nn.ELU(alpha)
-    "tanh"        11    tanh(z)                                1 − tanh²(z)                  nn.Tanh
-    "sigmoid"     12    σ(z)                                   σ(z)(1 − σ(z))                nn.Sigmoid
+    name          kind  act(z)                              act'(z)                          torch.nn module
+    ""            0     z                                   1                                nn.Identity
+    "relu"        1     max(z, 0)                           [not z <= 0] (NaN: 1)            nn.ReLU
+    "silu"        2     z·σ(z),  σ(z) = 1/(1 + e^{−z})      σ(z)·(1 + z·(1 − σ(z)))          nn.SiLU
+    "gelu"        3     z·Φ(z),  Φ(z) = ½(1 + erf(z/√2))    Φ(z) + z·φ(z)                    nn.GELU()
+    "gelu_tanh"   4     ½z·(1 + t),  t = tanh(β(z + κz³))   ½(1 + t) + ½z(1 − t²)β(1 + 3κz²) nn.GELU("tanh")
+    "hardswish"   5     z·min(max(z + 3, 0), 6)/6           0 | z/3 + ½ | 1 (<−3 | ≤3 | >3)  nn.Hardswish
+    "leaky_relu"  6     z if z > 0 else slope·z             1 if z > 0 else slope            nn.LeakyReLU(slope)
+    "relu6"       7     min(max(z, 0), 6)                   [0 < z < 6]                      nn.ReLU6, Hardtanh(0, 6)
+    "hardsigmoid" 8     min(max(z + 3, 0), 6)/6             [−3 < z < 3]/6                   nn.Hardsigmoid
+    "mish"        9     z·tanh(softplus(z))                 t + z·σ(z)·(1 − t²)              nn.Mish
+    "elu"         10    z if z > 0 else alpha·(e^z − 1)     1 if z > 0 else alpha·e^z        nn.ELU(alpha)
+    "tanh"        11    tanh(z)                             1 − tanh²(z)                     nn.Tanh
+    "sigmoid"     12    σ(z)                                σ(z)(1 − σ(z))                   nn.Sigmoid
 
 (β = √(2/π), κ = 0.044715; GELU is Hendrycks & Gimpel, 2016, SiLU Elfwing et al., 2018, Hardswish Howard et al.,
 2019, Mish Misra, 2019, ELU Clevert et al., 2016.) At a NaN the gradients are those of aten's vector kernels
@@ -220,8 +220,8 @@ _KINDS = (
     _Kind("silu", 2, _unary(TF.silu), _silu_grad, (nn.SiLU,), "SiLU: z·σ(z)"),
     _Kind("gelu", 3, _gelu, _gelu_grad, (nn.GELU,), "GELU, exact: z·Φ(z) = ½z(1 + erf(z/√2))",
           {"approximate": "none"}),
-    _Kind("gelu_tanh", 4, _gelu_tanh, _gelu_tanh_grad, (nn.GELU,), "GELU, tanh form: ½z(1 + tanh(√(2/π)(z + 0.044715z³)))",
-          {"approximate": "tanh"}),
+    _Kind("gelu_tanh", 4, _gelu_tanh, _gelu_tanh_grad, (nn.GELU,),
+          "GELU, tanh form: ½z(1 + tanh(√(2/π)(z + 0.044715z³)))", {"approximate": "tanh"}),
     _Kind("hardswish", 5, _unary(TF.hardswish), _hardswish_grad, (nn.Hardswish,), "Hardswish: z·relu6(z + 3)/6"),
     _Kind("leaky_relu", 6, _leaky_relu, _leaky_relu_grad, (nn.LeakyReLU,), "leaky ReLU: z if z > 0 else slope·z",
           param_attr="negative_slope", default=0.01),

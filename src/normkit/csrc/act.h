@@ -207,6 +207,45 @@ NK_ACT_ATTR __attribute__((noinline)) void bwd_run(const float* z, float* g, int
   }
 }
 
+// A run read straight from float tensors, no staging: z = x·a + b (+ r) with per-value coefficients a, b (ARR) or the
+// scalars sa, sb — a product and two sums, each rounded, as the AVX2 loops form z — then y = act(z), or g = dy·act'(z)
+// (g may be the kept-gradient buffer). The last vector masked.
+template <int K, bool ARR, bool RES>
+NK_ACT_ATTR inline __m512 affine_z(const float* x, const float* r, const float* a, const float* b, const __m512& va,
+                                   const __m512& vb, int64_t i, __mmask16 m) {
+  __m512 z = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), ARR ? _mm512_maskz_loadu_ps(m, a + i) : va);
+  z = _mm512_add_ps(z, ARR ? _mm512_maskz_loadu_ps(m, b + i) : vb);
+  if constexpr (RES) z = _mm512_add_ps(z, _mm512_maskz_loadu_ps(m, r + i));
+  return z;
+}
+
+NK_ACT_ATTR inline __mmask16 lanes_left(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+template <int K, bool ARR, bool RES>
+NK_ACT_ATTR __attribute__((noinline)) void affine_fwd(const float* x, const float* r, float* y, int64_t n,
+                                                      const float* a, const float* b, float sa, float sb, float ap) {
+  const __m512 va = _mm512_set1_ps(sa), vb = _mm512_set1_ps(sb);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes_left(n - i);
+    const F16 z = affine_z<K, ARR, RES>(x, r, a, b, va, vb, i, m);
+    _mm512_mask_storeu_ps(y + i, m, act_fwd_w<K>(z, ap).v);
+  }
+}
+
+template <int K, bool ARR, bool RES>
+NK_ACT_ATTR __attribute__((noinline)) void affine_bwd(const float* x, const float* r, const float* dy, float* g,
+                                                      int64_t n, const float* a, const float* b, float sa, float sb,
+                                                      float ap) {
+  const __m512 va = _mm512_set1_ps(sa), vb = _mm512_set1_ps(sb);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes_left(n - i);
+    const F16 z = affine_z<K, ARR, RES>(x, r, a, b, va, vb, i, m);
+    _mm512_mask_storeu_ps(g + i, m, act_bwd_w<K>(z, F16(_mm512_maskz_loadu_ps(m, dy + i)), ap).v);
+  }
+}
+
 #undef NK_ACT_ATTR
 
 }  // namespace act512

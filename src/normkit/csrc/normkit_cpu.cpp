@@ -3,7 +3,8 @@
 // families live in the headers (channel.h, row.h, group.h) and compile once, together.
 //
 // Every operator here is one backend entry point of normkit.backends (same arguments, `act` as
-// an int code: 0 identity, 1 relu, 2 silu, 3 gelu), runs on torch's intra-op thread pool
+// the int64 code of normkit.activations.code: the kind, 0 identity … 12 sigmoid, and leaky ReLU's / ELU's
+// parameter, act_code.h), runs on torch's intra-op thread pool
 // (at::parallel_for; small tensors inline) and allocates its own outputs. The arguments are
 // checked for what the kernels read (dense layout, vector lengths, dtypes), so a direct call
 // with mismatched inputs raises instead of reading out of bounds.
