@@ -40,6 +40,29 @@ def _timeit(fn, n):
     return (CLOCK() - t0) / n
 
 
+def _busy(interval=0.5):
+    """The fraction of all CPUs busy over ``interval`` seconds (/proc/stat), this process idle meanwhile."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+
+    t0, i0 = snap()
+    time.sleep(interval)
+    t1, i1 = snap()
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def wait_quiet(limit, patience=300.0):
+    """Wait (at most ``patience`` s) until other processes use less than ``limit`` of the CPUs; returns the busy
+    fraction last seen."""
+    t_end = time.time() + patience
+    busy = _busy()
+    while busy > limit and time.time() < t_end:
+        busy = _busy()
+    return busy
+
+
 def paired(f_torch, f_nk, rounds, target=0.02):
     for f in (f_torch, f_nk, f_torch, f_nk):
         f()
@@ -106,6 +129,9 @@ def main():
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--shapes", default="", help="family=AxBxCxD,... instead of the default shapes")
+    p.add_argument("--quiet", type=float, default=0.0,
+                   help="before each case, wait (up to 5 min) until other processes keep less than this fraction of "
+                        "the CPUs busy (0: do not wait); the fraction seen is printed with the case")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall (default) or cpu: the process's CPU time (use with --threads 1 on a busy machine)")
     a = p.parse_args()
@@ -129,11 +155,13 @@ def main():
             for layout in a.layouts.split(","):
                 for mode in a.modes.split(","):
                     for shape in shapes[fam]:
+                        busy = wait_quiet(a.quiet) if a.quiet else None
                         tt, tn, r, lo, hi = case(fam, act, shape, layout, mode, a.rounds, dtype)
                         ratios.append(r)
                         name = f"{act:>16s} {fam} {layout:4s} {mode:5s} {'x'.join(map(str, shape)):>13s}"
+                        seen = f"  busy before {busy:.2f}" if busy is not None else ""
                         print(f"{name} torch {tt * 1e6:8.1f} us  normkit {tn * 1e6:8.1f} us  ratio {r:5.2f} "
-                              f"({lo:.2f}-{hi:.2f})", flush=True)
+                              f"({lo:.2f}-{hi:.2f}){seen}", flush=True)
     print(f"min ratio {min(ratios):.2f}, geomean "
           f"{statistics.geometric_mean(ratios):.2f}, load {open('/proc/loadavg').read().split()[:3]}")
 

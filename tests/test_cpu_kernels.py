@@ -50,7 +50,8 @@ CHANNEL_CASES = {
 ACT_CASES = {"identity": ("", False), "identity_res": ("", True), "relu": ("relu", False), "relu_res": ("relu", True),
              "silu": ("silu", False), "silu_res": ("silu", True), "gelu": ("gelu", False), "gelu_res": ("gelu", True),
              "gelu_tanh": ("gelu_tanh", False), "hardswish_res": ("hardswish", True),
-             "leaky_relu": ("leaky_relu:0.2", False), "relu6_res": ("relu6", True), "hardsigmoid": ("hardsigmoid", False),
+             "leaky_relu": ("leaky_relu:0.2", False), "relu6_res": ("relu6", True),
+             "hardsigmoid": ("hardsigmoid", False),
              "mish_res": ("mish", True), "elu": ("elu:0.5", False), "tanh_res": ("tanh", True),
              "sigmoid": ("sigmoid", False)}
 # the activations every dtype runs (the others in float32): the piecewise-linear and the kept-gradient kinds

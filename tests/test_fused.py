@@ -163,6 +163,38 @@ def test_relu_after_a_residual_keeps_the_output_not_the_residual(kind, train, cl
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
+@pytest.mark.parametrize("act", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("kind,train", [("bn", True), ("bn", False), ("gn", True)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_tanh_and_sigmoid_keep_the_output(act, kind, train, residual):
+    """tanh and sigmoid keep their output for backward, as torch's modules do (the C++ eager nodes): dz is torch's
+    tanh_backward / sigmoid_backward of the kept output (no transcendental function again); a residual is not
+    kept (its gradient is dz)."""
+    fused, ref = _pair(kind, 6, act)
+    fused.train(train)
+    ref.train(train)
+    g = torch.Generator().manual_seed(8)
+    x0 = 3 + 0.5 * torch.randn(2, 6, 5, 7, generator=g)
+    r0 = 0.5 * torch.randn(2, 6, 5, 7, generator=g) if residual else None
+    x = x0.clone().requires_grad_()
+    r = r0.clone().requires_grad_() if residual else None
+    with normkit.backend("cpu"):
+        saved, y = _saved_storages(lambda: fused(x, r))
+    assert {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()} <= saved
+    if residual:
+        assert r.untyped_storage().data_ptr() not in saved
+    xr = x0.clone().requires_grad_()
+    rr = r0.clone().requires_grad_() if residual else None
+    want = normkit.activations.to_module(act)(ref(xr) + (rr if residual else 0))
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    want.backward(dy)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    if residual:
+        torch.testing.assert_close(r.grad, rr.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_state_dict_is_batchnorm2d_and_groupnorm():
     tb, fb = nn.BatchNorm2d(5), normkit.BatchNormAct2d(5, act="silu")
     assert list(tb.state_dict()) == list(fb.state_dict())

@@ -142,6 +142,11 @@ inline void chunked_sums(int64_t len, F&& f, double& s1, double& s2) {
       ta += u;
       tq += v;
     }
+    if (c1 - c0 < L) {  // no lane was used (a short span: 3×3 maps): the lanes' tree adds only zeros, skip it
+      s1 += static_cast<double>(ta);
+      s2 += static_cast<double>(tq);
+      continue;
+    }
     s1 += static_cast<double>(lane_total<A, L>(a) + ta);
     s2 += static_cast<double>(lane_total<A, L>(q) + tq);
   }

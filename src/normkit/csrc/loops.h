@@ -24,13 +24,14 @@ template <typename A> struct IVecOf {
   typedef I type __attribute__((vector_size(32)));
 };
 
-// The kinds whose gradient costs a vector function (exp, erf, tanh, log1p): a whole backward (channel_backward,
+// The kinds whose act or act' costs a vector function or a division (exp, erf, tanh, log1p; hardswish's and
+// hardsigmoid's divisions by 3 and 6, which aten's formulas fix): a whole backward (channel_backward,
 // group_backward) forms their dz once, in the sums pass, and keeps it for the dx pass (in dx's own memory for
-// float/double, a float buffer for float16/bfloat16): one evaluation per value instead of two. The piecewise-
-// linear kinds recompute dz (a compare and a select), cheaper than a pass over the kept values.
+// float/double, a float buffer for float16/bfloat16): one evaluation per value instead of two; and their float runs
+// take act512's AVX-512 forms. ReLU, leaky ReLU and ReLU6 recompute dz (a compare and a select), cheaper than a
+// pass over the kept values.
 template <int ACT>
-constexpr bool kKeepsGrad = !(ACT == kIdentity || ACT == kRelu || ACT == kHardswish || ACT == kLeakyRelu ||
-                              ACT == kRelu6 || ACT == kHardsigmoid);
+constexpr bool kKeepsGrad = !(ACT == kIdentity || ACT == kRelu || ACT == kLeakyRelu || ACT == kRelu6);
 
 // The activations on a vector of H lanes (VecOf<A>): identity and ReLU as a select / a bit mask on the GCC
 // vector; the others through act.h's at::vec forms (AVX2).
