@@ -132,11 +132,18 @@ def main():
     p.add_argument("--quiet", type=float, default=0.0,
                    help="before each case, wait (up to 5 min) until other processes keep less than this fraction of "
                         "the CPUs busy (0: do not wait); the fraction seen is printed with the case")
+    p.add_argument("--no-malloc-tune", action="store_true",
+                   help="keep glibc's default mmap threshold (normkit bench's --no-malloc-tune: by default big "
+                        "tensors come from the heap, not fresh page-faulting mmaps, for both contenders alike)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall (default) or cpu: the process's CPU time (use with --threads 1 on a busy machine)")
     a = p.parse_args()
     global CLOCK
     CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
+    if not a.no_malloc_tune:
+        from normkit.bench.cli import _tune_malloc
+
+        _tune_malloc()
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
