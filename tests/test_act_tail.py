@@ -66,7 +66,7 @@ def test_same_function_as_norm_drop_act(family, act, drop, train):
     torch.testing.assert_close(torch.autograd.grad(got, got_xg, dy)[0], torch.autograd.grad(want, want_xg, dy)[0],
                                rtol=1e-9, atol=1e-9)
     # fused only where a kernel computes the module exactly and nothing stands between
-    fusable = family < 2 and act in ("silu_module", "gelu_name") and not drop
+    fusable = family < 2 and act in ("silu_module", "hardswish", "leaky", "gelu_name") and not drop
     assert bool(fused_act(layer)) == fusable
 
 

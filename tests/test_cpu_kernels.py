@@ -46,9 +46,16 @@ CHANNEL_CASES = {
     "bf16": ((2, 7, 5, 7), False, torch.bfloat16, 3.0),
     "bf16_cl": ((2, 7, 5, 7), True, torch.bfloat16, 3.0),
 }
-# every activation with and without a residual
+# every activation (with and without a residual for the first four)
 ACT_CASES = {"identity": ("", False), "identity_res": ("", True), "relu": ("relu", False), "relu_res": ("relu", True),
-             "silu": ("silu", False), "silu_res": ("silu", True), "gelu": ("gelu", False), "gelu_res": ("gelu", True)}
+             "silu": ("silu", False), "silu_res": ("silu", True), "gelu": ("gelu", False), "gelu_res": ("gelu", True),
+             "gelu_tanh": ("gelu_tanh", False), "hardswish_res": ("hardswish", True),
+             "leaky_relu": ("leaky_relu:0.2", False), "relu6_res": ("relu6", True),
+             "hardsigmoid": ("hardsigmoid", False),
+             "mish_res": ("mish", True), "elu": ("elu:0.5", False), "tanh_res": ("tanh", True),
+             "sigmoid": ("sigmoid", False)}
+# the activations every dtype runs (the others in float32): the piecewise-linear and the kept-gradient kinds
+OTHER_DTYPE_ACTS = ("identity", "relu_res", "silu_res", "mish_res", "hardswish_res")
 
 
 def _tensor(shape, cl, dtype, offset, seed):
@@ -105,7 +112,7 @@ def test_channel_stats(case):
 # every activation in float32; identity and relu+residual in the other dtypes
 APPLY_CASES = [
     (case, act) for case, (_, _, dtype, _) in CHANNEL_CASES.items() for act in ACT_CASES
-    if dtype == torch.float32 or act in ("identity", "relu_res")
+    if dtype == torch.float32 or act in OTHER_DTYPE_ACTS
 ]
 
 
@@ -165,7 +172,7 @@ WHOLE_CASES = {
     "cl_5d": ((2, 9, 3, 2, 5), True, torch.float32, 3.0),
 }
 WHOLE_ACTS = [(case, act) for case, (_, _, dtype, _) in WHOLE_CASES.items() for act in ACT_CASES
-              if dtype == torch.float32 or act in ("identity", "relu_res")]
+              if dtype == torch.float32 or act in OTHER_DTYPE_ACTS]
 
 
 @pytest.mark.parametrize(("case", "act_case"), WHOLE_ACTS, ids=[f"{c}-{a}" for c, a in WHOLE_ACTS])
@@ -282,6 +289,20 @@ GROUP_CASES = {
     "gn_cl_n8_fp16": ((8, 6, 5, 7), 3, True, torch.float16, 3.0, "", False, True),
     "gn_cl_n8_bf16": ((8, 6, 5, 7), 3, True, torch.bfloat16, 3.0, "relu", True, True),
     "gn_cl_n8_big": ((8, 64, 23, 29), 32, True, torch.float32, 3.0, "", False, True),
+    # the other activations: both layouts, the per-sample (N >= 8) and chunked channels_last paths, 16-bit
+    # dtypes (their kept gradient in a float buffer), float64
+    "gelu_tanh_res": ((2, 6, 5, 7), 3, False, torch.float32, 3.0, "gelu_tanh", True, True),
+    "hardswish_cl": ((2, 6, 5, 7), 3, True, torch.float32, 3.0, "hardswish", False, True),
+    "leaky_relu_res": ((2, 6, 5, 7), 2, False, torch.float32, 3.0, "leaky_relu:0.2", True, True),
+    "relu6_cl_n8": ((8, 6, 5, 7), 3, True, torch.float32, 3.0, "relu6", False, True),
+    "hardsigmoid_res_cl": ((2, 6, 5, 7), 3, True, torch.float32, 3.0, "hardsigmoid", True, True),
+    "mish_cl_n8_res": ((8, 6, 5, 7), 3, True, torch.float32, 3.0, "mish", True, True),
+    "elu_not_affine": ((2, 6, 5, 7), 3, False, torch.float32, 3.0, "elu:0.5", False, False),
+    "tanh_fp16_res": ((2, 6, 5, 7), 3, False, torch.float16, 3.0, "tanh", True, True),
+    "sigmoid_bf16_cl": ((2, 6, 5, 7), 3, True, torch.bfloat16, 3.0, "sigmoid", False, True),
+    "silu_fp64_cl_n8": ((8, 6, 5, 7), 3, True, torch.float64, 3.0, "silu", True, True),
+    "gelu_fp64": ((2, 6, 5, 7), 2, False, torch.float64, 3.0, "gelu", False, True),
+    "mish_bf16_cl_n8": ((8, 6, 5, 7), 3, True, torch.bfloat16, 3.0, "mish", True, True),
 }
 
 
@@ -424,17 +445,23 @@ def _entry_outputs(case):
     if case.startswith("bn"):
         # bn_cl_c19_nores: channels_last with vector lanes and a scalar tail per position, ReLU
         # without a residual (the fused BN+ReLU training path), no dz output
+        # bn_nchw_c3_*: three channels, blocked NCHW passes on one thread and row-parallel ones on two (the
+        # kept-gradient kinds: a per-value coefficient run against spans); bn_nchw_c16_3x3: short maps
         shape, cl = {"bn_nchw_c3": ((4, 3, 70, 70), False), "bn_nchw_c16": ((4, 16, 33, 35), False),
                      "bn_cl_c16": ((8, 16, 33, 35), True), "bn_cl_c19_nores": ((8, 19, 33, 35), True),
-                     "bn1d": ((1500, 64), False)}[case]
-        x, dy, res = t(shape, cl), t(shape, cl, 0.0, 21), t(shape, cl, 0.0, 22)
+                     "bn1d": ((1500, 64), False), "bn_nchw_c3_silu": ((4, 3, 70, 70), False),
+                     "bn_nchw_c16_3x3_gelu": ((64, 16, 3, 3), False), "bn_cl_c19_mish": ((8, 19, 33, 35), True),
+                     "bn_nchw_c3_tanh_fp16": ((4, 3, 70, 70), False)}[case]
+        dtype = torch.float16 if case.endswith("fp16") else torch.float32
+        x, dy, res = (_tensor(shape, cl, dtype, offset, seed) for offset, seed in ((3.0, 20), (0.0, 21), (0.0, 22)))
         res = None if case.endswith("nores") else res
+        act = next((a for a in ("silu", "gelu", "mish", "tanh") if f"_{a}" in case), "relu")
         c = shape[1]
         w, b = torch.linspace(0.5, 1.5, c), torch.linspace(-1, 1, c)
-        y, mean, var = CPU.channel_forward(x, w, b, 1e-5, res, "relu")
+        y, mean, var = CPU.channel_forward(x, w, b, 1e-5, res, act)
         rstd = torch.rsqrt(var + 1e-5)
         scale, shift = w * rstd, b - mean * w * rstd
-        back = CPU.channel_backward(x, dy, mean, rstd, scale, shift, res, "relu", True, res is not None)
+        back = CPU.channel_backward(x, dy, mean, rstd, scale, shift, res, act, True, res is not None)
         back = [o for o in back if o is not None]
         stats = CPU.channel_stats(x)
         red = CPU.channel_backward_reduce(x, dy, mean, rstd, scale, shift, res, "silu")
@@ -443,11 +470,14 @@ def _entry_outputs(case):
     if case.startswith("gn"):
         shape, cl, groups = {"gn_cl_n2": ((2, 32, 40, 41), True, 8), "gn_cl_n8": ((8, 32, 15, 17), True, 4),
                              "gn_nchw": ((4, 32, 30, 31), False, 8),
-                             "gn_nchw_plain": ((64, 32, 7, 7), False, 8)}[case]
+                             "gn_nchw_plain": ((64, 32, 7, 7), False, 8),
+                             "gn_cl_n2_silu": ((2, 32, 40, 41), True, 8), "gn_cl_n8_gelu": ((8, 36, 15, 17), True, 4),
+                             "gn_nchw_elu": ((4, 32, 30, 31), False, 8)}[case]
         x, dy, res = t(shape, cl), t(shape, cl, 0.0, 21), t(shape, cl, 0.0, 22)
         c = shape[1]
         w, b = torch.linspace(0.5, 1.5, c), torch.linspace(-1, 1, c)
-        act = "" if case.endswith("plain") else "relu"  # plain: the vectorised identity loops, no residual
+        # plain: the vectorised identity loops, no residual
+        act = "" if case.endswith("plain") else next((a for a in ("silu", "gelu", "elu") if case.endswith(a)), "relu")
         res = None if case.endswith("plain") else res
         y, mean, var = CPU.group_forward(x, groups, w, b, 1e-5, res, act)
         back = CPU.group_backward(x, dy, mean, torch.rsqrt(var + 1e-5), groups, w, b, res, act, True, res is not None)
@@ -463,8 +493,9 @@ def _entry_outputs(case):
     return [o for o in (y, mean, rstd, *back) if o is not None]
 
 
-THREAD_CASES = ["bn_nchw_c3", "bn_nchw_c16", "bn_cl_c16", "bn_cl_c19_nores", "bn1d", "gn_cl_n2", "gn_cl_n8",
-                "gn_nchw", "gn_nchw_plain", "ln", "rms", "ln_short"]
+THREAD_CASES = ["bn_nchw_c3", "bn_nchw_c16", "bn_cl_c16", "bn_cl_c19_nores", "bn1d", "bn_nchw_c3_silu",
+                "bn_nchw_c16_3x3_gelu", "bn_cl_c19_mish", "bn_nchw_c3_tanh_fp16", "gn_cl_n2", "gn_cl_n8", "gn_nchw",
+                "gn_nchw_plain", "gn_cl_n2_silu", "gn_cl_n8_gelu", "gn_nchw_elu", "ln", "rms", "ln_short"]
 
 
 @pytest.mark.parametrize("case", THREAD_CASES)
@@ -635,3 +666,54 @@ def test_mismatched_vectors_raise_instead_of_reading_out_of_bounds(case):
     x = _tensor((2, 7, 5, 7), False, torch.float32, 3.0, 41)
     with pytest.raises(ValueError, match="normkit cpu backend"):
         MISMATCHED[case](x)
+
+
+# ----------------------------------------------------------------------------- the activations' vector paths
+# On a CPU with AVX-512 the float activations with a transcendental function run 16 lanes a call (csrc/act.h);
+# NORMKIT_AVX512=0 (read once per process) keeps them on the AVX2 forms. Both paths against the reference.
+_PATH_SCRIPT = r"""
+import sys, torch
+from normkit.cpu_backend import CpuBackend
+from normkit.reference import ReferenceBackend
+cpu, ref = CpuBackend(), ReferenceBackend()
+g = torch.Generator().manual_seed(0)
+worst = 0.0
+for act in ("silu", "gelu", "gelu_tanh", "mish", "elu:0.5", "tanh", "sigmoid", "hardswish"):
+    for shape, cl in (((4, 21, 3, 3), False), ((3, 21, 5, 7), True), ((2, 6, 5, 7), False)):
+        x = 3 + 0.5 * torch.randn(shape, generator=g)
+        dy = torch.randn(shape, generator=g)
+        if cl:
+            x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+        c = shape[1]
+        w, b = 1 + 0.3 * torch.randn(c, generator=g), 0.3 * torch.randn(c, generator=g)
+        y, mean, var = cpu.channel_forward(x, w, b, 1e-5, None, act)
+        ry = ref.channel_forward(x.double(), w.double(), b.double(), 1e-5, None, act)[0]
+        rstd = torch.rsqrt(var + 1e-5)
+        scale = w * rstd
+        shift = b - mean * scale
+        dx = cpu.channel_backward(x, dy, mean, rstd, scale, shift, None, act, True, False)[0]
+        rdx = ref.channel_backward(x.double(), dy.double(), mean.double(), rstd.double(), scale.double(),
+                                   shift.double(), None, act, True, False)[0]
+        gy, gm, gv = cpu.group_forward(x, 3, w, b, 1e-5, None, act)
+        gry = ref.group_forward(x.double(), 3, w.double(), b.double(), 1e-5, None, act)[0]
+        gdx = cpu.group_backward(x, dy, gm, torch.rsqrt(gv + 1e-5), 3, w, b, None, act, True, False)[0]
+        grdx = ref.group_backward(x.double(), dy.double(), gm.double(), torch.rsqrt(gv.double() + 1e-5), 3,
+                                  w.double(), b.double(), None, act, True, False)[0]
+        for got, want in ((y, ry), (dx, rdx), (gy, gry), (gdx, grdx)):
+            worst = max(worst, ((got.double() - want).abs().max() / want.abs().max().clamp_min(1)).item())
+print(worst)
+"""
+
+
+@pytest.mark.parametrize("avx512", ["0", "1"])
+def test_both_activation_vector_paths_match_the_reference(avx512):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NORMKIT_AVX512=avx512)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"),
+                                         env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _PATH_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split()[-1]) < 2e-5

@@ -70,8 +70,8 @@ FUNCTIONAL_REFUSALS = {
                                      ["running_mean", "6", "(5,)"]),
     "batch_norm_bad_residual": (lambda: F.batch_norm(torch.randn(2, 6, 3), None, None, training=True,
                                                      residual=torch.randn(2, 6)), ["residual", "(2, 6, 3)"]),
-    "batch_norm_bad_act": (lambda: F.batch_norm(torch.randn(2, 6, 3), None, None, training=True, act="tanh"),
-                           ["act", "tanh"]),
+    "batch_norm_bad_act": (lambda: F.batch_norm(torch.randn(2, 6, 3), None, None, training=True, act="prelu"),
+                           ["act", "prelu"]),
     "layer_norm_weight_shape": (lambda: F.layer_norm(torch.randn(2, 6), (6,), torch.ones(3)), ["weight", "(6,)"]),
     "instance_norm_2d_input": (lambda: F.instance_norm(torch.randn(2, 6)), ["input", "at least 3D"]),
 }

@@ -12,6 +12,8 @@ import normkit
 
 CL = torch.channels_last
 TORCH_ACT = {"relu": nn.ReLU(), "silu": nn.SiLU(), "gelu": nn.GELU(), None: nn.Identity()}
+# every fused activation (leaky ReLU and ELU with a parameter of their own)
+ALL_ACTS = tuple(a for a in normkit.activations.names() if a) + ("leaky_relu:0.2", "elu:0.5")
 
 # name: (fused factory, unfused torch factory, shape, channels_last, act, residual, train, backend)
 CASES = {
@@ -161,6 +163,38 @@ def test_relu_after_a_residual_keeps_the_output_not_the_residual(kind, train, cl
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
+@pytest.mark.parametrize("act", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("kind,train", [("bn", True), ("bn", False), ("gn", True)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_tanh_and_sigmoid_keep_the_output(act, kind, train, residual):
+    """tanh and sigmoid keep their output for backward, as torch's modules do (the C++ eager nodes): dz is torch's
+    tanh_backward / sigmoid_backward of the kept output (no transcendental function again); a residual is not
+    kept (its gradient is dz)."""
+    fused, ref = _pair(kind, 6, act)
+    fused.train(train)
+    ref.train(train)
+    g = torch.Generator().manual_seed(8)
+    x0 = 3 + 0.5 * torch.randn(2, 6, 5, 7, generator=g)
+    r0 = 0.5 * torch.randn(2, 6, 5, 7, generator=g) if residual else None
+    x = x0.clone().requires_grad_()
+    r = r0.clone().requires_grad_() if residual else None
+    with normkit.backend("cpu"):
+        saved, y = _saved_storages(lambda: fused(x, r))
+    assert {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()} <= saved
+    if residual:
+        assert r.untyped_storage().data_ptr() not in saved
+    xr = x0.clone().requires_grad_()
+    rr = r0.clone().requires_grad_() if residual else None
+    want = normkit.activations.to_module(act)(ref(xr) + (rr if residual else 0))
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    want.backward(dy)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    if residual:
+        torch.testing.assert_close(r.grad, rr.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_state_dict_is_batchnorm2d_and_groupnorm():
     tb, fb = nn.BatchNorm2d(5), normkit.BatchNormAct2d(5, act="silu")
     assert list(tb.state_dict()) == list(fb.state_dict())
@@ -173,7 +207,8 @@ def test_state_dict_is_batchnorm2d_and_groupnorm():
 
 
 BAD = {
-    "bn_tanh": (lambda: normkit.BatchNormAct2d(4, act="tanh"), "act"),
+    "bn_prelu": (lambda: normkit.BatchNormAct2d(4, act="prelu"), "act"),
+    "bn_leaky_bad_slope": (lambda: normkit.BatchNormAct2d(4, act="leaky_relu:x"), "act"),
     "gn_int": (lambda: normkit.GroupNormAct(2, 4, act=1), "act"),
     "residual_shape": (lambda: normkit.BatchNormAct2d(4)(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 2)),
                        "residual"),
@@ -182,8 +217,8 @@ BAD = {
                           "residual"),
     "bn_integer_residual": (lambda: normkit.BatchNormAct2d(4)(torch.randn(2, 4, 3, 3),
                                                               torch.ones(2, 4, 3, 3, dtype=torch.long)), "residual"),
-    "bn_act_set_later": (lambda: _with_act(normkit.BatchNormAct2d(4), "tanh")(torch.randn(2, 4, 3, 3)), "act"),
-    "gn_act_set_later": (lambda: _with_act(normkit.GroupNormAct(2, 4), "elu")(torch.randn(2, 4, 3, 3)), "act"),
+    "bn_act_set_later": (lambda: _with_act(normkit.BatchNormAct2d(4), "celu")(torch.randn(2, 4, 3, 3)), "act"),
+    "gn_act_set_later": (lambda: _with_act(normkit.GroupNormAct(2, 4), "selu")(torch.randn(2, 4, 3, 3)), "act"),
 }
 
 
@@ -215,9 +250,11 @@ def _model():
         nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
         nn.Conv2d(6, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.GELU(),
         nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6), nn.SiLU(),
-        nn.BatchNorm2d(6), nn.GELU(approximate="tanh"),   # not exact GELU: left alone
-        nn.BatchNorm2d(6), nn.Tanh(),                       # not a fusable activation
+        nn.BatchNorm2d(6), nn.PReLU(),                      # a learnable activation: left alone
+        nn.BatchNorm2d(6), nn.CELU(),                       # not a fusable activation
         nn.Sequential(nn.BatchNorm2d(6), nn.ReLU()),        # nested Sequential
+        nn.BatchNorm2d(6), nn.GELU(approximate="tanh"),
+        nn.GroupNorm(2, 6), nn.LeakyReLU(0.2),
     )
 
 
@@ -229,9 +266,11 @@ def test_convert_fuse_matches_and_keeps_state():
     assert kinds[1:3] == ["BatchNormAct2d", "Identity"]
     assert kinds[4:6] == ["GroupNormAct", "Identity"]
     assert kinds[7:9] == ["BatchNormAct2d", "Identity"]
-    assert kinds[9:13] == ["BatchNorm2d", "GELU", "BatchNorm2d", "Tanh"]
+    assert kinds[9:13] == ["BatchNorm2d", "PReLU", "BatchNorm2d", "CELU"]
     assert [type(m).__name__ for m in model[13]] == ["BatchNormAct2d", "Identity"]
-    assert [model[1].act, model[4].act, model[7].act] == ["relu", "gelu", "silu"]
+    assert kinds[14:18] == ["BatchNormAct2d", "Identity", "GroupNormAct", "Identity"]
+    assert [model[1].act, model[4].act, model[7].act, model[14].act, model[16].act] == [
+        "relu", "gelu", "silu", "gelu_tanh", "leaky_relu:0.2"]
     assert list(model.state_dict()) == keys
     x = torch.randn(2, 3, 5, 7, requires_grad=True)
     xr = x.detach().clone().requires_grad_(True)
@@ -358,3 +397,141 @@ def test_constant_statistics_without_parameter_gradients(frozen, act, residual, 
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6, equal_nan=True)
     if residual:
         torch.testing.assert_close(r.grad, rr.grad, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_convert_fuses_only_where_it_pays(monkeypatch):
+    """convert(fuse=True) reads activations.FUSE_PAYS: a pair measured slower fused stays norm → activation."""
+    pays = {name: dict(fams) for name, fams in normkit.activations.FUSE_PAYS.items()}
+    pays["silu"]["bn"] = False
+    monkeypatch.setattr(normkit.activations, "FUSE_PAYS", pays)
+    model = normkit.convert(nn.Sequential(nn.BatchNorm2d(4), nn.SiLU(), nn.GroupNorm(2, 4), nn.SiLU()), fuse=True)
+    assert [type(m).__name__ for m in model] == ["BatchNorm2d", "SiLU", "GroupNormAct", "Identity"]
+    assert model[2].act == "silu"
+
+
+# ----------------------------------------------------------------------------- every activation
+@pytest.mark.parametrize("act", ALL_ACTS)
+@pytest.mark.parametrize("kind", ["bn", "gn"])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("residual", [False, True], ids=["", "res"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_every_activation_matches_torchs_pair(act, kind, cl, residual, train):
+    """Each fused activation against torch's norm module → activation module (float64 oracle), forward and
+    backward, both layouts, with and without a residual; 21 channels of 3×3 (short runs: the kernels' tails and
+    the per-value coefficient runs of NCHW BatchNorm) and 6 groups of a 5×7 map."""
+    shape = (4, 21, 3, 3) if kind == "bn" else (2, 12, 5, 7)
+    c = shape[1]
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(c) if kind == "bn" else nn.GroupNorm(6, c)
+    fused = normkit.BatchNormAct2d(c, act=act) if kind == "bn" else normkit.GroupNormAct(6, c, act=act)
+    with torch.no_grad():
+        ref.weight.copy_(1 + 0.3 * torch.randn(c))
+        ref.bias.copy_(0.5 * torch.randn(c))
+        if kind == "bn":
+            ref.running_mean.uniform_(2.5, 3.5)
+            ref.running_var.uniform_(0.2, 0.4)
+    fused.load_state_dict(ref.state_dict())
+    ref.train(train), fused.train(train)
+    fmt = CL if cl else torch.contiguous_format
+    g = torch.Generator().manual_seed(1)
+    x0 = (3 + 0.5 * torch.randn(shape, generator=g)).contiguous(memory_format=fmt)
+    r0 = (torch.randn(shape, generator=g)).contiguous(memory_format=fmt) if residual else None
+    dy = torch.randn(shape, generator=g).contiguous(memory_format=fmt)
+    x, xd = x0.clone().requires_grad_(), x0.double().requires_grad_()
+    r, rd = (r0.clone().requires_grad_(), r0.double().requires_grad_()) if residual else (None, None)
+    y = fused(x, r)
+    ref.double()
+    want = normkit.activations.to_module(act)(ref(xd) + (rd if residual else 0))
+    torch.testing.assert_close(y, want.float(), rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=fmt)
+    y.backward(dy)
+    want.backward(dy.double())
+    torch.testing.assert_close(x.grad, xd.grad.float(), rtol=1e-5, atol=1e-5)
+    if residual:
+        torch.testing.assert_close(r.grad, rd.grad.float(), rtol=1e-5, atol=1e-5)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(fused, name).grad, getattr(ref, name).grad.float(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("act", ALL_ACTS)
+@pytest.mark.parametrize("kind", ["bn", "gn"])
+def test_every_activation_gradcheck_and_gradgradcheck_float64(act, kind):
+    """First-order gradients from the kernels, second-order through aten's ops (torch has no double backward
+    for hardsigmoid: neither has the fused layer, with torch's error)."""
+    c = 3
+    layer = normkit.BatchNormAct2d(c, act=act) if kind == "bn" else normkit.GroupNormAct(3, c, act=act)
+    layer.double()
+    g = torch.Generator().manual_seed(2)
+    x = (3 + 0.5 * torch.randn(2, c, 2, 3, generator=g, dtype=torch.float64)).requires_grad_(True)
+    r = (0.7 * torch.randn(2, c, 2, 3, generator=g, dtype=torch.float64)).requires_grad_(True)
+    with torch.no_grad():
+        layer.weight.copy_(1 + 0.3 * torch.randn(c, generator=g, dtype=torch.float64))
+        layer.bias.copy_(0.5 * torch.randn(c, generator=g, dtype=torch.float64))
+    with normkit.backend("cpu"):
+        def f(x, r, w):
+            return layer(x, r)
+
+        assert torch.autograd.gradcheck(f, (x, r, layer.weight), eps=1e-6, atol=1e-6)
+        if act == "hardsigmoid":
+            with pytest.raises(RuntimeError, match="hardsigmoid_backward is not implemented"):
+                torch.autograd.gradgradcheck(f, (x, r, layer.weight), eps=1e-6, atol=1e-5)
+            with pytest.raises(RuntimeError, match="hardsigmoid_backward is not implemented"):  # torch's own
+                torch.autograd.gradgradcheck(lambda z: nn.Hardsigmoid()(z), (x,))
+        else:
+            assert torch.autograd.gradgradcheck(f, (x, r, layer.weight), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ALL_ACTS)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_every_activation_at_a_nan_is_torchs(act, cl):
+    """Eval BatchNorm + activation with a NaN (and ±Inf) in x: the output and dx are torch's module's (at a NaN:
+    relu6's and hardsigmoid's gradient 0, leaky ReLU's the slope, the others NaN — aten's vector kernels)."""
+    fused, ref = _pair("bn", 5, act)
+    fused.eval()
+    ref.eval()
+    fmt = CL if cl else torch.contiguous_format
+    x0 = (0.5 * torch.randn(4, 5, 6, 8, generator=torch.Generator().manual_seed(5))).contiguous(memory_format=fmt)
+    x0[0, 1, 2, 3] = float("nan")
+    x0[1, 2, 0, 1] = float("inf")
+    x0[1, 3, 4, 5] = -float("inf")
+    x, xr = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    y = fused(x)
+    y.backward(torch.ones_like(y))
+    want = normkit.activations.to_module(act)(ref(xr))
+    want.backward(torch.ones_like(want))
+    # (float GELU at ±Inf: torch's oneDNN kernel gives NaN where aten's own vector kernel, as normkit's, gives ±Inf)
+    skip = act == "gelu" and x0.isinf()
+    torch.testing.assert_close(y[~skip], want[~skip], rtol=1e-6, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(x.grad[~skip], xr.grad[~skip], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "hardswish", "mish", "elu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["bn", "gn"])
+def test_low_precision_error_at_most_twice_torchs(act, dtype, kind):
+    """float16/bfloat16 input: normkit's fused layer is at most about twice as far from the float64 truth as
+    torch's own unfused pair in that dtype (outputs and input gradients; DESIGN.md §4)."""
+    shape, c = (4, 16, 6, 6), 16
+    fused, ref = _pair(kind, c, act)
+    g = torch.Generator().manual_seed(7)
+    x0 = 3 + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    module = normkit.activations.to_module(act)
+
+    def run(layer, dtype, fused_layer):
+        layer = copy.deepcopy(layer).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        x = x0.to(dtype).detach().clone().requires_grad_()
+        if dtype == torch.float64:
+            out = module(layer(x))
+        else:  # parameters in float32, as autocast keeps them
+            out = layer(x) if fused_layer else module(layer(x))
+        out.backward(dy.to(dtype))
+        return out.double(), x.grad.double()
+
+    truth = run(ref, torch.float64, False)
+    mine = run(fused, dtype, True)
+    theirs = run(ref, dtype, False)
+    for m, t, w in zip(mine, theirs, truth, strict=True):
+        scale = w.abs().max().item()
+        floor = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype] * scale
+        assert (m - w).abs().max().item() <= 2 * (t - w).abs().max().item() + floor

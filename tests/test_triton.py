@@ -179,6 +179,18 @@ CASES = [
     Case("gn_res_gelu_nhwc", "group_norm", (2, 6, 5, 7), layout="channels_last", groups=3, residual=True,
          act="gelu"),
     Case("gn_relu_fp16", "group_norm", (2, 6, 5, 7), torch.float16, groups=3, act="relu"),
+    # the other fused activations (normkit.activations), one case each, leaky ReLU and ELU with a parameter
+    Case("bn_res_gelu_tanh_nchw", "batch_norm", (2, 3, 5, 7), residual=True, act="gelu_tanh"),
+    Case("bn_hardswish_nhwc", "batch_norm", (2, 3, 5, 7), layout="channels_last", act="hardswish"),
+    Case("bn_res_leaky_relu_eval", "batch_norm", (2, 3, 5, 7), training=False, residual=True, act="leaky_relu:0.2"),
+    Case("bn_relu6_nchw_fp16", "batch_norm", (2, 3, 5, 7), torch.float16, act="relu6"),
+    Case("bn_res_hardsigmoid_nhwc", "batch_norm", (2, 3, 5, 7), layout="channels_last", residual=True,
+         act="hardsigmoid"),
+    Case("bn_tanh_nchw", "batch_norm", (2, 3, 5, 7), act="tanh"),
+    Case("gn_res_mish_nchw", "group_norm", (2, 6, 5, 7), groups=3, residual=True, act="mish"),
+    Case("gn_elu_nhwc", "group_norm", (2, 6, 5, 7), layout="channels_last", groups=3, act="elu:0.5"),
+    Case("gn_res_sigmoid_nhwc_bf16", "group_norm", (2, 4, 3, 3), torch.bfloat16, "channels_last", groups=2,
+         residual=True, act="sigmoid"),
     Case("instance_norm_c7", "instance_norm", (2, 7, 5, 7), affine=False),
     Case("instance_norm_nhwc", "instance_norm", (2, 3, 5, 7), layout="channels_last"),
     # LayerNorm / RMSNorm: one block per row, and rows split over several blocks
@@ -291,6 +303,17 @@ def test_matches_reference(case):
         ref_err, err = max_err(ref[k], truth[k]), max_err(got[k], truth[k])
         allowed = 2 * ref_err + FLOOR[case.dtype] * scale
         assert err <= allowed, f"{case.name}: {k} error {err:.3g} > {allowed:.3g} (reference: {ref_err:.3g})"
+
+
+@here
+def test_activation_codes_decode_as_the_registry():
+    """The launchers split normkit.activations' int64 codes (kind, parameter) as csrc/act_code.h does."""
+    from normkit import activations
+    from normkit.kernels.triton._common import act_args
+
+    for name in (*activations.names(), "leaky_relu:0.2", "leaky_relu:-0.3", "elu:0.5", "elu:123456.5"):
+        kind, param = activations.split(name) if name else ("", None)
+        assert act_args(activations.code(name)) == (activations.names().index(kind), param or 0.0), name
 
 
 # ----------------------------------------------------------------------------- determinism

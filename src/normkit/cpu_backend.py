@@ -3,7 +3,8 @@
 The kernels are torch operators, ``torch.ops.normkit_cpu.*``, one per entry point of
 :mod:`normkit.backends`, compiled once at install into the extension ``normkit._C`` (see
 ``setup.py``) and parallel on torch's own intra-op thread pool (``torch.set_num_threads``;
-fork-safe as torch is). This module only maps arguments: the activation name to its code (:mod:`normkit.activations`),
+fork-safe as torch is). This module only maps arguments: the activation string to its int64 code
+(:func:`normkit.activations.code`: the kind and leaky ReLU's / ELU's parameter),
 empty tensors to the reference math (nothing to launch). Each operator checks what it reads
 (dense layout, vector lengths, dtype), allocates its outputs in ``x``'s memory format and
 returns ``None`` for the outputs the interface leaves out.

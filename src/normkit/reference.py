@@ -25,7 +25,7 @@ from . import activations
 from ._layout import memory_format_of
 from .backends import Backend
 
-ACTIVATIONS = activations.names()  # ("", "relu", "silu", "gelu"); the table is normkit.activations
+ACTIVATIONS = activations.names()  # ("", "relu", "silu", ...; `in` takes "leaky_relu:0.2"): normkit.activations
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

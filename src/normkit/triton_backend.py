@@ -2,7 +2,8 @@
 :mod:`normkit.kernels.triton` (the default for CUDA tensors under ``NORMKIT_BACKEND=auto``).
 
 Every entry point of :mod:`normkit.backends` is implemented, with the fused ``residual`` and
-``act`` ("", "relu", "silu", "gelu" — exact erf) of the channel and group families:
+``act`` (every activation of :mod:`normkit.activations`: the launchers take its int64 code, the kernels its kind
+as a constexpr and leaky ReLU's / ELU's parameter as a runtime float) of the channel and group families:
 
 =========================  ========================================================
 channel_stats              split per-channel (mean, M2) + Chan merge (2 kernels)

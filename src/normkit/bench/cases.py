@@ -79,6 +79,39 @@ QUICK_SHAPES = {"bn2d": (16, 64, 56, 56), "bn1d": (2048, 1024), "gn": (16, 64, 5
                 "in2d": (16, 64, 56, 56), "ln": (2048, 1024), "rms": (512, 4096), "ln2d": (16, 96, 56, 56),
                 "bn_relu": (16, 64, 56, 56), "bn_add_relu": (16, 64, 56, 56)}
 
+# Every other fused activation (normkit.activations), after BatchNorm and after GroupNorm(32): torch's norm module →
+# activation module against normkit.BatchNormAct2d / GroupNormAct. Shapes from the models that use them: an
+# EfficientNet/MobileNet stage for BatchNorm, a diffusion UNet block for GroupNorm.
+ACT_OPS: tuple[str, ...] = ()
+
+
+def _act_ops() -> tuple[str, ...]:
+    keys = []
+    for act in normkit.activations.names():
+        if act in ("", "relu"):
+            continue
+        label = type(normkit.activations.to_module(act)).__name__
+        if act == "gelu_tanh":
+            label = "GELU(tanh)"
+        OPS[f"bn_{act}"] = (f"BN+{label}", "bn", (8, 96, 24, 24), False,
+                            lambda s, a=act: nn.Sequential(nn.BatchNorm2d(s[1]), normkit.activations.to_module(a)),
+                            lambda s, a=act: normkit.BatchNormAct2d(s[1], act=a))
+        QUICK_SHAPES[f"bn_{act}"] = (4, 96, 24, 24)
+        keys.append(f"bn_{act}")
+    for act in normkit.activations.names():
+        if act == "":
+            continue
+        label = "GELU(tanh)" if act == "gelu_tanh" else type(normkit.activations.to_module(act)).__name__
+        OPS[f"gn_{act}"] = (f"GN+{label}", "row", (4, 128, 32, 32), False,
+                            lambda s, a=act: nn.Sequential(nn.GroupNorm(32, s[1]), normkit.activations.to_module(a)),
+                            lambda s, a=act: normkit.GroupNormAct(32, s[1], act=a))
+        QUICK_SHAPES[f"gn_{act}"] = (2, 128, 32, 32)
+        keys.append(f"gn_{act}")
+    return tuple(keys)
+
+
+ACT_OPS = _act_ops()
+
 
 @dataclass
 class Case:
@@ -119,7 +152,8 @@ def default_layouts(op: str, shape: tuple[int, ...]) -> list[str]:
     them); the rest as models feed them."""
     if len(shape) != 4:
         return ["nchw"]
-    return ["nchw", "channels_last"] if op in ("bn2d", "gn", "ln2d", "bn_relu", "bn_add_relu") else ["nchw"]
+    both = ("bn2d", "gn", "ln2d", "bn_relu", "bn_add_relu", *ACT_OPS)
+    return ["nchw", "channels_last"] if op in both else ["nchw"]
 
 
 def _modules(case: Case, want_compile: bool) -> dict[str, tuple[nn.Module, Callable]]:

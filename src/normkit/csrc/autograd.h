@@ -170,12 +170,22 @@ inline bool wanted(const torch::autograd::Node& node, size_t i, const Tensor& in
 // activation. The output is what the next layer keeps for its own backward (a convolution's input), so the
 // fused layer saves nothing torch's norm → add → ReLU would not; the residual may be a tensor of its own
 // (a downsampling shortcut's BatchNorm output) that nothing else keeps.
-inline bool keeps_output(const Tensor& r, int64_t act) { return r.defined() && act == kRelu; }
+// tanh and sigmoid keep the output too, residual or not, as torch's own modules do: their backward is torch's
+// tanh_backward(dy, y) = dy·(1 − y²) / sigmoid_backward(dy, y) = dy·(1 − y)·y, no transcendental function evaluated
+// again (recomputing tanh(z) from x cost more than the fused forward saved, and torch's pair pays none).
+inline bool keeps_output(const Tensor& r, int64_t act) {
+  const int kind = decode_act(act).kind;
+  return (r.defined() && kind == kRelu) || kind == kTanh || kind == kSigmoid;
+}
 
-// (dy, act) for the rest of a backward: below a kept output's ReLU, (dy·[y > 0], identity)
+// (dy, act) for the rest of a backward: below a kept output's activation, (dy·act'(z) from y, identity)
 inline std::pair<Tensor, int64_t> below_activation(const Tensor& dy, const Tensor& y, int64_t act) {
   if (!y.defined()) return {dy, act};
-  return {at::threshold_backward(dy, y, 0), int64_t(kIdentity)};
+  switch (decode_act(act).kind) {
+    case kTanh: return {at::tanh_backward(dy, y), int64_t(kIdentity)};
+    case kSigmoid: return {at::sigmoid_backward(dy, y), int64_t(kIdentity)};
+    default: return {at::threshold_backward(dy, y, 0), int64_t(kIdentity)};
+  }
 }
 
 // The inputs both channel nodes save: x, weight, bias, and the residual or (keeps_output) the output y
@@ -259,7 +269,7 @@ struct BatchNormBackward : public torch::autograd::Node {
     const Tensor x = x_.unpack(self), w = w_.unpack(self), b = b_.unpack(self), r = r_.unpack(self);
     const Tensor y = y_.unpack(self);
     const bool need_r = has_r_ && task_should_compute_output(3);
-    // with the output kept, the gradient below the ReLU is the residual's and the rest has no activation
+    // with the output kept (keeps_output), the gradient below the activation is the residual's and the rest has none
     const auto [dz, act] = below_activation(grads[0], y, act_);
     variable_list out = bn_grads(x, w, b, r, mean_.unpack(self), stat_.unpack(self), dz, batch_stats_, act, eps_,
                                  {wanted(*this, 0, x), wanted(*this, 1, w), wanted(*this, 2, b), need_r && !y.defined()});
@@ -333,7 +343,7 @@ struct GroupNormBackward : public torch::autograd::Node {
     const Tensor y = y_.unpack(self);
     const bool need_x = wanted(*this, 0, x), need_w = wanted(*this, 1, w), need_b = wanted(*this, 2, b),
                need_r = has_r_ && task_should_compute_output(3);
-    // with the output kept, the gradient below the ReLU is the residual's and the rest has no activation
+    // with the output kept (keeps_output), the gradient below the activation is the residual's and the rest has none
     const auto [dy, act] = below_activation(grads[0], y, act_);
     const Tensor dr = y.defined() && need_r ? dy : Tensor();
     if (composite_backward(dy)) {  // create_graph=True or batched gradients: torch's operators

@@ -18,10 +18,14 @@
 
 namespace normkit {
 
-// positions per CL block: about 64 blocks, at least 64 positions, at most kChunk (fp32 drift)
+// positions per CL block: about 64 blocks, at least 16 positions, at most kChunk (fp32 drift), the blocks evened
+// out (72 positions: 5 blocks of 15 or 12, not 64 + 8 — with the activations' work in the backward's sums pass, one
+// big block left a thread idle at small maps). A function of P only: the same blocks, hence the same sums, for any
+// thread count.
 inline int64_t cl_rows(int64_t P) {
-  int64_t r = std::min<int64_t>(kChunk, std::max<int64_t>(64, (P + 63) / 64));
-  return std::max<int64_t>(1, std::min(r, P));
+  const int64_t r = std::min<int64_t>(kChunk, std::max<int64_t>(16, (P + 63) / 64));
+  const int64_t blocks = (P + r - 1) / r;
+  return std::max<int64_t>(1, (P + blocks - 1) / std::max<int64_t>(blocks, 1));
 }
 
 inline void moments(double k, double s1, double s2, int64_t count, double& mean, double& var) {
@@ -167,18 +171,19 @@ inline bool stream_outputs(int64_t bytes) { return bytes >= kStreamBytes; }
 // The four passes on raw pointers, coefficient vectors (C,) in A.
 
 template <typename T, int ACT>
-void apply_channels(const ChannelView& v, const T* x, const T* r, T* y, const acc_t<T>* a, const acc_t<T>* b) {
-  using L = Loops<T, ACT>;
+void apply_channels(const ChannelView& v, const T* x, const T* r, T* y, const acc_t<T>* a, const acc_t<T>* b,
+                    double act_param) {
+  const Loops<T, ACT> L(act_param);
   if (v.cl) {
     const bool nt = stream_outputs(v.P * v.C * static_cast<int64_t>(sizeof(T)));
     parallel(v.P, grain_for(v.C), [&](int64_t lo, int64_t hi) {
-      L::pos_apply(x + lo * v.C, r ? r + lo * v.C : nullptr, y + lo * v.C, hi - lo, v.C, a, b, nt);
+      L.pos_apply(x + lo * v.C, r ? r + lo * v.C : nullptr, y + lo * v.C, hi - lo, v.C, a, b, nt);
     });
   } else {
     parallel(v.N * v.C, grain_for(v.S), [&](int64_t lo, int64_t hi) {
       for (int64_t row = lo; row < hi; ++row) {
         const int64_t c = row % v.C, o = row * v.S;
-        L::span_apply(x + o, r ? r + o : nullptr, y + o, v.S, a[c], b[c]);
+        L.span_apply(x + o, r ? r + o : nullptr, y + o, v.S, a[c], b[c]);
       }
     });
   }
@@ -186,18 +191,19 @@ void apply_channels(const ChannelView& v, const T* x, const T* r, T* y, const ac
 
 template <typename T, int ACT>
 void bwd_sums_channels(const ChannelView& v, const T* x, const T* dy, const T* r, const acc_t<T>* fa,
-                       const acc_t<T>* fb, const acc_t<T>* m, std::vector<double>& s1, std::vector<double>& s2) {
+                       const acc_t<T>* fb, const acc_t<T>* m, std::vector<double>& s1, std::vector<double>& s2,
+                       acc_t<T>* gs, double act_param) {
   using A = acc_t<T>;
-  using L = Loops<T, ACT>;
+  const Loops<T, ACT> L(act_param);
   if (v.cl) {
     cl_channel_sums<A>(v.P, v.C, [&](int64_t p0, int64_t np, A* a, A* q) {
       const int64_t o = p0 * v.C;
-      L::pos_bwd_sums(x + o, dy + o, r ? r + o : nullptr, np, v.C, fa, fb, m, a, q);
+      L.pos_bwd_sums(x + o, dy + o, r ? r + o : nullptr, np, v.C, fa, fb, m, a, q, gs ? gs + o : nullptr);
     }, s1, s2);
   } else {
     nchw_channel_sums(v.N, v.C, v.S, [&](int64_t row, double& a, double& q) {
       const int64_t c = row % v.C, o = row * v.S;
-      L::span_bwd_sums(x + o, dy + o, r ? r + o : nullptr, v.S, fa[c], fb[c], m[c], a, q);
+      L.span_bwd_sums(x + o, dy + o, r ? r + o : nullptr, v.S, fa[c], fb[c], m[c], a, q, gs ? gs + o : nullptr);
     }, s1, s2);
   }
 }
@@ -205,21 +211,21 @@ void bwd_sums_channels(const ChannelView& v, const T* x, const T* dy, const T* r
 template <typename T, int ACT>
 void bwd_dx_channels(const ChannelView& v, const T* x, const T* dy, const T* r, T* dx, T* dz, const acc_t<T>* fa,
                      const acc_t<T>* fb, const acc_t<T>* p, const acc_t<T>* q, const acc_t<T>* m,
-                     const acc_t<T>* rr) {
-  using L = Loops<T, ACT>;
+                     const acc_t<T>* rr, const acc_t<T>* gs, double act_param) {
+  const Loops<T, ACT> L(act_param);
   if (v.cl) {
     const bool nt = stream_outputs(v.P * v.C * static_cast<int64_t>(sizeof(T)));
     parallel(v.P, grain_for(v.C), [&](int64_t lo, int64_t hi) {
       const int64_t o = lo * v.C;
-      L::pos_bwd_dx(x + o, dy + o, r ? r + o : nullptr, dx + o, dz ? dz + o : nullptr, hi - lo, v.C, fa, fb, p, q,
-                    m, rr, nt);
+      L.pos_bwd_dx(x + o, dy + o, r ? r + o : nullptr, dx + o, dz ? dz + o : nullptr, hi - lo, v.C, fa, fb, p, q,
+                   m, rr, nt, gs ? gs + o : nullptr);
     });
   } else {
     parallel(v.N * v.C, grain_for(v.S), [&](int64_t lo, int64_t hi) {
       for (int64_t row = lo; row < hi; ++row) {
         const int64_t c = row % v.C, o = row * v.S;
-        L::span_bwd_dx(x + o, dy + o, r ? r + o : nullptr, dx + o, dz ? dz + o : nullptr, v.S, fa[c], fb[c], p[c],
-                       q[c], m[c], rr[c]);
+        L.span_bwd_dx(x + o, dy + o, r ? r + o : nullptr, dx + o, dz ? dz + o : nullptr, v.S, fa[c], fb[c], p[c],
+                      q[c], m[c], rr[c], gs ? gs + o : nullptr);
       }
     });
   }
@@ -237,12 +243,30 @@ inline bool blocked_nchw(const ChannelView& v) {
   return !v.cl && v.C >= 2 * static_cast<int64_t>(at::get_num_threads());
 }
 
+// Whether NCHW BatchNorm's blocked passes run the activation over each sample's run of the block's channels
+// (flat_apply / flat_grad with per-value coefficients) rather than channel by channel: for maps shorter than 64
+// values, whose spans would end in a partial vector pair every few values. The values are the same either way.
+inline bool flat_runs(const ChannelView& v) { return v.S < 64; }
+
+// The per-channel coefficients (a_c, b_c) of `channels` channels as one pair per value of their run of
+// channels·S values (each repeated S times), into ea, eb
+template <typename A>
+inline void expand(const A* a, const A* b, int64_t channels, int64_t S, std::vector<A>& ea, std::vector<A>& eb) {
+  ea.resize(channels * S);
+  eb.resize(channels * S);
+  for (int64_t c = 0; c < channels; ++c) {
+    std::fill(ea.begin() + c * S, ea.begin() + (c + 1) * S, a[c]);
+    std::fill(eb.begin() + c * S, eb.begin() + (c + 1) * S, b[c]);
+  }
+}
+
 // ----------------------------------------------------------------------------- whole BatchNorm
 template <typename T, int ACT>
 std::tuple<Tensor, Tensor, Tensor> channel_forward_impl(const Tensor& x, const Tensor& w_, const Tensor& b_,
-                                                        double eps, const Tensor& res) {
+                                                        double eps, const Tensor& res, double act_param) {
   using A = acc_t<T>;
   using L = Loops<T, ACT>;
+  const L loops(act_param);
   const ChannelView v = channel_view(x);
   const T* xp = x.data_ptr<T>();
   const T* rp = ptr_or_null<T>(res);
@@ -267,6 +291,7 @@ std::tuple<Tensor, Tensor, Tensor> channel_forward_impl(const Tensor& x, const T
     const int64_t cb = channel_block(v);
     const int64_t blocks = (v.C + cb - 1) / cb;
     parallel(blocks, grain_for(cb * v.N * v.S), [&](int64_t lo, int64_t hi) {
+      std::vector<A> ea, eb;  // the block's coefficients per value (kKeepsGrad kinds)
       for (int64_t j = lo; j < hi; ++j) {
         const int64_t c0 = j * cb, c1 = std::min(v.C, c0 + cb);
         for (int64_t c = c0; c < c1; ++c) {
@@ -279,10 +304,21 @@ std::tuple<Tensor, Tensor, Tensor> channel_forward_impl(const Tensor& x, const T
           }
           finish(c, s1, s2);
         }
+        if (kKeepsGrad<ACT> && flat_runs(v)) {
+          // the block's channels of one sample are one run of (c1 − c0)·S values: one vector loop with a coefficient
+          // pair per value, so short maps (3×3) do not pay a partial vector of the activation every few values
+          const int64_t len = (c1 - c0) * v.S;
+          expand(scale.data() + c0, shift.data() + c0, c1 - c0, v.S, ea, eb);
+          for (int64_t n = 0; n < v.N; ++n) {
+            const int64_t o = (n * v.C + c0) * v.S;
+            loops.flat_apply(xp + o, rp ? rp + o : nullptr, yp + o, ea.data(), eb.data(), len);
+          }
+          continue;
+        }
         for (int64_t n = 0; n < v.N; ++n) {
           for (int64_t c = c0; c < c1; ++c) {
             const int64_t o = (n * v.C + c) * v.S;
-            L::span_apply(xp + o, rp ? rp + o : nullptr, yp + o, v.S, scale[c], shift[c]);
+            loops.span_apply(xp + o, rp ? rp + o : nullptr, yp + o, v.S, scale[c], shift[c]);
           }
         }
       }
@@ -299,7 +335,7 @@ std::tuple<Tensor, Tensor, Tensor> channel_forward_impl(const Tensor& x, const T
       }, s1, s2);
     }
     for (int64_t c = 0; c < v.C; ++c) finish(c, s1[c], s2[c]);
-    apply_channels<T, ACT>(v, xp, rp, yp, scale.data(), shift.data());
+    apply_channels<T, ACT>(v, xp, rp, yp, scale.data(), shift.data(), act_param);
   }
   return {y, mean, var};
 }
@@ -308,9 +344,10 @@ template <typename T, int ACT>
 std::tuple<Tensor, Tensor, Tensor, Tensor> channel_backward_impl(const Tensor& x, const Tensor& dy,
                                                                  const Tensor& mean, const Tensor& rstd,
                                                                  const Tensor& scale, const Tensor& shift,
-                                                                 const Tensor& res, bool batch_stats, bool need_dz) {
+                                                                 const Tensor& res, bool batch_stats, bool need_dz,
+                                                                 double act_param) {
   using A = acc_t<T>;
-  using L = Loops<T, ACT>;
+  const Loops<T, ACT> L(act_param);
   const ChannelView v = channel_view(x);
   const T* xp = x.data_ptr<T>();
   const T* dyp = dy.data_ptr<T>();
@@ -328,18 +365,59 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> channel_backward_impl(const Tensor& x
   A* sa = sum_dz.data_ptr<A>();
   A* sb = sum_dz_xhat.data_ptr<A>();
   std::vector<A> q(v.C), rr(v.C);
+  // kKeepsGrad kinds: dz kept between the passes, in dx's memory (float/double) or a float buffer
+  Tensor kept;
+  A* gs = nullptr;
+  if constexpr (kKeepsGrad<ACT>) {
+    if constexpr (std::is_same_v<T, A>) {
+      gs = reinterpret_cast<A*>(dxp);
+    } else {
+      kept = at::empty({x.numel()}, x.options().dtype(stat_type(x)));
+      gs = kept.data_ptr<A>();
+    }
+  }
   if (blocked_nchw(v)) {
     const int64_t cb = channel_block(v);
     const int64_t blocks = (v.C + cb - 1) / cb;
     parallel(blocks, grain_for(2 * cb * v.N * v.S), [&](int64_t lo, int64_t hi) {
+      std::vector<A> ea, eb;  // the block's coefficients per value (kKeepsGrad kinds)
       for (int64_t j = lo; j < hi; ++j) {
         const int64_t c0 = j * cb, c1 = std::min(v.C, c0 + cb);
+        if (kKeepsGrad<ACT> && flat_runs(v)) {
+          // dz of the block's run of (c1 − c0)·S values per sample, one vector loop (as the forward's flat_apply),
+          // kept; then the sums and dx per channel from it
+          expand(fa + c0, fb + c0, c1 - c0, v.S, ea, eb);
+          for (int64_t n = 0; n < v.N; ++n) {
+            const int64_t o = (n * v.C + c0) * v.S;
+            L.flat_grad(xp + o, dyp + o, rp ? rp + o : nullptr, ea.data(), eb.data(), (c1 - c0) * v.S, gs + o);
+          }
+          for (int64_t c = c0; c < c1; ++c) {
+            double s1 = 0, s2 = 0;
+            for (int64_t n = 0; n < v.N; ++n) {
+              double a = 0, qq = 0;
+              const int64_t o = (n * v.C + c) * v.S;
+              Loops<T, ACT>::span_kept_sums(xp + o, gs + o, v.S, m[c], a, qq);
+              s1 += a;
+              s2 += qq;
+            }
+            dx_coefficients<A>(s1, s2, fa[c], rs[c], v.P, batch_stats, sa[c], sb[c], q[c], rr[c]);
+          }
+          for (int64_t n = 0; n < v.N; ++n) {
+            for (int64_t c = c0; c < c1; ++c) {
+              const int64_t o = (n * v.C + c) * v.S;
+              L.span_bwd_dx(xp + o, dyp + o, rp ? rp + o : nullptr, dxp + o, dzp ? dzp + o : nullptr, v.S, fa[c],
+                            fb[c], fa[c], q[c], m[c], rr[c], gs + o);
+            }
+          }
+          continue;
+        }
         for (int64_t c = c0; c < c1; ++c) {
           double s1 = 0, s2 = 0;
           for (int64_t n = 0; n < v.N; ++n) {
             double a = 0, qq = 0;
             const int64_t o = (n * v.C + c) * v.S;
-            L::span_bwd_sums(xp + o, dyp + o, rp ? rp + o : nullptr, v.S, fa[c], fb[c], m[c], a, qq);
+            L.span_bwd_sums(xp + o, dyp + o, rp ? rp + o : nullptr, v.S, fa[c], fb[c], m[c], a, qq,
+                            gs ? gs + o : nullptr);
             s1 += a;
             s2 += qq;
           }
@@ -348,17 +426,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> channel_backward_impl(const Tensor& x
         for (int64_t n = 0; n < v.N; ++n) {
           for (int64_t c = c0; c < c1; ++c) {
             const int64_t o = (n * v.C + c) * v.S;
-            L::span_bwd_dx(xp + o, dyp + o, rp ? rp + o : nullptr, dxp + o, dzp ? dzp + o : nullptr, v.S, fa[c],
-                           fb[c], fa[c], q[c], m[c], rr[c]);
+            L.span_bwd_dx(xp + o, dyp + o, rp ? rp + o : nullptr, dxp + o, dzp ? dzp + o : nullptr, v.S, fa[c],
+                          fb[c], fa[c], q[c], m[c], rr[c], gs ? gs + o : nullptr);
           }
         }
       }
     });
   } else {
     std::vector<double> s1, s2;
-    bwd_sums_channels<T, ACT>(v, xp, dyp, rp, fa, fb, m, s1, s2);
+    bwd_sums_channels<T, ACT>(v, xp, dyp, rp, fa, fb, m, s1, s2, gs, act_param);
     for (int64_t c = 0; c < v.C; ++c) dx_coefficients<A>(s1[c], s2[c], fa[c], rs[c], v.P, batch_stats, sa[c], sb[c], q[c], rr[c]);
-    bwd_dx_channels<T, ACT>(v, xp, dyp, rp, dxp, dzp, fa, fb, fa, q.data(), m, rr.data());
+    bwd_dx_channels<T, ACT>(v, xp, dyp, rp, dxp, dzp, fa, fb, fa, q.data(), m, rr.data(), gs, act_param);
   }
   return {dx, sum_dz, sum_dz_xhat, dz};
 }

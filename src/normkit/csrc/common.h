@@ -1,4 +1,4 @@
-// Shared pieces of normkit's CPU kernels: element access for the four dtypes, the activations,
+// Shared pieces of normkit's CPU kernels: element access for the four dtypes, the activations (act.h),
 // the blocked summation every reduction uses, tensor geometry and the parallel loop.
 //
 // Numerics (DESIGN.md §4). Every reduction sums in the accumulation type A (float for
@@ -27,6 +27,8 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include "act.h"
 
 namespace normkit {
 
@@ -75,55 +77,6 @@ inline void st(c10::BFloat16* p, int64_t i, float v) {
   uint32_t bits = (v != v) ? (u | 0x00400000u) : rounded;
   uint16_t b = static_cast<uint16_t>(bits >> 16);
   std::memcpy(reinterpret_cast<char*>(p) + 2 * i, &b, 2);
-}
-
-// ----------------------------------------------------------------------------- activations
-// ACT: 0 identity, 1 ReLU, 2 SiLU, 3 GELU (exact erf form). ReLU'(0) = 0 and ReLU'(NaN) = 1, as torch's
-// backward.
-enum { kIdentity = 0, kRelu = 1, kSilu = 2, kGelu = 3 };
-
-template <int ACT, typename A>
-inline A act_fwd(A z) {
-  if constexpr (ACT == kRelu) {
-    return z < A(0) ? A(0) : z;  // NaN passes through, as torch.relu
-  } else if constexpr (ACT == kSilu) {
-    return z / (A(1) + std::exp(-z));
-  } else if constexpr (ACT == kGelu) {
-    return A(0.5) * z * (A(1) + std::erf(z * A(0.70710678118654752440)));
-  } else {
-    return z;
-  }
-}
-
-// ReLU's backward as torch's (threshold_backward on the ReLU's output): g unless z <= 0, where it is +0; a
-// NaN z (a NaN output) passes g on. As a bit mask: the select `z <= 0 ? 0 : g` kept the lane loops of
-// chunked_sums from vectorising (3x slower); the mask vectorises and gives the same values.
-template <typename A>
-inline A keep_unless_clipped(A z, A g) {
-  using U = typename std::conditional<sizeof(A) == 4, uint32_t, uint64_t>::type;
-  U bits;
-  std::memcpy(&bits, &g, sizeof(A));
-  bits &= U(0) - static_cast<U>(!(z <= A(0)));
-  A out;
-  std::memcpy(&out, &bits, sizeof(A));
-  return out;
-}
-
-// dy·act'(z)
-template <int ACT, typename A>
-inline A act_bwd(A z, A g) {
-  if constexpr (ACT == kRelu) {
-    return keep_unless_clipped(z, g);
-  } else if constexpr (ACT == kSilu) {
-    A s = A(1) / (A(1) + std::exp(-z));
-    return g * (s * (A(1) + z * (A(1) - s)));
-  } else if constexpr (ACT == kGelu) {
-    A cdf = A(0.5) * (A(1) + std::erf(z * A(0.70710678118654752440)));
-    A pdf = std::exp(A(-0.5) * z * z) * A(0.39894228040143267794);
-    return g * (cdf + z * pdf);
-  } else {
-    return g;
-  }
 }
 
 // ----------------------------------------------------------------------------- blocked sums
@@ -188,6 +141,11 @@ inline void chunked_sums(int64_t len, F&& f, double& s1, double& s2) {
       f(i, u, v);
       ta += u;
       tq += v;
+    }
+    if (c1 - c0 < L) {  // no lane was used (a short span: 3×3 maps): the lanes' tree adds only zeros, skip it
+      s1 += static_cast<double>(ta);
+      s2 += static_cast<double>(tq);
+      continue;
     }
     s1 += static_cast<double>(lane_total<A, L>(a) + ta);
     s2 += static_cast<double>(lane_total<A, L>(q) + tq);
@@ -273,6 +231,74 @@ inline typename VecOf<A>::type vacc(const A* p) {
 template <typename A>
 inline void vput(A* p, typename VecOf<A>::type v) {
   std::memcpy(p, &v, sizeof(v));
+}
+
+// The first n < H lanes of a vector: a partial load (the other lanes 0) and store, for the tails of the loops.
+// Every value of a tail then goes through the vector code the body runs (the activations' vector forms give
+// the same bits lane for lane, so an element's value does not depend on where it sits). Loads of float and double
+// with AVX's masked loads (a variable-length memcpy was a library call, as slow as the values), the 16-bit types
+// and every store through a small buffer.
+#if defined(__AVX2__)
+inline __m256i lanes_below32(int n) {  // 8 lanes of 32 bits: all ones below n
+  alignas(32) static const int32_t table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + 8 - n));
+}
+inline __m256i lanes_below64(int n) {  // 4 lanes of 64 bits
+  alignas(32) static const int64_t table[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + 4 - n));
+}
+#endif
+
+template <typename T>
+inline vec_t<T> vld_n(const T* p, int64_t i, int n) {
+  constexpr int H = kHalfLanes<acc_t<T>>;
+  if (n >= H) return vld(p, i);
+  vec_t<T> v;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 f = _mm256_maskload_ps(p + i, lanes_below32(n));
+    std::memcpy(&v, &f, sizeof(v));
+    return v;
+  } else if constexpr (std::is_same_v<T, double>) {
+    const __m256d f = _mm256_maskload_pd(p + i, lanes_below64(n));
+    std::memcpy(&v, &f, sizeof(v));
+    return v;
+  }
+#endif
+  T buf[H];
+  std::memset(static_cast<void*>(buf), 0, sizeof(buf));
+  for (int j = 0; j < n && j < H; ++j) buf[j] = p[i + j];
+  return vld(buf, 0);
+}
+
+template <typename T>
+inline void vst_n(T* p, int64_t i, vec_t<T> v, int n) {
+  constexpr int H = kHalfLanes<acc_t<T>>;
+  if (n >= H) {
+    vst(p, i, v);
+    return;
+  }
+  // (not a masked store: AMD's vmaskmovps/pd store is microcoded, about as slow as the values it writes)
+  T buf[H];
+  vst(buf, 0, v);
+  for (int j = 0; j < n && j < H; ++j) p[i + j] = buf[j];
+}
+
+// v with the lanes from n on set to +0
+template <typename A>
+inline typename VecOf<A>::type first_lanes(typename VecOf<A>::type v, int n) {
+#if defined(__AVX2__)
+  using V = typename VecOf<A>::type;
+  const __m256i keep = sizeof(A) == 4 ? lanes_below32(n) : lanes_below64(n);
+  V mask;
+  std::memcpy(&mask, &keep, sizeof(mask));
+  typedef typename std::conditional<sizeof(A) == 4, int32_t, int64_t>::type I;
+  typedef I IV __attribute__((vector_size(32)));
+  return reinterpret_cast<V>(reinterpret_cast<IV>(v) & reinterpret_cast<IV>(mask));
+#else
+  for (int j = n; j < kHalfLanes<A>; ++j) v[j] = A(0);
+  return v;
+#endif
 }
 
 // lane_total<A, 2H> of the lanes (a0, a1): the same tree (a[j] += a[j + w], w = H, H/2, ..., 1),

@@ -9,6 +9,8 @@
 
 #include <tuple>
 
+#include "act_code.h"
+
 namespace normkit {
 
 // the row kernels' entry points (normkit_cpu.cpp): rows of K values of a contiguous x, written to `out` when given
@@ -28,27 +30,56 @@ using at::Tensor;
 
 inline c10::optional<Tensor> opt(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
 
-// aten_path.finish: act(y + residual) in torch's own functions (GELU the exact erf form), act as the kernels'
-// code (normkit.activations: 0 identity, 1 relu, 2 silu, 3 gelu). Out of place when a backward may follow
-// through y; in place on a fresh y otherwise (the same kernels, so the same values).
-inline Tensor finish(Tensor y, const Tensor& residual, int64_t act) {
-  if (residual.defined()) y = y + residual;
-  switch (act) {
-    case 1: return at::relu(y);
-    case 2: return at::silu(y);
-    case 3: return at::gelu(y);
+// aten_path.finish: act(y + residual) in torch's own functions, the functions torch.nn's activation modules call
+// (GELU exact or tanh, ReLU6 as hardtanh(0, 6)), act as the kernels' code (act_code.h; normkit.activations).
+// Out of place when a backward may follow through y; in place on a fresh y otherwise (the same kernels, so the
+// same values).
+inline Tensor activate(const Tensor& y, int64_t act) {
+  const ActCode a = decode_act(act);
+  switch (a.kind) {
+    case kRelu: return at::relu(y);
+    case kSilu: return at::silu(y);
+    case kGelu: return at::gelu(y);
+    case kGeluTanh: return at::gelu(y, "tanh");
+    case kHardswish: return at::hardswish(y);
+    case kLeakyRelu: return at::leaky_relu(y, a.param);
+    case kRelu6: return at::hardtanh(y, 0.0, 6.0);
+    case kHardsigmoid: return at::hardsigmoid(y);
+    case kMish: return at::mish(y);
+    case kElu: return at::elu(y, a.param);
+    case kTanh: return at::tanh(y);
+    case kSigmoid: return at::sigmoid(y);
     default: return y;
   }
 }
 
-inline Tensor finish_in_place(Tensor y, const Tensor& residual, int64_t act) {
-  if (residual.defined()) y.add_(residual);
-  switch (act) {
-    case 1: return y.relu_();
-    case 2: return at::silu_(y);
-    case 3: return at::gelu_(y);
+inline Tensor activate_(Tensor& y, int64_t act) {
+  const ActCode a = decode_act(act);
+  switch (a.kind) {
+    case kRelu: return y.relu_();
+    case kSilu: return at::silu_(y);
+    case kGelu: return at::gelu_(y);
+    case kGeluTanh: return at::gelu_(y, "tanh");
+    case kHardswish: return at::hardswish_(y);
+    case kLeakyRelu: return at::leaky_relu_(y, a.param);
+    case kRelu6: return at::hardtanh_(y, 0.0, 6.0);
+    case kHardsigmoid: return at::hardsigmoid_(y);
+    case kMish: return at::mish_(y);
+    case kElu: return at::elu_(y, a.param);
+    case kTanh: return y.tanh_();
+    case kSigmoid: return y.sigmoid_();
     default: return y;
   }
+}
+
+inline Tensor finish(Tensor y, const Tensor& residual, int64_t act) {
+  if (residual.defined()) y = y + residual;
+  return activate(y, act);
+}
+
+inline Tensor finish_in_place(Tensor y, const Tensor& residual, int64_t act) {
+  if (residual.defined()) y.add_(residual);
+  return activate_(y, act);
 }
 
 std::tuple<Tensor, Tensor, Tensor> bn_train(const Tensor& x, const c10::optional<Tensor>& w,

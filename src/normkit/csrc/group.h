@@ -92,9 +92,10 @@ void cl_positions(int64_t N, int64_t S, int64_t C, const F& f) {
 
 template <typename T, int ACT>
 std::tuple<Tensor, Tensor, Tensor> group_forward_impl(const Tensor& x, int64_t G, const Tensor& w_, const Tensor& b_,
-                                                      double eps, const Tensor& res) {
+                                                      double eps, const Tensor& res, double act_param) {
   using A = acc_t<T>;
   using L = Loops<T, ACT>;
+  const L loops(act_param);
   const Geometry geo = geometry(x);
   const int64_t N = geo.n, C = geo.c, S = geo.s, cg = C / G;
   const T* xp = x.data_ptr<T>();
@@ -123,7 +124,7 @@ std::tuple<Tensor, Tensor, Tensor> group_forward_impl(const Tensor& x, int64_t G
         for (int64_t ci = 0; ci < cg; ++ci) {
           const int64_t c = g * cg + ci, o = start + ci * S;
           const A aa = rs * w[c];
-          L::span_apply(xp + o, rp ? rp + o : nullptr, yp + o, S, aa, b[c] - mu * aa);
+          loops.span_apply(xp + o, rp ? rp + o : nullptr, yp + o, S, aa, b[c] - mu * aa);
         }
       }
     });
@@ -135,7 +136,7 @@ std::tuple<Tensor, Tensor, Tensor> group_forward_impl(const Tensor& x, int64_t G
     for (int64_t c = 0; c < C; ++c) k[n * C + c] = ld(xp, n * S * C + (c / cg) * cg);
   auto apply = [&](int64_t n, int64_t p0, int64_t np) {
     const int64_t o = (n * S + p0) * C;
-    L::pos_apply(xp + o, rp ? rp + o : nullptr, yp + o, np, C, scale.data() + n * C, shift.data() + n * C);
+    loops.pos_apply(xp + o, rp ? rp + o : nullptr, yp + o, np, C, scale.data() + n * C, shift.data() + n * C);
   };
   cl_group_pass<A>(N, S, C, [&](int64_t n, int64_t p0, int64_t np, A* a, A* q) {
     L::pos_sums(xp + (n * S + p0) * C, np, C, k.data() + n * C, a, q);
@@ -166,9 +167,9 @@ template <typename T, int ACT>
 std::tuple<Tensor, Tensor, Tensor, Tensor> group_backward_impl(const Tensor& x, const Tensor& dy, const Tensor& mean,
                                                                const Tensor& rstd, int64_t G, const Tensor& w_,
                                                                const Tensor& b_, const Tensor& res, bool need_dw,
-                                                               bool need_dz) {
+                                                               bool need_dz, double act_param) {
   using A = acc_t<T>;
-  using L = Loops<T, ACT>;
+  const Loops<T, ACT> L(act_param);
   const Geometry geo = geometry(x);
   const int64_t N = geo.n, C = geo.c, S = geo.s, cg = C / G;
   const double inv_count = 1.0 / static_cast<double>(cg * S);
@@ -189,6 +190,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_backward_impl(const Tensor& x, 
   const std::unique_ptr<double[]> sa_buf(new double[N * C]), sb_buf(new double[N * C]);
   double* const sa = sa_buf.get();
   double* const sb = sb_buf.get();
+  // kKeepsGrad kinds (loops.h): dz kept between the passes, in dx's memory (float/double) or a float buffer
+  Tensor kept;
+  A* gs = nullptr;
+  if constexpr (kKeepsGrad<ACT>) {
+    if constexpr (std::is_same_v<T, A>) {
+      gs = reinterpret_cast<A*>(dxp);
+    } else {
+      kept = at::empty({x.numel()}, x.options().dtype(stat_type(x)));
+      gs = kept.data_ptr<A>();
+    }
+  }
   if (x.is_contiguous()) {
     const int64_t len = cg * S;
     // Without weight and bias every channel of a group has the same coefficients and no per-channel sums
@@ -202,7 +214,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_backward_impl(const Tensor& x, 
       double sum_g = 0, sum_gx = 0;
       if (one_span) {
         double t2 = 0;
-        L::span_bwd_sums(xp + start, dyp + start, rp ? rp + start : nullptr, len, rs, A(0) - mu * rs, mu, sum_g, t2);
+        L.span_bwd_sums(xp + start, dyp + start, rp ? rp + start : nullptr, len, rs, A(0) - mu * rs, mu, sum_g, t2,
+                        gs ? gs + start : nullptr);
         sum_gx = t2 * rs;
         const double drs = rs;
         qq = static_cast<A>(-drs * drs * (sum_gx * inv_count));
@@ -213,7 +226,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_backward_impl(const Tensor& x, 
         const int64_t c = g * cg + ci, o = start + ci * S;
         const A aa = rs * w[c];
         double t1 = 0, t2 = 0;
-        L::span_bwd_sums(xp + o, dyp + o, rp ? rp + o : nullptr, S, aa, b[c] - mu * aa, mu, t1, t2);
+        L.span_bwd_sums(xp + o, dyp + o, rp ? rp + o : nullptr, S, aa, b[c] - mu * aa, mu, t1, t2,
+                        gs ? gs + o : nullptr);
         sa[n * C + c] = t1;
         sb[n * C + c] = t2 * rs;
         sum_g += w[c] * t1;
@@ -227,15 +241,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_backward_impl(const Tensor& x, 
       const int64_t g = blk % G, start = blk * len;
       const A mu = mp[blk], rs = rsp[blk];
       if (one_span) {
-        L::span_bwd_dx(xp + start, dyp + start, rp ? rp + start : nullptr, dxp + start, dzp ? dzp + start : nullptr,
-                       len, rs, A(0) - mu * rs, rs, qq, mu, rr);
+        L.span_bwd_dx(xp + start, dyp + start, rp ? rp + start : nullptr, dxp + start, dzp ? dzp + start : nullptr,
+                      len, rs, A(0) - mu * rs, rs, qq, mu, rr, gs ? gs + start : nullptr);
         return;
       }
       for (int64_t ci = 0; ci < cg; ++ci) {
         const int64_t c = g * cg + ci, o = start + ci * S;
         const A aa = rs * w[c];
-        L::span_bwd_dx(xp + o, dyp + o, rp ? rp + o : nullptr, dxp + o, dzp ? dzp + o : nullptr, S, aa,
-                       b[c] - mu * aa, aa, qq, mu, rr);
+        L.span_bwd_dx(xp + o, dyp + o, rp ? rp + o : nullptr, dxp + o, dzp ? dzp + o : nullptr, S, aa,
+                      b[c] - mu * aa, aa, qq, mu, rr, gs ? gs + o : nullptr);
       }
     };
     parallel(N * G, grain_for(3 * len), [&](int64_t lo, int64_t hi) {
@@ -257,13 +271,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_backward_impl(const Tensor& x, 
     }
     auto dx_pass = [&](int64_t n, int64_t p0, int64_t np) {
       const int64_t o = (n * S + p0) * C, v = n * C;
-      L::pos_bwd_dx(xp + o, dyp + o, rp ? rp + o : nullptr, dxp + o, dzp ? dzp + o : nullptr, np, C, fa.data() + v,
-                    fb.data() + v, fa.data() + v, qq.data() + v, m.data() + v, rr.data() + v);
+      L.pos_bwd_dx(xp + o, dyp + o, rp ? rp + o : nullptr, dxp + o, dzp ? dzp + o : nullptr, np, C, fa.data() + v,
+                   fb.data() + v, fa.data() + v, qq.data() + v, m.data() + v, rr.data() + v, false,
+                   gs ? gs + o : nullptr);
     };
     cl_group_pass<A>(N, S, C, [&](int64_t n, int64_t p0, int64_t np, A* a, A* q) {
       const int64_t o = (n * S + p0) * C, v = n * C;
-      L::pos_bwd_sums(xp + o, dyp + o, rp ? rp + o : nullptr, np, C, fa.data() + v, fb.data() + v, m.data() + v, a,
-                      q);
+      L.pos_bwd_sums(xp + o, dyp + o, rp ? rp + o : nullptr, np, C, fa.data() + v, fb.data() + v, m.data() + v, a,
+                     q, gs ? gs + o : nullptr);
     }, [&](int64_t n, const double* t1, const double* t2, bool fused) {
       for (int64_t g = 0; g < G; ++g) {
         const double rs = rsp[n * G + g];

@@ -145,7 +145,7 @@ bool row_params_ok(const Tensor& x, at::IntArrayRef shape, std::initializer_list
 
 // normkit._checks.fused_args_ok: the residual, if any, is floating with the input's shape; act a known code
 bool fused_ok(const Tensor& x, const Tensor& residual, int64_t act) {
-  if (act < 0 || act > 3) return false;
+  if (!act_code_ok(act)) return false;
   return !residual.defined() || (floating(residual.scalar_type()) && residual.sizes() == x.sizes());
 }
 

@@ -3,7 +3,8 @@
 // families live in the headers (channel.h, row.h, group.h) and compile once, together.
 //
 // Every operator here is one backend entry point of normkit.backends (same arguments, `act` as
-// an int code: 0 identity, 1 relu, 2 silu, 3 gelu), runs on torch's intra-op thread pool
+// the int64 code of normkit.activations.code: the kind, 0 identity … 12 sigmoid, and leaky ReLU's / ELU's
+// parameter, act_code.h), runs on torch's intra-op thread pool
 // (at::parallel_for; small tensors inline) and allocates its own outputs. The arguments are
 // checked for what the kernels read (dense layout, vector lengths, dtypes), so a direct call
 // with mismatched inputs raises instead of reading out of bounds.
@@ -64,7 +65,7 @@ std::tuple<Tensor, Tensor> channel_backward_reduce(const Tensor& x, const Tensor
   NK_DISPATCH_T(x.scalar_type(), [&] {
     using A = acc_t<T>;
     NK_ACT_CALL(act, bwd_sums_channels, v, x.data_ptr<T>(), dy.data_ptr<T>(), ptr_or_null<T>(r), fa.data_ptr<A>(),
-                fb.data_ptr<A>(), m.data_ptr<A>(), s1, s2);
+                fb.data_ptr<A>(), m.data_ptr<A>(), s1, s2, static_cast<A*>(nullptr));
   });
   Tensor sum_dz = at::empty({v.C}, x.options().dtype(at::kDouble));
   Tensor sum_dz_xhat = at::empty({v.C}, x.options().dtype(at::kDouble));
@@ -97,7 +98,7 @@ std::tuple<Tensor, Tensor> channel_backward_dx(const Tensor& x, const Tensor& dy
     using A = acc_t<T>;
     NK_ACT_CALL(act, bwd_dx_channels, v, x.data_ptr<T>(), dy.data_ptr<T>(), ptr_or_null<T>(r), dx.data_ptr<T>(),
                 need_dz ? dz.data_ptr<T>() : nullptr, fa.data_ptr<A>(), fb.data_ptr<A>(), fa.data_ptr<A>(),
-                q.data_ptr<A>(), m.data_ptr<A>(), rr.data_ptr<A>());
+                q.data_ptr<A>(), m.data_ptr<A>(), rr.data_ptr<A>(), static_cast<const A*>(nullptr));
   });
   return {dx, dz};
 }

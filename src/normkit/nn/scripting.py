@@ -31,12 +31,34 @@ def twin(module: nn.Module, cls: type) -> nn.Module:
 
 
 def _act(y: Tensor, act: str) -> Tensor:
-    if act == "relu":
+    """The fused layers' activation by torch's functions (normkit.activations; "leaky_relu:0.2" carries its
+    parameter after the colon, the bare name the default)."""
+    colon = act.find(":")
+    name = act if colon < 0 else act[:colon]
+    if name == "relu":
         return torch.relu(y)
-    if act == "silu":
+    if name == "silu":
         return TF.silu(y)
-    if act == "gelu":
+    if name == "gelu":
         return TF.gelu(y)
+    if name == "gelu_tanh":
+        return TF.gelu(y, approximate="tanh")
+    if name == "hardswish":
+        return TF.hardswish(y)
+    if name == "leaky_relu":
+        return TF.leaky_relu(y, 0.01 if colon < 0 else float(act[colon + 1:]))
+    if name == "relu6":
+        return TF.hardtanh(y, 0.0, 6.0)
+    if name == "hardsigmoid":
+        return TF.hardsigmoid(y)
+    if name == "mish":
+        return TF.mish(y)
+    if name == "elu":
+        return TF.elu(y, 1.0 if colon < 0 else float(act[colon + 1:]))
+    if name == "tanh":
+        return torch.tanh(y)
+    if name == "sigmoid":
+        return torch.sigmoid(y)
     return y
 
 

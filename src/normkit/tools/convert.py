@@ -224,6 +224,8 @@ def _fuse_sequentials(model: nn.Module) -> None:
             act = _activation_name(act_mod) if act_mod is not None else None
             if cls is None or act is None:
                 continue
+            if not activations.fuse_pays("gn" if cls is GroupNormAct else "bn", act):
+                continue  # measured slower fused than norm → activation (activations.FUSE_PAYS): left as it is
             fused = retype(norm, cls)
             fused.act = act
             seq._modules[first] = fused

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LANE_STEPS, activation, activation_grad, chan_merge, sum_partials, welford_step
+from ._common import LANE_STEPS, act_args, activation, activation_grad, chan_merge, sum_partials, welford_step
 
 
 @triton.jit
@@ -87,13 +87,13 @@ def _per_channel(ptr, c, C):
 
 
 @triton.jit
-def _dz(x, dy, res_ptr, off, ok, scale, shift, HAS_RES: tl.constexpr, ACT: tl.constexpr):
+def _dz(x, dy, res_ptr, off, ok, scale, shift, act_p, HAS_RES: tl.constexpr, ACT: tl.constexpr):
     """dz = dy·act'(z) with the pre-activation z = x·scale + shift (+ residual) recomputed."""
     if ACT != 0:
         z = x * scale + shift
         if HAS_RES:
             z += tl.load(res_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        dy = dy * activation_grad(z, ACT)
+        dy = dy * activation_grad(z, ACT, act_p)
     return dy
 
 
@@ -184,7 +184,7 @@ def channel_stats_merge_kernel(x_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_
 @triton.jit
 def channel_backward_reduce_partial_kernel(x_ptr, dy_ptr, res_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
                                            part_ptr, N, C, S, sN, sC, sS, n_per_prog, s_per_prog, S_CHUNKS,
-                                           HAS_RES: tl.constexpr,
+                                           act_p, HAS_RES: tl.constexpr,
                                            ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                                            BLOCK_S: tl.constexpr, LANE_STEPS: tl.constexpr):
     """Program (t, p): Σdz and Σdz·x̂ over chunk p, stored (fp64) as part[p, 0, c] and part[p, 1, c]."""
@@ -207,7 +207,7 @@ def channel_backward_reduce_partial_kernel(x_ptr, dy_ptr, res_ptr, mean_ptr, rst
             off, ok, _ = _tile(n0, c0, s0, n_end, C, s_end, sN, sC, sS, BLOCK_N, BLOCK_C, BLOCK_S)
             x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
-            dz = _dz(x, dy, res_ptr, off, ok, scale, shift, HAS_RES, ACT)  # 0 where masked (dy = 0)
+            dz = _dz(x, dy, res_ptr, off, ok, scale, shift, act_p, HAS_RES, ACT)  # 0 where masked (dy = 0)
             acc_dz += dz
             acc_dzx += dz * ((x - mean) * rstd)
         sum_dz += _sum_nc(acc_dz).to(tl.float64)
@@ -220,7 +220,7 @@ def channel_backward_reduce_partial_kernel(x_ptr, dy_ptr, res_ptr, mean_ptr, rst
 
 # ----------------------------------------------------------------------------- elementwise
 @triton.jit
-def channel_apply_kernel(x_ptr, res_ptr, y_ptr, scale_ptr, shift_ptr, N, C, S, sN, sC, sS,
+def channel_apply_kernel(x_ptr, res_ptr, y_ptr, scale_ptr, shift_ptr, N, C, S, sN, sC, sS, act_p,
                          HAS_RES: tl.constexpr, ACT: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """y = act(x·scale_c + shift_c + residual) on the tile of program (i, j, k)."""
@@ -230,12 +230,12 @@ def channel_apply_kernel(x_ptr, res_ptr, y_ptr, scale_ptr, shift_ptr, N, C, S, s
     z += _per_channel(shift_ptr, c, C)
     if HAS_RES:
         z += tl.load(res_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + off, activation(z, ACT).to(y_ptr.dtype.element_ty), mask=ok)
+    tl.store(y_ptr + off, activation(z, ACT, act_p).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def channel_backward_dx_kernel(x_ptr, dy_ptr, res_ptr, dx_ptr, dz_ptr, mean_ptr, rstd_ptr, scale_ptr,
-                               shift_ptr, mean_dz_ptr, mean_dzx_ptr, N, C, S, sN, sC, sS,
+                               shift_ptr, mean_dz_ptr, mean_dzx_ptr, N, C, S, sN, sC, sS, act_p,
                                HAS_RES: tl.constexpr, ACT: tl.constexpr, STORE_DZ: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """dx = scale_c·(dz − mean_dz_c − x̂·mean_dzx̂_c); also stores dz (the residual's gradient)."""
@@ -244,7 +244,7 @@ def channel_backward_dx_kernel(x_ptr, dy_ptr, res_ptr, dx_ptr, dz_ptr, mean_ptr,
     x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
     scale = _per_channel(scale_ptr, c, C)
-    dz = _dz(x, dy, res_ptr, off, ok, scale, _per_channel(shift_ptr, c, C), HAS_RES, ACT)
+    dz = _dz(x, dy, res_ptr, off, ok, scale, _per_channel(shift_ptr, c, C), act_p, HAS_RES, ACT)
     xhat = (x - _per_channel(mean_ptr, c, C)) * _per_channel(rstd_ptr, c, C)
     dx = scale * (dz - _per_channel(mean_dz_ptr, c, C) - xhat * _per_channel(mean_dzx_ptr, c, C))
     tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
@@ -317,14 +317,15 @@ def channel_stats(x, *, programs, tile=2048):
 
 
 def channel_backward_reduce(x, dy, residual, mean, rstd, scale, shift, act, *, programs, tile=2048):
-    """(Σdz, Σdz·x̂) per channel in fp32, each (C,)."""
+    """(Σdz, Σdz·x̂) per channel in fp32, each (C,). ``act``: the activation code (``_common.act_args``)."""
+    act, act_p = act_args(act)
     plan = reduction_plan(x, programs, tile)
     v, chunks = plan["view"], plan["grid"][1]
     c = v["C"]
     part = torch.empty(chunks, 2 * c, device=x.device, dtype=torch.float64)
     channel_backward_reduce_partial_kernel[plan["grid"]](
         x, dy, residual if residual is not None else x, mean, rstd, scale, shift, part, *_args(v),
-        *_split(plan), HAS_RES=residual is not None and act != 0, ACT=act, LANE_STEPS=LANE_STEPS,
+        *_split(plan), act_p, HAS_RES=residual is not None and act != 0, ACT=act, LANE_STEPS=LANE_STEPS,
         **plan["blocks"],
     )
     sums = sum_partials(part, torch.empty(2 * c, device=x.device, dtype=torch.float32))
@@ -346,9 +347,10 @@ def elementwise_plan(x, block):
 
 def channel_apply(x, scale, shift, residual, act, *, block=1024):
     """y = act(x·scale + shift + residual) in x's dtype and memory format (``act``: the code, 0 = identity)."""
+    act, act_p = act_args(act)
     v, blocks, grid = elementwise_plan(x, block)
     y = torch.empty_like(x)
-    channel_apply_kernel[grid](x, residual if residual is not None else x, y, scale, shift, *_args(v),
+    channel_apply_kernel[grid](x, residual if residual is not None else x, y, scale, shift, *_args(v), act_p,
                                HAS_RES=residual is not None, ACT=act, **blocks)
     return y
 
@@ -356,12 +358,13 @@ def channel_apply(x, scale, shift, residual, act, *, block=1024):
 def channel_backward_dx(x, dy, residual, mean, rstd, scale, shift, act, mean_dz, mean_dzx, need_dz, *,
                         block=1024):
     """(dx, dz or None) in x's dtype and memory format."""
+    act, act_p = act_args(act)
     v, blocks, grid = elementwise_plan(x, block)
     dx = torch.empty_like(x)
     dz = torch.empty_like(x) if need_dz else None
     channel_backward_dx_kernel[grid](
         x, dy, residual if residual is not None else x, dx, dz if need_dz else dx, mean, rstd, scale, shift,
-        mean_dz, mean_dzx, *_args(v), HAS_RES=residual is not None and act != 0, ACT=act,
+        mean_dz, mean_dzx, *_args(v), act_p, HAS_RES=residual is not None and act != 0, ACT=act,
         STORE_DZ=need_dz,
         **blocks,
     )

@@ -74,11 +74,12 @@ def _scenarios(full: bool):
         return x.to(memory_format=torch.channels_last) if cl else x
 
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    acts = (0, 1, 2, 3)  # identity, relu, silu, gelu
+    acts = tuple(range(13))  # the activation kinds (_common.py; a code without parameter bits: parameter 0)
     combos = ([(d, cl, a, r) for d in dtypes for cl in (False, True) for a in acts for r in (False, True)]
               if full else
               [(torch.float32, False, 0, False), (torch.float16, True, 1, True),
-               (torch.bfloat16, True, 2, False), (torch.float16, False, 3, True)])
+               (torch.bfloat16, True, 2, False), (torch.float16, False, 3, True)]
+              + [(torch.float32, a % 2 == 0, a, a % 3 == 0) for a in acts[4:]])
     v = t(8)
     for dtype, cl, act, has_res in combos:
         x = t(4, 6, 5, 7, dtype=dtype, cl=cl)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LANE_STEPS, activation, activation_grad, chan_merge, sum_partials, welford_step
+from ._common import LANE_STEPS, act_args, activation, activation_grad, chan_merge, sum_partials, welford_step
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def _affine(ptr, chans, ok, HAS: tl.constexpr, default: tl.constexpr):
 
 
 @triton.jit
-def group_forward_kernel(x_ptr, res_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, S, G, CG, eps, sN, sC, sS,
+def group_forward_kernel(x_ptr, res_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, S, G, CG, eps, sN, sC, sS, act_p,
                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
                          LANE_STEPS: tl.constexpr):
@@ -132,11 +132,12 @@ def group_forward_kernel(x_ptr, res_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr,
             z = (x - mean) * rstd * w + b
             if HAS_RES:
                 z += tl.load(res_ptr + off, mask=ok, other=0.0).to(tl.float32)
-            tl.store(y_ptr + off, activation(z, ACT).to(y_ptr.dtype.element_ty), mask=ok)
+            tl.store(y_ptr + off, activation(z, ACT, act_p).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _group_terms(x_ptr, dy_ptr, res_ptr, off, ok, mean, rstd, w, b, HAS_RES: tl.constexpr, ACT: tl.constexpr):
+def _group_terms(x_ptr, dy_ptr, res_ptr, off, ok, mean, rstd, w, b, act_p, HAS_RES: tl.constexpr,
+                 ACT: tl.constexpr):
     """x̂ and dz = dy·act'(z) of one tile (zeros where masked)."""
     x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
     xhat = tl.where(ok, (x - mean) * rstd, 0.0)
@@ -145,13 +146,13 @@ def _group_terms(x_ptr, dy_ptr, res_ptr, off, ok, mean, rstd, w, b, HAS_RES: tl.
         z = xhat * w + b
         if HAS_RES:
             z += tl.load(res_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        dz = dz * activation_grad(z, ACT)
+        dz = dz * activation_grad(z, ACT, act_p)
     return xhat, dz
 
 
 @triton.jit
 def group_backward_kernel(x_ptr, dy_ptr, res_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, dz_ptr, part_ptr,
-                          C, S, G, CG, sN, sC, sS, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                          C, S, G, CG, sN, sC, sS, act_p, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                           HAS_RES: tl.constexpr, ACT: tl.constexpr, NEED_DW: tl.constexpr,
                           STORE_DZ: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
                           BLOCK_S: tl.constexpr, LANE_STEPS: tl.constexpr):
@@ -178,7 +179,7 @@ def group_backward_kernel(x_ptr, dy_ptr, res_ptr, w_ptr, b_ptr, mean_ptr, rstd_p
             acc_dzx = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=tl.float32)
             for t in range(t0, tl.minimum(t0 + LANE_STEPS, tiles_s)):
                 off, ok = _tile(base, g, c0, t * BLOCK_S, G, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
-                xhat, dz = _group_terms(x_ptr, dy_ptr, res_ptr, off, ok, mean, rstd, w, b, HAS_RES, ACT)
+                xhat, dz = _group_terms(x_ptr, dy_ptr, res_ptr, off, ok, mean, rstd, w, b, act_p, HAS_RES, ACT)
                 acc_dz += dz
                 acc_dzx += dz * xhat
             dz_c += tl.sum(acc_dz, axis=2)[:, :, None].to(tl.float64)
@@ -200,7 +201,7 @@ def group_backward_kernel(x_ptr, dy_ptr, res_ptr, w_ptr, b_ptr, mean_ptr, rstd_p
         b = _affine(b_ptr, chans, c_ok & (g < G), HAS_B, 0.0)
         for s0 in range(0, S, BLOCK_S):
             off, ok = _tile(base, g, c0, s0, G, CG, S, sC, sS, BLOCK_CG, BLOCK_S)
-            xhat, dz = _group_terms(x_ptr, dy_ptr, res_ptr, off, ok, mean, rstd, w, b, HAS_RES, ACT)
+            xhat, dz = _group_terms(x_ptr, dy_ptr, res_ptr, off, ok, mean, rstd, w, b, act_p, HAS_RES, ACT)
             dx = rstd * (dz * w - mean_g - xhat * mean_gx)
             tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
             if STORE_DZ:
@@ -231,14 +232,15 @@ def plan(x, num_groups, tile):
 
 
 def group_forward(x, num_groups, weight, bias, eps, residual, act, *, tile=2048):
-    """(y, mean (N, G), var (N, G)); statistics fp32, y in x's dtype and memory format."""
+    """(y, mean (N, G), var (N, G)); statistics fp32, y in x's dtype and memory format. ``act``: the code."""
+    act, act_p = act_args(act)
     p = plan(x, num_groups, tile)
     y = torch.empty_like(x)
     mean = torch.empty(p["n"], num_groups, device=x.device, dtype=torch.float32)
     var = torch.empty_like(mean)
     group_forward_kernel[p["grid"]](
         x, residual if residual is not None else x, y, weight if weight is not None else x,
-        bias if bias is not None else x, mean, var, p["s"], num_groups, p["cg"], eps, *p["strides"],
+        bias if bias is not None else x, mean, var, p["s"], num_groups, p["cg"], eps, *p["strides"], act_p,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None, ACT=act,
         LANE_STEPS=LANE_STEPS, **p["blocks"],
     )
@@ -248,6 +250,7 @@ def group_forward(x, num_groups, weight, bias, eps, residual, act, *, tile=2048)
 def group_backward(x, dy, mean, rstd, num_groups, weight, bias, residual, act, need_dweight, need_dz, *,
                    tile=2048):
     """(dx, dγ or None, dβ or None, dz or None); dγ/dβ fp32 (C,) summed from N per-sample shares."""
+    act, act_p = act_args(act)
     p = plan(x, num_groups, tile)
     n, c = p["n"], p["c"]
     dx = torch.empty_like(x)
@@ -256,7 +259,7 @@ def group_backward(x, dy, mean, rstd, num_groups, weight, bias, residual, act, n
     group_backward_kernel[p["grid"]](
         x, dy, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, mean, rstd, dx, dz if need_dz else dx, part,
-        c, p["s"], num_groups, p["cg"], *p["strides"],
+        c, p["s"], num_groups, p["cg"], *p["strides"], act_p,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None and act != 0,
         ACT=act,
         NEED_DW=need_dweight, STORE_DZ=need_dz, LANE_STEPS=LANE_STEPS, **p["blocks"],
