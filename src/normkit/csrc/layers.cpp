@@ -212,13 +212,17 @@ PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       Tensor mean, var;
       if (aten) {
         y = at::batch_norm(x, opt(w), opt(b), {}, {}, true, 0.0, eps, cudnn);
-        if (update) std::tie(mean, var) = eager::batch_moments(x.detach());
+        // the statistics kernel reads x's data directly (no op recorded), its outputs are fresh: no detach
+        if (update) std::tie(mean, var) = eager::batch_moments(x);
       } else {
         std::tie(y, mean, var) = eager::bn_train(x, opt(w), opt(b), opt(r), eps, act);
+        if (update) {
+          mean = mean.detach();
+          var = var.detach();
+        }
       }
       if (update) {
-        skipped = eager::update_running_stats(rm, rv, opt(nbt), mean.detach(), var.detach(),
-                                              x.numel() / channels, momentum, skip);
+        skipped = eager::update_running_stats(rm, rv, opt(nbt), mean, var, x.numel() / channels, momentum, skip);
       }
     } else if (aten) {
       y = at::batch_norm(x, opt(w), opt(b), rm, rv, false, 0.0, eps, cudnn);
