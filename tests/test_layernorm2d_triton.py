@@ -1,7 +1,7 @@
 """LayerNorm2d on the Triton backend (NCHW: kernels/triton/channel_rows.py; channels_last: the row kernels).
 
-Without CUDA the kernels run on CPU tensors under the Triton interpreter, set up as in
-tests/test_triton.py: ``TRITON_INTERPRET=1`` must be set before triton is first imported, so if
+Without CUDA the kernels run on CPU tensors under the Triton interpreter, set up by
+tests/triton_interpreter.py: ``TRITON_INTERPRET=1`` must be set before triton is first imported, so if
 another test module imported triton for the GPU first, this module's tests run in a fresh
 process (test_interpreter_suite_in_fresh_process). Accuracy rule (DESIGN.md §4): against the
 float64 reference, at most twice the reference backend's own error in the same dtype, plus a
@@ -10,40 +10,12 @@ floor of a few units in the last place.
 
 from __future__ import annotations
 
-import importlib
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from triton_interpreter import CUDA, fresh_process_test, import_for_interpreter, interpreter_fixture, skip_when_fresh
 
-CUDA = torch.cuda.is_available()
-
-
-def _built_for_gpu(triton_module) -> bool:
-    standard = vars(triton_module.language.standard).values()
-    return any(isinstance(f, triton_module.runtime.jit.JITFunction) for f in standard)
-
-
-FRESH_PROCESS = False
-if not CUDA:
-    _before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        triton = pytest.importorskip("triton")
-        FRESH_PROCESS = _built_for_gpu(triton)
-        if not FRESH_PROCESS:
-            importlib.import_module("normkit.kernels.triton")
-    finally:
-        if _before is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = _before
-else:
-    pytest.importorskip("triton")
-here = pytest.mark.skipif(FRESH_PROCESS, reason="triton was imported for the GPU before this module: these "
-                          "tests run in a fresh process (test_interpreter_suite_in_fresh_process)")
+FRESH_PROCESS = import_for_interpreter("normkit.kernels.triton")
+here = skip_when_fresh(FRESH_PROCESS)
 
 import normkit  # noqa: E402
 from normkit import backends  # noqa: E402
@@ -52,32 +24,8 @@ from normkit.triton_backend import TritonBackend, tuning  # noqa: E402
 DEVICE = "cuda" if CUDA else "cpu"
 FLOOR = {torch.float32: 4e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter():
-    if FRESH_PROCESS:
-        yield
-        return
-    env = pytest.MonkeyPatch()
-    if not CUDA:
-        env.setenv("TRITON_INTERPRET", "1")
-        kernels = importlib.import_module("normkit.kernels.triton")
-        if not kernels.INTERPRETED:  # pragma: no cover - guarded by FRESH_PROCESS
-            pytest.fail("kernels were built for the GPU")
-        backends.register_backend("triton", TritonBackend)
-    yield
-    env.undo()
-
-
-@pytest.mark.skipif(not FRESH_PROCESS, reason="the interpreter tests run in this process")
-def test_interpreter_suite_in_fresh_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"),
-                                         env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-                          capture_output=True, text=True, env=env, timeout=900)
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    assert proc.returncode == 0 and " passed" in summary, proc.stdout[-6000:] + proc.stderr[-2000:]
+_interpreter = interpreter_fixture(FRESH_PROCESS, lambda: backends.register_backend("triton", TritonBackend))
+test_interpreter_suite_in_fresh_process = fresh_process_test(FRESH_PROCESS, __file__)
 
 
 def _inputs(shape, dtype, layout, offset=3.0, seed=0):

@@ -21,44 +21,11 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from triton_interpreter import CUDA, fresh_process_test, import_for_interpreter, skip_when_fresh
 
-CUDA = torch.cuda.is_available()
-
-
-def _set_interpret(value: str | None) -> str | None:
-    """Set (or, for None, remove) TRITON_INTERPRET; returns the previous value."""
-    old = os.environ.get("TRITON_INTERPRET")
-    if value is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = value
-    return old
-
-
-def _built_for_gpu(triton_module) -> bool:
-    """Whether triton.language's own @jit functions (tl.sum, tl.zeros …) were built for the GPU."""
-    standard = vars(triton_module.language.standard).values()
-    return any(isinstance(f, triton_module.runtime.jit.JITFunction) for f in standard)
-
-
-# Without CUDA, the interpreter needs TRITON_INTERPRET=1 *before triton itself is imported*. If
-# another test module imported triton first (built for the GPU), this module's tests cannot run
-# in this process: they are then skipped here and run, all of them, in a fresh child process by
-# test_interpreter_suite_in_fresh_process (which fails if any of them fails).
-FRESH_PROCESS = False
-if not CUDA:
-    _before = _set_interpret("1")
-    try:
-        triton = pytest.importorskip("triton")
-        FRESH_PROCESS = _built_for_gpu(triton)
-        if not FRESH_PROCESS:
-            importlib.import_module("normkit.kernels.triton")
-    finally:
-        _set_interpret(_before)
-else:
-    pytest.importorskip("triton")
-here = pytest.mark.skipif(FRESH_PROCESS, reason="triton was imported for the GPU before this module: these "
-                          "tests run in a fresh process (test_interpreter_suite_in_fresh_process)")
+# Without CUDA, the interpreter needs TRITON_INTERPRET=1 *before triton itself is imported* (triton_interpreter.py)
+FRESH_PROCESS = import_for_interpreter("normkit.kernels.triton")
+here = skip_when_fresh(FRESH_PROCESS)
 
 import normkit  # noqa: E402
 import normkit.functional as F  # noqa: E402
@@ -95,15 +62,7 @@ def _kernels_for_this_device():
     env.undo()
 
 
-@pytest.mark.skipif(not FRESH_PROCESS, reason="the interpreter tests run in this process")
-def test_interpreter_suite_in_fresh_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"),
-                                         env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-                          capture_output=True, text=True, env=env, timeout=900)
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    assert proc.returncode == 0 and " passed" in summary, proc.stdout[-6000:] + proc.stderr[-2000:]
+test_interpreter_suite_in_fresh_process = fresh_process_test(FRESH_PROCESS, __file__)
 
 
 # ----------------------------------------------------------------------------- cases

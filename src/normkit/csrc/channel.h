@@ -365,17 +365,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> channel_backward_impl(const Tensor& x
   A* sa = sum_dz.data_ptr<A>();
   A* sb = sum_dz_xhat.data_ptr<A>();
   std::vector<A> q(v.C), rr(v.C);
-  // kKeepsGrad kinds: dz kept between the passes, in dx's memory (float/double) or a float buffer
-  Tensor kept;
-  A* gs = nullptr;
-  if constexpr (kKeepsGrad<ACT>) {
-    if constexpr (std::is_same_v<T, A>) {
-      gs = reinterpret_cast<A*>(dxp);
-    } else {
-      kept = at::empty({x.numel()}, x.options().dtype(stat_type(x)));
-      gs = kept.data_ptr<A>();
-    }
-  }
+  Tensor kept;  // dz between the passes (kKeepsGrad kinds): kept_grad_memory, loops.h
+  A* gs = kept_grad_memory<T, ACT>(x, dxp, kept);
   if (blocked_nchw(v)) {
     const int64_t cb = channel_block(v);
     const int64_t blocks = (v.C + cb - 1) / cb;
@@ -402,26 +393,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> channel_backward_impl(const Tensor& x
             }
             dx_coefficients<A>(s1, s2, fa[c], rs[c], v.P, batch_stats, sa[c], sb[c], q[c], rr[c]);
           }
-          for (int64_t n = 0; n < v.N; ++n) {
-            for (int64_t c = c0; c < c1; ++c) {
+        } else {
+          for (int64_t c = c0; c < c1; ++c) {
+            double s1 = 0, s2 = 0;
+            for (int64_t n = 0; n < v.N; ++n) {
+              double a = 0, qq = 0;
               const int64_t o = (n * v.C + c) * v.S;
-              L.span_bwd_dx(xp + o, dyp + o, rp ? rp + o : nullptr, dxp + o, dzp ? dzp + o : nullptr, v.S, fa[c],
-                            fb[c], fa[c], q[c], m[c], rr[c], gs + o);
+              L.span_bwd_sums(xp + o, dyp + o, rp ? rp + o : nullptr, v.S, fa[c], fb[c], m[c], a, qq,
+                              gs ? gs + o : nullptr);
+              s1 += a;
+              s2 += qq;
             }
+            dx_coefficients<A>(s1, s2, fa[c], rs[c], v.P, batch_stats, sa[c], sb[c], q[c], rr[c]);
           }
-          continue;
-        }
-        for (int64_t c = c0; c < c1; ++c) {
-          double s1 = 0, s2 = 0;
-          for (int64_t n = 0; n < v.N; ++n) {
-            double a = 0, qq = 0;
-            const int64_t o = (n * v.C + c) * v.S;
-            L.span_bwd_sums(xp + o, dyp + o, rp ? rp + o : nullptr, v.S, fa[c], fb[c], m[c], a, qq,
-                            gs ? gs + o : nullptr);
-            s1 += a;
-            s2 += qq;
-          }
-          dx_coefficients<A>(s1, s2, fa[c], rs[c], v.P, batch_stats, sa[c], sb[c], q[c], rr[c]);
         }
         for (int64_t n = 0; n < v.N; ++n) {
           for (int64_t c = c0; c < c1; ++c) {

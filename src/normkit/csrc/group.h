@@ -190,17 +190,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_backward_impl(const Tensor& x, 
   const std::unique_ptr<double[]> sa_buf(new double[N * C]), sb_buf(new double[N * C]);
   double* const sa = sa_buf.get();
   double* const sb = sb_buf.get();
-  // kKeepsGrad kinds (loops.h): dz kept between the passes, in dx's memory (float/double) or a float buffer
-  Tensor kept;
-  A* gs = nullptr;
-  if constexpr (kKeepsGrad<ACT>) {
-    if constexpr (std::is_same_v<T, A>) {
-      gs = reinterpret_cast<A*>(dxp);
-    } else {
-      kept = at::empty({x.numel()}, x.options().dtype(stat_type(x)));
-      gs = kept.data_ptr<A>();
-    }
-  }
+  Tensor kept;  // dz between the passes (kKeepsGrad kinds): kept_grad_memory, loops.h
+  A* gs = kept_grad_memory<T, ACT>(x, dxp, kept);
   if (x.is_contiguous()) {
     const int64_t len = cg * S;
     // Without weight and bias every channel of a group has the same coefficients and no per-channel sums

@@ -33,6 +33,21 @@ template <typename A> struct IVecOf {
 template <int ACT>
 constexpr bool kKeepsGrad = !(ACT == kIdentity || ACT == kRelu || ACT == kLeakyRelu || ACT == kRelu6);
 
+// Where a backward of a kKeepsGrad kind keeps dz between its passes: in dx's own memory when dx has the
+// accumulation type (dx overwrites each value after its dz is read), else in `buffer`, allocated here in the
+// statistics' dtype; nullptr for the other kinds
+template <typename T, int ACT>
+acc_t<T>* kept_grad_memory(const Tensor& x, T* dxp, Tensor& buffer) {
+  if constexpr (!kKeepsGrad<ACT>) {
+    return nullptr;
+  } else if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return reinterpret_cast<acc_t<T>*>(dxp);
+  } else {
+    buffer = at::empty({x.numel()}, x.options().dtype(stat_type(x)));
+    return buffer.data_ptr<acc_t<T>>();
+  }
+}
+
 // The activations on a vector of H lanes (VecOf<A>): identity and ReLU as a select / a bit mask on the GCC
 // vector; the others through act.h's at::vec forms (AVX2).
 template <int ACT, typename A>
